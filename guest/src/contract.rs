@@ -1,0 +1,338 @@
+//! The host<->guest contract: how a job gets into the VM and how its log and
+//! result get out. Shared by the agent and by the kiln host.
+//!
+//! ## Job in
+//! The host appends a small cpio archive to the cached base initramfs. It
+//! holds one file, [`JOB_PATH`], the JSON encoding of [`Job`]. Linux unpacks
+//! concatenated archives, so the agent simply reads the file at start.
+//!
+//! ## Log and result out
+//! The agent writes to the first virtio console (`/dev/hvc0`), a reliable
+//! byte stream on every VMM (QEMU `virtconsole`, cloud-hypervisor `console`),
+//! needing neither vsock nor a network. The kernel's own console is on the
+//! serial port, so nothing else writes to hvc0. The stream is:
+//!
+//! ```text
+//! MAGIC  then  frame*      frame = kind:u8 | len:u32 little-endian | payload[len]
+//! ```
+//!
+//! Frame kinds are [`FrameKind`]. The last frame is always [`FrameKind::Report`]
+//! (a JSON [`Report`]), after which the agent syncs and powers the VM off. A
+//! stream that ends without a report means the VM died (crash, kernel panic,
+//! kill), which the host reports as such.
+//!
+//! ## Shares
+//! Two virtiofs shares: [`INPUTS_TAG`] (read-only; one entry per input, named
+//! by the input's name) and [`SCRATCH_TAG`] (read-write; one directory per
+//! scratch path, at the same relative path, e.g. `build/` and `nix/store/`).
+//! Outputs are written into the scratch share, so the host finds them there.
+//! Extra read-only host paths (operator allow-listed) come as further shares
+//! named in [`Job::ro_paths`].
+
+use serde::{Deserialize, Serialize};
+
+/// Where the job file is inside the initramfs.
+pub const JOB_PATH: &str = "/kiln/job.json";
+/// Where kernel modules are inside the base initramfs (flat, `<name>.ko`).
+pub const MODULES_DIR: &str = "/kiln/modules";
+/// Where the static shell (busybox) is inside the base initramfs, if present.
+pub const SHELL_PATH: &str = "/kiln/sh";
+/// virtiofs tag of the read-only inputs share.
+pub const INPUTS_TAG: &str = "kiln-inputs";
+/// virtiofs tag of the read-write scratch share.
+pub const SCRATCH_TAG: &str = "kiln-scratch";
+/// The first bytes the agent writes on the channel.
+pub const MAGIC: &[u8; 8] = b"KILN\x00v1\n";
+/// Upper bound on one frame's payload; larger writes are split.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// The build user, as in a Nix sandbox.
+pub const BUILD_UID: u32 = 1000;
+/// The build group (`nixbld`), as in a Nix sandbox.
+pub const BUILD_GID: u32 = 100;
+
+/// What the agent must run. Paths are clean and relative to the sandbox root
+/// `/` (the host validated them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Job {
+    /// argv of the builder; `command_args[0]` is an absolute path or resolved
+    /// against nothing (no PATH lookup, as in Nix).
+    pub command_args: Vec<String>,
+    /// The builder's whole environment, as raw bytes (`KEY`, `VALUE`).
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Working directory, relative to `/` (e.g. `build`).
+    pub working_dir: String,
+    /// Writable directories, relative to `/` (e.g. `build`, `nix/store`).
+    pub scratch_paths: Vec<String>,
+    /// Where inputs appear, relative to `/` (e.g. `nix/store`).
+    pub inputs_dir: String,
+    /// Files to create before the build (path relative to `/`, contents).
+    pub additional_files: Vec<(String, Vec<u8>)>,
+    /// Provide a static shell at `/bin/sh`.
+    pub provide_bin_sh: bool,
+    /// Provide `/dev/kvm`, usable by the build user.
+    pub kvm: bool,
+    /// Extra read-only shares: (virtiofs tag, absolute guest path).
+    pub ro_paths: Vec<(String, String)>,
+    /// Kernel modules to load, in order, by file stem inside [`MODULES_DIR`].
+    pub modules: Vec<String>,
+    /// Number of CPUs (informational).
+    pub cores: u32,
+}
+
+/// Kinds of frames on the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Bytes the builder wrote to stdout.
+    Stdout = 1,
+    /// Bytes the builder wrote to stderr.
+    Stderr = 2,
+    /// The final [`Report`], JSON.
+    Report = 3,
+    /// A diagnostic line from the agent itself (UTF-8).
+    AgentLog = 4,
+    /// The builder process has been started (empty payload).
+    BuilderStarted = 5,
+}
+
+impl FrameKind {
+    /// Parses a frame kind byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Stdout,
+            2 => Self::Stderr,
+            3 => Self::Report,
+            4 => Self::AgentLog,
+            5 => Self::BuilderStarted,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the payload is.
+    pub kind: FrameKind,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+/// How the build ended, as the agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The builder exited with this status.
+    Exited {
+        /// Exit status (0 = success).
+        code: i32,
+    },
+    /// The builder was killed by this signal.
+    Signaled {
+        /// Signal number.
+        signal: i32,
+    },
+    /// The agent itself failed before or while running the builder.
+    AgentFailed {
+        /// The step that failed (`mount`, `module`, `job`, `exec`, ...).
+        step: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The agent's final report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Guest uptime in ms when the agent started (kernel boot time).
+    pub boot_ms: u64,
+    /// ms from agent start to the builder's exec (sandbox set-up).
+    pub setup_ms: u64,
+    /// ms the builder ran.
+    pub build_ms: u64,
+}
+
+/// Encodes one frame (header and payload) into `out`.
+///
+/// Panics never; payloads over [`MAX_FRAME`] must be split by the caller
+/// (see [`encode_chunks`]).
+pub fn encode_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(kind as u8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Encodes `data` as as many frames of `kind` as needed to respect [`MAX_FRAME`].
+pub fn encode_chunks(kind: FrameKind, data: &[u8], out: &mut Vec<u8>) {
+    for chunk in data.chunks(MAX_FRAME) {
+        encode_frame(kind, chunk, out);
+    }
+}
+
+/// Errors found while decoding the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The stream did not start with [`MAGIC`].
+    BadMagic,
+    /// An unknown frame kind byte.
+    UnknownKind(u8),
+    /// A frame longer than [`MAX_FRAME`].
+    TooLong(u32),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadMagic => write!(f, "guest channel does not start with kiln's magic"),
+            Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            Self::TooLong(n) => write!(f, "frame of {n} bytes exceeds the {MAX_FRAME}-byte limit"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Incremental decoder for the channel: feed it bytes as they arrive.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    magic_seen: bool,
+}
+
+impl Decoder {
+    /// A decoder expecting [`MAGIC`] first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes from the channel.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Returns the next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        if !self.magic_seen {
+            let n = self.buf.len().min(MAGIC.len());
+            if self.buf[..n] != MAGIC[..n] {
+                return Err(DecodeError::BadMagic);
+            }
+            if n < MAGIC.len() {
+                return Ok(None);
+            }
+            self.buf.drain(..MAGIC.len());
+            self.magic_seen = true;
+        }
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let kind = FrameKind::from_u8(self.buf[0]).ok_or(DecodeError::UnknownKind(self.buf[0]))?;
+        let len = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        if len as usize > MAX_FRAME {
+            return Err(DecodeError::TooLong(len));
+        }
+        let end = 5 + len as usize;
+        if self.buf.len() < end {
+            return Ok(None);
+        }
+        let payload = self.buf[5..end].to_vec();
+        self.buf.drain(..end);
+        Ok(Some(Frame { kind, payload }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(frames: &[(FrameKind, &[u8])]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        for (k, p) in frames {
+            encode_frame(*k, p, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_frames_fed_one_byte_at_a_time() {
+        let bytes = stream(&[(FrameKind::Stdout, b"hello"), (FrameKind::Stderr, b""), (FrameKind::Report, b"{}")]);
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            d.push(&[b]);
+            while let Some(f) = d.next_frame().expect("valid stream") {
+                got.push(f);
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], Frame { kind: FrameKind::Stdout, payload: b"hello".to_vec() });
+        assert_eq!(got[1].kind, FrameKind::Stderr);
+        assert!(got[1].payload.is_empty());
+        assert_eq!(got[2].payload, b"{}");
+    }
+
+    #[test]
+    fn rejects_a_stream_without_magic() {
+        let mut d = Decoder::new();
+        d.push(b"[    0.000] Linux version");
+        assert_eq!(d.next_frame(), Err(DecodeError::BadMagic));
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_oversized_frames() {
+        let mut d = Decoder::new();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[9, 0, 0, 0, 0]);
+        d.push(&bytes);
+        assert_eq!(d.next_frame(), Err(DecodeError::UnknownKind(9)));
+
+        let mut d = Decoder::new();
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(1);
+        bytes.extend_from_slice(&((MAX_FRAME as u32) + 1).to_le_bytes());
+        d.push(&bytes);
+        assert_eq!(d.next_frame(), Err(DecodeError::TooLong(MAX_FRAME as u32 + 1)));
+    }
+
+    #[test]
+    fn large_writes_are_split_into_bounded_frames() {
+        let data = vec![7u8; MAX_FRAME * 2 + 3];
+        let mut out = MAGIC.to_vec();
+        encode_chunks(FrameKind::Stdout, &data, &mut out);
+        let mut d = Decoder::new();
+        d.push(&out);
+        let mut total = 0;
+        let mut n = 0;
+        while let Some(f) = d.next_frame().expect("valid") {
+            assert!(f.payload.len() <= MAX_FRAME);
+            total += f.payload.len();
+            n += 1;
+        }
+        assert_eq!((n, total), (3, data.len()));
+    }
+
+    #[test]
+    fn job_and_report_round_trip_through_json_with_non_utf8_bytes() {
+        let job = Job {
+            command_args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+            env: vec![(b"K".to_vec(), vec![0xff, 0xfe, b'x'])],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            ..Job::default()
+        };
+        let back: Job = serde_json::from_slice(&serde_json::to_vec(&job).expect("encode")).expect("decode");
+        assert_eq!(back, job);
+        let report = Report {
+            outcome: Outcome::Signaled { signal: 9 },
+            boot_ms: 1,
+            setup_ms: 2,
+            build_ms: 3,
+        };
+        let json = serde_json::to_string(&report).expect("encode");
+        assert!(json.contains("\"kind\":\"signaled\""), "{json}");
+        assert_eq!(serde_json::from_str::<Report>(&json).expect("decode"), report);
+    }
+}

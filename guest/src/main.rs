@@ -1,0 +1,1 @@
+fn main() { eprintln!("kiln-agent: placeholder"); }

@@ -1,0 +1,114 @@
+//! VMM backends: boot one short-lived microVM for one build.
+//!
+//! The executor describes the VM it wants as a [`VmSpec`] and hands it to a
+//! [`VmRunner`]; the runner starts the VMM process and returns a
+//! [`RunningVm`] that yields the guest channel (the agent's byte stream, see
+//! `kiln_guest::contract`) and waits for the VMM to exit.
+//!
+//! virtiofsd is not the runner's business: the executor starts one daemon per
+//! share (see [`virtiofsd`]) and passes the vhost-user socket paths in.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::AsyncRead;
+
+pub mod virtiofsd;
+
+/// One virtiofs share: a vhost-user-fs socket served by a virtiofsd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsShare {
+    /// virtiofs tag the guest mounts by.
+    pub tag: String,
+    /// vhost-user socket the virtiofsd for this share listens on.
+    pub socket: PathBuf,
+}
+
+/// Everything a backend needs to boot one build VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Build id, used in process names and log lines.
+    pub id: String,
+    /// PVH-bootable uncompressed kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Initramfs: the cached base image followed by the per-build job archive,
+    /// concatenated into this one file.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Expose virtualisation extensions (VMX/SVM) to the guest.
+    pub nested_virt: bool,
+    /// virtiofs shares, in the order the guest expects them.
+    pub shares: Vec<FsShare>,
+    /// Directory owned by this build for VMM sockets and logs; removed by the
+    /// executor when the build ends.
+    pub run_dir: PathBuf,
+    /// File the guest's serial console (kernel messages) is written to.
+    pub serial_log: PathBuf,
+}
+
+/// How the VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The VMM exited by itself (the guest powered off, or the VMM failed).
+    Exited {
+        /// Exit code, if it exited normally.
+        code: Option<i32>,
+        /// Signal that ended it, if any.
+        signal: Option<i32>,
+    },
+}
+
+/// Errors of a VMM backend, named after the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("spawning {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM did not connect the guest channel within {0:?}")]
+    ChannelTimeout(Duration),
+    #[error("guest channel")]
+    Channel(#[source] std::io::Error),
+    #[error("VMM API request {call} failed: {detail}")]
+    Api { call: &'static str, detail: String },
+    #[error("waiting for the VMM")]
+    Wait(#[source] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A byte stream from the guest agent.
+pub type GuestChannel = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A VMM backend (QEMU microvm, cloud-hypervisor).
+#[async_trait::async_trait]
+pub trait VmRunner: Send + Sync {
+    /// Short name for logs and `kiln doctor` (`qemu`, `cloud-hypervisor`).
+    fn name(&self) -> &'static str;
+    /// Acceleration in use (`kvm`, `tcg`).
+    fn accel(&self) -> &'static str;
+    /// Starts the VMM and boots `spec`. The VM runs until the guest powers
+    /// off or [`RunningVm::kill`] is called.
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError>;
+}
+
+/// A VM that has been started. Dropping it kills the VMM process.
+#[async_trait::async_trait]
+pub trait RunningVm: Send {
+    /// The guest channel; `None` after the first call.
+    async fn take_channel(&mut self) -> Result<GuestChannel, VmmError>;
+    /// Waits for the VMM process to exit.
+    async fn wait(&mut self) -> Result<VmExit, VmmError>;
+    /// Stops the VM now (graceful shutdown where the VMM has one, then SIGKILL)
+    /// and reaps the process.
+    async fn kill(&mut self);
+    /// PID of the VMM process, for leak checks and diagnostics.
+    fn pid(&self) -> Option<u32>;
+}

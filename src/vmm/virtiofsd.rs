@@ -1,0 +1,1 @@
+//! One virtiofsd per share.
