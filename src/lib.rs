@@ -5,13 +5,21 @@
 //! - [`server`]: one tonic server carrying every service.
 //! - [`build`]: validates a request into the domain type, then the executor
 //!   plans the VM, materialises inputs, boots, streams, collects and ingests.
-//! - [`vmm`]: VMM backends (QEMU microvm, cloud-hypervisor) and virtiofsd.
+//! - [`vmm`]: VMM backends (QEMU microvm, cloud-hypervisor), host detection
+//!   and virtiofsd.
 //! - [`guest_image`]: kernel artifacts and the initramfs (agent + job).
 //! - [`castore`]: the content-addressed store the inputs come from and the
 //!   outputs go to.
+//! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
+//! - [`cli`]: the `kiln` subcommands other than `serve`.
 
 #![warn(missing_docs)]
 
+pub mod build;
 pub mod castore;
+pub mod cli;
+pub mod guest_image;
+pub mod nix;
 pub mod proto;
+pub mod server;
 pub mod vmm;

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncRead;
 
+pub mod cloud_hypervisor;
+pub mod host;
+pub mod qemu;
 pub mod virtiofsd;
 
 /// One virtiofs share: a vhost-user-fs socket served by a virtiofsd.

@@ -1,0 +1,49 @@
+# kiln: two commands for users (`make run`, `make test`); the rest are steps.
+# Every step is idempotent and skips work already done, so both commands work
+# on a fresh Debian 12 machine (as root) and are quick the second time.
+
+SHELL := /bin/bash
+CACHE_DIR ?= /var/cache/kiln
+KERNEL_DIR := $(CACHE_DIR)/kernel
+AGENT := $(CACHE_DIR)/agent/kiln-agent
+CARGO ?= cargo
+DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin
+VIRTIOFSD_VERSION := 1.14.0
+
+.PHONY: run test deps build kernel agent virtiofsd bench clean-cache
+
+run: deps build
+	./target/release/kiln serve --listen 127.0.0.1:8000 --data-dir $${KILN_DATA_DIR:-/var/lib/kiln}
+
+test: deps build
+	$(CARGO) test --release --workspace -- --test-threads=2
+
+deps: apt virtiofsd kernel
+
+apt:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+virtiofsd:
+	@if ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x $$HOME/.cargo/bin/virtiofsd ]; then \
+	  $(CARGO) install virtiofsd --version $(VIRTIOFSD_VERSION) --locked; \
+	fi
+
+kernel:
+	./kernels/debian-cloud.sh $(KERNEL_DIR)
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p kiln-guest --bin kiln-agent --target x86_64-unknown-linux-gnu
+	install -D -m 0755 target/x86_64-unknown-linux-gnu/release/kiln-agent $(AGENT)
+
+build: agent
+	$(CARGO) build --release --workspace
+
+bench: deps build
+	$(CARGO) run --release --bin kiln -- bench
+
+clean-cache:
+	rm -rf $(CACHE_DIR)
