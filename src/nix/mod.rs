@@ -1,1 +1,15 @@
-//! (in progress)
+//! Nix derivations and their outputs: what `kiln build --drv` needs to run a
+//! `.drv` file the way Nix would, and to prove the result equals Nix's.
+//!
+//! - [`nixbase32`] and [`store_path`]: Nix's names for things.
+//! - [`derivation`]: the ATerm `.drv` format.
+//! - [`nar`]: NAR serialisation and hashing of castore trees and host paths.
+//! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`.
+//! - [`closure`]: importing a derivation's inputs from the local Nix store.
+
+pub mod derivation;
+pub mod nixbase32;
+pub mod store_path;
+
+pub use derivation::Derivation;
+pub use store_path::StorePath;
