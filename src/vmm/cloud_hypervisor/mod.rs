@@ -1,0 +1,342 @@
+//! The cloud-hypervisor backend: one `cloud-hypervisor` process per build,
+//! driven through its REST API on a unix socket.
+//!
+//! Lifecycle of one VM, as [`CloudHypervisorRunner::start`] and [`ChVm`] run it:
+//! 1. spawn `cloud-hypervisor --api-socket path=<run_dir>/ch.sock` with no VM
+//!    configured, stdout piped (the guest channel, see [`config`]) and stderr
+//!    appended to `<run_dir>/cloud-hypervisor.log`;
+//! 2. wait until the API answers `vmm.ping` (or the process dies, or the
+//!    deadline passes: each is its own error, with the end of the VMM's log);
+//! 3. `vm.create` with the body built by [`config::vm_config`], then `vm.boot`;
+//! 4. the guest runs; when it powers off, cloud-hypervisor exits by itself and
+//!    [`RunningVm::wait`] returns;
+//! 5. on timeout or cancellation [`RunningVm::kill`] asks for `vmm.shutdown`,
+//!    gives it a short grace period, then sends SIGKILL and reaps the process.
+//!
+//! Any failure during 1–3 kills and reaps the process before returning, and
+//! dropping a [`ChVm`] SIGKILLs it, so no VMM outlives its build.
+//!
+//! Guests on cloud-hypervisor find their devices over virtio-pci, so they
+//! load [`GUEST_MODULES`] rather than QEMU microvm's virtio-mmio set.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use cloud_hypervisor_client::apis::{DefaultApi, Error as ApiError};
+use cloud_hypervisor_client::models::VmConfig;
+use cloud_hypervisor_client::{socket_based_api_client, SocketBasedApiClient};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{GuestChannel, RunningVm, VmExit, VmRunner, VmSpec, VmmError};
+
+pub mod config;
+
+pub use config::{vm_config, ConfigError};
+
+/// Kernel modules a guest on cloud-hypervisor loads, in load order: virtio
+/// over PCI, virtiofs, and the virtio console the agent talks on. (Nested
+/// virtualisation adds `irqbypass`, `kvm` and `kvm_intel`/`kvm_amd`, as on
+/// every backend.)
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "fuse",
+    "virtiofs",
+    "virtio_console",
+];
+
+/// Name of the API socket inside the build's run directory.
+pub const API_SOCKET: &str = "ch.sock";
+/// Name of the VMM's own log (its stderr) inside the build's run directory.
+pub const VMM_LOG: &str = "cloud-hypervisor.log";
+
+/// How much of the VMM's log an error message quotes.
+const LOG_TAIL_BYTES: u64 = 2048;
+/// How often the API socket is probed while waiting for it.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Starts one `cloud-hypervisor` process per build.
+#[derive(Debug, Clone)]
+pub struct CloudHypervisorRunner {
+    /// The `cloud-hypervisor` executable (a path, or a name looked up in PATH).
+    pub binary: PathBuf,
+    /// How long a fresh VMM may take to answer on its API socket.
+    pub api_timeout: Duration,
+    /// How long one API call (`vm.create`, `vm.boot`) may take.
+    pub call_timeout: Duration,
+    /// How long [`RunningVm::kill`] waits after `vmm.shutdown` before SIGKILL.
+    pub shutdown_grace: Duration,
+}
+
+impl CloudHypervisorRunner {
+    /// A runner for `binary` with the default timeouts (5 s for the API
+    /// socket, 10 s per call, 500 ms shutdown grace).
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            api_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_millis(500),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmRunner for CloudHypervisorRunner {
+    fn name(&self) -> &'static str {
+        "cloud-hypervisor"
+    }
+
+    fn accel(&self) -> &'static str {
+        "kvm"
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
+        let body = vm_config(spec).map_err(|e| VmmError::Unsupported(e.to_string()))?;
+        let mut vm = self.spawn(spec)?;
+        info!(build = %spec.id, pid = ?vm.pid, "cloud-hypervisor started");
+        match self.create_and_boot(&mut vm, body).await {
+            Ok(()) => {
+                info!(build = %spec.id, "cloud-hypervisor booted the VM");
+                Ok(Box::new(vm))
+            }
+            Err(e) => {
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl CloudHypervisorRunner {
+    /// Step 1: the bare VMM process, listening on its API socket.
+    fn spawn(&self, spec: &VmSpec) -> Result<ChVm, VmmError> {
+        let program = self.binary.display().to_string();
+        let spawn_err = |source| VmmError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        let socket = spec.run_dir.join(API_SOCKET);
+        // A socket left by an earlier VMM in a reused directory would make the
+        // readiness probe talk to nobody (or to the wrong VMM).
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(spawn_err(e)),
+            _ => {}
+        }
+        let log_path = spec.run_dir.join(VMM_LOG);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(spawn_err)?;
+
+        let mut arg = std::ffi::OsString::from("path=");
+        arg.push(&socket);
+        let mut child = Command::new(&self.binary)
+            .arg("--api-socket")
+            .arg(arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        let channel = child.stdout.take();
+        Ok(ChVm {
+            pid: child.id(),
+            client: socket_based_api_client(&socket),
+            socket,
+            child,
+            channel,
+            log: log_path,
+            exit: None,
+            grace: self.shutdown_grace,
+        })
+    }
+
+    /// Steps 2 and 3: wait for the API, then `vm.create` and `vm.boot`.
+    async fn create_and_boot(&self, vm: &mut ChVm, body: VmConfig) -> Result<(), VmmError> {
+        self.wait_for_api(vm).await?;
+        let created = tokio::time::timeout(self.call_timeout, vm.client.create_vm(body)).await;
+        vm.check_call("vm.create", self.call_timeout, created)?;
+        let booted = tokio::time::timeout(self.call_timeout, vm.client.boot_vm()).await;
+        vm.check_call("vm.boot", self.call_timeout, booted)?;
+        Ok(())
+    }
+
+    /// Polls `vmm.ping` until it answers, the process exits, or the deadline.
+    async fn wait_for_api(&self, vm: &mut ChVm) -> Result<(), VmmError> {
+        let deadline = Instant::now() + self.api_timeout;
+        loop {
+            if let Some(status) = vm.child.try_wait().map_err(VmmError::Wait)? {
+                vm.exit = Some(exit_of(status));
+                return Err(VmmError::Api {
+                    call: "vmm.ping",
+                    detail: format!(
+                        "{} exited ({}) before its API socket answered{}",
+                        self.binary.display(),
+                        describe_status(status),
+                        log_tail(&vm.log)
+                    ),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmmError::Api {
+                    call: "vmm.ping",
+                    detail: format!(
+                        "API socket {} did not answer within {:?} (is {} really cloud-hypervisor?){}",
+                        vm.socket.display(),
+                        self.api_timeout,
+                        self.binary.display(),
+                        log_tail(&vm.log)
+                    ),
+                });
+            }
+            if vm.socket.exists() {
+                let probe = (deadline - now).min(Duration::from_millis(500));
+                if let Ok(Ok(_)) = tokio::time::timeout(probe, vm.client.vmm_ping_get()).await {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// A running cloud-hypervisor VM. Dropping it SIGKILLs the VMM.
+pub struct ChVm {
+    child: Child,
+    client: SocketBasedApiClient,
+    socket: PathBuf,
+    channel: Option<ChildStdout>,
+    log: PathBuf,
+    pid: Option<u32>,
+    exit: Option<VmExit>,
+    grace: Duration,
+}
+
+impl ChVm {
+    /// Turns the outcome of one timed API call into this module's error,
+    /// quoting the VMM's log so the reason cloud-hypervisor gave is visible.
+    fn check_call<T>(
+        &self,
+        call: &'static str,
+        limit: Duration,
+        outcome: Result<Result<T, ApiError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, VmmError> {
+        let detail = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(ApiError::Api(api))) => format!("HTTP {}: {}", api.code, api.body.trim()),
+            Ok(Err(other)) => other.to_string(),
+            Err(_) => format!("no answer within {limit:?}"),
+        };
+        Err(VmmError::Api {
+            call,
+            detail: format!("{detail}{}", log_tail(&self.log)),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl RunningVm for ChVm {
+    async fn take_channel(&mut self) -> Result<GuestChannel, VmmError> {
+        match self.channel.take() {
+            Some(stdout) => Ok(Box::new(stdout)),
+            None => Err(VmmError::Channel(std::io::Error::other(
+                "the guest channel was already taken",
+            ))),
+        }
+    }
+
+    async fn wait(&mut self) -> Result<VmExit, VmmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let status = self.child.wait().await.map_err(VmmError::Wait)?;
+        let exit = exit_of(status);
+        info!(pid = ?self.pid, status = %describe_status(status), "cloud-hypervisor exited");
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+
+    async fn kill(&mut self) {
+        if self.exit.is_some() {
+            return;
+        }
+        let (client, child) = (&self.client, &mut self.child);
+        // Ask politely first: vmm.shutdown stops the VM and ends the process.
+        let polite = tokio::time::timeout(self.grace, async {
+            let _ = client.shutdown_vmm().await;
+            child.wait().await
+        })
+        .await;
+        let status = match polite {
+            Ok(Ok(status)) => Ok(status),
+            _ => {
+                warn!(pid = ?self.pid, grace = ?self.grace, "cloud-hypervisor did not shut down, sending SIGKILL");
+                if let Err(e) = self.child.start_kill() {
+                    warn!(pid = ?self.pid, error = %e, "SIGKILL failed");
+                }
+                self.child.wait().await
+            }
+        };
+        match status {
+            Ok(status) => self.exit = Some(exit_of(status)),
+            Err(e) => warn!(pid = ?self.pid, error = %e, "reaping cloud-hypervisor failed"),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+fn exit_of(status: ExitStatus) -> VmExit {
+    VmExit::Exited {
+        code: status.code(),
+        signal: status.signal(),
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "unknown status".to_owned(),
+    }
+}
+
+/// The last few lines the VMM wrote to its log, formatted to append to an
+/// error message; empty when the log is empty or unreadable.
+fn log_tail(path: &Path) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("; {} says: {text}", path.display())
+    }
+}
