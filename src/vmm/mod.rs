@@ -100,7 +100,27 @@ pub trait VmRunner: Send + Sync {
     /// Starts the VMM and boots `spec`. The VM runs until the guest powers
     /// off or [`RunningVm::kill`] is called.
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError>;
+    /// Kernel modules the guest must load, in order, to reach its devices
+    /// (virtio transport, console, virtiofs). The default fits virtio-mmio
+    /// (QEMU microvm); virtio-pci backends override it.
+    fn guest_modules(&self) -> &'static [&'static str] {
+        MMIO_GUEST_MODULES
+    }
 }
+
+/// Guest modules for a virtio-mmio machine (QEMU microvm).
+pub const MMIO_GUEST_MODULES: &[&str] = &["virtio", "virtio_ring", "virtio_mmio", "virtio_console", "fuse", "virtiofs"];
+/// Guest modules for a virtio-pci machine (cloud-hypervisor).
+pub const PCI_GUEST_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_console",
+    "fuse",
+    "virtiofs",
+];
 
 /// A VM that has been started. Dropping it kills the VMM process.
 #[async_trait::async_trait]

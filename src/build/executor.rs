@@ -1,0 +1,320 @@
+//! The executor: one fresh microVM per build request.
+//!
+//! A build goes through these steps, each a named function:
+//! 1. `plan` — constraints checked, VM sized, agent job written (pure);
+//! 2. `admit` — wait for a VM slot and guest memory (bounded queue);
+//! 3. `materialise_inputs` — castore nodes become the read-only share,
+//!    hardlinked from the blob store where possible;
+//! 4. `boot` — one virtiofsd per share, the initramfs (cached base + job),
+//!    then the VMM;
+//! 5. `supervise` — the agent's log streamed into the build log until its
+//!    report, with timeout, cancellation and log limit;
+//! 6. `collect_outputs` — every declared output must exist; each is scanned
+//!    for needles and ingested into the castore, moving file bytes.
+//!
+//! Everything a build holds (VMM, virtiofsd, its directory) is owned by
+//! guards that release it on every path, including cancellation: the build
+//! runs as its own task, and a dropped client only cancels a token.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_guest::contract::{self, Outcome, Report};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, Instrument};
+
+use crate::build::admission::Admission;
+use crate::build::error::BuildError;
+use crate::build::events::{BuildLog, Registry};
+use crate::build::plan::{self, VmPlan};
+use crate::build::refscan::Scanner;
+use crate::build::request::BuildRequest;
+use crate::build::supervise::{self, supervise};
+use crate::build::workspace::Workspace;
+use crate::build::paths::RelPath;
+use crate::castore::{self, Node, Store};
+use crate::guest_image::{self, Artifacts};
+use crate::proto::kiln_v1::{self, build_event::Event};
+use crate::vmm::virtiofsd::Virtiofsd;
+use crate::vmm::{FsShare, VmRunner, VmSpec};
+
+/// Operator configuration of the executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Build directories go to `<data_dir>/runs`.
+    pub data_dir: PathBuf,
+    /// Cached base initramfs images.
+    pub cache_dir: PathBuf,
+    /// Kernel, modules, agent, shell.
+    pub artifacts: Artifacts,
+    /// VM sizing and what the host offers.
+    pub limits: plan::Limits,
+    /// Default wall-clock limit of one build (a client deadline can shorten it).
+    pub timeout: Duration,
+    /// Builder output allowed per build before it is stopped.
+    pub max_log_bytes: u64,
+    /// Concurrent VMs.
+    pub max_vms: usize,
+    /// Total guest RAM of all running VMs, MiB.
+    pub memory_budget_mib: u64,
+    /// Builds allowed to wait for a VM.
+    pub max_queue: usize,
+    /// Builds whose logs are kept.
+    pub kept_builds: usize,
+    /// Log bytes kept per build.
+    pub kept_log_bytes: usize,
+}
+
+/// A successful build: each output in request order, with its needles.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// (output path, castore node, indexes of needles found).
+    pub outputs: Vec<(RelPath, Node, Vec<u64>)>,
+    /// The agent's report.
+    pub report: Report,
+}
+
+/// Runs builds.
+pub struct Executor {
+    config: ExecutorConfig,
+    store: Store,
+    runner: Arc<dyn VmRunner>,
+    admission: Admission,
+    registry: Registry,
+    base_image: OnceCell<PathBuf>,
+}
+
+impl Executor {
+    /// An executor booting VMs with `runner` and storing into `store`.
+    pub fn new(config: ExecutorConfig, store: Store, runner: Arc<dyn VmRunner>) -> Self {
+        Self {
+            admission: Admission::new(config.max_vms, config.memory_budget_mib, config.max_queue),
+            registry: Registry::new(config.kept_builds, config.kept_log_bytes),
+            config,
+            store,
+            runner,
+            base_image: OnceCell::new(),
+        }
+    }
+
+    /// The build logs this server keeps.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The castore builds read from and write to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Where build directories live.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.config.data_dir.join("runs")
+    }
+
+    /// Starts a build as its own task. The returned token cancels it; the
+    /// handle yields its result once everything it held is released.
+    pub fn start(
+        self: &Arc<Self>,
+        req: BuildRequest,
+        client_deadline: Option<Duration>,
+    ) -> (Arc<BuildLog>, CancellationToken, tokio::task::JoinHandle<Result<BuildOutcome, BuildError>>) {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let log = self.registry.create(id.clone());
+        let cancel = CancellationToken::new();
+        let timeout = client_deadline.map_or(self.config.timeout, |d| d.min(self.config.timeout));
+        let this = self.clone();
+        let task_log = log.clone();
+        let task_cancel = cancel.clone();
+        let span = info_span!("build", id = %id);
+        let handle = tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let result = this.run(&req, &task_log, &task_cancel, timeout).await;
+                match &result {
+                    Ok(outcome) => {
+                        info!(elapsed_ms = started.elapsed().as_millis() as u64, outputs = outcome.outputs.len(), "build succeeded");
+                        for (path, node, needles) in &outcome.outputs {
+                            task_log.emit(Event::Output(kiln_v1::Output {
+                                path: path.to_string(),
+                                entry: Some(node.to_snix_entry(b"")),
+                                needles: needles.clone(),
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        info!(elapsed_ms = started.elapsed().as_millis() as u64, kind = e.kind(), error = %e, "build failed");
+                        task_log.emit(Event::Failed(e.to_failed()));
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        );
+        (log, cancel, handle)
+    }
+
+    async fn run(
+        &self,
+        req: &BuildRequest,
+        log: &BuildLog,
+        cancel: &CancellationToken,
+        timeout: Duration,
+    ) -> Result<BuildOutcome, BuildError> {
+        let started = Instant::now();
+        let plan = plan::plan(req, &self.config.limits)?;
+        log.phase("queued");
+        let _ticket = tokio::select! {
+            t = self.admission.admit(plan.memory_mib) => t?,
+            _ = cancel.cancelled() => return Err(BuildError::Cancelled),
+        };
+        log.emit(Event::Started(kiln_v1::Started {
+            vmm: self.runner.name().into(),
+            accel: self.runner.accel().into(),
+            guest_memory_bytes: plan.memory_mib * 1024 * 1024,
+            vcpus: plan.vcpus,
+        }));
+        info!(memory_mib = plan.memory_mib, vmm = self.runner.name(), "admitted");
+        let ws = Workspace::create(&self.runs_dir(), log.id()).map_err(|e| BuildError::infra("create build directory", &e))?;
+
+        log.phase("materialise");
+        self.materialise_inputs(req, &ws).await?;
+
+        log.phase("boot");
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let report = self.boot_and_supervise(req, &plan, &ws, log, cancel, remaining).await?;
+        match &report.outcome {
+            Outcome::Exited { code: 0 } => {}
+            Outcome::Exited { code } => return Err(BuildError::BuilderExited { code: *code, log_tail: log.tail() }),
+            Outcome::Signaled { signal } => {
+                return Err(BuildError::BuilderSignaled { signal: *signal, log_tail: log.tail() })
+            }
+            Outcome::AgentFailed { step, message } => {
+                return Err(BuildError::AgentFailed { step: step.clone(), message: message.clone(), log_tail: log.tail() })
+            }
+        }
+
+        log.phase("ingest");
+        let outputs = self.collect_outputs(req, &ws, log).await?;
+        Ok(BuildOutcome { outputs, report })
+    }
+
+    /// Step 3: inputs into the read-only share; scratch paths created.
+    async fn materialise_inputs(&self, req: &BuildRequest, ws: &Workspace) -> Result<(), BuildError> {
+        for (name, node) in &req.inputs {
+            let dest = ws.inputs().join(name.to_os_str());
+            castore::materialise::materialise(&self.store, node, &dest).await.map_err(|e| match e.missing() {
+                Some((what, digest)) => BuildError::MissingInput { what, digest },
+                None => BuildError::infra("materialise inputs", &e),
+            })?;
+        }
+        for s in &req.scratch_paths {
+            std::fs::create_dir_all(ws.scratch().join(s.as_str()))
+                .map_err(|e| BuildError::infra("create scratch directories", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Steps 4 and 5: virtiofsd, initramfs, VMM, supervision.
+    async fn boot_and_supervise(
+        &self,
+        req: &BuildRequest,
+        plan: &VmPlan,
+        ws: &Workspace,
+        log: &BuildLog,
+        cancel: &CancellationToken,
+        timeout: Duration,
+    ) -> Result<Report, BuildError> {
+        let _ = req;
+        let vm_dir = ws.vm();
+        let mut shares = vec![
+            (contract::INPUTS_TAG.to_string(), ws.inputs(), true),
+            (contract::SCRATCH_TAG.to_string(), ws.scratch(), false),
+        ];
+        shares.extend(plan.ro_shares.iter().map(|s| (s.tag.clone(), s.path.clone(), true)));
+        let mut daemons = Vec::new();
+        let mut fs_shares = Vec::new();
+        for (tag, dir, read_only) in shares {
+            let socket = vm_dir.join(format!("{tag}.sock"));
+            let daemon = Virtiofsd::spawn(&dir, &socket, read_only)
+                .await
+                .map_err(|e| BuildError::infra("start virtiofsd", &e))?;
+            daemons.push(daemon);
+            fs_shares.push(FsShare { tag, socket });
+        }
+
+        let base = self
+            .base_image
+            .get_or_try_init(|| async {
+                let artifacts = self.config.artifacts.clone();
+                let cache = self.config.cache_dir.clone();
+                tokio::task::spawn_blocking(move || guest_image::base_image(&artifacts, &cache))
+                    .await
+                    .map_err(|e| BuildError::Infrastructure { step: "build base initramfs", message: e.to_string() })?
+                    .map_err(|e| BuildError::infra("build base initramfs", &e))
+            })
+            .await?
+            .clone();
+        let mut job = plan.job.clone();
+        job.modules = self.runner.guest_modules().iter().map(|m| m.to_string()).collect();
+        let initramfs = vm_dir.join("initramfs.cpio");
+        guest_image::build_initramfs(&base, &job, &initramfs).map_err(|e| BuildError::infra("write initramfs", &e))?;
+
+        let spec = VmSpec {
+            id: log.id().to_owned(),
+            kernel: self.config.artifacts.vmlinux(),
+            initramfs,
+            cmdline: guest_image::kernel_cmdline(),
+            memory_mib: plan.memory_mib,
+            vcpus: plan.vcpus,
+            nested_virt: plan.nested_virt,
+            shares: fs_shares,
+            run_dir: vm_dir.clone(),
+            serial_log: vm_dir.join("serial.log"),
+        };
+        let mut vm = self.runner.start(&spec).await.map_err(|e| BuildError::infra("start the VMM", &e))?;
+        let channel = vm.take_channel().await.map_err(|e| BuildError::infra("connect the guest channel", &e))?;
+        info!(pid = vm.pid(), "VM started");
+        let daemon_died = async {
+            let (why, _, _) = futures::future::select_all(daemons.iter_mut().map(|d| Box::pin(d.exited()))).await;
+            why
+        };
+        let serial_log = spec.serial_log.clone();
+        let serial_tail = move || {
+            let text = std::fs::read(&serial_log).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        let limits = supervise::Limits { timeout, max_log_bytes: self.config.max_log_bytes };
+        let result = supervise(vm.as_mut(), channel, log, &limits, cancel, daemon_died, serial_tail).await;
+        vm.kill().await;
+        drop(daemons);
+        result
+    }
+
+    /// Step 6: outputs checked, scanned and ingested, in request order.
+    async fn collect_outputs(
+        &self,
+        req: &BuildRequest,
+        ws: &Workspace,
+        log: &BuildLog,
+    ) -> Result<Vec<(RelPath, Node, Vec<u64>)>, BuildError> {
+        let scanner = Scanner::new(&req.refscan_needles).map_err(|e| BuildError::infra("compile refscan needles", &e))?;
+        let mut outputs = Vec::with_capacity(req.outputs.len());
+        for out in &req.outputs {
+            let host = ws.scratch().join(out.as_str());
+            if std::fs::symlink_metadata(&host).is_err() {
+                return Err(BuildError::MissingOutput { path: out.to_string(), log_tail: log.tail() });
+            }
+            let needles = scanner.scan_path(&host).map_err(|e| BuildError::infra("scan outputs for references", &e))?;
+            let node = castore::ingest::ingest_path_moving(&self.store, &host)
+                .await
+                .map_err(|e| BuildError::infra("ingest outputs", &e))?;
+            outputs.push((out.clone(), node, needles));
+        }
+        Ok(outputs)
+    }
+}

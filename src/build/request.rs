@@ -1,0 +1,367 @@
+//! The one validated build request both wire layouts map into.
+//!
+//! `snix.build.v1` carries every field; the seed's `tvix.build.v1` layout
+//! gets the Nix defaults (working dir `build`, inputs in `nix/store`, scratch
+//! paths `build` and `nix/store`, outputs at `nix/store/<basename>`).
+//!
+//! Ordering decisions (PROTOCOL.md §2): inputs, environment variables,
+//! scratch paths and read-only paths must be strictly sorted (duplicates and
+//! disorder are rejected, as upstream does). Outputs are accepted in any order
+//! — newer snix clients send them in output-name order — but never twice;
+//! responses follow the request's order (snix) or are sorted by name (tvix).
+
+use std::collections::BTreeSet;
+
+use crate::build::paths::{AbsPath, PathError, RelPath};
+use crate::castore::{Node, PathComponent};
+use crate::proto::{snix_build, tvix_build};
+
+/// Linux refuses to exec with a single argument or environment string longer
+/// than this (`MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// Bound on argv + environment together (a quarter of the 8 MiB default stack).
+pub const MAX_ARGS_ENV_TOTAL: usize = 2 * 1024 * 1024;
+/// Bound on the number of inputs one request may name.
+pub const MAX_INPUTS: usize = 65_536;
+/// Bound on the total size of `additional_files`.
+pub const MAX_ADDITIONAL_FILES_BYTES: usize = 64 * 1024 * 1024;
+
+/// A request that broke a rule: the field and the rule, for INVALID_ARGUMENT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {rule}")]
+pub struct InvalidRequest {
+    /// The offending field, e.g. `environment_vars[3].key`.
+    pub field: String,
+    /// What is wrong with it.
+    pub rule: String,
+}
+
+fn invalid(field: impl Into<String>, rule: impl ToString) -> InvalidRequest {
+    InvalidRequest { field: field.into(), rule: rule.to_string() }
+}
+
+/// Which wire layout a request came in; decides the response shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The seed's `tvix.build.v1`.
+    Tvix,
+    /// Today's `snix.build.v1`.
+    Snix,
+}
+
+/// One environment variable; both parts are raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    /// Non-empty, no `=` and no NUL.
+    pub key: String,
+    /// Any bytes but NUL, at most [`MAX_ARG_STRLEN`] together with the key.
+    pub value: Vec<u8>,
+}
+
+/// A file placed into the sandbox before the build starts (`passAsFile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdditionalFile {
+    /// Inside some scratch path.
+    pub path: RelPath,
+    /// The file's bytes.
+    pub contents: Vec<u8>,
+}
+
+/// What the build needs from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Constraints {
+    /// Nix system double the build must run on (e.g. `x86_64-linux`); empty
+    /// when the client stated no constraints.
+    pub system: String,
+    /// Bytes of memory the build needs; the guest gets at least this much.
+    pub min_memory: u64,
+    /// Host paths the build needs read-only, sorted; `/dev/kvm` means nested
+    /// virtualisation.
+    pub available_ro_paths: Vec<AbsPath>,
+    /// The build wants network access.
+    pub network_access: bool,
+    /// The build wants a static shell at `/bin/sh`.
+    pub provide_bin_sh: bool,
+}
+
+/// A validated build request. Every field's contract holds once constructed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRequest {
+    /// Root nodes visible at `/<inputs_dir>/<name>`, strictly sorted by name.
+    pub inputs: Vec<(PathComponent, Node)>,
+    /// argv of the builder; non-empty, no NUL.
+    pub command_args: Vec<String>,
+    /// The builder's working directory.
+    pub working_dir: RelPath,
+    /// Writable directories, strictly sorted.
+    pub scratch_paths: Vec<RelPath>,
+    /// Where inputs appear.
+    pub inputs_dir: RelPath,
+    /// Paths the build must produce, each inside a scratch path, unique, in
+    /// the order the client sent them.
+    pub outputs: Vec<RelPath>,
+    /// The builder's whole environment, strictly sorted by key.
+    pub environment_vars: Vec<EnvVar>,
+    /// Host requirements.
+    pub constraints: Constraints,
+    /// Files to create before the build, each inside a scratch path.
+    pub additional_files: Vec<AdditionalFile>,
+    /// Strings whose occurrences in outputs are reported.
+    pub refscan_needles: Vec<String>,
+    /// The layout it arrived in.
+    pub layout: Layout,
+}
+
+impl BuildRequest {
+    /// Validates a `snix.build.v1` request.
+    pub fn from_snix(req: &snix_build::BuildRequest) -> Result<Self, InvalidRequest> {
+        let inputs = validate_inputs(req.inputs.iter().map(|e| {
+            Node::try_from_snix_entry(e.clone())
+        }))?;
+        let working_dir = rel("working_dir", &req.working_dir)?;
+        let scratch_paths = sorted_rel_paths("scratch_paths", &req.scratch_paths)?;
+        let inputs_dir = rel("inputs_dir", &req.inputs_dir)?;
+        let outputs = req
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| rel(&format!("outputs[{i}]"), o))
+            .collect::<Result<Vec<_>, _>>()?;
+        let constraints = match &req.constraints {
+            None => Constraints::default(),
+            Some(c) => {
+                if c.system.is_empty() {
+                    return Err(invalid("constraints.system", "must be set when constraints are present"));
+                }
+                Constraints {
+                    system: c.system.clone(),
+                    min_memory: c.min_memory,
+                    available_ro_paths: sorted_abs_paths("constraints.available_ro_paths", &c.available_ro_paths)?,
+                    network_access: c.network_access,
+                    provide_bin_sh: c.provide_bin_sh,
+                }
+            }
+        };
+        let additional_files = req
+            .additional_files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                Ok(AdditionalFile {
+                    path: rel(&format!("additional_files[{i}].path"), &f.path)?,
+                    contents: f.contents.to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidRequest>>()?;
+        let environment_vars = validate_env(req.environment_vars.iter().map(|e| (e.key.as_str(), &e.value[..])))?;
+        let request = Self {
+            inputs,
+            command_args: req.command_args.clone(),
+            working_dir,
+            scratch_paths,
+            inputs_dir,
+            outputs,
+            environment_vars,
+            constraints,
+            additional_files,
+            refscan_needles: req.refscan_needles.clone(),
+            layout: Layout::Snix,
+        };
+        request.check_relations()?;
+        Ok(request)
+    }
+
+    /// Validates a seed-layout `tvix.build.v1` request, applying Nix defaults.
+    pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<Self, InvalidRequest> {
+        let inputs = validate_inputs(req.inputs.iter().map(|n| Node::try_from_tvix_node(n.clone())))?;
+        let store = rel("inputs_dir", "nix/store")?;
+        let outputs = req
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let field = format!("outputs[{i}]");
+                PathComponent::try_from(o.as_bytes())
+                    .map_err(|e| invalid(&field, format!("{o:?} is not a store basename: {e}")))?;
+                store.join(o).map_err(|e| invalid(&field, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let constraints = match &req.constraints {
+            None => Constraints::default(),
+            Some(c) => Constraints {
+                system: c.system.clone(),
+                min_memory: c.min_memory,
+                available_ro_paths: sorted_abs_paths("constraints.available_ro_paths", &c.available_ro_paths)?,
+                network_access: false,
+                provide_bin_sh: false,
+            },
+        };
+        let environment_vars = validate_env(req.environment_vars.iter().map(|e| (e.key.as_str(), &e.value[..])))?;
+        let request = Self {
+            inputs,
+            command_args: req.command_args.clone(),
+            working_dir: rel("working_dir", "build")?,
+            scratch_paths: vec![rel("scratch_paths", "build")?, store.clone()],
+            inputs_dir: store,
+            outputs,
+            environment_vars,
+            constraints,
+            additional_files: Vec::new(),
+            refscan_needles: Vec::new(),
+            layout: Layout::Tvix,
+        };
+        request.check_relations()?;
+        Ok(request)
+    }
+
+    /// Rules that relate several fields.
+    fn check_relations(&self) -> Result<(), InvalidRequest> {
+        if self.command_args.is_empty() || self.command_args[0].is_empty() {
+            return Err(invalid("command_args", "must name a program to run (argv[0] is empty)"));
+        }
+        let mut total = 0usize;
+        for (i, a) in self.command_args.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(invalid(format!("command_args[{i}]"), "contains a NUL byte"));
+            }
+            if a.len() >= MAX_ARG_STRLEN {
+                return Err(invalid(
+                    format!("command_args[{i}]"),
+                    format!("{} bytes, over the {MAX_ARG_STRLEN}-byte limit Linux sets for one argument", a.len()),
+                ));
+            }
+            total += a.len() + 1;
+        }
+        total += self.environment_vars.iter().map(|e| e.key.len() + e.value.len() + 2).sum::<usize>();
+        if total > MAX_ARGS_ENV_TOTAL {
+            return Err(invalid(
+                "environment_vars",
+                format!("arguments and environment take {total} bytes, over the {MAX_ARGS_ENV_TOTAL}-byte limit"),
+            ));
+        }
+        let in_scratch = |p: &RelPath| self.scratch_paths.iter().any(|s| p.is_within(s));
+        let mut seen = BTreeSet::new();
+        for (i, o) in self.outputs.iter().enumerate() {
+            if !in_scratch(o) {
+                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is not inside any scratch path")));
+            }
+            if self.scratch_paths.contains(o) {
+                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is a scratch path itself")));
+            }
+            if !seen.insert(o) {
+                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is listed twice")));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut total = 0usize;
+        for (i, f) in self.additional_files.iter().enumerate() {
+            if !in_scratch(&f.path) {
+                return Err(invalid(format!("additional_files[{i}].path"), format!("{:?} is not inside any scratch path", f.path)));
+            }
+            if !seen.insert(&f.path) {
+                return Err(invalid(format!("additional_files[{i}].path"), format!("{:?} is listed twice", f.path)));
+            }
+            total += f.contents.len();
+        }
+        if total > MAX_ADDITIONAL_FILES_BYTES {
+            return Err(invalid("additional_files", format!("{total} bytes in all, over the {MAX_ADDITIONAL_FILES_BYTES}-byte limit")));
+        }
+        for (i, n) in self.refscan_needles.iter().enumerate() {
+            if n.is_empty() {
+                return Err(invalid(format!("refscan_needles[{i}]"), "is empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest path of a relative sandbox path, for messages.
+    pub fn guest_path(p: &RelPath) -> String {
+        format!("/{p}")
+    }
+}
+
+fn rel(field: &str, s: &str) -> Result<RelPath, InvalidRequest> {
+    RelPath::parse(s).map_err(|e: PathError| invalid(field, e))
+}
+
+fn sorted_rel_paths(field: &str, items: &[String]) -> Result<Vec<RelPath>, InvalidRequest> {
+    let paths = items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| rel(&format!("{field}[{i}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_strictly_sorted(field, &paths, |p| p.as_str().as_bytes())?;
+    Ok(paths)
+}
+
+fn sorted_abs_paths(field: &str, items: &[String]) -> Result<Vec<AbsPath>, InvalidRequest> {
+    let paths = items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| AbsPath::parse(s).map_err(|e| invalid(format!("{field}[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_strictly_sorted(field, &paths, |p| p.as_str().as_bytes())?;
+    Ok(paths)
+}
+
+fn check_strictly_sorted<T>(field: &str, items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<(), InvalidRequest> {
+    for (i, pair) in items.windows(2).enumerate() {
+        let (a, b) = (key(&pair[0]), key(&pair[1]));
+        if a == b {
+            return Err(invalid(
+                format!("{field}[{}]", i + 1),
+                format!("duplicate {:?}", String::from_utf8_lossy(b)),
+            ));
+        }
+        if a > b {
+            return Err(invalid(
+                format!("{field}[{}]", i + 1),
+                format!("not sorted: {:?} after {:?}", String::from_utf8_lossy(b), String::from_utf8_lossy(a)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_inputs<E: std::fmt::Display>(
+    items: impl ExactSizeIterator<Item = Result<(PathComponent, Node), E>>,
+) -> Result<Vec<(PathComponent, Node)>, InvalidRequest> {
+    if items.len() > MAX_INPUTS {
+        return Err(invalid("inputs", format!("{} inputs, over the limit of {MAX_INPUTS}", items.len())));
+    }
+    let inputs = items
+        .enumerate()
+        .map(|(i, r)| r.map_err(|e| invalid(format!("inputs[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_strictly_sorted("inputs", &inputs, |(name, _)| name.as_ref())?;
+    Ok(inputs)
+}
+
+fn validate_env<'a>(items: impl Iterator<Item = (&'a str, &'a [u8])>) -> Result<Vec<EnvVar>, InvalidRequest> {
+    let vars = items
+        .enumerate()
+        .map(|(i, (key, value))| {
+            if key.is_empty() {
+                return Err(invalid(format!("environment_vars[{i}].key"), "is empty"));
+            }
+            if key.contains('=') || key.contains('\0') {
+                return Err(invalid(format!("environment_vars[{i}].key"), format!("{key:?} contains `=` or NUL")));
+            }
+            if value.contains(&0) {
+                return Err(invalid(format!("environment_vars[{i}].value"), format!("value of {key:?} contains a NUL byte")));
+            }
+            if key.len() + value.len() + 1 >= MAX_ARG_STRLEN {
+                return Err(invalid(
+                    format!("environment_vars[{i}].value"),
+                    format!(
+                        "{key:?} is {} bytes, over the {MAX_ARG_STRLEN}-byte limit Linux sets for one environment string",
+                        value.len()
+                    ),
+                ));
+            }
+            Ok(EnvVar { key: key.to_owned(), value: value.to_vec() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_strictly_sorted("environment_vars", &vars, |v| v.key.as_bytes())?;
+    Ok(vars)
+}

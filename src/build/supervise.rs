@@ -1,0 +1,177 @@
+//! Supervising a running VM: reads the agent's frames off the guest channel
+//! into the build log, and ends the VM on timeout, cancellation, log
+//! overflow or a dead virtiofsd. Returns the agent's report, or why there is
+//! none.
+
+use std::time::Duration;
+
+use kiln_guest::contract::{Decoder, FrameKind, Report};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::error::BuildError;
+use crate::build::events::BuildLog;
+use crate::proto::kiln_v1::log_chunk::Stream;
+use crate::vmm::{GuestChannel, RunningVm, VmExit};
+
+/// How long the guest may take to power off after its report.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// How long to wait for the channel's last bytes after the VMM exited.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What can end a VM early, besides the guest itself.
+pub struct Limits {
+    /// Wall-clock limit for the whole VM run.
+    pub timeout: Duration,
+    /// Builder output allowed before the build is stopped.
+    pub max_log_bytes: u64,
+}
+
+enum Msg {
+    Frame(FrameKind, Vec<u8>),
+    Broken(String),
+}
+
+/// Runs the VM to its end and returns the agent's report.
+///
+/// `daemon_died` resolves with a description when a virtiofsd exits early.
+pub async fn supervise(
+    vm: &mut dyn RunningVm,
+    channel: GuestChannel,
+    log: &BuildLog,
+    limits: &Limits,
+    cancel: &CancellationToken,
+    daemon_died: impl std::future::Future<Output = String>,
+    serial_tail: impl Fn() -> String,
+) -> Result<Report, BuildError> {
+    let (tx, mut rx) = mpsc::channel(64);
+    let reader = tokio::spawn(read_frames(channel, tx));
+    let deadline = tokio::time::sleep(limits.timeout);
+    tokio::pin!(deadline, daemon_died);
+    let mut report: Option<Report> = None;
+    let mut exited: Option<VmExit> = None;
+    let mut channel_open = true;
+
+    let failure = loop {
+        let reported = report.is_some();
+        let poweroff = async move {
+            if reported {
+                tokio::time::sleep(POWEROFF_GRACE).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            msg = rx.recv(), if channel_open => match msg {
+                Some(Msg::Frame(kind, payload)) => match kind {
+                    FrameKind::Stdout | FrameKind::Stderr => {
+                        let stream = if kind == FrameKind::Stdout { Stream::Stdout } else { Stream::Stderr };
+                        log.log(stream, &payload);
+                        if log.log_bytes() > limits.max_log_bytes {
+                            break Some(BuildError::LogLimit { limit: limits.max_log_bytes, log_tail: log.tail() });
+                        }
+                    }
+                    FrameKind::BuilderStarted => log.phase("build"),
+                    FrameKind::AgentLog => {
+                        tracing::debug!(build = log.id(), line = %String::from_utf8_lossy(&payload), "agent");
+                    }
+                    FrameKind::Report => match serde_json::from_slice::<Report>(&payload) {
+                        Ok(r) => report = Some(r),
+                        Err(e) => break Some(BuildError::VmCrashed {
+                            reason: format!("the agent's report does not decode: {e}"),
+                            log_tail: log.tail(),
+                        }),
+                    },
+                },
+                Some(Msg::Broken(reason)) => break Some(BuildError::VmCrashed { reason, log_tail: log.tail() }),
+                None => channel_open = false,
+            },
+            status = vm.wait(), if exited.is_none() => match status {
+                Ok(exit) => {
+                    exited = Some(exit);
+                    break None;
+                }
+                Err(e) => break Some(BuildError::infra("wait for the VMM", &e)),
+            },
+            _ = &mut deadline => break Some(BuildError::Timeout { secs: limits.timeout.as_secs(), log_tail: log.tail() }),
+            _ = cancel.cancelled() => break Some(BuildError::Cancelled),
+            why = &mut daemon_died => break Some(BuildError::VmCrashed { reason: why, log_tail: log.tail() }),
+            _ = poweroff => break Some(BuildError::VmCrashed {
+                reason: format!("the guest reported but did not power off within {POWEROFF_GRACE:?}"),
+                log_tail: log.tail(),
+            }),
+        }
+    };
+
+    if let Some(err) = failure {
+        vm.kill().await;
+        reader.abort();
+        return Err(err);
+    }
+
+    // The VMM exited: take whatever the channel still holds.
+    let drain = async {
+        while let Some(msg) = rx.recv().await {
+            if let Msg::Frame(kind, payload) = msg {
+                match kind {
+                    FrameKind::Stdout => log.log(Stream::Stdout, &payload),
+                    FrameKind::Stderr => log.log(Stream::Stderr, &payload),
+                    FrameKind::Report => report = serde_json::from_slice(&payload).ok().or(report.take()),
+                    _ => {}
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_GRACE, drain).await;
+    reader.abort();
+    match report {
+        Some(r) => Ok(r),
+        None => Err(BuildError::VmCrashed {
+            reason: format!(
+                "the VMM exited ({}) before the agent reported; last guest console lines:\n{}",
+                describe_exit(exited.as_ref()),
+                serial_tail()
+            ),
+            log_tail: log.tail(),
+        }),
+    }
+}
+
+fn describe_exit(exit: Option<&VmExit>) -> String {
+    match exit {
+        Some(VmExit::Exited { code: Some(c), .. }) => format!("status {c}"),
+        Some(VmExit::Exited { signal: Some(s), .. }) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+async fn read_frames(mut channel: GuestChannel, tx: mpsc::Sender<Msg>) {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match channel.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Msg::Broken(format!("reading the guest channel: {e}"))).await;
+                return;
+            }
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) => {
+                    if tx.send(Msg::Frame(f.kind, f.payload)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Msg::Broken(format!("guest channel is corrupt: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
