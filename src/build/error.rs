@@ -22,8 +22,21 @@
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::build::request::InvalidRequest;
 use crate::proto::kiln_v1;
+
+/// A request that broke a rule: the field and the rule, for INVALID_ARGUMENT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {rule}")]
+pub struct InvalidRequest {
+    /// The offending field, e.g. `environment_vars[3].key`.
+    pub field: String,
+    /// What is wrong with it.
+    pub rule: String,
+}
+
+pub(crate) fn invalid(field: impl Into<String>, rule: impl ToString) -> InvalidRequest {
+    InvalidRequest { field: field.into(), rule: rule.to_string() }
+}
 
 /// A build failure with its context.
 #[derive(Debug, thiserror::Error)]

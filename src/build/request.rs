@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::build::error::{invalid, InvalidRequest};
 use crate::build::paths::{AbsPath, PathError, RelPath};
 use crate::castore::{Node, PathComponent};
 use crate::proto::{snix_build, tvix_build};
@@ -25,20 +26,6 @@ pub const MAX_ARGS_ENV_TOTAL: usize = 2 * 1024 * 1024;
 pub const MAX_INPUTS: usize = 65_536;
 /// Bound on the total size of `additional_files`.
 pub const MAX_ADDITIONAL_FILES_BYTES: usize = 64 * 1024 * 1024;
-
-/// A request that broke a rule: the field and the rule, for INVALID_ARGUMENT.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {rule}")]
-pub struct InvalidRequest {
-    /// The offending field, e.g. `environment_vars[3].key`.
-    pub field: String,
-    /// What is wrong with it.
-    pub rule: String,
-}
-
-fn invalid(field: impl Into<String>, rule: impl ToString) -> InvalidRequest {
-    InvalidRequest { field: field.into(), rule: rule.to_string() }
-}
 
 /// Which wire layout a request came in; decides the response shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
