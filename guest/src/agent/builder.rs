@@ -1,0 +1,290 @@
+//! Runs the builder inside the sandbox and forwards its output.
+//!
+//! The agent forks; the child chroots into the sandbox, enters the working
+//! dir, starts a new session, drops to the build user with no supplementary
+//! groups (so no capabilities remain), points stdin at `/dev/null` and execs
+//! with exactly the job's environment. A close-on-exec pipe tells the agent
+//! whether the exec happened, so a failed exec is the agent's failure and not
+//! an exit status. stdout and stderr are two pipes, each forwarded as frames
+//! in the order its bytes were written. When the builder exits, whatever it
+//! left running as the build user is killed.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use kiln_guest::contract::{FrameKind, Job, Outcome, BUILD_GID, BUILD_UID, MAX_FRAME};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{
+    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, setgid, setgroups,
+    setsid, setuid, ForkResult, Gid, Pid, Uid,
+};
+
+use super::channel;
+use super::error::{exec, supervise, AgentError, Step};
+use super::job;
+use super::sandbox::ROOT;
+
+/// How long to wait for the pipes to close after the build user's processes
+/// were killed.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// What [`run`] observed.
+pub struct Finished {
+    /// How the builder ended.
+    pub outcome: Outcome,
+    /// From a successful exec to the builder's exit.
+    pub build_ms: u64,
+}
+
+/// Stages of the child before exec, reported through the status pipe.
+const STAGES: &[&str] = &[
+    "chroot",
+    "chdir to the working dir",
+    "opening /dev/null",
+    "redirecting stdio",
+    "setsid",
+    "dropping privileges",
+    "exec",
+];
+
+/// Runs the builder to completion.
+pub fn run(job: &Job) -> Result<Finished, AgentError> {
+    let argv = job::argv(job)?;
+    let env = job::environment(job)?;
+    let workdir = format!("/{}", job.working_dir);
+    let (out_r, out_w) =
+        pipe2(OFlag::O_CLOEXEC).step(exec, || "creating the stdout pipe".into())?;
+    let (err_r, err_w) =
+        pipe2(OFlag::O_CLOEXEC).step(exec, || "creating the stderr pipe".into())?;
+    let (status_r, status_w) =
+        pipe2(OFlag::O_CLOEXEC).step(exec, || "creating the exec status pipe".into())?;
+
+    // SAFETY: the agent is single-threaded, so the child inherits no lock held
+    // by another thread; it only makes syscalls and then execs or _exits.
+    let child = match unsafe { fork() }.step(exec, || "forking the builder".into())? {
+        ForkResult::Child => child_exec(&argv, &env, &workdir, out_w, err_w, status_w),
+        ForkResult::Parent { child } => child,
+    };
+    drop((out_w, err_w, status_w));
+    if let Some(msg) = exec_failure(status_r) {
+        let _ = waitpid(child, None);
+        return Err(AgentError::Exec {
+            what: format!("starting {}", job.command_args[0]),
+            source: std::io::Error::other(msg),
+        });
+    }
+    let started = Instant::now();
+    let _ = channel::send(FrameKind::BuilderStarted, b"");
+    let status = supervise_child(child, File::from(out_r), File::from(err_r))?;
+    let build_ms = started.elapsed().as_millis() as u64;
+    let outcome = match status {
+        WaitStatus::Exited(_, code) => Outcome::Exited { code },
+        WaitStatus::Signaled(_, sig, _) => Outcome::Signaled { signal: sig as i32 },
+        other => {
+            return Err(AgentError::Supervise {
+                what: "waiting for the builder".into(),
+                source: std::io::Error::other(format!("unexpected status {other:?}")),
+            })
+        }
+    };
+    Ok(Finished { outcome, build_ms })
+}
+
+/// In the forked child: enter the sandbox, become the build user, exec. On
+/// failure, reports `[stage, errno]` on the status pipe and exits.
+fn child_exec(
+    argv: &[CString],
+    env: &[CString],
+    workdir: &str,
+    out: OwnedFd,
+    err: OwnedFd,
+    status: OwnedFd,
+) -> ! {
+    let mut stage = 0u8;
+    let result = (|| -> Result<std::convert::Infallible, Errno> {
+        chroot(ROOT)?;
+        stage = 1;
+        chdir(workdir)?;
+        stage = 2;
+        let null = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty())?;
+        stage = 3;
+        dup2_stdin(&null)?;
+        dup2_stdout(&out)?;
+        dup2_stderr(&err)?;
+        stage = 4;
+        setsid()?;
+        stage = 5;
+        setgroups(&[])?;
+        setgid(Gid::from_raw(BUILD_GID))?;
+        setuid(Uid::from_raw(BUILD_UID))?;
+        // Rust ignores SIGPIPE in its runtime and ignored signals survive
+        // exec: give the builder the default, as any shell would expect.
+        // SAFETY: installing SIG_DFL runs no handler code.
+        unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }?;
+        stage = 6;
+        execve(&argv[0], argv, env)
+    })();
+    let errno = match result {
+        Err(e) => e as i32,
+        Ok(never) => match never {},
+    };
+    let mut msg = vec![stage];
+    msg.extend_from_slice(&errno.to_le_bytes());
+    let _ = nix::unistd::write(&status, &msg);
+    // SAFETY: _exit ends the forked child without running the parent's
+    // atexit handlers or flushing its duplicated stdio buffers.
+    unsafe { libc::_exit(127) }
+}
+
+/// Reads the status pipe: EOF means the exec happened.
+fn exec_failure(status: OwnedFd) -> Option<String> {
+    let mut buf = Vec::new();
+    let _ = File::from(status).read_to_end(&mut buf);
+    if buf.len() < 5 {
+        return None;
+    }
+    let stage = STAGES.get(buf[0] as usize).copied().unwrap_or("?");
+    let errno = Errno::from_raw(i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]));
+    Some(format!("{stage}: {}", errno.desc()))
+}
+
+/// Forwards both pipes until the builder exits, then kills the build user's
+/// leftovers and drains what is still buffered.
+fn supervise_child(child: Pid, mut out: File, mut err: File) -> Result<WaitStatus, AgentError> {
+    let pidfd = pidfd_open(child).step(supervise, || "pidfd_open on the builder".into())?;
+    let mut open = [true, true];
+    let mut status = None;
+    let mut deadline: Option<Instant> = None;
+    let mut buf = vec![0u8; MAX_FRAME];
+    while open[0] || open[1] || status.is_none() {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    channel::log(
+                        "the builder's output pipes stayed open after its processes were killed",
+                    );
+                    break;
+                }
+                PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                    .unwrap_or(PollTimeout::ZERO)
+            }
+        };
+        let mut fds = [
+            PollFd::new(
+                out.as_fd(),
+                if open[0] {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
+            PollFd::new(
+                err.as_fd(),
+                if open[1] {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
+            PollFd::new(
+                pidfd.as_fd(),
+                if status.is_none() {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(supervise("polling the builder's pipes".into(), e.into())),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        for (i, (pipe, kind)) in [(&mut out, FrameKind::Stdout), (&mut err, FrameKind::Stderr)]
+            .into_iter()
+            .enumerate()
+        {
+            if open[i] && ready[i] {
+                match pipe.read(&mut buf) {
+                    Ok(0) => open[i] = false,
+                    Ok(n) => channel::send(kind, &buf[..n])
+                        .step(supervise, || "writing to the host channel".into())?,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(supervise("reading the builder's output".into(), e)),
+                }
+            }
+        }
+        if status.is_none() && ready[2] {
+            status =
+                Some(waitpid(child, None).step(supervise, || "waiting for the builder".into())?);
+            kill_build_user()?;
+            deadline = Some(Instant::now() + DRAIN_LIMIT);
+        }
+    }
+    reap_all();
+    status.ok_or_else(|| {
+        supervise(
+            "waiting for the builder".into(),
+            std::io::Error::other("no exit status"),
+        )
+    })
+}
+
+/// Kills every process of the build user, from a helper that becomes the
+/// build user itself: `kill(-1)` then reaches exactly that user's processes.
+fn kill_build_user() -> Result<(), AgentError> {
+    // SAFETY: single-threaded agent; the child only makes syscalls and _exits.
+    match unsafe { fork() }.step(supervise, || "forking the cleanup helper".into())? {
+        ForkResult::Child => {
+            let ok = setgid(Gid::from_raw(BUILD_GID)).is_ok()
+                && setuid(Uid::from_raw(BUILD_UID)).is_ok();
+            if ok {
+                let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            }
+            // SAFETY: see child_exec.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            let status =
+                waitpid(child, None).step(supervise, || "waiting for the cleanup helper".into())?;
+            if status != WaitStatus::Exited(child, 0) {
+                return Err(supervise(
+                    "killing the build user's processes".into(),
+                    std::io::Error::other(format!("helper ended with {status:?}")),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reaps every exited child (PID 1 inherits the builder's orphans).
+pub fn reap_all() {
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,157 @@
+//! Reads the job from the initramfs and checks what the agent relies on:
+//! the host validated the request, but a broken job must become a clear
+//! `AgentFailed { step: "job" }`, never a panic or a path outside the sandbox.
+
+use std::ffi::CString;
+
+use kiln_guest::contract::{Job, JOB_PATH};
+
+use super::error::AgentError;
+
+/// Reads and validates [`JOB_PATH`].
+pub fn load() -> Result<Job, AgentError> {
+    let bytes =
+        std::fs::read(JOB_PATH).map_err(|e| AgentError::Job(format!("reading {JOB_PATH}: {e}")))?;
+    let job: Job = serde_json::from_slice(&bytes)
+        .map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))?;
+    validate(&job).map_err(AgentError::Job)?;
+    Ok(job)
+}
+
+/// Checks the parts of a job the agent acts on.
+pub fn validate(job: &Job) -> Result<(), String> {
+    if job.command_args.is_empty() {
+        return Err("command_args is empty".into());
+    }
+    if !job.command_args[0].starts_with('/') {
+        return Err(format!(
+            "builder {:?} is not an absolute path",
+            job.command_args[0]
+        ));
+    }
+    check_relative("working_dir", &job.working_dir)?;
+    check_relative("inputs_dir", &job.inputs_dir)?;
+    for p in &job.scratch_paths {
+        check_relative("scratch path", p)?;
+    }
+    for (p, _) in &job.additional_files {
+        check_relative("additional file", p)?;
+    }
+    for (tag, p) in &job.ro_paths {
+        if tag.is_empty() || !p.starts_with('/') {
+            return Err(format!(
+                "read-only path {p:?} (tag {tag:?}) must be absolute with a tag"
+            ));
+        }
+        check_relative("read-only path", &p[1..])?;
+    }
+    for m in &job.modules {
+        if m.is_empty() || m.contains('/') || m.starts_with('.') {
+            return Err(format!("module name {m:?} is not a plain name"));
+        }
+    }
+    for a in &job.command_args {
+        if a.contains('\0') {
+            return Err(format!("argument {a:?} contains NUL"));
+        }
+    }
+    Ok(())
+}
+
+/// A clean relative path: non-empty, no leading `/`, no `.`/`..`/empty parts, no NUL.
+fn check_relative(what: &str, p: &str) -> Result<(), String> {
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.contains('\0')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        Err(format!("{what} {p:?} is not a clean relative path"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The builder's environment as `KEY=VALUE` C strings.
+pub fn environment(job: &Job) -> Result<Vec<CString>, AgentError> {
+    job.env
+        .iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains(&b'=') {
+                return Err(AgentError::Job(format!(
+                    "environment key {:?} is empty or contains '='",
+                    String::from_utf8_lossy(k)
+                )));
+            }
+            CString::new([k.as_slice(), b"=", v.as_slice()].concat()).map_err(|_| {
+                AgentError::Job(format!(
+                    "environment variable {:?} contains NUL",
+                    String::from_utf8_lossy(k)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The builder's argv as C strings (NUL was rejected by [`validate`]).
+pub fn argv(job: &Job) -> Result<Vec<CString>, AgentError> {
+    job.command_args
+        .iter()
+        .map(|a| {
+            CString::new(a.as_bytes())
+                .map_err(|_| AgentError::Job(format!("argument {a:?} contains NUL")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job {
+            command_args: vec!["/nix/store/x/bin/sh".into()],
+            working_dir: "build".into(),
+            inputs_dir: "nix/store".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_nix_like_job() {
+        assert_eq!(validate(&job()), Ok(()));
+    }
+
+    #[test]
+    fn rejects_paths_that_leave_the_sandbox() {
+        for bad in ["../etc", "/build", "build/../..", "", "a//b", "a/./b"] {
+            let mut j = job();
+            j.working_dir = bad.into();
+            assert!(validate(&j).is_err(), "{bad:?} accepted");
+        }
+        let mut j = job();
+        j.additional_files = vec![("../x".into(), vec![])];
+        assert!(validate(&j).is_err());
+    }
+
+    #[test]
+    fn rejects_relative_builders_and_empty_commands() {
+        let mut j = job();
+        j.command_args = vec!["sh".into()];
+        assert!(validate(&j).unwrap_err().contains("absolute"));
+        j.command_args.clear();
+        assert!(validate(&j).is_err());
+    }
+
+    #[test]
+    fn environment_keeps_non_utf8_bytes_and_rejects_nul() {
+        let mut j = job();
+        j.env = vec![(b"A".to_vec(), vec![0xff, b'=', 0x80])];
+        let env = environment(&j).expect("valid env");
+        assert_eq!(env[0].as_bytes(), &[b'A', b'=', 0xff, b'=', 0x80]);
+        j.env = vec![(b"A".to_vec(), vec![b'x', 0, b'y'])];
+        assert!(environment(&j).is_err());
+        j.env = vec![(b"A=B".to_vec(), vec![])];
+        assert!(environment(&j).is_err());
+    }
+}
