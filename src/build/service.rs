@@ -1,0 +1,257 @@
+//! The gRPC faces of the executor: `tvix.build.v1` and `snix.build.v1`
+//! `DoBuild`, and kiln's `kiln.v1.BuildEvents` (submit and follow live, or
+//! watch a build by id).
+//!
+//! Every call runs its build as a separate task (see [`Executor::start`]);
+//! the call holds a guard that cancels the build when the client goes away,
+//! so the VM and virtiofsd are killed at once and the build directory is
+//! removed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+use crate::build::error::BuildError;
+use crate::build::events::BuildLog;
+use crate::build::executor::{BuildOutcome, Executor};
+use crate::build::request::BuildRequest;
+use crate::proto::kiln_v1::build_event::Event;
+use crate::proto::kiln_v1::build_events_server::BuildEvents;
+use crate::proto::kiln_v1::{self, submit_request, BuildEvent, SubmitRequest, WatchRequest};
+use crate::proto::{snix_build, tvix_build};
+
+/// Response metadata key carrying the build id (for `Watch`).
+pub const BUILD_ID_HEADER: &str = "x-kiln-build-id";
+
+/// Serves `tvix.build.v1`, `snix.build.v1` and `kiln.v1.BuildEvents`.
+#[derive(Clone)]
+pub struct BuildService {
+    executor: Arc<Executor>,
+}
+
+impl BuildService {
+    /// Wraps an executor.
+    pub fn new(executor: Arc<Executor>) -> Self {
+        Self { executor }
+    }
+
+    /// Runs a validated request to its end, cancelling it if this future is
+    /// dropped (the client went away).
+    async fn run(&self, req: BuildRequest, deadline: Option<Duration>) -> (String, Result<BuildOutcome, BuildError>) {
+        let (log, cancel, handle) = self.executor.start(req, deadline);
+        let _cancel_on_drop = cancel.drop_guard();
+        let result = match handle.await {
+            Ok(r) => r,
+            Err(e) => Err(BuildError::Infrastructure { step: "build task", message: e.to_string() }),
+        };
+        (log.id().to_owned(), result)
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header, if any.
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn with_id<T>(id: &str, result: Result<T, Status>) -> Result<Response<T>, Status> {
+    let value = MetadataValue::try_from(id).ok();
+    match result {
+        Ok(body) => {
+            let mut resp = Response::new(body);
+            if let Some(v) = value {
+                resp.metadata_mut().insert(BUILD_ID_HEADER, v);
+            }
+            Ok(resp)
+        }
+        Err(mut status) => {
+            if let Some(v) = value {
+                status.metadata_mut().insert(BUILD_ID_HEADER, v);
+            }
+            Err(status)
+        }
+    }
+}
+
+/// The `tvix.build.v1` answer: the request echoed, outputs named by
+/// basename and sorted by name.
+pub fn tvix_response(wire: tvix_build::BuildRequest, outcome: &BuildOutcome) -> tvix_build::Build {
+    let mut outputs: Vec<_> = outcome
+        .outputs
+        .iter()
+        .map(|(path, node, _)| {
+            let name = path.as_str().rsplit('/').next().unwrap_or(path.as_str());
+            node.to_tvix_node(name.as_bytes())
+        })
+        .collect();
+    outputs.sort_by(|a, b| tvix_node_name(a).cmp(tvix_node_name(b)));
+    tvix_build::Build { build_request: Some(wire), outputs }
+}
+
+fn tvix_node_name(n: &crate::proto::tvix_castore::Node) -> &[u8] {
+    use crate::proto::tvix_castore::node::Node as N;
+    match &n.node {
+        Some(N::Directory(d)) => &d.name,
+        Some(N::File(f)) => &f.name,
+        Some(N::Symlink(s)) => &s.name,
+        None => &[],
+    }
+}
+
+/// The `snix.build.v1` answer: anonymous outputs in request order, with
+/// their needles.
+pub fn snix_response(outcome: &BuildOutcome) -> snix_build::BuildResponse {
+    snix_build::BuildResponse {
+        outputs: outcome
+            .outputs
+            .iter()
+            .map(|(_, node, needles)| snix_build::build_response::Output {
+                output: Some(node.to_snix_entry(b"")),
+                needles: needles.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn completed(tvix: Option<tvix_build::Build>, snix: Option<snix_build::BuildResponse>, outcome: &BuildOutcome) -> Event {
+    Event::Completed(kiln_v1::Completed {
+        tvix,
+        snix,
+        duration_ms: outcome.report.boot_ms + outcome.report.setup_ms + outcome.report.build_ms,
+    })
+}
+
+#[tonic::async_trait]
+impl tvix_build::build_service_server::BuildService for BuildService {
+    async fn do_build(
+        &self,
+        request: Request<tvix_build::BuildRequest>,
+    ) -> Result<Response<tvix_build::Build>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let wire = request.into_inner();
+        let req = BuildRequest::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
+        let (id, result) = self.run(req, deadline).await;
+        with_id(&id, result.map(|o| tvix_response(wire, &o)).map_err(|e| e.to_status()))
+    }
+}
+
+#[tonic::async_trait]
+impl snix_build::build_service_server::BuildService for BuildService {
+    async fn do_build(
+        &self,
+        request: Request<snix_build::BuildRequest>,
+    ) -> Result<Response<snix_build::BuildResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let req = BuildRequest::from_snix(request.get_ref()).map_err(|e| BuildError::from(e).to_status())?;
+        let (id, result) = self.run(req, deadline).await;
+        with_id(&id, result.map(|o| snix_response(&o)).map_err(|e| e.to_status()))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<BuildEvent, Status>> + Send>>;
+
+/// Streams a build's history, then its live events, until it ends.
+fn follow(log: Arc<BuildLog>, guard: Option<tokio_util::sync::DropGuard>) -> EventStream {
+    Box::pin(async_stream::stream! {
+        let _guard = guard;
+        let (history, rx) = log.subscribe();
+        let mut done = false;
+        for ev in history {
+            done = matches!(ev.event, Some(Event::Completed(_)) | Some(Event::Failed(_)));
+            yield Ok(ev);
+            if done { break; }
+        }
+        if let (false, Some(mut rx)) = (done, rx) {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let end = matches!(ev.event, Some(Event::Completed(_)) | Some(Event::Failed(_)));
+                        yield Ok(ev);
+                        if end { break; }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        yield Ok(BuildEvent {
+                            build_id: log.id().to_owned(),
+                            event: Some(Event::Phase(kiln_v1::Phase { name: format!("lagged: {n} events skipped") })),
+                        });
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl BuildEvents for BuildService {
+    type SubmitStream = EventStream;
+    type WatchStream = EventStream;
+
+    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Self::SubmitStream>, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let (req, tvix_wire) = match request.into_inner().request {
+            Some(submit_request::Request::Tvix(w)) => {
+                (BuildRequest::from_tvix(&w).map_err(|e| BuildError::from(e).to_status())?, Some(w))
+            }
+            Some(submit_request::Request::Snix(w)) => {
+                (BuildRequest::from_snix(&w).map_err(|e| BuildError::from(e).to_status())?, None)
+            }
+            None => return Err(Status::invalid_argument("request: neither a tvix nor a snix build request")),
+        };
+        let (log, cancel, handle) = self.executor.start(req, deadline);
+        let task_log = log.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(outcome)) = handle.await {
+                let ev = match tvix_wire {
+                    Some(w) => completed(Some(tvix_response(w, &outcome)), None, &outcome),
+                    None => completed(None, Some(snix_response(&outcome)), &outcome),
+                };
+                task_log.emit(ev);
+            }
+        });
+        let id = log.id().to_owned();
+        with_id(&id, Ok(follow(log, Some(cancel.drop_guard()))))
+    }
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().build_id;
+        let log = self
+            .executor
+            .registry()
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("build_id: no build {id:?} is known to this server")))?;
+        Ok(Response::new(follow(log, None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut m = MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", MetadataValue::from_static("1500m"));
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(1500)));
+        m.insert("grpc-timeout", MetadataValue::from_static("2S"));
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", MetadataValue::from_static("x"));
+        assert_eq!(grpc_timeout(&m), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! `kiln build --addr URL request.json`: submits a build written as JSON
+//! (the protobuf JSON mapping), shows its log live with a progress line on
+//! stderr, and prints the outputs on stdout.
+//!
+//! The file holds either a `kiln.v1.SubmitRequest` (`{"snix": {...}}` or
+//! `{"tvix": {...}}`), or a bare build request whose layout `--layout` names.
+
+use std::io::Write;
+use std::path::Path;
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use tonic::Code;
+
+use crate::cli::{connect, ClientError};
+use crate::proto::kiln_v1::build_event::Event;
+use crate::proto::kiln_v1::build_events_client::BuildEventsClient;
+use crate::proto::kiln_v1::{log_chunk::Stream, submit_request, SubmitRequest};
+use crate::proto::{self, snix_build, tvix_build};
+
+/// Which layout a bare JSON request is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JsonLayout {
+    /// `snix.build.v1.BuildRequest`.
+    Snix,
+    /// `tvix.build.v1.BuildRequest` (the seed's layout).
+    Tvix,
+}
+
+/// Errors of `kiln build`.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildCliError {
+    /// The request file could not be read.
+    #[error("reading {0}")]
+    Read(String, #[source] std::io::Error),
+    /// The JSON is not a valid request.
+    #[error("{path} is not a valid {message} in the protobuf JSON mapping: {detail}")]
+    Json {
+        /// The file.
+        path: String,
+        /// The message type tried.
+        message: String,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// Connecting or calling failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server refused or failed the build.
+    #[error("build failed ({code:?}): {message}")]
+    Failed {
+        /// gRPC code.
+        code: Code,
+        /// Message.
+        message: String,
+    },
+}
+
+fn decode_json<M: Message + Default>(path: &str, json: &str, full_name: &str) -> Result<M, BuildCliError> {
+    let err = |detail: String| BuildCliError::Json { path: path.into(), message: full_name.into(), detail };
+    let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).map_err(|e| err(e.to_string()))?;
+    let desc = pool.get_message_by_name(full_name).ok_or_else(|| err("unknown message type".into()))?;
+    let mut de = serde_json::Deserializer::from_str(json);
+    let dynamic = DynamicMessage::deserialize(desc, &mut de).map_err(|e| err(e.to_string()))?;
+    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| err(e.to_string()))
+}
+
+/// Parses a request file into a `SubmitRequest`.
+pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, BuildCliError> {
+    let p = path.display().to_string();
+    let json = std::fs::read_to_string(path).map_err(|e| BuildCliError::Read(p.clone(), e))?;
+    let value: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|e| BuildCliError::Json { path: p.clone(), message: "JSON".into(), detail: e.to_string() })?;
+    let is_submit = value.as_object().is_some_and(|o| o.len() == 1 && (o.contains_key("snix") || o.contains_key("tvix")));
+    if is_submit {
+        return decode_json(&p, &json, "kiln.v1.SubmitRequest");
+    }
+    let request = match layout {
+        JsonLayout::Snix => {
+            submit_request::Request::Snix(decode_json::<snix_build::BuildRequest>(&p, &json, "snix.build.v1.BuildRequest")?)
+        }
+        JsonLayout::Tvix => {
+            submit_request::Request::Tvix(decode_json::<tvix_build::BuildRequest>(&p, &json, "tvix.build.v1.BuildRequest")?)
+        }
+    };
+    Ok(SubmitRequest { request: Some(request) })
+}
+
+/// Submits, streams the log, prints outputs. Returns the process exit code.
+pub async fn run(addr: &str, path: &Path, layout: JsonLayout, json_out: bool) -> Result<(), BuildCliError> {
+    let request = parse_request(path, layout)?;
+    let channel = connect(addr).await?;
+    let mut client = BuildEventsClient::new(channel).max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .submit(request)
+        .await
+        .map_err(|s| BuildCliError::Failed { code: s.code(), message: s.message().into() })?
+        .into_inner();
+    let mut stderr = std::io::stderr();
+    let mut stdout = std::io::stdout();
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                return Err(BuildCliError::Failed { code: Code::Unavailable, message: "event stream ended early".into() })
+            }
+            Err(s) => return Err(BuildCliError::Failed { code: s.code(), message: s.message().into() }),
+        };
+        match ev.event {
+            Some(Event::Started(s)) => {
+                let _ = writeln!(
+                    stderr,
+                    "kiln: build {} on {} ({}), {} MiB, {} vCPU",
+                    ev.build_id,
+                    s.vmm,
+                    s.accel,
+                    s.guest_memory_bytes >> 20,
+                    s.vcpus
+                );
+            }
+            Some(Event::Phase(p)) => {
+                let _ = writeln!(stderr, "kiln: [{}] {}", ev.build_id.get(..8).unwrap_or(&ev.build_id), p.name);
+            }
+            Some(Event::Log(chunk)) => {
+                let _ = if chunk.stream == Stream::Stdout as i32 {
+                    stdout.write_all(&chunk.data).and_then(|_| stdout.flush())
+                } else {
+                    stderr.write_all(&chunk.data)
+                };
+            }
+            Some(Event::Output(o)) => {
+                let _ = writeln!(stderr, "kiln: output /{}", o.path);
+            }
+            Some(Event::Completed(c)) => {
+                print_outputs(&c, json_out);
+                let _ = writeln!(stderr, "kiln: build {} succeeded", ev.build_id);
+                return Ok(());
+            }
+            Some(Event::Failed(f)) => {
+                return Err(BuildCliError::Failed { code: Code::from_i32(f.code), message: f.message });
+            }
+            None => {}
+        }
+    }
+}
+
+fn print_outputs(c: &crate::proto::kiln_v1::Completed, json_out: bool) {
+    if json_out {
+        let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET);
+        if let Ok(pool) = pool {
+            if let Some(desc) = pool.get_message_by_name("kiln.v1.Completed") {
+                if let Ok(dynamic) = DynamicMessage::decode(desc, c.encode_to_vec().as_slice()) {
+                    if let Ok(s) = serde_json::to_string_pretty(&dynamic) {
+                        println!("{s}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(snix) = &c.snix {
+        for (i, o) in snix.outputs.iter().enumerate() {
+            println!("output[{i}] {} needles={:?}", describe_entry(o.output.as_ref()), o.needles);
+        }
+    }
+    if let Some(tvix) = &c.tvix {
+        for o in &tvix.outputs {
+            let entry = crate::proto::snix_castore::Entry::decode(o.encode_to_vec().as_slice()).ok();
+            println!("{}", describe_entry(entry.as_ref()));
+        }
+    }
+}
+
+fn describe_entry(e: Option<&crate::proto::snix_castore::Entry>) -> String {
+    use crate::proto::snix_castore::entry::Entry as E;
+    match e.and_then(|e| e.entry.as_ref()) {
+        Some(E::Directory(d)) => format!("{} directory {} size={}", name(&d.name), hex(&d.digest), d.size),
+        Some(E::File(f)) => format!(
+            "{} file {} size={}{}",
+            name(&f.name),
+            hex(&f.digest),
+            f.size,
+            if f.executable { " executable" } else { "" }
+        ),
+        Some(E::Symlink(s)) => format!("{} symlink -> {}", name(&s.name), String::from_utf8_lossy(&s.target)),
+        None => "(empty)".into(),
+    }
+}
+
+fn name(n: &[u8]) -> String {
+    if n.is_empty() {
+        "(anonymous)".into()
+    } else {
+        String::from_utf8_lossy(n).into_owned()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_layouts_and_the_submit_wrapper() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let p = tmp.path().join("r.json");
+        std::fs::write(&p, r#"{"commandArgs":["/bin/sh"],"outputs":["nix/store/x"],"environmentVars":[{"key":"A","value":"/w=="}]}"#).expect("write");
+        let r = parse_request(&p, JsonLayout::Snix).expect("snix");
+        let Some(submit_request::Request::Snix(s)) = r.request else { panic!("snix expected") };
+        assert_eq!(s.environment_vars[0].value.as_ref(), &[0xff]);
+        std::fs::write(&p, r#"{"tvix":{"commandArgs":["/bin/sh"],"outputs":["x"]}}"#).expect("write");
+        let r = parse_request(&p, JsonLayout::Snix).expect("wrapper");
+        assert!(matches!(r.request, Some(submit_request::Request::Tvix(_))));
+        std::fs::write(&p, r#"{"commandArgs":7}"#).expect("write");
+        let err = parse_request(&p, JsonLayout::Snix).expect_err("bad");
+        assert!(err.to_string().contains("snix.build.v1.BuildRequest"), "{err}");
+    }
+}

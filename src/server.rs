@@ -1,0 +1,156 @@
+//! One tonic server carrying every service on one listener (TCP or unix
+//! socket): castore (tvix and snix names), build (tvix and snix layouts),
+//! kiln's build events, gRPC health and reflection.
+//!
+//! Entry point: [`serve`], which runs until `shutdown` resolves.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::build::service::BuildService;
+use crate::build::Executor;
+use crate::castore::Store;
+use crate::proto::{self, kiln_v1, snix_build, tvix_build};
+
+/// Largest request a client may send (a build with many inputs is large).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where to listen: `HOST:PORT`, or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path (anything containing `/`, or `unix:` prefixed).
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        if s.contains('/') {
+            return Ok(Self::Unix(PathBuf::from(s)));
+        }
+        s.parse()
+            .map(Self::Tcp)
+            .map_err(|e| format!("{s:?} is neither HOST:PORT nor a unix socket path: {e}"))
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding the listener failed.
+    #[error("binding {0}")]
+    Bind(String, #[source] std::io::Error),
+    /// Building the reflection service failed.
+    #[error("building gRPC reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// A bound listener, ready to serve.
+#[derive(Debug)]
+pub enum Bound {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listen {
+    /// Binds the listener (a stale unix socket file is replaced).
+    pub async fn bind(&self) -> Result<Bound, ServeError> {
+        match self {
+            Listen::Tcp(addr) => TcpListener::bind(addr)
+                .await
+                .map(Bound::Tcp)
+                .map_err(|e| ServeError::Bind(addr.to_string(), e)),
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                UnixListener::bind(path)
+                    .map(|l| Bound::Unix(l, path.clone()))
+                    .map_err(|e| ServeError::Bind(path.display().to_string(), e))
+            }
+        }
+    }
+}
+
+/// Serves every kiln service on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: Bound,
+    store: Store,
+    executor: Arc<Executor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServeError::Reflection)?;
+    let builds = BuildService::new(executor);
+    let castore = crate::castore::grpc_services(store);
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(castore.tvix_blobs)
+        .add_service(castore.tvix_directories)
+        .add_service(castore.snix_blobs)
+        .add_service(castore.snix_directories)
+        .add_service(
+            tvix_build::build_service_server::BuildServiceServer::new(builds.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            snix_build::build_service_server::BuildServiceServer::new(builds.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            kiln_v1::build_events_server::BuildEventsServer::new(builds).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        );
+
+    match listener {
+        Bound::Tcp(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving");
+            }
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+                .map_err(ServeError::Transport)
+        }
+        Bound::Unix(listener, path) => {
+            tracing::info!(socket = %path.display(), "serving");
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await
+                .map_err(ServeError::Transport)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!("127.0.0.1:8000".parse::<Listen>(), Ok(Listen::Tcp("127.0.0.1:8000".parse().expect("addr"))));
+        assert_eq!("/run/kiln.sock".parse::<Listen>(), Ok(Listen::Unix("/run/kiln.sock".into())));
+        assert_eq!("unix:kiln.sock".parse::<Listen>(), Ok(Listen::Unix("kiln.sock".into())));
+        assert!("localhost".parse::<Listen>().is_err());
+    }
+}

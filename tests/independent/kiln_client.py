@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""An independent kiln client: grpcio with protobuf bytes assembled by hand.
+
+It shares no generated code with kiln: every message is encoded and decoded
+here from the field numbers of shared/PROTOCOL.md, so a passing run proves
+kiln's wire layout, not just agreement of kiln with itself.
+
+Usage: kiln_client.py ADDR castore            castore checks, both package names
+       kiln_client.py ADDR build BUSYBOX      a tvix (seed layout) and a snix build
+
+Exits non-zero with a message on the first failed check.
+"""
+
+import sys
+
+import blake3
+import grpc
+
+
+# --- protobuf wire format, by hand -------------------------------------------------
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def field_bytes(num, data):
+    if isinstance(data, str):
+        data = data.encode()
+    return varint(num << 3 | 2) + varint(len(data)) + data
+
+
+def field_varint(num, value):
+    if not value:
+        return b""  # proto3: defaults are omitted
+    return varint(num << 3) + varint(int(value))
+
+
+def parse(data):
+    """Decodes one message level into {field number: [raw values]}."""
+    fields, i = {}, 0
+    while i < len(data):
+        key, i = read_varint(data, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = read_varint(data, i)
+        elif wire == 2:
+            length, i = read_varint(data, i)
+            value, i = data[i:i + length], i + length
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        fields.setdefault(num, []).append(value)
+    return fields
+
+
+def read_varint(data, i):
+    shift = result = 0
+    while True:
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return result, i
+
+
+def one(fields, num, default=b""):
+    return fields.get(num, [default])[0]
+
+
+# --- castore messages ---------------------------------------------------------------
+
+def file_node(name, digest, size, executable=False):
+    return field_bytes(1, name) + field_bytes(2, digest) + field_varint(3, size) + field_varint(4, executable)
+
+
+def dir_node(name, digest, size):
+    return field_bytes(1, name) + field_bytes(2, digest) + field_varint(3, size)
+
+
+def symlink_node(name, target):
+    return field_bytes(1, name) + field_bytes(2, target)
+
+
+def directory(dirs=(), files=(), symlinks=()):
+    return (b"".join(field_bytes(1, d) for d in dirs)
+            + b"".join(field_bytes(2, f) for f in files)
+            + b"".join(field_bytes(3, s) for s in symlinks))
+
+
+def node(kind, body):
+    return field_bytes({"directory": 1, "file": 2, "symlink": 3}[kind], body)
+
+
+IDENTITY = dict(request_serializer=None, response_deserializer=None)
+
+
+class Kiln:
+    def __init__(self, addr):
+        self.channel = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 64 << 20)])
+
+    def unary(self, method, body, timeout=600):
+        return self.channel.unary_unary(method, **IDENTITY)(body, timeout=timeout)
+
+    def put_blob(self, pkg, data):
+        chunks = [field_bytes(1, data[i:i + 65536]) for i in range(0, len(data), 65536)] or [b""]
+        resp = self.channel.stream_unary(f"/{pkg}.BlobService/Put", **IDENTITY)(iter(chunks), timeout=60)
+        return one(parse(resp), 1)
+
+    def read_blob(self, pkg, digest):
+        stream = self.channel.unary_stream(f"/{pkg}.BlobService/Read", **IDENTITY)(field_bytes(1, digest), timeout=60)
+        return b"".join(one(parse(c), 1) for c in stream)
+
+    def stat_blob(self, pkg, digest):
+        return self.unary(f"/{pkg}.BlobService/Stat", field_bytes(1, digest), timeout=60)
+
+    def put_dirs(self, pkg, dirs):
+        resp = self.channel.stream_unary(f"/{pkg}.DirectoryService/Put", **IDENTITY)(iter(dirs), timeout=60)
+        return one(parse(resp), 1)
+
+    def get_dirs(self, pkg, digest, recursive):
+        req = field_bytes(1, digest) + field_varint(2, recursive)
+        return list(self.channel.unary_stream(f"/{pkg}.DirectoryService/Get", **IDENTITY)(req, timeout=60))
+
+
+def check(cond, what):
+    if not cond:
+        sys.exit(f"FAILED: {what}")
+    print(f"ok: {what}")
+
+
+def expect_code(fn, code, what):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        check(e.code() == code, f"{what}: {e.code()} ({e.details()})")
+        return
+    sys.exit(f"FAILED: {what}: no error")
+
+
+def castore_checks(kiln):
+    for pkg in ("tvix.castore.v1", "snix.castore.v1"):
+        data = b"hello from an independent client\n" * 5000
+        digest = kiln.put_blob(pkg, data)
+        check(digest == blake3.blake3(data).digest(), f"{pkg} Put returns BLAKE3 of the blob")
+        check(kiln.read_blob(pkg, digest) == data, f"{pkg} Read returns the bytes")
+        kiln.stat_blob(pkg, digest)
+        leaf = directory(files=[file_node(b"greeting", digest, len(data), True)])
+        leaf_digest = kiln.put_dirs(pkg, [leaf])
+        check(leaf_digest == blake3.blake3(leaf).digest(), f"{pkg} directory digest is BLAKE3 of its encoding")
+        root = directory(dirs=[dir_node(b"sub", leaf_digest, 1)], symlinks=[symlink_node(b"link", b"sub/greeting")])
+        root_digest = kiln.put_dirs(pkg, [leaf, root])
+        check(root_digest == blake3.blake3(root).digest(), f"{pkg} Put leaves-first answers the root digest")
+        got = kiln.get_dirs(pkg, root_digest, True)
+        check(got == [root, leaf], f"{pkg} recursive Get is root first, byte-identical")
+        empty = kiln.put_dirs(pkg, [b""])
+        check(empty.hex() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+              f"{pkg} empty directory digest")
+        expect_code(lambda: kiln.stat_blob(pkg, b"\x01" * 31), grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{pkg} Stat with a 31-byte digest")
+        expect_code(lambda: kiln.read_blob(pkg, b"\x02" * 32), grpc.StatusCode.NOT_FOUND,
+                    f"{pkg} Read of an unknown blob")
+        orphan = directory(dirs=[dir_node(b"x", b"\x03" * 32, 1)])
+        expect_code(lambda: kiln.put_dirs(pkg, [orphan]), grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{pkg} Put of a directory with an unknown child")
+        unsorted = directory(files=[file_node(b"b", digest, len(data)), file_node(b"a", digest, len(data))])
+        expect_code(lambda: kiln.put_dirs(pkg, [unsorted]), grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{pkg} Put of an unsorted directory")
+    # The server keeps serving after the errors.
+    check(kiln.read_blob("tvix.castore.v1", digest) == data, "server still serves after bad input")
+
+
+def upload_busybox(kiln, busybox_path):
+    data = open(busybox_path, "rb").read()
+    digest = kiln.put_blob("tvix.castore.v1", data)
+    bin_dir = directory(
+        files=[file_node(b"busybox", digest, len(data), True)],
+        symlinks=[symlink_node(name, b"busybox") for name in (b"cat", b"echo", b"ln", b"mkdir", b"sh")],
+    )
+    bin_digest = kiln.put_dirs("tvix.castore.v1", [bin_dir])
+    root = directory(dirs=[dir_node(b"bin", bin_digest, 6)])
+    return kiln.put_dirs("tvix.castore.v1", [bin_dir, root]), 7
+
+
+SCRIPT = (b"set -e; mkdir -p $out/sub; echo built-by-kiln > $out/sub/file; "
+          b"ln -s sub/file $out/link; echo log line on stderr >&2")
+
+
+def build_checks(kiln, busybox_path):
+    bb_digest, bb_size = upload_busybox(kiln, busybox_path)
+    bb_name = b"0bcdfghijklmnpqrsvwxyz0123456789-busybox"
+    out_name = "1bcdfghijklmnpqrsvwxyz0123456789-out"
+    sh = "/nix/store/" + bb_name.decode() + "/bin/sh"
+
+    # tvix.build.v1, the seed's layout: command_args=1 outputs=2 env=3 inputs=4 constraints=5.
+    env = [(b"out", b"/nix/store/" + out_name.encode()), (b"PATH", b"/nix/store/" + bb_name + b"/bin")]
+    req = (field_bytes(1, sh) + field_bytes(1, "-c") + field_bytes(1, SCRIPT)
+           + field_bytes(2, out_name)
+           + b"".join(field_bytes(3, field_bytes(1, k) + field_bytes(2, v)) for k, v in sorted(env))
+           + field_bytes(4, node("directory", dir_node(bb_name, bb_digest, bb_size)))
+           + field_bytes(5, field_bytes(1, "x86_64-linux") + field_varint(2, 64 << 20)))
+    resp = parse(kiln.unary("/tvix.build.v1.BuildService/DoBuild", req))
+    check(one(resp, 1) == req, "tvix Build echoes the request")
+    outputs = [parse(o) for o in resp.get(2, [])]
+    check(len(outputs) == 1 and 1 in outputs[0], "tvix Build has one directory output")
+    out = parse(one(outputs[0], 1))
+    check(one(out, 1) == out_name.encode(), "tvix output is named by its basename")
+    dirs = kiln.get_dirs("tvix.castore.v1", one(out, 2), True)
+    root = parse(dirs[0])
+    link = parse(one(root, 3))
+    check(one(link, 1) == b"link" and one(link, 2) == b"sub/file", "symlink output kept")
+    sub = parse(dirs[1])
+    f = parse(one(sub, 2))
+    check(kiln.read_blob("tvix.castore.v1", one(f, 2)) == b"built-by-kiln\n", "file output content")
+
+    # snix.build.v1: inputs=1 command_args=2 working_dir=3 scratch_paths=4 inputs_dir=5 outputs=6
+    # environment_vars=7 constraints=8 additional_files=9 refscan_needles=10.
+    out_path = "nix/store/" + out_name
+    snix_req = (field_bytes(1, node("directory", dir_node(bb_name, bb_digest, bb_size)))
+                + field_bytes(2, sh) + field_bytes(2, "-c")
+                + field_bytes(2, b"cat /build/extra > $out; echo " + bb_name + b" >> $out")
+                + field_bytes(3, "build") + field_bytes(4, "build") + field_bytes(4, "nix/store")
+                + field_bytes(5, "nix/store") + field_bytes(6, out_path)
+                + b"".join(field_bytes(7, field_bytes(1, k) + field_bytes(2, v)) for k, v in sorted(env))
+                + field_bytes(8, field_bytes(1, "x86_64-linux"))
+                + field_bytes(9, field_bytes(1, "build/extra") + field_bytes(2, b"from additional_files\n"))
+                + field_bytes(10, bb_name[:32]) + field_bytes(10, "absentabsentabsentabsentabsent00"))
+    resp = parse(kiln.unary("/snix.build.v1.BuildService/DoBuild", snix_req))
+    outs = [parse(o) for o in resp.get(1, [])]
+    check(len(outs) == 1, "snix BuildResponse has one output")
+    entry = parse(one(outs[0], 1))
+    fnode = parse(one(entry, 2))
+    check(one(fnode, 1) == b"", "snix output entry is anonymous")
+    content = kiln.read_blob("snix.castore.v1", one(fnode, 2))
+    check(content == b"from additional_files\n" + bb_name + b"\n", "snix file output content")
+    needles = outs[0].get(2, [])
+    # Packed repeated uint64 arrives as one length-delimited value.
+    if needles and isinstance(needles[0], (bytes, bytearray)):
+        packed, i, vals = needles[0], 0, []
+        while i < len(packed):
+            v, i = read_varint(packed, i)
+            vals.append(v)
+        needles = vals
+    check(needles == [0], f"snix needles report the input hash only: {needles}")
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    kiln = Kiln(sys.argv[1])
+    if sys.argv[2] == "castore":
+        castore_checks(kiln)
+    elif sys.argv[2] == "build":
+        build_checks(kiln, sys.argv[3])
+    else:
+        sys.exit(__doc__)
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
