@@ -1,0 +1,401 @@
+//! What this host can run VMs with: the kind of KVM behind `/dev/kvm`, whether
+//! it opens, nested virtualisation, and which VMMs and virtiofsd are installed.
+//!
+//! Detection only reads and probes ([`HostFacts::detect`]); deciding what to
+//! use is the pure [`select()`] in [`select`](mod@select), so the decision
+//! table is unit-tested against made-up hosts.
+//!
+//! Why the KVM *kind* matters: a host may have a working `/dev/kvm` that is
+//! served by `kvm_pvm`, a paravirtual KVM that runs only PVM-patched guest
+//! kernels. A stock kernel under it passes the firmware and then spins for
+//! ever, so such a host counts as having no hardware KVM unless the configured
+//! guest kernel is PVM-capable.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub mod select;
+
+pub use select::{
+    kvm_usable, select, Accel, AccelChoice, NoKvm, SelectError, Selection, Vmm, VmmChoice,
+};
+
+/// QEMU's x86_64 system emulator.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// cloud-hypervisor's executable.
+pub const CLOUD_HYPERVISOR_BINARY: &str = "cloud-hypervisor";
+/// virtiofsd's executable (the Rust implementation).
+pub const VIRTIOFSD_BINARY: &str = "virtiofsd";
+
+/// How long `--version` of one tool may take before it counts as broken.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// CPU vendor of a hardware KVM module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuVendor {
+    /// `kvm_intel` (VMX).
+    Intel,
+    /// `kvm_amd` (SVM).
+    Amd,
+}
+
+impl fmt::Display for CpuVendor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Intel => "intel",
+            Self::Amd => "amd",
+        })
+    }
+}
+
+/// Which KVM implementation is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmKind {
+    /// `kvm_intel` or `kvm_amd`: runs any guest kernel.
+    Hardware {
+        /// Whose virtualisation extensions.
+        vendor: CpuVendor,
+    },
+    /// `kvm_pvm`: runs only PVM-patched guest kernels.
+    Pvm,
+    /// No KVM vendor module at all.
+    None,
+}
+
+impl fmt::Display for KvmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hardware { vendor } => write!(f, "hardware ({vendor})"),
+            Self::Pvm => f.write_str("PVM (kvm_pvm)"),
+            Self::None => f.write_str("none"),
+        }
+    }
+}
+
+/// Whether this process can open `/dev/kvm` read-write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevKvm {
+    /// It opens.
+    Usable,
+    /// The device node does not exist.
+    Missing,
+    /// It exists but opening it failed (permissions, ...): the OS error.
+    Unusable(String),
+}
+
+/// An installed program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    /// Absolute path of the executable.
+    pub path: PathBuf,
+    /// First line of its `--version` output; `None` if that failed.
+    pub version: Option<String>,
+}
+
+/// Everything detection found out about this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The loaded KVM implementation.
+    pub kvm: KvmKind,
+    /// Whether `/dev/kvm` opens.
+    pub dev_kvm: DevKvm,
+    /// The hardware KVM module's `nested` parameter; `None` without a
+    /// hardware KVM module (PVM offers no nested virtualisation).
+    pub nested: Option<bool>,
+    /// `qemu-system-x86_64`, if installed.
+    pub qemu: Option<Tool>,
+    /// `cloud-hypervisor`, if installed.
+    pub cloud_hypervisor: Option<Tool>,
+    /// `virtiofsd`, if installed.
+    pub virtiofsd: Option<Tool>,
+}
+
+/// Where detection looks; [`Probe::system`] for the real host, a temp tree in
+/// tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// `/sys/module`.
+    pub sys_module: PathBuf,
+    /// `/dev/kvm`.
+    pub dev_kvm: PathBuf,
+    /// Directories searched for executables, in order.
+    pub search_path: Vec<PathBuf>,
+    /// Extra directories searched for virtiofsd only (distributions install
+    /// it outside PATH).
+    pub virtiofsd_dirs: Vec<PathBuf>,
+}
+
+impl Probe {
+    /// The real host: `/sys/module`, `/dev/kvm`, `$PATH` followed by
+    /// `~/.cargo/bin` (where `cargo install virtiofsd` puts it).
+    pub fn system() -> Self {
+        let mut search_path: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        if let Some(home) = std::env::var_os("HOME") {
+            search_path.push(Path::new(&home).join(".cargo/bin"));
+        }
+        Self {
+            sys_module: "/sys/module".into(),
+            dev_kvm: "/dev/kvm".into(),
+            search_path,
+            virtiofsd_dirs: vec!["/usr/libexec".into(), "/usr/lib/qemu".into()],
+        }
+    }
+}
+
+impl HostFacts {
+    /// Detects the real host.
+    pub async fn detect() -> Self {
+        Self::detect_with(&Probe::system()).await
+    }
+
+    /// Detects the host as seen through `probe`. Never fails: whatever cannot
+    /// be found is reported as absent.
+    pub async fn detect_with(probe: &Probe) -> Self {
+        let kvm = kvm_kind(&probe.sys_module);
+        let nested = match kvm {
+            KvmKind::Hardware { vendor } => nested_param(&probe.sys_module, vendor),
+            KvmKind::Pvm | KvmKind::None => None,
+        };
+        let mut virtiofsd_path = probe.search_path.clone();
+        virtiofsd_path.extend(probe.virtiofsd_dirs.iter().cloned());
+        let (qemu, cloud_hypervisor, virtiofsd) = tokio::join!(
+            tool(QEMU_BINARY, &probe.search_path),
+            tool(CLOUD_HYPERVISOR_BINARY, &probe.search_path),
+            tool(VIRTIOFSD_BINARY, &virtiofsd_path),
+        );
+        Self {
+            kvm,
+            dev_kvm: dev_kvm(&probe.dev_kvm),
+            nested,
+            qemu,
+            cloud_hypervisor,
+            virtiofsd,
+        }
+    }
+}
+
+/// PVM is checked first: it is the case where trusting `/dev/kvm` would
+/// hang every build.
+fn kvm_kind(sys_module: &Path) -> KvmKind {
+    if sys_module.join("kvm_pvm").exists() {
+        KvmKind::Pvm
+    } else if sys_module.join("kvm_intel").exists() {
+        KvmKind::Hardware {
+            vendor: CpuVendor::Intel,
+        }
+    } else if sys_module.join("kvm_amd").exists() {
+        KvmKind::Hardware {
+            vendor: CpuVendor::Amd,
+        }
+    } else {
+        KvmKind::None
+    }
+}
+
+/// `kvm_intel` says `Y`/`N`, `kvm_amd` says `1`/`0`.
+fn nested_param(sys_module: &Path, vendor: CpuVendor) -> Option<bool> {
+    let module = match vendor {
+        CpuVendor::Intel => "kvm_intel",
+        CpuVendor::Amd => "kvm_amd",
+    };
+    let value = std::fs::read_to_string(sys_module.join(module).join("parameters/nested")).ok()?;
+    match value.trim() {
+        "Y" | "y" | "1" => Some(true),
+        "N" | "n" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn dev_kvm(path: &Path) -> DevKvm {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => DevKvm::Usable,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DevKvm::Missing,
+        Err(e) => DevKvm::Unusable(e.to_string()),
+    }
+}
+
+/// The first executable called `name` in `dirs`, with its version.
+async fn tool(name: &str, dirs: &[PathBuf]) -> Option<Tool> {
+    let path = find_executable(name, dirs)?;
+    let version = version_of(&path).await;
+    Some(Tool { path, version })
+}
+
+/// The first regular, executable file called `name` in `dirs`.
+pub fn find_executable(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dirs.iter().map(|dir| dir.join(name)).find(|candidate| {
+        std::fs::metadata(candidate)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    })
+}
+
+/// First non-empty line `path --version` prints, if it answers in time.
+async fn version_of(path: &Path) -> Option<String> {
+    let run = tokio::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(VERSION_TIMEOUT, run)
+        .await
+        .ok()?
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    struct FakeHost {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("sys/module/kvm")).unwrap();
+            std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+            Self { dir }
+        }
+        fn module(&self, name: &str, nested: Option<&str>) -> &Self {
+            let params = self
+                .dir
+                .path()
+                .join("sys/module")
+                .join(name)
+                .join("parameters");
+            std::fs::create_dir_all(&params).unwrap();
+            if let Some(value) = nested {
+                std::fs::write(params.join("nested"), format!("{value}\n")).unwrap();
+            }
+            self
+        }
+        fn program(&self, name: &str, script: &str) -> &Self {
+            let path = self.dir.path().join("bin").join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            self
+        }
+        fn dev_kvm(&self) -> &Self {
+            std::fs::write(self.dir.path().join("kvm"), b"").unwrap();
+            self
+        }
+        fn probe(&self) -> Probe {
+            Probe {
+                sys_module: self.dir.path().join("sys/module"),
+                dev_kvm: self.dir.path().join("kvm"),
+                search_path: vec![self.dir.path().join("bin")],
+                virtiofsd_dirs: vec![],
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn intel_host_with_nested_and_every_tool() {
+        let host = FakeHost::new();
+        host.module("kvm_intel", Some("Y"))
+            .dev_kvm()
+            .program("qemu-system-x86_64", "echo 'QEMU emulator version 9.0.0'")
+            .program("cloud-hypervisor", "echo 'cloud-hypervisor v41.0'")
+            .program("virtiofsd", "echo; echo 'virtiofsd 1.14.0'");
+        let facts = HostFacts::detect_with(&host.probe()).await;
+        assert_eq!(
+            facts.kvm,
+            KvmKind::Hardware {
+                vendor: CpuVendor::Intel
+            }
+        );
+        assert_eq!(facts.dev_kvm, DevKvm::Usable);
+        assert_eq!(facts.nested, Some(true));
+        assert_eq!(
+            facts.qemu.unwrap().version.as_deref(),
+            Some("QEMU emulator version 9.0.0")
+        );
+        let ch = facts.cloud_hypervisor.unwrap();
+        assert_eq!(ch.path, host.dir.path().join("bin/cloud-hypervisor"));
+        assert_eq!(ch.version.as_deref(), Some("cloud-hypervisor v41.0"));
+        assert_eq!(
+            facts.virtiofsd.unwrap().version.as_deref(),
+            Some("virtiofsd 1.14.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn amd_host_without_nested_and_a_broken_tool() {
+        let host = FakeHost::new();
+        host.module("kvm_amd", Some("0"))
+            .dev_kvm()
+            .program("qemu-system-x86_64", "exit 1");
+        let facts = HostFacts::detect_with(&host.probe()).await;
+        assert_eq!(
+            facts.kvm,
+            KvmKind::Hardware {
+                vendor: CpuVendor::Amd
+            }
+        );
+        assert_eq!(facts.nested, Some(false));
+        let qemu = facts.qemu.unwrap();
+        assert_eq!(qemu.version, None, "a failing --version gives no version");
+        assert_eq!(facts.cloud_hypervisor, None);
+        assert_eq!(facts.virtiofsd, None);
+    }
+
+    #[tokio::test]
+    async fn pvm_host_has_no_nested_and_missing_dev_kvm_is_seen() {
+        let host = FakeHost::new();
+        host.module("kvm_pvm", None);
+        let facts = HostFacts::detect_with(&host.probe()).await;
+        assert_eq!(facts.kvm, KvmKind::Pvm);
+        assert_eq!(facts.nested, None);
+        assert_eq!(facts.dev_kvm, DevKvm::Missing);
+    }
+
+    #[tokio::test]
+    async fn no_kvm_module_and_unopenable_dev_kvm() {
+        let host = FakeHost::new();
+        // A directory cannot be opened read-write: stands in for EACCES.
+        std::fs::create_dir(host.dir.path().join("kvm")).unwrap();
+        let facts = HostFacts::detect_with(&host.probe()).await;
+        assert_eq!(facts.kvm, KvmKind::None);
+        assert!(
+            matches!(facts.dev_kvm, DevKvm::Unusable(_)),
+            "{:?}",
+            facts.dev_kvm
+        );
+    }
+
+    #[test]
+    fn non_executable_files_are_not_tools() {
+        let host = FakeHost::new();
+        let path = host.dir.path().join("bin/virtiofsd");
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(
+            find_executable("virtiofsd", &host.probe().search_path),
+            None
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            find_executable("virtiofsd", &host.probe().search_path),
+            Some(path)
+        );
+    }
+}
