@@ -56,10 +56,21 @@ pub enum BuildCliError {
     },
 }
 
-fn decode_json<M: Message + Default>(path: &str, json: &str, full_name: &str) -> Result<M, BuildCliError> {
-    let err = |detail: String| BuildCliError::Json { path: path.into(), message: full_name.into(), detail };
-    let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).map_err(|e| err(e.to_string()))?;
-    let desc = pool.get_message_by_name(full_name).ok_or_else(|| err("unknown message type".into()))?;
+fn decode_json<M: Message + Default>(
+    path: &str,
+    json: &str,
+    full_name: &str,
+) -> Result<M, BuildCliError> {
+    let err = |detail: String| BuildCliError::Json {
+        path: path.into(),
+        message: full_name.into(),
+        detail,
+    };
+    let pool =
+        DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).map_err(|e| err(e.to_string()))?;
+    let desc = pool
+        .get_message_by_name(full_name)
+        .ok_or_else(|| err("unknown message type".into()))?;
     let mut de = serde_json::Deserializer::from_str(json);
     let dynamic = DynamicMessage::deserialize(desc, &mut de).map_err(|e| err(e.to_string()))?;
     M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| err(e.to_string()))
@@ -69,32 +80,53 @@ fn decode_json<M: Message + Default>(path: &str, json: &str, full_name: &str) ->
 pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, BuildCliError> {
     let p = path.display().to_string();
     let json = std::fs::read_to_string(path).map_err(|e| BuildCliError::Read(p.clone(), e))?;
-    let value: serde_json::Value = serde_json::from_str(&json)
-        .map_err(|e| BuildCliError::Json { path: p.clone(), message: "JSON".into(), detail: e.to_string() })?;
-    let is_submit = value.as_object().is_some_and(|o| o.len() == 1 && (o.contains_key("snix") || o.contains_key("tvix")));
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| BuildCliError::Json {
+            path: p.clone(),
+            message: "JSON".into(),
+            detail: e.to_string(),
+        })?;
+    let is_submit = value
+        .as_object()
+        .is_some_and(|o| o.len() == 1 && (o.contains_key("snix") || o.contains_key("tvix")));
     if is_submit {
         return decode_json(&p, &json, "kiln.v1.SubmitRequest");
     }
     let request = match layout {
-        JsonLayout::Snix => {
-            submit_request::Request::Snix(decode_json::<snix_build::BuildRequest>(&p, &json, "snix.build.v1.BuildRequest")?)
-        }
-        JsonLayout::Tvix => {
-            submit_request::Request::Tvix(decode_json::<tvix_build::BuildRequest>(&p, &json, "tvix.build.v1.BuildRequest")?)
-        }
+        JsonLayout::Snix => submit_request::Request::Snix(decode_json::<snix_build::BuildRequest>(
+            &p,
+            &json,
+            "snix.build.v1.BuildRequest",
+        )?),
+        JsonLayout::Tvix => submit_request::Request::Tvix(decode_json::<tvix_build::BuildRequest>(
+            &p,
+            &json,
+            "tvix.build.v1.BuildRequest",
+        )?),
     };
-    Ok(SubmitRequest { request: Some(request) })
+    Ok(SubmitRequest {
+        request: Some(request),
+    })
 }
 
 /// Submits, streams the log, prints outputs. Returns the process exit code.
-pub async fn run(addr: &str, path: &Path, layout: JsonLayout, json_out: bool) -> Result<(), BuildCliError> {
+pub async fn run(
+    addr: &str,
+    path: &Path,
+    layout: JsonLayout,
+    json_out: bool,
+) -> Result<(), BuildCliError> {
     let request = parse_request(path, layout)?;
     let channel = connect(addr).await?;
-    let mut client = BuildEventsClient::new(channel).max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
+    let mut client =
+        BuildEventsClient::new(channel).max_decoding_message_size(crate::server_limits::MAX_MESSAGE_BYTES);
     let mut stream = client
         .submit(request)
         .await
-        .map_err(|s| BuildCliError::Failed { code: s.code(), message: s.message().into() })?
+        .map_err(|s| BuildCliError::Failed {
+            code: s.code(),
+            message: s.message().into(),
+        })?
         .into_inner();
     let mut stderr = std::io::stderr();
     let mut stdout = std::io::stdout();
@@ -102,9 +134,17 @@ pub async fn run(addr: &str, path: &Path, layout: JsonLayout, json_out: bool) ->
         let ev = match stream.message().await {
             Ok(Some(ev)) => ev,
             Ok(None) => {
-                return Err(BuildCliError::Failed { code: Code::Unavailable, message: "event stream ended early".into() })
+                return Err(BuildCliError::Failed {
+                    code: Code::Unavailable,
+                    message: "event stream ended early".into(),
+                })
             }
-            Err(s) => return Err(BuildCliError::Failed { code: s.code(), message: s.message().into() }),
+            Err(s) => {
+                return Err(BuildCliError::Failed {
+                    code: s.code(),
+                    message: s.message().into(),
+                })
+            }
         };
         match ev.event {
             Some(Event::Started(s)) => {
@@ -119,7 +159,12 @@ pub async fn run(addr: &str, path: &Path, layout: JsonLayout, json_out: bool) ->
                 );
             }
             Some(Event::Phase(p)) => {
-                let _ = writeln!(stderr, "kiln: [{}] {}", ev.build_id.get(..8).unwrap_or(&ev.build_id), p.name);
+                let _ = writeln!(
+                    stderr,
+                    "kiln: [{}] {}",
+                    ev.build_id.get(..8).unwrap_or(&ev.build_id),
+                    p.name
+                );
             }
             Some(Event::Log(chunk)) => {
                 let _ = if chunk.stream == Stream::Stdout as i32 {
@@ -137,7 +182,10 @@ pub async fn run(addr: &str, path: &Path, layout: JsonLayout, json_out: bool) ->
                 return Ok(());
             }
             Some(Event::Failed(f)) => {
-                return Err(BuildCliError::Failed { code: Code::from_i32(f.code), message: f.message });
+                return Err(BuildCliError::Failed {
+                    code: Code::from_i32(f.code),
+                    message: f.message,
+                });
             }
             None => {}
         }
@@ -160,12 +208,17 @@ fn print_outputs(c: &crate::proto::kiln_v1::Completed, json_out: bool) {
     }
     if let Some(snix) = &c.snix {
         for (i, o) in snix.outputs.iter().enumerate() {
-            println!("output[{i}] {} needles={:?}", describe_entry(o.output.as_ref()), o.needles);
+            println!(
+                "output[{i}] {} needles={:?}",
+                describe_entry(o.output.as_ref()),
+                o.needles
+            );
         }
     }
     if let Some(tvix) = &c.tvix {
         for o in &tvix.outputs {
-            let entry = crate::proto::snix_castore::Entry::decode(o.encode_to_vec().as_slice()).ok();
+            let entry =
+                crate::proto::snix_castore::Entry::decode(o.encode_to_vec().as_slice()).ok();
             println!("{}", describe_entry(entry.as_ref()));
         }
     }
@@ -174,7 +227,12 @@ fn print_outputs(c: &crate::proto::kiln_v1::Completed, json_out: bool) {
 fn describe_entry(e: Option<&crate::proto::snix_castore::Entry>) -> String {
     use crate::proto::snix_castore::entry::Entry as E;
     match e.and_then(|e| e.entry.as_ref()) {
-        Some(E::Directory(d)) => format!("{} directory {} size={}", name(&d.name), hex(&d.digest), d.size),
+        Some(E::Directory(d)) => format!(
+            "{} directory {} size={}",
+            name(&d.name),
+            hex(&d.digest),
+            d.size
+        ),
         Some(E::File(f)) => format!(
             "{} file {} size={}{}",
             name(&f.name),
@@ -182,7 +240,11 @@ fn describe_entry(e: Option<&crate::proto::snix_castore::Entry>) -> String {
             f.size,
             if f.executable { " executable" } else { "" }
         ),
-        Some(E::Symlink(s)) => format!("{} symlink -> {}", name(&s.name), String::from_utf8_lossy(&s.target)),
+        Some(E::Symlink(s)) => format!(
+            "{} symlink -> {}",
+            name(&s.name),
+            String::from_utf8_lossy(&s.target)
+        ),
         None => "(empty)".into(),
     }
 }
@@ -209,13 +271,22 @@ mod tests {
         let p = tmp.path().join("r.json");
         std::fs::write(&p, r#"{"commandArgs":["/bin/sh"],"outputs":["nix/store/x"],"environmentVars":[{"key":"A","value":"/w=="}]}"#).expect("write");
         let r = parse_request(&p, JsonLayout::Snix).expect("snix");
-        let Some(submit_request::Request::Snix(s)) = r.request else { panic!("snix expected") };
+        let Some(submit_request::Request::Snix(s)) = r.request else {
+            panic!("snix expected")
+        };
         assert_eq!(s.environment_vars[0].value.as_ref(), &[0xff]);
-        std::fs::write(&p, r#"{"tvix":{"commandArgs":["/bin/sh"],"outputs":["x"]}}"#).expect("write");
+        std::fs::write(
+            &p,
+            r#"{"tvix":{"commandArgs":["/bin/sh"],"outputs":["x"]}}"#,
+        )
+        .expect("write");
         let r = parse_request(&p, JsonLayout::Snix).expect("wrapper");
         assert!(matches!(r.request, Some(submit_request::Request::Tvix(_))));
         std::fs::write(&p, r#"{"commandArgs":7}"#).expect("write");
         let err = parse_request(&p, JsonLayout::Snix).expect_err("bad");
-        assert!(err.to_string().contains("snix.build.v1.BuildRequest"), "{err}");
+        assert!(
+            err.to_string().contains("snix.build.v1.BuildRequest"),
+            "{err}"
+        );
     }
 }
