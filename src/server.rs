@@ -101,7 +101,9 @@ pub async fn serve(
         .map_err(ServeError::Reflection)?;
     let builds = BuildService::new(executor);
     let castore = crate::castore::grpc_services(store);
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     let router = Server::builder()
         .add_service(health)
@@ -119,7 +121,8 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            kiln_v1::build_events_server::BuildEventsServer::new(builds).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            kiln_v1::build_events_server::BuildEventsServer::new(builds)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
 
     match listener {
@@ -148,9 +151,18 @@ mod tests {
 
     #[test]
     fn parses_listen_addresses() {
-        assert_eq!("127.0.0.1:8000".parse::<Listen>(), Ok(Listen::Tcp("127.0.0.1:8000".parse().expect("addr"))));
-        assert_eq!("/run/kiln.sock".parse::<Listen>(), Ok(Listen::Unix("/run/kiln.sock".into())));
-        assert_eq!("unix:kiln.sock".parse::<Listen>(), Ok(Listen::Unix("kiln.sock".into())));
+        assert_eq!(
+            "127.0.0.1:8000".parse::<Listen>(),
+            Ok(Listen::Tcp("127.0.0.1:8000".parse().expect("addr")))
+        );
+        assert_eq!(
+            "/run/kiln.sock".parse::<Listen>(),
+            Ok(Listen::Unix("/run/kiln.sock".into()))
+        );
+        assert_eq!(
+            "unix:kiln.sock".parse::<Listen>(),
+            Ok(Listen::Unix("kiln.sock".into()))
+        );
         assert!("localhost".parse::<Listen>().is_err());
     }
 }

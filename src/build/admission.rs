@@ -37,7 +37,9 @@ impl Drop for QueueSlot<'_> {
 impl Admission {
     /// Limits: concurrent VMs, total guest MiB, builds allowed to wait.
     pub fn new(max_vms: usize, memory_budget_mib: u64, max_queue: usize) -> Self {
-        let permits = usize::try_from(memory_budget_mib).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let permits = usize::try_from(memory_budget_mib)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Self {
             vms: Arc::new(Semaphore::new(max_vms.max(1))),
             memory: Arc::new(Semaphore::new(permits)),
@@ -57,8 +59,16 @@ impl Admission {
             )));
         }
         // Fast path: capacity free right now, no queueing.
-        if let (Ok(vm), Ok(mem)) = (self.vms.clone().try_acquire_owned(), self.memory.clone().try_acquire_many_owned(memory_mib as u32)) {
-            return Ok(Ticket { _vm: vm, _memory: mem });
+        if let (Ok(vm), Ok(mem)) = (
+            self.vms.clone().try_acquire_owned(),
+            self.memory
+                .clone()
+                .try_acquire_many_owned(memory_mib as u32),
+        ) {
+            return Ok(Ticket {
+                _vm: vm,
+                _memory: mem,
+            });
         }
         let previously = self.queued.fetch_add(1, Ordering::SeqCst);
         let _slot = QueueSlot(&self.queued);
@@ -68,10 +78,21 @@ impl Admission {
                 previously, self.max_queue
             )));
         }
-        let closed = |_| BuildError::Infrastructure { step: "admission", message: "executor is shutting down".into() };
+        let closed = |_| BuildError::Infrastructure {
+            step: "admission",
+            message: "executor is shutting down".into(),
+        };
         let vm = self.vms.clone().acquire_owned().await.map_err(closed)?;
-        let memory = self.memory.clone().acquire_many_owned(memory_mib as u32).await.map_err(closed)?;
-        Ok(Ticket { _vm: vm, _memory: memory })
+        let memory = self
+            .memory
+            .clone()
+            .acquire_many_owned(memory_mib as u32)
+            .await
+            .map_err(closed)?;
+        Ok(Ticket {
+            _vm: vm,
+            _memory: memory,
+        })
     }
 
     /// Builds waiting right now.
@@ -110,6 +131,9 @@ mod tests {
         assert!(b.is_err(), "second VM must wait for memory");
         drop(a);
         assert!(adm.admit(600).await.is_ok());
-        assert!(matches!(adm.admit(2000).await, Err(BuildError::Precondition(_))));
+        assert!(matches!(
+            adm.admit(2000).await,
+            Err(BuildError::Precondition(_))
+        ));
     }
 }

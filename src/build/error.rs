@@ -35,7 +35,10 @@ pub struct InvalidRequest {
 }
 
 pub(crate) fn invalid(field: impl Into<String>, rule: impl ToString) -> InvalidRequest {
-    InvalidRequest { field: field.into(), rule: rule.to_string() }
+    InvalidRequest {
+        field: field.into(),
+        rule: rule.to_string(),
+    }
 }
 
 /// A build failure with its context.
@@ -217,8 +220,15 @@ impl BuildError {
             message.push_str(&String::from_utf8_lossy(tail));
         }
         // gRPC carries messages in a header: keep it printable.
-        let message: String = message.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
-        Status::with_details(self.code(), message, self.to_failed().encode_to_vec().into())
+        let message: String = message
+            .chars()
+            .filter(|c| *c == '\n' || !c.is_control())
+            .collect();
+        Status::with_details(
+            self.code(),
+            message,
+            self.to_failed().encode_to_vec().into(),
+        )
     }
 }
 
@@ -235,12 +245,40 @@ mod tests {
     fn each_failure_class_has_its_own_code() {
         let tail = b"line 1\nline 2\n".to_vec();
         let cases = [
-            (BuildError::BuilderExited { code: 3, log_tail: tail.clone() }, Code::Aborted),
-            (BuildError::AgentFailed { step: "mount".into(), message: "x".into(), log_tail: vec![] }, Code::Internal),
-            (BuildError::VmCrashed { reason: "x".into(), log_tail: vec![] }, Code::Unavailable),
-            (BuildError::Timeout { secs: 1, log_tail: vec![] }, Code::DeadlineExceeded),
+            (
+                BuildError::BuilderExited {
+                    code: 3,
+                    log_tail: tail.clone(),
+                },
+                Code::Aborted,
+            ),
+            (
+                BuildError::AgentFailed {
+                    step: "mount".into(),
+                    message: "x".into(),
+                    log_tail: vec![],
+                },
+                Code::Internal,
+            ),
+            (
+                BuildError::VmCrashed {
+                    reason: "x".into(),
+                    log_tail: vec![],
+                },
+                Code::Unavailable,
+            ),
+            (
+                BuildError::Timeout {
+                    secs: 1,
+                    log_tail: vec![],
+                },
+                Code::DeadlineExceeded,
+            ),
             (BuildError::Cancelled, Code::Cancelled),
-            (BuildError::QueueFull("full".into()), Code::ResourceExhausted),
+            (
+                BuildError::QueueFull("full".into()),
+                Code::ResourceExhausted,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err}");
@@ -249,7 +287,10 @@ mod tests {
 
     #[test]
     fn status_carries_exit_code_and_log_tail() {
-        let err = BuildError::BuilderExited { code: 3, log_tail: b"oops\n".to_vec() };
+        let err = BuildError::BuilderExited {
+            code: 3,
+            log_tail: b"oops\n".to_vec(),
+        };
         let status = err.to_status();
         assert_eq!(status.code(), Code::Aborted);
         assert!(status.message().contains("status 3"));

@@ -63,7 +63,10 @@ impl BuildLog {
 
     /// Records and broadcasts an event.
     pub fn emit(&self, event: Event) {
-        let ev = BuildEvent { build_id: self.id.clone(), event: Some(event) };
+        let ev = BuildEvent {
+            build_id: self.id.clone(),
+            event: Some(event),
+        };
         let mut st = self.lock();
         if let Some(Event::Log(chunk)) = &ev.event {
             let n = chunk.data.len();
@@ -77,10 +80,18 @@ impl BuildLog {
             }
             // Drop the oldest log chunks (never lifecycle events) past the limit.
             while st.history_log_bytes > self.history_limit {
-                let Some(pos) = st.history.iter().position(|e| matches!(e.event, Some(Event::Log(_)))) else {
+                let Some(pos) = st
+                    .history
+                    .iter()
+                    .position(|e| matches!(e.event, Some(Event::Log(_))))
+                else {
                     break;
                 };
-                if let Some(BuildEvent { event: Some(Event::Log(old)), .. }) = st.history.remove(pos) {
+                if let Some(BuildEvent {
+                    event: Some(Event::Log(old)),
+                    ..
+                }) = st.history.remove(pos)
+                {
                     st.history_log_bytes -= old.data.len();
                 }
             }
@@ -95,12 +106,17 @@ impl BuildLog {
 
     /// Records a chunk of builder output.
     pub fn log(&self, stream: Stream, data: &[u8]) {
-        self.emit(Event::Log(kiln_v1::LogChunk { stream: stream as i32, data: data.to_vec().into() }));
+        self.emit(Event::Log(kiln_v1::LogChunk {
+            stream: stream as i32,
+            data: data.to_vec().into(),
+        }));
     }
 
     /// Records a lifecycle phase.
     pub fn phase(&self, name: &str) {
-        self.emit(Event::Phase(kiln_v1::Phase { name: name.to_owned() }));
+        self.emit(Event::Phase(kiln_v1::Phase {
+            name: name.to_owned(),
+        }));
     }
 
     /// Total bytes of builder output so far.
@@ -143,7 +159,11 @@ impl Registry {
     /// Keeps at most `max_builds` builds, each with at most `history_limit`
     /// bytes of log history.
     pub fn new(max_builds: usize, history_limit: usize) -> Self {
-        Self { max_builds: max_builds.max(1), history_limit, builds: Mutex::new((HashMap::new(), VecDeque::new())) }
+        Self {
+            max_builds: max_builds.max(1),
+            history_limit,
+            builds: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
     }
 
     /// Creates the log of a new build.
@@ -163,7 +183,12 @@ impl Registry {
 
     /// The log of a known build.
     pub fn get(&self, id: &str) -> Option<Arc<BuildLog>> {
-        self.builds.lock().unwrap_or_else(|p| p.into_inner()).0.get(id).cloned()
+        self.builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(id)
+            .cloned()
     }
 }
 
@@ -201,7 +226,10 @@ mod tests {
             log.log(Stream::Stderr, format!("line {i}\n").as_bytes());
         }
         let tail = String::from_utf8(log.tail()).expect("utf8");
-        assert!(tail.starts_with(&format!("line {}\n", 100 - LOG_TAIL_LINES)), "{tail}");
+        assert!(
+            tail.starts_with(&format!("line {}\n", 100 - LOG_TAIL_LINES)),
+            "{tail}"
+        );
         assert!(tail.ends_with("line 99\n"));
     }
 

@@ -14,5 +14,3 @@ pub mod supervise;
 pub mod workspace;
 
 pub use error::BuildError;
-
-

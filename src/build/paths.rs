@@ -106,7 +106,10 @@ fn check_common(s: &str) -> Result<(), PathError> {
 }
 
 fn check_components(rel: &str, whole: &str) -> Result<(), PathError> {
-    if rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if rel
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err(PathError::NotClean(whole.to_owned()));
     }
     Ok(())
@@ -121,28 +124,47 @@ mod tests {
         assert!(RelPath::parse("build").is_ok());
         assert!(RelPath::parse("nix/store/abc-foo").is_ok());
         assert_eq!(RelPath::parse(""), Err(PathError::Empty));
-        assert!(matches!(RelPath::parse("/build"), Err(PathError::Absolute(_))));
+        assert!(matches!(
+            RelPath::parse("/build"),
+            Err(PathError::Absolute(_))
+        ));
         for bad in ["a//b", "a/./b", "a/../b", "..", ".", "a/", "a/.."] {
-            assert!(matches!(RelPath::parse(bad), Err(PathError::NotClean(_))), "{bad}");
+            assert!(
+                matches!(RelPath::parse(bad), Err(PathError::NotClean(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(RelPath::parse("a\0b"), Err(PathError::Nul(_))));
-        assert!(matches!(RelPath::parse(&"a".repeat(5000)), Err(PathError::TooLong(5000))));
+        assert!(matches!(
+            RelPath::parse(&"a".repeat(5000)),
+            Err(PathError::TooLong(5000))
+        ));
     }
 
     #[test]
     fn absolute_paths() {
         assert!(AbsPath::parse("/dev/kvm").is_ok());
-        assert!(matches!(AbsPath::parse("dev/kvm"), Err(PathError::Relative(_))));
+        assert!(matches!(
+            AbsPath::parse("dev/kvm"),
+            Err(PathError::Relative(_))
+        ));
         assert!(matches!(AbsPath::parse("/"), Err(PathError::NotClean(_))));
-        assert!(matches!(AbsPath::parse("/dev/../etc"), Err(PathError::NotClean(_))));
+        assert!(matches!(
+            AbsPath::parse("/dev/../etc"),
+            Err(PathError::NotClean(_))
+        ));
     }
 
     #[test]
     fn within() {
         let store = RelPath::parse("nix/store").expect("clean");
-        assert!(RelPath::parse("nix/store/x").expect("clean").is_within(&store));
+        assert!(RelPath::parse("nix/store/x")
+            .expect("clean")
+            .is_within(&store));
         assert!(store.is_within(&store));
-        assert!(!RelPath::parse("nix/storex").expect("clean").is_within(&store));
+        assert!(!RelPath::parse("nix/storex")
+            .expect("clean")
+            .is_within(&store));
         assert!(!RelPath::parse("nix").expect("clean").is_within(&store));
     }
 }

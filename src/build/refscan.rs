@@ -19,10 +19,16 @@ impl Scanner {
     /// Compiles the needles; an empty set scans nothing.
     pub fn new(needles: &[String]) -> io::Result<Self> {
         if needles.is_empty() {
-            return Ok(Self { automaton: None, count: 0 });
+            return Ok(Self {
+                automaton: None,
+                count: 0,
+            });
         }
         let automaton = AhoCorasick::new(needles).map_err(io::Error::other)?;
-        Ok(Self { automaton: Some(automaton), count: needles.len() })
+        Ok(Self {
+            automaton: Some(automaton),
+            count: needles.len(),
+        })
     }
 
     /// Ascending indexes of the needles found under `path`.
@@ -31,7 +37,12 @@ impl Scanner {
         if let Some(ac) = &self.automaton {
             scan_tree(ac, path, &mut found)?;
         }
-        Ok(found.iter().enumerate().filter(|(_, f)| **f).map(|(i, _)| i as u64).collect())
+        Ok(found
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f)
+            .map(|(i, _)| i as u64)
+            .collect())
     }
 }
 
@@ -68,7 +79,12 @@ mod tests {
         fs::write(out.join("a"), b"xx /nix/store/aaaa-dep yy").expect("write");
         fs::write(out.join("cccc-named-only"), b"nothing").expect("write");
         std::os::unix::fs::symlink("/nix/store/bbbb-other", out.join("link")).expect("symlink");
-        let needles = ["aaaa".to_string(), "bbbb".into(), "cccc".into(), "dddd".into()];
+        let needles = [
+            "aaaa".to_string(),
+            "bbbb".into(),
+            "cccc".into(),
+            "dddd".into(),
+        ];
         let scanner = Scanner::new(&needles).expect("compile");
         assert_eq!(scanner.scan_path(&out).expect("scan"), vec![0, 1]);
     }
@@ -77,6 +93,10 @@ mod tests {
     fn no_needles_no_matches() {
         let tmp = tempfile::tempdir().expect("tmp");
         fs::write(tmp.path().join("f"), b"data").expect("write");
-        assert!(Scanner::new(&[]).expect("empty").scan_path(tmp.path()).expect("scan").is_empty());
+        assert!(Scanner::new(&[])
+            .expect("empty")
+            .scan_path(tmp.path())
+            .expect("scan")
+            .is_empty());
     }
 }

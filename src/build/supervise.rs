@@ -117,7 +117,9 @@ pub async fn supervise(
                 match kind {
                     FrameKind::Stdout => log.log(Stream::Stdout, &payload),
                     FrameKind::Stderr => log.log(Stream::Stderr, &payload),
-                    FrameKind::Report => report = serde_json::from_slice(&payload).ok().or(report.take()),
+                    FrameKind::Report => {
+                        report = serde_json::from_slice(&payload).ok().or(report.take())
+                    }
                     _ => {}
                 }
             }
@@ -141,7 +143,9 @@ pub async fn supervise(
 fn describe_exit(exit: Option<&VmExit>) -> String {
     match exit {
         Some(VmExit::Exited { code: Some(c), .. }) => format!("status {c}"),
-        Some(VmExit::Exited { signal: Some(s), .. }) => format!("signal {s}"),
+        Some(VmExit::Exited {
+            signal: Some(s), ..
+        }) => format!("signal {s}"),
         _ => "unknown status".into(),
     }
 }
@@ -154,7 +158,9 @@ async fn read_frames(mut channel: GuestChannel, tx: mpsc::Sender<Msg>) {
             Ok(0) => return,
             Ok(n) => n,
             Err(e) => {
-                let _ = tx.send(Msg::Broken(format!("reading the guest channel: {e}"))).await;
+                let _ = tx
+                    .send(Msg::Broken(format!("reading the guest channel: {e}")))
+                    .await;
                 return;
             }
         };
@@ -168,7 +174,9 @@ async fn read_frames(mut channel: GuestChannel, tx: mpsc::Sender<Msg>) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Msg::Broken(format!("guest channel is corrupt: {e}"))).await;
+                    let _ = tx
+                        .send(Msg::Broken(format!("guest channel is corrupt: {e}")))
+                        .await;
                     return;
                 }
             }

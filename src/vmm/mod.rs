@@ -109,7 +109,14 @@ pub trait VmRunner: Send + Sync {
 }
 
 /// Guest modules for a virtio-mmio machine (QEMU microvm).
-pub const MMIO_GUEST_MODULES: &[&str] = &["virtio", "virtio_ring", "virtio_mmio", "virtio_console", "fuse", "virtiofs"];
+pub const MMIO_GUEST_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "virtio_console",
+    "fuse",
+    "virtiofs",
+];
 /// Guest modules for a virtio-pci machine (cloud-hypervisor).
 pub const PCI_GUEST_MODULES: &[&str] = &[
     "virtio",
