@@ -10,7 +10,7 @@ CARGO ?= cargo
 DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin
 VIRTIOFSD_VERSION := 1.14.0
 
-.PHONY: run test deps build kernel agent virtiofsd bench clean-cache
+.PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache
 
 run: deps build
 	./target/release/kiln serve --listen 127.0.0.1:8000 --data-dir $${KILN_DATA_DIR:-/var/lib/kiln}
@@ -18,7 +18,7 @@ run: deps build
 test: deps build
 	$(CARGO) test --release --workspace -- --test-threads=2
 
-deps: apt virtiofsd kernel
+deps: apt python virtiofsd kernel
 
 apt:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -26,6 +26,10 @@ apt:
 	  echo "installing:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+
+# The independent test client (tests/independent) speaks gRPC from Python.
+python:
+	@python3 -c 'import grpc, blake3' 2>/dev/null || python3 -m pip install --quiet grpcio blake3
 
 virtiofsd:
 	@if ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x $$HOME/.cargo/bin/virtiofsd ]; then \
