@@ -1,1 +1,368 @@
-//! (in progress)
+//! The QEMU backend: `qemu-system-x86_64 -M microvm`, virtio over mmio.
+//!
+//! One QEMU process per build. Its argv is built by the pure [`qemu_args`]:
+//! a microvm whose RAM is a shared memfd (vhost-user needs the daemon to map
+//! guest memory), the PVH kernel and the initramfs given directly, no
+//! firmware devices, no network device, the kernel console on the serial
+//! port into the serial log, one `vhost-user-fs-device` per share, and the
+//! guest channel: a `virtconsole` (the guest's `/dev/hvc0`) whose chardev
+//! connects to a unix socket kiln has already bound, so there is no race
+//! between QEMU starting and kiln listening.
+//!
+//! [`QemuRunner::start`] returns once QEMU has connected that channel (or
+//! failed with the end of its log); dropping the [`QemuVm`] SIGKILLs and
+//! reaps QEMU.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+
+use super::{GuestChannel, RunningVm, VmExit, VmRunner, VmSpec, VmmError};
+
+/// Name of the guest channel socket in the build's run directory.
+pub const CHANNEL_SOCKET: &str = "channel.sock";
+/// Name of QEMU's own log (its stderr) in the build's run directory.
+pub const QEMU_LOG: &str = "qemu.log";
+/// How long QEMU may take to connect the guest channel after it started.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// CPU acceleration for QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through /dev/kvm.
+    Kvm,
+    /// Software emulation (works everywhere, slower).
+    Tcg,
+}
+
+impl Accel {
+    /// The name QEMU and kiln's flags use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+/// Boots build VMs with QEMU's microvm machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuRunner {
+    /// Acceleration to use.
+    pub accel: Accel,
+    /// The `qemu-system-x86_64` binary.
+    pub binary: PathBuf,
+}
+
+impl QemuRunner {
+    /// A runner using `qemu-system-x86_64` from PATH.
+    pub fn new(accel: Accel) -> Self {
+        Self {
+            accel,
+            binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+/// The full QEMU argv (after the binary) for `spec`, with the guest channel
+/// connecting to `channel_socket`. Pure: no file is touched.
+pub fn qemu_args(spec: &VmSpec, accel: Accel, channel_socket: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
+    let mem = format!("{}M", spec.memory_mib);
+    push(&["-name", &format!("kiln-{}", spec.id)]);
+    push(&["-M", "microvm,memory-backend=mem"]);
+    push(&["-accel", accel.as_str()]);
+    // Without nested virtualisation the guest sees no VMX/SVM at all.
+    let cpu = match (accel, spec.nested_virt) {
+        (Accel::Tcg, true) => "max",
+        (Accel::Tcg, false) => "max,svm=off,vmx=off",
+        (Accel::Kvm, true) => "host",
+        (Accel::Kvm, false) => "host,svm=off,vmx=off",
+    };
+    push(&["-cpu", cpu]);
+    push(&["-smp", &spec.vcpus.max(1).to_string()]);
+    push(&["-m", &mem]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    a.push("-kernel".into());
+    a.push(spec.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(spec.initramfs.clone().into());
+    a.push("-append".into());
+    a.push(spec.cmdline.clone().into());
+    a.push("-serial".into());
+    a.push(prefixed("file:", &spec.serial_log));
+    a.push("-chardev".into());
+    a.push(chardev("agent", channel_socket));
+    a.push("-device".into());
+    a.push("virtio-serial-device".into());
+    a.push("-device".into());
+    a.push("virtconsole,chardev=agent".into());
+    for (i, share) in spec.shares.iter().enumerate() {
+        a.push("-chardev".into());
+        a.push(chardev(&format!("fs{i}"), &share.socket));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
+    }
+    a
+}
+
+fn prefixed(prefix: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+/// A client chardev on a unix socket. QEMU's option parser splits on commas,
+/// so a comma in the path is doubled.
+fn chardev(id: &str, socket: &Path) -> OsString {
+    let path = socket.to_string_lossy().replace(',', ",,");
+    format!("socket,id={id},path={path},server=off").into()
+}
+
+#[async_trait::async_trait]
+impl VmRunner for QemuRunner {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accel(&self) -> &'static str {
+        self.accel.as_str()
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
+        let channel_socket = spec.run_dir.join(CHANNEL_SOCKET);
+        let listener = UnixListener::bind(&channel_socket).map_err(VmmError::Channel)?;
+        let log_path = spec.run_dir.join(QEMU_LOG);
+        let log = std::fs::File::create(&log_path).map_err(VmmError::Channel)?;
+        let program = self.binary.display().to_string();
+        let child = Command::new(&self.binary)
+            .args(qemu_args(spec, self.accel, &channel_socket))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| VmmError::Spawn { program, source })?;
+        let mut vm = QemuVm {
+            child: Some(child),
+            channel: None,
+            log_path,
+        };
+        // QEMU connects the channel while it sets the machine up; if it exits
+        // first, its log says why.
+        let accepted = {
+            let child = vm
+                .child
+                .as_mut()
+                .ok_or(VmmError::Wait(std::io::Error::other("no QEMU process")))?;
+            tokio::select! {
+                r = listener.accept() => Some(r.map_err(VmmError::Channel)?.0),
+                status = child.wait() => {
+                    let status = status.map_err(VmmError::Wait)?;
+                    return Err(VmmError::Channel(std::io::Error::other(format!(
+                        "QEMU exited ({status}) before connecting the guest channel: {}",
+                        vm.log_tail()
+                    ))));
+                }
+                _ = tokio::time::sleep(CONNECT_TIMEOUT) => None,
+            }
+        };
+        let _ = std::fs::remove_file(&channel_socket);
+        match accepted {
+            Some(stream) => vm.channel = Some(stream),
+            None => return Err(VmmError::ChannelTimeout(CONNECT_TIMEOUT)),
+        }
+        Ok(Box::new(vm))
+    }
+}
+
+/// A running QEMU. Dropping it SIGKILLs and reaps QEMU.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Option<Child>,
+    channel: Option<UnixStream>,
+    log_path: PathBuf,
+}
+
+impl QemuVm {
+    /// The last lines of QEMU's own log (its stderr), for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read(&self.log_path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+}
+
+#[async_trait::async_trait]
+impl RunningVm for QemuVm {
+    async fn take_channel(&mut self) -> Result<GuestChannel, VmmError> {
+        match self.channel.take() {
+            Some(stream) => Ok(Box::new(stream)),
+            None => Err(VmmError::Channel(std::io::Error::other(
+                "the guest channel was already taken",
+            ))),
+        }
+    }
+
+    async fn wait(&mut self) -> Result<VmExit, VmmError> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or(VmmError::Wait(std::io::Error::other(
+                "QEMU was already killed",
+            )))?;
+        let status = child.wait().await.map_err(VmmError::Wait)?;
+        Ok(VmExit::Exited {
+            code: status.code(),
+            signal: status.signal(),
+        })
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // QEMU has no graceful path worth waiting for here: the guest's
+            // state is thrown away anyway. kill() sends SIGKILL and reaps.
+            let _ = child.kill().await;
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // A SIGKILLed QEMU is gone within milliseconds; reap it here so
+            // no zombie outlives the build (tokio's reaper is the fallback).
+            for _ in 0..250 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::FsShare;
+
+    fn spec(nested: bool) -> VmSpec {
+        VmSpec {
+            id: "b1".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/r/initramfs".into(),
+            cmdline: "console=ttyS0 panic=-1".into(),
+            memory_mib: 1536,
+            vcpus: 2,
+            nested_virt: nested,
+            shares: vec![
+                FsShare {
+                    tag: "kiln-inputs".into(),
+                    socket: "/r/in.sock".into(),
+                },
+                FsShare {
+                    tag: "kiln-scratch".into(),
+                    socket: "/r/scratch,odd.sock".into(),
+                },
+            ],
+            run_dir: "/r".into(),
+            serial_log: "/r/serial.log".into(),
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The value after each occurrence of `flag`.
+    fn values(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    #[test]
+    fn builds_a_microvm_with_shared_memfd_memory() {
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            Path::new("/r/channel.sock"),
+        ));
+        assert_eq!(values(&a, "-M"), ["microvm,memory-backend=mem"]);
+        assert_eq!(values(&a, "-m"), ["1536M"]);
+        assert_eq!(
+            values(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=1536M,share=on"]
+        );
+        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert_eq!(values(&a, "-smp"), ["2"]);
+        assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(values(&a, "-initrd"), ["/r/initramfs"]);
+        assert_eq!(values(&a, "-append"), ["console=ttyS0 panic=-1"]);
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(a.contains(&flag.to_string()), "{flag} missing");
+        }
+    }
+
+    #[test]
+    fn virtualisation_extensions_only_when_nested() {
+        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, Path::new("/c")));
+        assert_eq!(values(&plain, "-cpu"), ["max,svm=off,vmx=off"]);
+        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, Path::new("/c")));
+        assert_eq!(values(&nested, "-cpu"), ["max"]);
+        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, Path::new("/c")));
+        assert_eq!(values(&kvm, "-cpu"), ["host,svm=off,vmx=off"]);
+        assert_eq!(values(&kvm, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn serial_channel_and_shares_are_wired_and_there_is_no_network() {
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            Path::new("/r/channel.sock"),
+        ));
+        assert_eq!(values(&a, "-serial"), ["file:/r/serial.log"]);
+        assert_eq!(
+            values(&a, "-chardev"),
+            [
+                "socket,id=agent,path=/r/channel.sock,server=off",
+                "socket,id=fs0,path=/r/in.sock,server=off",
+                "socket,id=fs1,path=/r/scratch,,odd.sock,server=off",
+            ]
+        );
+        assert_eq!(
+            values(&a, "-device"),
+            [
+                "virtio-serial-device",
+                "virtconsole,chardev=agent",
+                "vhost-user-fs-device,chardev=fs0,tag=kiln-inputs",
+                "vhost-user-fs-device,chardev=fs1,tag=kiln-scratch",
+            ]
+        );
+        assert!(
+            !a.iter().any(|x| x.contains("net")),
+            "a network option slipped in: {a:?}"
+        );
+    }
+}

@@ -1,1 +1,288 @@
 //! One virtiofsd per share.
+//!
+//! kiln binds the vhost-user socket itself and hands the listening descriptor
+//! to virtiofsd with `--fd`, so the socket accepts connections the moment
+//! [`Virtiofsd::spawn`] returns: no polling for a path, no race with the VMM.
+//! Each daemon is sandboxed (`--sandbox namespace`: its own mount, pid and
+//! network namespaces, chrooted into the share) and read-only shares are
+//! served with `--readonly`, so the guest cannot write them even as root.
+//!
+//! Dropping a [`Virtiofsd`] kills and reaps the daemon and removes its socket.
+
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use tokio::process::{Child, Command};
+
+/// Errors of starting a virtiofsd, named after the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtiofsdError {
+    /// No virtiofsd binary in PATH or `~/.cargo/bin`.
+    #[error("virtiofsd not found in PATH or ~/.cargo/bin (run `make virtiofsd`)")]
+    NotFound,
+    /// The shared directory is not a directory.
+    #[error("shared directory {0} does not exist or is not a directory")]
+    SharedDir(PathBuf),
+    /// Binding the vhost-user socket failed.
+    #[error("binding the vhost-user socket {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting the process failed.
+    #[error("spawning {binary}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Finds virtiofsd: `PATH` first, then `~/.cargo/bin` (where
+/// `cargo install virtiofsd` puts it).
+pub fn find_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let home = std::env::var_os("HOME").unwrap_or_else(|| OsString::from("/root"));
+    std::env::split_paths(&path)
+        .chain(std::iter::once(Path::new(&home).join(".cargo/bin")))
+        .map(|dir| dir.join("virtiofsd"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The arguments for one daemon (after the binary), given the inherited
+/// listening descriptor. Pure, so it is tested without a daemon.
+pub fn args(shared_dir: &Path, fd: i32, read_only: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--shared-dir".into(),
+        shared_dir.into(),
+        "--fd".into(),
+        fd.to_string().into(),
+        "--sandbox".into(),
+        "namespace".into(),
+        // Nothing but the guest changes a share while the VM runs, so the
+        // guest may cache everything. A read-only share is never written.
+        "--cache".into(),
+        if read_only { "always" } else { "auto" }.into(),
+        "--log-level".into(),
+        "error".into(),
+    ];
+    if read_only {
+        args.push("--readonly".into());
+    }
+    args
+}
+
+/// A running virtiofsd serving one share.
+#[derive(Debug)]
+pub struct Virtiofsd {
+    child: Option<Child>,
+    socket: PathBuf,
+    shared_dir: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts a daemon for `shared_dir` on a new socket at `socket`, with the
+    /// binary from [`find_binary`].
+    pub async fn spawn(
+        shared_dir: &Path,
+        socket: &Path,
+        read_only: bool,
+    ) -> Result<Self, VirtiofsdError> {
+        let binary = find_binary().ok_or(VirtiofsdError::NotFound)?;
+        Self::spawn_with(&binary, shared_dir, socket, read_only)
+    }
+
+    /// Starts `binary` for `shared_dir` on a new socket at `socket`.
+    pub fn spawn_with(
+        binary: &Path,
+        shared_dir: &Path,
+        socket: &Path,
+        read_only: bool,
+    ) -> Result<Self, VirtiofsdError> {
+        if !shared_dir.is_dir() {
+            return Err(VirtiofsdError::SharedDir(shared_dir.to_path_buf()));
+        }
+        let bind_err = |source| VirtiofsdError::Bind {
+            path: socket.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(socket).map_err(bind_err)?;
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new(binary);
+        cmd.args(args(shared_dir, fd, read_only))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls fcntl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Let the listening socket survive exec (std opens it CLOEXEC).
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| VirtiofsdError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+        // The daemon holds its own copy of the listener now.
+        drop(listener);
+        Ok(Self {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            shared_dir: shared_dir.to_path_buf(),
+        })
+    }
+
+    /// The vhost-user socket the VMM connects to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Resolves when the daemon exits, with a sentence saying so. A daemon
+    /// exits when its VM disconnects; before that, it means the share is gone.
+    pub async fn exited(&mut self) -> String {
+        let status = match self.child.as_mut() {
+            Some(child) => child.wait().await,
+            None => {
+                return format!(
+                    "virtiofsd for {} was already stopped",
+                    self.shared_dir.display()
+                )
+            }
+        };
+        match status {
+            Ok(status) => format!(
+                "virtiofsd for {} exited ({})",
+                self.shared_dir.display(),
+                describe(status)
+            ),
+            Err(e) => format!(
+                "virtiofsd for {}: waiting failed: {e}",
+                self.shared_dir.display()
+            ),
+        }
+    }
+
+    /// Kills the daemon and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGKILL, then reap: a killed daemon exits at once, so the short
+            // blocking wait is bounded; tokio's reaper handles it otherwise.
+            let _ = child.start_kill();
+            for _ in 0..100 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_shares_are_readonly_and_fully_cached() {
+        let a: Vec<String> = args(Path::new("/s"), 7, true)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            a,
+            [
+                "--shared-dir",
+                "/s",
+                "--fd",
+                "7",
+                "--sandbox",
+                "namespace",
+                "--cache",
+                "always",
+                "--log-level",
+                "error",
+                "--readonly"
+            ]
+        );
+        let rw: Vec<String> = args(Path::new("/s"), 7, false)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert!(!rw.contains(&"--readonly".to_string()));
+        assert!(rw.windows(2).any(|w| w == ["--cache", "auto"]));
+    }
+
+    #[tokio::test]
+    async fn socket_accepts_at_once_and_drop_kills_the_daemon() {
+        let Some(binary) = find_binary() else {
+            eprintln!("SKIPPED: socket_accepts_at_once_and_drop_kills_the_daemon because virtiofsd is not installed");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let socket = dir.path().join("fs.sock");
+        let daemon = Virtiofsd::spawn_with(&binary, &share, &socket, true).unwrap();
+        let pid = daemon.pid().unwrap();
+        // Connecting must work immediately: the socket was bound before spawn.
+        let conn = std::os::unix::net::UnixStream::connect(&socket);
+        assert!(conn.is_ok(), "{conn:?}");
+        drop(conn);
+        drop(daemon);
+        assert!(!socket.exists(), "socket left behind");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "virtiofsd {pid} still exists after drop"
+        );
+    }
+
+    #[test]
+    fn refuses_a_missing_shared_dir() {
+        let err = Virtiofsd::spawn_with(
+            Path::new("/bin/true"),
+            Path::new("/nonexistent/x"),
+            Path::new("/tmp/x.sock"),
+            true,
+        )
+        .unwrap_err();
+        assert!(matches!(err, VirtiofsdError::SharedDir(_)), "{err}");
+    }
+}
