@@ -76,7 +76,9 @@ pub enum DerivationError {
         found: String,
     },
     /// A backslash escape Nix never writes.
-    #[error("at byte {pos}: unknown escape {found} in string (Nix writes only \\\" \\\\ \\n \\r \\t)")]
+    #[error(
+        "at byte {pos}: unknown escape {found} in string (Nix writes only \\\" \\\\ \\n \\r \\t)"
+    )]
     Escape {
         /// Byte offset of the backslash.
         pos: usize,
@@ -137,11 +139,7 @@ impl Derivation {
     /// Whether this is a fixed-output derivation: a single output `out`
     /// whose hash is given (Nix then allows network access).
     pub fn is_fixed_output(&self) -> bool {
-        self.outputs.len() == 1
-            && self
-                .outputs
-                .get("out")
-                .is_some_and(|o| !o.hash.is_empty())
+        self.outputs.len() == 1 && self.outputs.get("out").is_some_and(|o| !o.hash.is_empty())
     }
 
     /// Whether the derivation asks for structured attributes (`__json`).
@@ -386,7 +384,11 @@ impl Parser<'_> {
     }
 
     fn literal(&mut self, lit: &[u8], expected: &'static str) -> Result<(), DerivationError> {
-        if self.input.get(self.pos..).is_some_and(|rest| rest.starts_with(lit)) {
+        if self
+            .input
+            .get(self.pos..)
+            .is_some_and(|rest| rest.starts_with(lit))
+        {
             self.pos += lit.len();
             Ok(())
         } else {
@@ -447,6 +449,7 @@ fn duplicate(pos: usize, what: &'static str, key: String) -> DerivationError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

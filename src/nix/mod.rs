@@ -7,7 +7,9 @@
 //! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`.
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
 
+pub mod build_request;
 pub mod derivation;
+pub mod nar;
 pub mod nixbase32;
 pub mod store_path;
 

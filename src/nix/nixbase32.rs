@@ -69,12 +69,14 @@ pub fn decode(s: &str) -> Result<Vec<u8>, DecodeError> {
     }
     let mut out = vec![0u8; len];
     for (index, c) in s.bytes().enumerate() {
-        let digit = ALPHABET.iter().position(|a| *a == c).ok_or_else(|| {
-            DecodeError::InvalidCharacter {
-                index,
-                found: s[index..].chars().next().unwrap_or('\u{fffd}'),
-            }
-        })?;
+        let digit =
+            ALPHABET
+                .iter()
+                .position(|a| *a == c)
+                .ok_or_else(|| DecodeError::InvalidCharacter {
+                    index,
+                    found: s[index..].chars().next().unwrap_or('\u{fffd}'),
+                })?;
         let digit = digit as u16;
         let n = s.len() - 1 - index;
         let bit = n * 5;
@@ -109,15 +111,15 @@ pub fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], DecodeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
     #[test]
     fn known_vectors() {
         // sha256("") as `nix-hash --type sha256 --to-base32` prints it.
-        let empty =
-            hex::decode("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-                .unwrap();
+        let empty = hex::decode("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            .unwrap();
         assert_eq!(
             encode(&empty),
             "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"

@@ -92,12 +92,11 @@ impl StorePath {
             return Err(StorePathError::TooShort(basename.to_owned()));
         }
         let (hash_part, rest) = basename.split_at(HASH_PART_LEN);
-        let hash = nixbase32::decode_fixed::<20>(hash_part).map_err(|source| {
-            StorePathError::Hash {
+        let hash =
+            nixbase32::decode_fixed::<20>(hash_part).map_err(|source| StorePathError::Hash {
                 basename: basename.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         let name = rest
             .strip_prefix('-')
             .ok_or_else(|| StorePathError::MissingDash(basename.to_owned()))?;
@@ -202,6 +201,7 @@ impl PartialOrd for StorePath {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

@@ -1,0 +1,291 @@
+//! A derivation as a `snix.build.v1.BuildRequest`, set up the way Nix 2.8
+//! runs it in its sandbox (PROTOCOL.md §4), so the builder sees the same
+//! argv, environment, working directory and files under kiln as under Nix.
+//!
+//! The environment follows Nix's `initEnv` step by step, because the order
+//! decides who wins a clash:
+//! 1. `PATH=/path-not-set`, `HOME=/homeless-shelter`, `NIX_STORE=/nix/store`,
+//!    `NIX_BUILD_CORES=<n>`: defaults the derivation may override;
+//! 2. the derivation's variables, except those named in `passAsFile`: each
+//!    of those becomes a file `/build/.attr-<nixbase32 sha256 of its name>`
+//!    and a variable `<name>Path` pointing there;
+//! 3. `NIX_BUILD_TOP`, `TMPDIR`, `TEMPDIR`, `TMP`, `TEMP`, `PWD` = `/build`;
+//! 4. fixed-output derivations only: `NIX_OUTPUT_CHECKED=1` and the
+//!    variables listed in `impureEnvVars`, taken from the caller;
+//! 5. `NIX_LOG_FD=2` and `TERM=xterm-256color`.
+//!
+//! Outputs are listed in output-name order (`out` of a one-output
+//! derivation, else e.g. `dev` before `out`), not sorted by path: index `i`
+//! of the response is then output `i` of the derivation, which is what
+//! current snix clients send; kiln's executor accepts both orders
+//! (PROTOCOL.md §2).
+//!
+//! `/bin/sh`: Nix provides only what its `sandbox-paths` setting lists.
+//! Debian's `nix-bin` (2.8) is built without a sandbox shell, so that list
+//! is empty and builds see no `/bin` at all; [`RequestOptions::default`]
+//! mirrors that with `provide_bin_sh = false`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sha2::{Digest, Sha256};
+
+use super::derivation::Derivation;
+use super::nixbase32;
+use super::store_path::StorePath;
+use crate::castore::wire::WireNode;
+use crate::castore::{Node, PathComponent};
+use crate::proto::{snix_build, snix_castore};
+
+/// Where Nix puts the build directory inside the sandbox.
+pub const BUILD_DIR: &str = "/build";
+
+/// Settings that come from the Nix configuration rather than the derivation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestOptions {
+    /// `NIX_BUILD_CORES` (Nix's `cores` setting; 0 there means "all").
+    pub build_cores: u32,
+    /// Whether the sandbox gets a static `/bin/sh`.
+    pub provide_bin_sh: bool,
+    /// Values for `impureEnvVars` of fixed-output derivations (Nix takes
+    /// them from its own environment; unset ones become empty).
+    pub impure_env: BTreeMap<String, String>,
+}
+
+impl Default for RequestOptions {
+    /// All cores of this machine, no `/bin/sh`, no impure variables.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            build_cores: u32::try_from(cores).unwrap_or(u32::MAX),
+            provide_bin_sh: false,
+            impure_env: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a derivation cannot be turned into a build request.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildRequestError {
+    /// `__structuredAttrs` derivations need `.attrs.json`/`.attrs.sh`,
+    /// which kiln does not write yet.
+    #[error("derivations with structured attributes (__json) are not supported")]
+    StructuredAttrs,
+    /// A floating content-addressed output has no path before the build.
+    #[error("output {0:?} has no store path (content-addressed derivations are not supported)")]
+    FloatingOutput(String),
+    /// A direct input of the derivation is missing from the given inputs.
+    #[error("input {0} is not among the imported inputs")]
+    MissingInput(String),
+    /// An input's store basename is not a valid castore name.
+    #[error("input {path} cannot be named in the castore")]
+    InputName {
+        /// The store path.
+        path: String,
+        /// Why the name is rejected.
+        #[source]
+        source: crate::castore::ValidationError,
+    },
+    /// A variable name the build protocol cannot carry (empty, `=` or NUL).
+    #[error("environment variable name {0:?} is empty or holds `=` or NUL")]
+    VariableName(String),
+    /// A variable value holding NUL, which no process environment can carry.
+    #[error("environment variable {0:?} holds a NUL byte")]
+    VariableValue(String),
+}
+
+/// Builds the request for `drv`. `inputs` maps every store path the build
+/// needs (the closure of its input sources and of the used outputs of its
+/// input derivations) to its castore node; `outputs_of` gives, for each
+/// input derivation, the paths of its outputs.
+pub fn build_request(
+    drv: &Derivation,
+    inputs: &BTreeMap<StorePath, Node>,
+    outputs_of: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    options: &RequestOptions,
+) -> Result<snix_build::BuildRequest, BuildRequestError> {
+    if drv.has_structured_attrs() {
+        return Err(BuildRequestError::StructuredAttrs);
+    }
+    check_inputs(drv, inputs, outputs_of)?;
+    let outputs = output_paths(drv)?;
+    let (environment, additional_files) = environment(drv, options)?;
+    let mut command_args = vec![drv.builder.clone()];
+    command_args.extend(drv.arguments.iter().cloned());
+    Ok(snix_build::BuildRequest {
+        inputs: wire_inputs(inputs)?,
+        command_args,
+        working_dir: "build".to_owned(),
+        scratch_paths: vec!["build".to_owned(), "nix/store".to_owned()],
+        inputs_dir: "nix/store".to_owned(),
+        outputs: outputs
+            .iter()
+            .map(|p| format!("nix/store/{}", p.basename()))
+            .collect(),
+        environment_vars: environment
+            .into_iter()
+            .map(|(key, value)| snix_build::build_request::EnvVar {
+                key,
+                value: value.into(),
+            })
+            .collect(),
+        constraints: Some(snix_build::build_request::BuildConstraints {
+            system: drv.system.clone(),
+            min_memory: 0,
+            available_ro_paths: Vec::new(),
+            network_access: drv.is_fixed_output(),
+            provide_bin_sh: options.provide_bin_sh,
+        }),
+        additional_files,
+        refscan_needles: needles(&outputs, inputs.keys()),
+    })
+}
+
+/// The derivation's output paths, in output-name order.
+pub fn output_paths(drv: &Derivation) -> Result<Vec<StorePath>, BuildRequestError> {
+    drv.outputs
+        .iter()
+        .map(|(name, output)| {
+            output
+                .path
+                .clone()
+                .ok_or_else(|| BuildRequestError::FloatingOutput(name.clone()))
+        })
+        .collect()
+}
+
+/// The name of the file a `passAsFile` attribute is written to, inside the
+/// build directory: `.attr-<nixbase32 of sha256(name)>`.
+pub fn pass_as_file_name(attribute: &str) -> String {
+    let digest: [u8; 32] = Sha256::digest(attribute.as_bytes()).into();
+    format!(".attr-{}", nixbase32::encode(&digest))
+}
+
+fn check_inputs(
+    drv: &Derivation,
+    inputs: &BTreeMap<StorePath, Node>,
+    outputs_of: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+) -> Result<(), BuildRequestError> {
+    let missing = |what: String| Err(BuildRequestError::MissingInput(what));
+    for source in &drv.input_sources {
+        if !inputs.contains_key(source) {
+            return missing(source.to_string());
+        }
+    }
+    for (input_drv, names) in &drv.input_derivations {
+        for name in names {
+            match outputs_of.get(input_drv).and_then(|o| o.get(name)) {
+                Some(path) if inputs.contains_key(path) => {}
+                Some(path) => return missing(path.to_string()),
+                None => return missing(format!("output {name:?} of {input_drv}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+type Environment = BTreeMap<String, Vec<u8>>;
+
+fn environment(
+    drv: &Derivation,
+    options: &RequestOptions,
+) -> Result<(Environment, Vec<snix_build::build_request::AdditionalFile>), BuildRequestError> {
+    let mut env = Environment::new();
+    let set = |env: &mut Environment, key: &str, value: &str| {
+        env.insert(key.to_owned(), value.as_bytes().to_vec());
+    };
+    set(&mut env, "PATH", "/path-not-set");
+    set(&mut env, "HOME", "/homeless-shelter");
+    set(&mut env, "NIX_STORE", "/nix/store");
+    set(
+        &mut env,
+        "NIX_BUILD_CORES",
+        &options.build_cores.to_string(),
+    );
+
+    let pass_as_file: BTreeSet<String> = drv
+        .environment
+        .get("passAsFile")
+        .map(|names| {
+            String::from_utf8_lossy(names)
+                .split([' ', '\t', '\n', '\r'])
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut files = Vec::new();
+    for (key, value) in &drv.environment {
+        if pass_as_file.contains(key) {
+            let file = pass_as_file_name(key);
+            files.push(snix_build::build_request::AdditionalFile {
+                path: format!("build/{file}"),
+                contents: value.clone().into(),
+            });
+            set(
+                &mut env,
+                &format!("{key}Path"),
+                &format!("{BUILD_DIR}/{file}"),
+            );
+        } else {
+            env.insert(key.clone(), value.clone());
+        }
+    }
+
+    for key in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        set(&mut env, key, BUILD_DIR);
+    }
+    if drv.is_fixed_output() {
+        set(&mut env, "NIX_OUTPUT_CHECKED", "1");
+        let impure = drv.environment.get("impureEnvVars");
+        let impure = impure.map(|v| String::from_utf8_lossy(v).into_owned());
+        for key in impure.iter().flat_map(|v| v.split_whitespace()) {
+            let value = options.impure_env.get(key).map_or("", String::as_str);
+            set(&mut env, key, value);
+        }
+    }
+    set(&mut env, "NIX_LOG_FD", "2");
+    set(&mut env, "TERM", "xterm-256color");
+
+    for (key, value) in &env {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(BuildRequestError::VariableName(key.clone()));
+        }
+        if value.contains(&0) {
+            return Err(BuildRequestError::VariableValue(key.clone()));
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((env, files))
+}
+
+fn wire_inputs(
+    inputs: &BTreeMap<StorePath, Node>,
+) -> Result<Vec<snix_castore::Entry>, BuildRequestError> {
+    inputs
+        .iter()
+        .map(|(path, node)| {
+            let name = PathComponent::try_from(path.basename().as_str()).map_err(|source| {
+                BuildRequestError::InputName {
+                    path: path.to_string(),
+                    source,
+                }
+            })?;
+            Ok(snix_castore::Entry::from_named(&name, node))
+        })
+        .collect()
+}
+
+/// Hash parts to scan outputs for: the outputs first (needle `i` is output
+/// `i`), then every input, without repeats.
+fn needles<'a>(
+    outputs: &'a [StorePath],
+    inputs: impl Iterator<Item = &'a StorePath>,
+) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    outputs
+        .iter()
+        .chain(inputs)
+        .map(StorePath::hash_part)
+        .filter(|h| seen.insert(h.clone()))
+        .collect()
+}
