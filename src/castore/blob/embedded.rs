@@ -1,0 +1,280 @@
+//! The embedded blob store: one read-only file per blob under the data dir.
+//!
+//! Layout (`<hex>` is the digest in lowercase hex):
+//! - `blobs/<hex[0..2]>/<hex>`: the blob, mode 0444;
+//! - `blobs-x/<hex[0..2]>/<hex>`: an executable variant (mode 0555), made by
+//!   copy on first use, so materialised executables can be hardlinks too;
+//! - `blobs-tmp/`: blobs being written.
+//!
+//! A blob is written to a temporary file in `blobs-tmp/` (same filesystem),
+//! hashed while written, fsynced, made read-only and renamed to its digest:
+//! a blob file is never visible half-written, and its name is always the
+//! digest of its contents.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempPath;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::{hash_file_blocking, BlobError, BlobReader, BlobService, StoredBlob, CHUNK_SIZE};
+use crate::castore::digest::B3Digest;
+
+const BLOB_MODE: u32 = 0o444;
+const EXECUTABLE_MODE: u32 = 0o555;
+
+/// Blobs as files under a data dir.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBlobService {
+    blobs: PathBuf,
+    executables: PathBuf,
+    tmp: PathBuf,
+}
+
+impl EmbeddedBlobService {
+    /// Opens (creating if needed) the blob store under `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
+        let store = EmbeddedBlobService {
+            blobs: data_dir.join("blobs"),
+            executables: data_dir.join("blobs-x"),
+            tmp: data_dir.join("blobs-tmp"),
+        };
+        for dir in [&store.blobs, &store.executables, &store.tmp] {
+            fs::create_dir_all(dir).map_err(|source| BlobError::CreateStore {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(store)
+    }
+
+    /// Where the blob lives (whether or not it is stored).
+    pub fn blob_path(&self, digest: &B3Digest) -> PathBuf {
+        shard_path(&self.blobs, digest)
+    }
+
+    fn executable_path(&self, digest: &B3Digest) -> PathBuf {
+        shard_path(&self.executables, digest)
+    }
+
+    fn new_temp_file(&self) -> Result<(fs::File, TempPath), BlobError> {
+        let file = tempfile::Builder::new()
+            .prefix("put-")
+            .tempfile_in(&self.tmp)
+            .map_err(BlobError::Write)?;
+        Ok(file.into_parts())
+    }
+
+    /// Copies `path` to a temporary file, checks it still hashes to
+    /// `expected` and moves it into place. Blocking.
+    fn copy_in(&self, path: &Path, expected: StoredBlob) -> Result<StoredBlob, BlobError> {
+        let (file, tmp) = self.new_temp_file()?;
+        drop(file);
+        fs::copy(path, &tmp).map_err(|source| BlobError::HashFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let copied = hash_file_blocking(&tmp)?;
+        if copied != expected {
+            return Err(BlobError::Changed {
+                path: path.to_owned(),
+                first: expected.digest,
+                second: copied.digest,
+            });
+        }
+        sync_file(&tmp).map_err(BlobError::Write)?;
+        persist(
+            tmp,
+            &self.blob_path(&expected.digest),
+            BLOB_MODE,
+            &expected.digest,
+        )?;
+        Ok(copied)
+    }
+
+    /// Takes `path` over: renames it into place when on the same filesystem,
+    /// copies otherwise. Blocking.
+    fn move_in(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+        let hashed = hash_file_blocking(path)?;
+        let target = self.blob_path(&hashed.digest);
+        let persist_err = |source| BlobError::Persist {
+            digest: hashed.digest,
+            source,
+        };
+        if target.exists() {
+            fs::remove_file(path).map_err(persist_err)?;
+            return Ok(hashed);
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(BLOB_MODE)).map_err(persist_err)?;
+        sync_file(path).map_err(persist_err)?;
+        create_shard(&target).map_err(persist_err)?;
+        match fs::rename(path, &target) {
+            Ok(()) => {
+                sync_parent(&target).map_err(persist_err)?;
+                Ok(hashed)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let stored = self.copy_in(path, hashed)?;
+                fs::remove_file(path).map_err(persist_err)?;
+                Ok(stored)
+            }
+            Err(e) => Err(persist_err(e)),
+        }
+    }
+
+    /// Makes the executable variant by copying the blob. Blocking.
+    fn make_executable(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
+        let target = self.executable_path(digest);
+        if target.exists() {
+            return Ok(Some(target));
+        }
+        let source = self.blob_path(digest);
+        if !source.exists() {
+            return Ok(None);
+        }
+        let (file, tmp) = self.new_temp_file()?;
+        drop(file);
+        fs::copy(&source, &tmp).map_err(|source| BlobError::Open {
+            digest: *digest,
+            source,
+        })?;
+        sync_file(&tmp).map_err(BlobError::Write)?;
+        persist(tmp, &target, EXECUTABLE_MODE, digest)?;
+        Ok(Some(target))
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobService for EmbeddedBlobService {
+    async fn has(&self, digest: &B3Digest) -> Result<bool, BlobError> {
+        tokio::fs::try_exists(self.blob_path(digest))
+            .await
+            .map_err(|source| BlobError::Open {
+                digest: *digest,
+                source,
+            })
+    }
+
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<BlobReader>, BlobError> {
+        let open_err = |source| BlobError::Open {
+            digest: *digest,
+            source,
+        };
+        let file = match tokio::fs::File::open(self.blob_path(digest)).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(open_err(e)),
+        };
+        let size = file.metadata().await.map_err(open_err)?.len();
+        Ok(Some(BlobReader {
+            reader: Box::pin(file),
+            size: Some(size),
+        }))
+    }
+
+    async fn put(
+        &self,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<StoredBlob, BlobError> {
+        let (file, tmp) = self.new_temp_file()?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(BlobError::ReadSource)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).await.map_err(BlobError::Write)?;
+        }
+        file.sync_all().await.map_err(BlobError::Write)?;
+        drop(file);
+        let stored = StoredBlob {
+            digest: hasher.finalize().into(),
+            size: hasher.count(),
+        };
+        let target = self.blob_path(&stored.digest);
+        tokio::task::spawn_blocking(move || persist(tmp, &target, BLOB_MODE, &stored.digest))
+            .await
+            .map_err(BlobError::Task)??;
+        Ok(stored)
+    }
+
+    fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
+        let path = self.blob_path(digest);
+        path.exists().then_some(path)
+    }
+
+    async fn local_executable_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
+        let store = self.clone();
+        let digest = *digest;
+        tokio::task::spawn_blocking(move || store.make_executable(&digest))
+            .await
+            .map_err(BlobError::Task)?
+    }
+
+    async fn put_file(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+        let store = self.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let hashed = hash_file_blocking(&path)?;
+            if store.blob_path(&hashed.digest).exists() {
+                return Ok(hashed);
+            }
+            store.copy_in(&path, hashed)
+        })
+        .await
+        .map_err(BlobError::Task)?
+    }
+
+    async fn put_file_moving(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+        let store = self.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || store.move_in(&path))
+            .await
+            .map_err(BlobError::Task)?
+    }
+}
+
+fn shard_path(root: &Path, digest: &B3Digest) -> PathBuf {
+    let hex = digest.to_hex();
+    root.join(&hex[..2]).join(hex)
+}
+
+fn create_shard(target: &Path) -> io::Result<()> {
+    match target.parent() {
+        Some(parent) => fs::create_dir_all(parent),
+        None => Ok(()),
+    }
+}
+
+fn sync_file(path: &Path) -> io::Result<()> {
+    fs::File::open(path)?.sync_all()
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) => fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Sets the mode of the finished temporary file and renames it to `target`.
+/// If the target already exists (same digest, so same bytes) the temporary
+/// file is simply dropped.
+fn persist(tmp: TempPath, target: &Path, mode: u32, digest: &B3Digest) -> Result<(), BlobError> {
+    let persist_err = |source| BlobError::Persist {
+        digest: *digest,
+        source,
+    };
+    if target.exists() {
+        return Ok(());
+    }
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(persist_err)?;
+    create_shard(target).map_err(persist_err)?;
+    tmp.persist(target).map_err(|e| persist_err(e.error))?;
+    sync_parent(target).map_err(persist_err)
+}

@@ -1,0 +1,210 @@
+//! Blob storage: the [`BlobService`] trait and its backends.
+//!
+//! - [`embedded`]: files under the data dir, the default.
+//! - [`grpc`]: another kiln (or any tvix/snix castore) over gRPC.
+//!
+//! A blob is addressed by the BLAKE3 digest of its bytes. Backends never
+//! hold a whole blob in memory: puts stream, reads stream.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use tokio::io::AsyncRead;
+
+use super::digest::B3Digest;
+use super::errors::ValidationError;
+
+pub mod embedded;
+pub mod grpc;
+mod verify;
+
+pub use verify::VerifyingReader;
+
+/// Size of the read buffer and of the chunks sent over gRPC.
+pub const CHUNK_SIZE: usize = 64 * 1024;
+
+/// A blob being read.
+pub struct BlobReader {
+    /// The bytes; remote readers fail at the end if they do not match the digest.
+    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    /// Length in bytes, when the backend knows it up front (local backends do;
+    /// the gRPC protocol does not announce it).
+    pub size: Option<u64>,
+}
+
+/// What a put stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// BLAKE3 of the bytes.
+    pub digest: B3Digest,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// A failed blob operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// Creating the store's directories failed.
+    #[error("creating blob store directory {path}")]
+    CreateStore {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a new blob to a temporary file failed.
+    #[error("writing a new blob")]
+    Write(#[source] io::Error),
+    /// Reading the bytes to put failed.
+    #[error("reading the bytes to store")]
+    ReadSource(#[source] io::Error),
+    /// Moving a verified blob into place failed.
+    #[error("storing blob {digest}")]
+    Persist {
+        /// The blob.
+        digest: B3Digest,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or inspecting a stored blob failed.
+    #[error("opening blob {digest}")]
+    Open {
+        /// The blob.
+        digest: B3Digest,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or hashing a host file to ingest failed.
+    #[error("hashing {path}")]
+    HashFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A host file changed between hashing and storing it.
+    #[error("{path} changed while being stored (hashed {first}, stored copy {second})")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// Digest before copying.
+        first: B3Digest,
+        /// Digest of the copy.
+        second: B3Digest,
+    },
+    /// The remote store answered a different digest than the bytes sent.
+    #[error("remote stored digest {remote}, but the bytes sent hash to {local}")]
+    DigestMismatch {
+        /// What the remote said.
+        remote: B3Digest,
+        /// What kiln computed.
+        local: B3Digest,
+    },
+    /// A background task (hashing, file IO) died.
+    #[error("blob store task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// A remote Stat call failed.
+    #[error("remote blob stat")]
+    RemoteStat(#[source] tonic::Status),
+    /// A remote Read call failed.
+    #[error("remote blob read")]
+    RemoteRead(#[source] tonic::Status),
+    /// A remote Put call failed.
+    #[error("remote blob put")]
+    RemotePut(#[source] tonic::Status),
+    /// The remote answered a malformed digest.
+    #[error("remote answered an invalid digest")]
+    RemoteDigest(#[source] ValidationError),
+}
+
+/// Where blobs live.
+#[async_trait::async_trait]
+pub trait BlobService: Send + Sync {
+    /// Whether the blob is stored.
+    async fn has(&self, digest: &B3Digest) -> Result<bool, BlobError>;
+
+    /// Opens the blob for reading; `None` if it is not stored.
+    async fn open_read(&self, digest: &B3Digest) -> Result<Option<BlobReader>, BlobError>;
+
+    /// Stores the bytes of `reader`, streaming, and returns their digest.
+    async fn put(
+        &self,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<StoredBlob, BlobError>;
+
+    /// The path of the stored blob on this host (read-only, mode 0444), so
+    /// callers can hardlink it instead of copying; `None` for remote stores
+    /// or when the blob is not stored.
+    fn local_path(&self, _digest: &B3Digest) -> Option<PathBuf> {
+        None
+    }
+
+    /// Like [`BlobService::local_path`], for an executable copy (mode 0555),
+    /// created on first use.
+    async fn local_executable_path(
+        &self,
+        _digest: &B3Digest,
+    ) -> Result<Option<PathBuf>, BlobError> {
+        Ok(None)
+    }
+
+    /// Stores a host file, leaving it untouched. The default hashes it
+    /// locally first and skips the upload when the store already has it.
+    async fn put_file(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+        let hashed = hash_file(path.to_owned()).await?;
+        if self.has(&hashed.digest).await? {
+            return Ok(hashed);
+        }
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| BlobError::HashFile {
+                path: path.to_owned(),
+                source,
+            })?;
+        let stored = self.put(&mut file).await?;
+        if stored != hashed {
+            return Err(BlobError::Changed {
+                path: path.to_owned(),
+                first: hashed.digest,
+                second: stored.digest,
+            });
+        }
+        Ok(stored)
+    }
+
+    /// Stores a host file the caller gives up (a build output). Backends that
+    /// can, take the file over without copying its bytes; afterwards the path
+    /// may or may not still exist. The default copies like
+    /// [`BlobService::put_file`].
+    async fn put_file_moving(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+        self.put_file(path).await
+    }
+}
+
+/// Hashes a host file without reading it into memory (memory-mapped and
+/// hashed on the rayon pool when large), on a blocking thread.
+pub async fn hash_file(path: PathBuf) -> Result<StoredBlob, BlobError> {
+    tokio::task::spawn_blocking(move || hash_file_blocking(&path))
+        .await
+        .map_err(BlobError::Task)?
+}
+
+/// [`hash_file`] for callers already on a blocking thread.
+pub fn hash_file_blocking(path: &Path) -> Result<StoredBlob, BlobError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap_rayon(path)
+        .map_err(|source| BlobError::HashFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(StoredBlob {
+        digest: hasher.finalize().into(),
+        size: hasher.count(),
+    })
+}

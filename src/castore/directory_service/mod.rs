@@ -1,0 +1,111 @@
+//! Directory storage: the [`DirectoryService`] trait and its backends.
+//!
+//! - [`redb`]: an embedded `redb` database under the data dir, the default.
+//! - [`grpc`]: another kiln (or any tvix/snix castore) over gRPC.
+//!
+//! The store is closed under references: a directory is only accepted when
+//! every child directory it names is already stored (or comes earlier in the
+//! same batch), so a stored root always has its whole tree.
+
+use std::path::PathBuf;
+
+use futures::stream::BoxStream;
+
+use super::digest::B3Digest;
+use super::directory::Directory;
+use super::errors::ValidationError;
+
+pub mod grpc;
+pub mod redb;
+
+/// A failed directory operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// Opening or creating the database failed.
+    #[error("opening directory database {path}")]
+    OpenDatabase {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ::redb::Error,
+    },
+    /// Reading from the database failed.
+    #[error("reading the directory database")]
+    ReadDatabase(#[source] ::redb::Error),
+    /// Writing to the database failed.
+    #[error("writing the directory database")]
+    WriteDatabase(#[source] ::redb::Error),
+    /// A stored directory no longer decodes.
+    #[error("stored directory {digest} does not decode")]
+    CorruptEncoding {
+        /// Its key.
+        digest: B3Digest,
+        /// Why.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A stored directory decodes but breaks a castore rule.
+    #[error("stored directory {digest} is invalid")]
+    CorruptDirectory {
+        /// Its key.
+        digest: B3Digest,
+        /// Why.
+        #[source]
+        source: ValidationError,
+    },
+    /// The directory is not stored.
+    #[error("directory {0} not found")]
+    NotFound(B3Digest),
+    /// A directory to put names a child directory that is not stored.
+    #[error("directory {parent} refers to unknown directory {child}")]
+    UnknownChild {
+        /// The directory being put.
+        parent: B3Digest,
+        /// The missing child.
+        child: B3Digest,
+    },
+    /// A put with no directories.
+    #[error("no directories to put")]
+    EmptyBatch,
+    /// A background database task died.
+    #[error("directory database task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// A remote Get call failed.
+    #[error("remote directory get")]
+    RemoteGet(#[source] tonic::Status),
+    /// A remote Put call failed.
+    #[error("remote directory put")]
+    RemotePut(#[source] tonic::Status),
+    /// The remote sent a directory breaking a castore rule.
+    #[error("remote sent an invalid directory")]
+    RemoteInvalid(#[source] ValidationError),
+    /// The remote sent a directory that was not asked for.
+    #[error("remote sent directory {0}, which was not asked for")]
+    RemoteUnexpected(B3Digest),
+}
+
+/// Where directories live.
+#[async_trait::async_trait]
+pub trait DirectoryService: Send + Sync {
+    /// One directory; `None` if it is not stored.
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError>;
+
+    /// The directory and everything below it: root first, then breadth-first,
+    /// each distinct directory once. A missing root or child ends the stream
+    /// with [`DirectoryError::NotFound`].
+    fn get_recursive(
+        &self,
+        root: &B3Digest,
+    ) -> BoxStream<'static, Result<Directory, DirectoryError>>;
+
+    /// Stores directories given leaves first (each one's children already
+    /// stored or earlier in the batch), all or nothing; answers the digest
+    /// of the last one, the root.
+    async fn put_many(&self, directories: Vec<Directory>) -> Result<B3Digest, DirectoryError>;
+
+    /// Stores one directory whose children are already stored.
+    async fn put(&self, directory: Directory) -> Result<B3Digest, DirectoryError> {
+        self.put_many(vec![directory]).await
+    }
+}

@@ -1,0 +1,184 @@
+//! The embedded directory store: a `redb` database file mapping a digest to
+//! the directory's canonical encoding. Every put is one write transaction,
+//! so a batch is stored all or nothing.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use prost::Message;
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{DirectoryError, DirectoryService};
+use crate::castore::digest::B3Digest;
+use crate::castore::directory::Directory;
+use crate::proto::tvix_castore;
+
+const DIRECTORIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("directories");
+
+/// Directories in a `redb` file.
+#[derive(Clone)]
+pub struct RedbDirectoryService {
+    db: Arc<Database>,
+}
+
+impl RedbDirectoryService {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, DirectoryError> {
+        let open_err = |source: redb::Error| DirectoryError::OpenDatabase {
+            path: path.to_owned(),
+            source,
+        };
+        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        txn.open_table(DIRECTORIES)
+            .map_err(|e| open_err(e.into()))?;
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        Ok(RedbDirectoryService { db: Arc::new(db) })
+    }
+
+    fn get_blocking(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError> {
+        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(e);
+        let txn = self.db.begin_read().map_err(|e| read_err(e.into()))?;
+        let table = txn
+            .open_table(DIRECTORIES)
+            .map_err(|e| read_err(e.into()))?;
+        read_directory(&table, digest)
+    }
+
+    /// Breadth-first from `root`, sending each directory; stops when the
+    /// receiver goes away.
+    fn walk_blocking(
+        &self,
+        root: B3Digest,
+        out: tokio::sync::mpsc::Sender<Result<Directory, DirectoryError>>,
+    ) {
+        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(e);
+        let table = self
+            .db
+            .begin_read()
+            .map_err(|e| read_err(e.into()))
+            .and_then(|txn| txn.open_table(DIRECTORIES).map_err(|e| read_err(e.into())));
+        let table = match table {
+            Ok(table) => table,
+            Err(e) => {
+                let _ = out.blocking_send(Err(e));
+                return;
+            }
+        };
+        let mut queue = VecDeque::from([root]);
+        let mut seen = HashSet::from([root]);
+        while let Some(digest) = queue.pop_front() {
+            let item = match read_directory(&table, &digest) {
+                Ok(Some(directory)) => {
+                    for child in directory.child_directories() {
+                        if seen.insert(child) {
+                            queue.push_back(child);
+                        }
+                    }
+                    Ok(directory)
+                }
+                Ok(None) => Err(DirectoryError::NotFound(digest)),
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if out.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    fn put_many_blocking(&self, directories: Vec<Directory>) -> Result<B3Digest, DirectoryError> {
+        let write_err = |e: redb::Error| DirectoryError::WriteDatabase(e);
+        let txn = self.db.begin_write().map_err(|e| write_err(e.into()))?;
+        let mut root = None;
+        {
+            let mut table = txn
+                .open_table(DIRECTORIES)
+                .map_err(|e| write_err(e.into()))?;
+            let mut batch = HashSet::new();
+            for directory in &directories {
+                let digest = directory.digest();
+                for child in directory.child_directories() {
+                    let known = batch.contains(&child)
+                        || table
+                            .get(child.as_bytes().as_slice())
+                            .map_err(|e| write_err(e.into()))?
+                            .is_some();
+                    if !known {
+                        return Err(DirectoryError::UnknownChild {
+                            parent: digest,
+                            child,
+                        });
+                    }
+                }
+                table
+                    .insert(digest.as_bytes().as_slice(), directory.encode().as_slice())
+                    .map_err(|e| write_err(e.into()))?;
+                batch.insert(digest);
+                root = Some(digest);
+            }
+        }
+        let root = root.ok_or(DirectoryError::EmptyBatch)?;
+        txn.commit().map_err(|e| write_err(e.into()))?;
+        Ok(root)
+    }
+}
+
+fn read_directory(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    digest: &B3Digest,
+) -> Result<Option<Directory>, DirectoryError> {
+    let Some(guard) = table
+        .get(digest.as_bytes().as_slice())
+        .map_err(|e| DirectoryError::ReadDatabase(e.into()))?
+    else {
+        return Ok(None);
+    };
+    let wire = tvix_castore::Directory::decode(guard.value()).map_err(|source| {
+        DirectoryError::CorruptEncoding {
+            digest: *digest,
+            source,
+        }
+    })?;
+    let directory =
+        Directory::try_from(wire).map_err(|source| DirectoryError::CorruptDirectory {
+            digest: *digest,
+            source,
+        })?;
+    Ok(Some(directory))
+}
+
+#[async_trait::async_trait]
+impl DirectoryService for RedbDirectoryService {
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError> {
+        let store = self.clone();
+        let digest = *digest;
+        tokio::task::spawn_blocking(move || store.get_blocking(&digest))
+            .await
+            .map_err(DirectoryError::Task)?
+    }
+
+    fn get_recursive(
+        &self,
+        root: &B3Digest,
+    ) -> BoxStream<'static, Result<Directory, DirectoryError>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let store = self.clone();
+        let root = *root;
+        tokio::task::spawn_blocking(move || store.walk_blocking(root, sender));
+        Box::pin(ReceiverStream::new(receiver))
+    }
+
+    async fn put_many(&self, directories: Vec<Directory>) -> Result<B3Digest, DirectoryError> {
+        if directories.is_empty() {
+            return Err(DirectoryError::EmptyBatch);
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.put_many_blocking(directories))
+            .await
+            .map_err(DirectoryError::Task)?
+    }
+}

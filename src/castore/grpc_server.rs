@@ -1,0 +1,267 @@
+//! Thin wrappers turning any [`Store`] into the castore gRPC services, under
+//! both package names (`tvix.castore.v1` and `snix.castore.v1`).
+//!
+//! The wire messages of the two packages are converted to the domain types
+//! right here; the shared handlers below only see validated values. Bad
+//! digests answer `INVALID_ARGUMENT` naming the problem, unknown blobs and
+//! directories answer `NOT_FOUND` naming the digest.
+
+use std::error::Error;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt};
+use tokio_util::io::{ReaderStream, StreamReader};
+use tonic::transport::server::Router;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::blob::{BlobError, CHUNK_SIZE};
+use super::digest::B3Digest;
+use super::directory::Directory;
+use super::directory_service::DirectoryError;
+use super::errors::ValidationError;
+use super::Store;
+use crate::proto::{snix_castore, tvix_castore};
+
+/// The four castore services over one store, ready to add to a tonic server.
+pub struct CastoreServices {
+    /// `tvix.castore.v1.BlobService`.
+    pub tvix_blobs: tvix_castore::blob_service_server::BlobServiceServer<BlobServiceWrapper>,
+    /// `tvix.castore.v1.DirectoryService`.
+    pub tvix_directories:
+        tvix_castore::directory_service_server::DirectoryServiceServer<DirectoryServiceWrapper>,
+    /// `snix.castore.v1.BlobService`.
+    pub snix_blobs: snix_castore::blob_service_server::BlobServiceServer<BlobServiceWrapper>,
+    /// `snix.castore.v1.DirectoryService`.
+    pub snix_directories:
+        snix_castore::directory_service_server::DirectoryServiceServer<DirectoryServiceWrapper>,
+}
+
+impl CastoreServices {
+    /// Adds all four services to a tonic router.
+    pub fn add_to(self, router: Router) -> Router {
+        router
+            .add_service(self.tvix_blobs)
+            .add_service(self.tvix_directories)
+            .add_service(self.snix_blobs)
+            .add_service(self.snix_directories)
+    }
+}
+
+/// The castore gRPC services serving `store`.
+pub fn grpc_services(store: Store) -> CastoreServices {
+    let blobs = BlobServiceWrapper {
+        store: store.clone(),
+    };
+    let directories = DirectoryServiceWrapper { store };
+    CastoreServices {
+        tvix_blobs: tvix_castore::blob_service_server::BlobServiceServer::new(blobs.clone()),
+        tvix_directories: tvix_castore::directory_service_server::DirectoryServiceServer::new(
+            directories.clone(),
+        ),
+        snix_blobs: snix_castore::blob_service_server::BlobServiceServer::new(blobs),
+        snix_directories: snix_castore::directory_service_server::DirectoryServiceServer::new(
+            directories,
+        ),
+    }
+}
+
+/// Serves `BlobService` (both packages) from a store.
+#[derive(Clone)]
+pub struct BlobServiceWrapper {
+    store: Store,
+}
+
+/// Serves `DirectoryService` (both packages) from a store.
+#[derive(Clone)]
+pub struct DirectoryServiceWrapper {
+    store: Store,
+}
+
+fn invalid(error: ValidationError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+fn parse_digest(bytes: &Bytes) -> Result<B3Digest, Status> {
+    B3Digest::try_from(bytes).map_err(|e| invalid(e.within("digest")))
+}
+
+/// The error and its causes on one line.
+fn chain(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn blob_status(error: BlobError) -> Status {
+    match error {
+        BlobError::ReadSource(_) => Status::cancelled(chain(&error)),
+        _ => Status::internal(chain(&error)),
+    }
+}
+
+fn directory_status(error: DirectoryError) -> Status {
+    match error {
+        DirectoryError::NotFound(_) => Status::not_found(error.to_string()),
+        DirectoryError::UnknownChild { .. } | DirectoryError::EmptyBatch => {
+            Status::invalid_argument(error.to_string())
+        }
+        _ => Status::internal(chain(&error)),
+    }
+}
+
+async fn stat_blob(store: &Store, digest: &Bytes) -> Result<(), Status> {
+    let digest = parse_digest(digest)?;
+    match store.blobs.has(&digest).await.map_err(blob_status)? {
+        true => Ok(()),
+        false => Err(Status::not_found(format!("blob {digest} not found"))),
+    }
+}
+
+async fn read_blob(
+    store: &Store,
+    digest: &Bytes,
+) -> Result<impl Stream<Item = Result<Bytes, Status>> + Send + 'static, Status> {
+    let digest = parse_digest(digest)?;
+    let blob = store.blobs.open_read(&digest).await.map_err(blob_status)?;
+    let blob = blob.ok_or_else(|| Status::not_found(format!("blob {digest} not found")))?;
+    let chunks = ReaderStream::with_capacity(blob.reader, CHUNK_SIZE);
+    Ok(chunks.map_err(move |e| Status::internal(format!("reading blob {digest}: {e}"))))
+}
+
+async fn put_blob(
+    store: &Store,
+    chunks: impl Stream<Item = Result<Bytes, Status>> + Send + Unpin,
+) -> Result<B3Digest, Status> {
+    let mut reader = StreamReader::new(chunks.map_err(std::io::Error::other));
+    let stored = store.blobs.put(&mut reader).await.map_err(blob_status)?;
+    Ok(stored.digest)
+}
+
+async fn get_directories(
+    store: &Store,
+    digest: Option<&Bytes>,
+    recursive: bool,
+) -> Result<BoxStream<'static, Result<Directory, Status>>, Status> {
+    let digest =
+        digest.ok_or_else(|| Status::invalid_argument("by_what: not set, want a digest"))?;
+    let digest = parse_digest(digest)?;
+    if !recursive {
+        let directory = store
+            .directories
+            .get(&digest)
+            .await
+            .map_err(directory_status)?;
+        let directory =
+            directory.ok_or_else(|| directory_status(DirectoryError::NotFound(digest)))?;
+        return Ok(Box::pin(futures::stream::once(async { Ok(directory) })));
+    }
+    let mut directories = store.directories.get_recursive(&digest);
+    // A missing root is the call's status, not an error inside the stream.
+    let first = match directories.next().await {
+        Some(first) => first.map_err(directory_status)?,
+        None => return Err(directory_status(DirectoryError::NotFound(digest))),
+    };
+    let rest = directories.map_err(directory_status);
+    Ok(Box::pin(
+        futures::stream::once(async { Ok(first) }).chain(rest),
+    ))
+}
+
+async fn put_directories(
+    store: &Store,
+    directories: impl Stream<Item = Result<Result<Directory, ValidationError>, Status>> + Send + Unpin,
+) -> Result<B3Digest, Status> {
+    let mut batch = Vec::new();
+    let mut directories = directories.enumerate();
+    while let Some((index, received)) = directories.next().await {
+        let directory = received?.map_err(|e| invalid(e.within(format!("directory #{index}"))))?;
+        batch.push(directory);
+    }
+    if batch.is_empty() {
+        return Err(Status::invalid_argument("no directories sent"));
+    }
+    store
+        .directories
+        .put_many(batch)
+        .await
+        .map_err(directory_status)
+}
+
+macro_rules! package_services {
+    ($pkg:ident) => {
+        #[tonic::async_trait]
+        impl $pkg::blob_service_server::BlobService for BlobServiceWrapper {
+            async fn stat(
+                &self,
+                request: Request<$pkg::StatBlobRequest>,
+            ) -> Result<Response<$pkg::StatBlobResponse>, Status> {
+                // No chunking and no bao: an empty answer means "present".
+                stat_blob(&self.store, &request.into_inner().digest).await?;
+                Ok(Response::new($pkg::StatBlobResponse::default()))
+            }
+
+            type ReadStream = BoxStream<'static, Result<$pkg::BlobChunk, Status>>;
+
+            async fn read(
+                &self,
+                request: Request<$pkg::ReadBlobRequest>,
+            ) -> Result<Response<Self::ReadStream>, Status> {
+                let chunks = read_blob(&self.store, &request.into_inner().digest).await?;
+                Ok(Response::new(Box::pin(
+                    chunks.map_ok(|data| $pkg::BlobChunk { data }),
+                )))
+            }
+
+            async fn put(
+                &self,
+                request: Request<Streaming<$pkg::BlobChunk>>,
+            ) -> Result<Response<$pkg::PutBlobResponse>, Status> {
+                let chunks = request.into_inner().map_ok(|chunk| chunk.data);
+                let digest = put_blob(&self.store, chunks).await?;
+                Ok(Response::new($pkg::PutBlobResponse {
+                    digest: digest.to_bytes(),
+                }))
+            }
+        }
+
+        #[tonic::async_trait]
+        impl $pkg::directory_service_server::DirectoryService for DirectoryServiceWrapper {
+            type GetStream = BoxStream<'static, Result<$pkg::Directory, Status>>;
+
+            async fn get(
+                &self,
+                request: Request<$pkg::GetDirectoryRequest>,
+            ) -> Result<Response<Self::GetStream>, Status> {
+                let request = request.into_inner();
+                let digest = request.by_what.map(|by_what| match by_what {
+                    $pkg::get_directory_request::ByWhat::Digest(digest) => digest,
+                });
+                let directories =
+                    get_directories(&self.store, digest.as_ref(), request.recursive).await?;
+                Ok(Response::new(Box::pin(
+                    directories.map_ok(|directory| $pkg::Directory::from(&directory)),
+                )))
+            }
+
+            async fn put(
+                &self,
+                request: Request<Streaming<$pkg::Directory>>,
+            ) -> Result<Response<$pkg::PutDirectoryResponse>, Status> {
+                let directories = request.into_inner().map_ok(Directory::try_from);
+                let root = put_directories(&self.store, directories).await?;
+                Ok(Response::new($pkg::PutDirectoryResponse {
+                    root_digest: root.to_bytes(),
+                }))
+            }
+        }
+    };
+}
+
+package_services!(tvix_castore);
+package_services!(snix_castore);

@@ -1,0 +1,207 @@
+//! Conversions between the domain types and both wire packages,
+//! `tvix.castore.v1` (`Node`, `DirectoryNode`, …) and `snix.castore.v1`
+//! (`Entry`, `DirectoryEntry`, …). The two are identical on the wire; one
+//! macro writes the field copies for both, all checking happens in
+//! [`super::directory`] and [`super::node`].
+
+use super::directory::{Directory, RawEntry, RawNode};
+use super::errors::{show, ValidationError, Violation};
+use super::node::{Node, PathComponent};
+use crate::proto::{snix_castore, tvix_castore};
+
+/// A wire node message (`tvix.castore.v1.Node` or `snix.castore.v1.Entry`):
+/// a name plus one of directory, file or symlink.
+pub trait WireNode: Sized {
+    /// Validates a named node (e.g. a build input): the name must be a valid
+    /// [`PathComponent`].
+    fn try_into_named(self) -> Result<(PathComponent, Node), ValidationError>;
+    /// Validates an anonymous node (e.g. a build output): the name must be empty.
+    fn try_into_anonymous(self) -> Result<Node, ValidationError>;
+    /// The wire message for `node` called `name`.
+    fn from_named(name: &PathComponent, node: &Node) -> Self;
+    /// The wire message for `node` with an empty name.
+    fn from_anonymous(node: &Node) -> Self;
+}
+
+macro_rules! wire_conversions {
+    ($pkg:ident, $oneof:ident, $field:ident, $Wrapper:ident, $Dir:ident, $File:ident, $Sym:ident) => {
+        impl TryFrom<$pkg::Directory> for Directory {
+            type Error = ValidationError;
+
+            fn try_from(wire: $pkg::Directory) -> Result<Self, Self::Error> {
+                let directories = wire.directories.into_iter().map(|d| RawEntry {
+                    name: d.name,
+                    kind: RawNode::Directory {
+                        digest: d.digest,
+                        size: d.size,
+                    },
+                });
+                let files = wire.files.into_iter().map(|f| RawEntry {
+                    name: f.name,
+                    kind: RawNode::File {
+                        digest: f.digest,
+                        size: f.size,
+                        executable: f.executable,
+                    },
+                });
+                let symlinks = wire.symlinks.into_iter().map(|s| RawEntry {
+                    name: s.name,
+                    kind: RawNode::Symlink { target: s.target },
+                });
+                Directory::from_wire_lists([
+                    ("directories", directories.collect()),
+                    ("files", files.collect()),
+                    ("symlinks", symlinks.collect()),
+                ])
+            }
+        }
+
+        impl From<&Directory> for $pkg::Directory {
+            fn from(directory: &Directory) -> Self {
+                let mut wire = $pkg::Directory::default();
+                for (name, node) in directory.nodes() {
+                    let name = name.to_bytes();
+                    match node.clone() {
+                        Node::Directory { digest, size } => wire.directories.push($pkg::$Dir {
+                            name,
+                            digest: digest.to_bytes(),
+                            size,
+                        }),
+                        Node::File {
+                            digest,
+                            size,
+                            executable,
+                        } => wire.files.push($pkg::$File {
+                            name,
+                            digest: digest.to_bytes(),
+                            size,
+                            executable,
+                        }),
+                        Node::Symlink { target } => wire.symlinks.push($pkg::$Sym {
+                            name,
+                            target: target.to_bytes(),
+                        }),
+                    }
+                }
+                wire
+            }
+        }
+
+        impl WireNode for $pkg::$Wrapper {
+            fn try_into_named(self) -> Result<(PathComponent, Node), ValidationError> {
+                let (name, raw) = split(self)?;
+                let name =
+                    PathComponent::try_from(name).map_err(|e| e.within("name").within(raw.0))?;
+                Ok((name, validate(raw)?))
+            }
+
+            fn try_into_anonymous(self) -> Result<Node, ValidationError> {
+                let (name, raw) = split(self)?;
+                if !name.is_empty() {
+                    let violation = Violation::NameNotEmpty(show(&name));
+                    return Err(ValidationError::new(violation).within("name").within(raw.0));
+                }
+                validate(raw)
+            }
+
+            fn from_named(name: &PathComponent, node: &Node) -> Self {
+                wrap(name.to_bytes(), node)
+            }
+
+            fn from_anonymous(node: &Node) -> Self {
+                wrap(bytes::Bytes::new(), node)
+            }
+        }
+
+        /// The name and the raw node of a wire node, with the oneof variant's
+        /// field name for error paths.
+        fn split(
+            wire: $pkg::$Wrapper,
+        ) -> Result<(bytes::Bytes, (&'static str, RawNode)), ValidationError> {
+            use $pkg::$oneof::$Wrapper as Kind;
+            match wire.$field {
+                None => Err(ValidationError::new(Violation::NodeUnset).within(stringify!($field))),
+                Some(Kind::Directory(d)) => Ok((
+                    d.name,
+                    (
+                        "directory",
+                        RawNode::Directory {
+                            digest: d.digest,
+                            size: d.size,
+                        },
+                    ),
+                )),
+                Some(Kind::File(f)) => Ok((
+                    f.name,
+                    (
+                        "file",
+                        RawNode::File {
+                            digest: f.digest,
+                            size: f.size,
+                            executable: f.executable,
+                        },
+                    ),
+                )),
+                Some(Kind::Symlink(s)) => {
+                    Ok((s.name, ("symlink", RawNode::Symlink { target: s.target })))
+                }
+            }
+        }
+
+        fn validate((kind, raw): (&'static str, RawNode)) -> Result<Node, ValidationError> {
+            raw.validate().map_err(|e| e.within(kind))
+        }
+
+        fn wrap(name: bytes::Bytes, node: &Node) -> $pkg::$Wrapper {
+            use $pkg::$oneof::$Wrapper as Kind;
+            let kind = match node.clone() {
+                Node::Directory { digest, size } => Kind::Directory($pkg::$Dir {
+                    name,
+                    digest: digest.to_bytes(),
+                    size,
+                }),
+                Node::File {
+                    digest,
+                    size,
+                    executable,
+                } => Kind::File($pkg::$File {
+                    name,
+                    digest: digest.to_bytes(),
+                    size,
+                    executable,
+                }),
+                Node::Symlink { target } => Kind::Symlink($pkg::$Sym {
+                    name,
+                    target: target.to_bytes(),
+                }),
+            };
+            $pkg::$Wrapper { $field: Some(kind) }
+        }
+    };
+}
+
+mod tvix {
+    use super::*;
+    wire_conversions!(
+        tvix_castore,
+        node,
+        node,
+        Node,
+        DirectoryNode,
+        FileNode,
+        SymlinkNode
+    );
+}
+
+mod snix {
+    use super::*;
+    wire_conversions!(
+        snix_castore,
+        entry,
+        entry,
+        Entry,
+        DirectoryEntry,
+        FileEntry,
+        SymlinkEntry
+    );
+}
