@@ -39,7 +39,9 @@ pub mod config;
 pub use config::{vm_config, ConfigError};
 
 /// Kernel modules a guest on cloud-hypervisor loads, in load order: virtio
-/// over PCI, virtiofs, and the virtio console the agent talks on. (Nested
+/// over PCI, virtiofs, and the virtio console the agent talks on. The order
+/// follows the modules' `depends=` (`virtio` needs `virtio_ring`; `virtio_pci`
+/// needs both `virtio_pci_*_dev`). (Nested
 /// virtualisation adds `irqbypass`, `kvm` and `kvm_intel`/`kvm_amd`, as on
 /// every backend.)
 pub const GUEST_MODULES: &[&str] = &[
@@ -97,6 +99,10 @@ impl VmRunner for CloudHypervisorRunner {
 
     fn accel(&self) -> &'static str {
         "kvm"
+    }
+
+    fn guest_modules(&self) -> &'static [&'static str] {
+        GUEST_MODULES
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {

@@ -1,0 +1,674 @@
+//! `kiln doctor`: what this host can do for kiln, one line per fact, each
+//! with what to do about it.
+//!
+//! [`doctor`] detects the host ([`HostFacts::detect`]), asks the same
+//! [`select()`] the server uses which VMM and acceleration the given flags
+//! lead to, checks the guest artifacts, prints the result and returns it as a
+//! [`DoctorReport`] (so tests and callers can look at single checks).
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::guest_image::Artifacts;
+use crate::vmm::cloud_hypervisor;
+use crate::vmm::host::{
+    kvm_usable, select, Accel, AccelChoice, DevKvm, HostFacts, KvmKind, SelectError, Selection,
+    Tool, Vmm, VmmChoice,
+};
+use crate::vmm::MMIO_GUEST_MODULES;
+
+/// Errors of `kiln doctor`.
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    /// Writing the report failed.
+    #[error("printing the report")]
+    Print(#[source] std::io::Error),
+}
+
+/// What to examine: the same settings `kiln serve` would run with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DoctorOptions {
+    /// `--vmm`.
+    pub vmm: VmmChoice,
+    /// `--accel`.
+    pub accel: AccelChoice,
+    /// The configured guest kernel is PVM-enabled.
+    pub kernel_is_pvm: bool,
+    /// Kernel, modules, agent and busybox.
+    pub artifacts: Artifacts,
+    /// Where the server caches base initramfs images (`base-*.cpio`).
+    pub image_cache_dir: Option<PathBuf>,
+}
+
+/// How one fact bears on running builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Worth knowing, nothing to do.
+    Info,
+    /// Builds work, but slower or with less than they could.
+    Warn,
+    /// Builds cannot run until this is fixed.
+    Fail,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Self::Ok => "ok",
+            Self::Info => "info",
+            Self::Warn => "WARN",
+            Self::Fail => "FAIL",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was looked at (`kvm`, `nested`, `qemu`, ...).
+    pub topic: &'static str,
+    /// How it bears on builds.
+    pub status: Status,
+    /// What was found.
+    pub finding: String,
+    /// What to do about it, when there is something to do.
+    pub advice: Option<String>,
+}
+
+/// Everything `kiln doctor` found.
+#[derive(Debug, Clone)]
+pub struct DoctorReport {
+    /// The detected host.
+    pub facts: HostFacts,
+    /// What the flags select on this host, or why they cannot work.
+    pub selection: Result<Selection, SelectError>,
+    /// One entry per line printed, in order.
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// The check about `topic`.
+    pub fn check(&self, topic: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.topic == topic)
+    }
+
+    /// True when nothing stops builds from running.
+    pub fn ready(&self) -> bool {
+        self.checks.iter().all(|c| c.status != Status::Fail)
+    }
+}
+
+impl fmt::Display for DoctorReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            writeln!(
+                f,
+                "{:<5} {:<17} {}",
+                check.status, check.topic, check.finding
+            )?;
+            if let Some(advice) = &check.advice {
+                writeln!(f, "{:<23} -> {advice}", "")?;
+            }
+        }
+        let verdict = if self.ready() {
+            "builds can run on this host"
+        } else {
+            "builds cannot run until the FAIL lines are fixed"
+        };
+        writeln!(f, "{verdict}")
+    }
+}
+
+/// Detects the host, prints the report to `out` and returns it.
+pub async fn doctor(
+    opts: &DoctorOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<DoctorReport, DoctorError> {
+    let facts = HostFacts::detect().await;
+    let report = assess(facts, opts);
+    write!(out, "{report}").map_err(DoctorError::Print)?;
+    Ok(report)
+}
+
+/// The report for a host with `facts` (reads only the artifact files).
+pub fn assess(facts: HostFacts, opts: &DoctorOptions) -> DoctorReport {
+    let selection = select(opts.vmm, opts.accel, &facts, opts.kernel_is_pvm);
+    let mut checks = vec![
+        kvm_check(&facts, opts.kernel_is_pvm),
+        nested_check(&facts, selection.as_ref().ok()),
+        qemu_check(&facts, selection.as_ref().ok()),
+        cloud_hypervisor_check(&facts, opts.kernel_is_pvm),
+        virtiofsd_check(&facts),
+    ];
+    checks.extend(artifact_checks(
+        &opts.artifacts,
+        opts.image_cache_dir.as_deref(),
+        selection.as_ref().ok(),
+    ));
+    checks.push(selection_check(opts, &selection));
+    DoctorReport {
+        facts,
+        selection,
+        checks,
+    }
+}
+
+fn check(topic: &'static str, status: Status, finding: String, advice: Option<&str>) -> Check {
+    Check {
+        topic,
+        status,
+        finding,
+        advice: advice.map(str::to_owned),
+    }
+}
+
+fn kvm_check(facts: &HostFacts, kernel_is_pvm: bool) -> Check {
+    let dev = match &facts.dev_kvm {
+        DevKvm::Usable => "/dev/kvm opens".to_owned(),
+        DevKvm::Missing => "/dev/kvm is missing".to_owned(),
+        DevKvm::Unusable(e) => format!("/dev/kvm does not open ({e})"),
+    };
+    let finding = format!("{}; {dev}", facts.kvm);
+    match (facts.kvm, kvm_usable(facts, kernel_is_pvm)) {
+        (_, Ok(())) => check("kvm", Status::Ok, finding, None),
+        (KvmKind::Pvm, Err(_)) if !kernel_is_pvm => check(
+            "kvm",
+            Status::Warn,
+            format!("{finding}; PVM only runs PVM-enabled guest kernels and the configured one is stock, so this host counts as having no hardware KVM"),
+            Some("builds fall back to QEMU's software emulation (TCG); for KVM speed run kiln on a host with VT-x/AMD-V (kvm_intel/kvm_amd), or configure a PVM-enabled guest kernel"),
+        ),
+        (KvmKind::None, Err(_)) => check(
+            "kvm",
+            Status::Warn,
+            finding,
+            Some("if the CPU has VT-x/AMD-V (grep -E 'vmx|svm' /proc/cpuinfo), `modprobe kvm_intel` or `modprobe kvm_amd`; otherwise builds run under TCG"),
+        ),
+        (_, Err(_)) => check(
+            "kvm",
+            Status::Warn,
+            finding,
+            Some("run kiln as root or give its user access to /dev/kvm (the kvm group); until then builds run under TCG"),
+        ),
+    }
+}
+
+fn nested_check(facts: &HostFacts, selection: Option<&Selection>) -> Check {
+    let under_tcg = selection.is_some_and(|s| s.accel == Accel::Tcg);
+    match (facts.kvm, facts.nested) {
+        (KvmKind::Hardware { vendor }, Some(true)) => check(
+            "nested",
+            Status::Ok,
+            format!("kvm_{vendor} allows nested virtualisation: builds may ask for /dev/kvm"),
+            None,
+        ),
+        (KvmKind::Hardware { vendor }, nested) => check(
+            "nested",
+            Status::Warn,
+            format!(
+                "kvm_{vendor} nested={}: builds asking for /dev/kvm are refused",
+                if nested.is_some() { "off" } else { "unknown" }
+            ),
+            Some(&format!(
+                "modprobe -r kvm_{vendor} && modprobe kvm_{vendor} nested=1 (persist it in /etc/modprobe.d)"
+            )),
+        ),
+        (_, _) if under_tcg => check(
+            "nested",
+            Status::Info,
+            "no nested virtualisation from the host KVM, but under TCG the emulated CPU offers VMX/SVM: builds asking for /dev/kvm get a (slow) nested KVM".to_owned(),
+            None,
+        ),
+        (_, _) => check(
+            "nested",
+            Status::Warn,
+            format!("{} offers no nested virtualisation: builds asking for /dev/kvm are refused", facts.kvm),
+            Some("use --accel tcg (emulated VMX/SVM) or a host with kvm_intel/kvm_amd nested=1"),
+        ),
+    }
+}
+
+fn describe_tool(tool: &Tool) -> String {
+    match &tool.version {
+        Some(version) => format!("{} ({version})", tool.path.display()),
+        None => format!("{} (its --version failed)", tool.path.display()),
+    }
+}
+
+fn qemu_check(facts: &HostFacts, selection: Option<&Selection>) -> Check {
+    match &facts.qemu {
+        Some(tool) => check("qemu", Status::Ok, describe_tool(tool), None),
+        None => {
+            let needed = !selection.is_some_and(|s| s.vmm == Vmm::CloudHypervisor);
+            check(
+                "qemu",
+                if needed { Status::Fail } else { Status::Info },
+                "qemu-system-x86_64 not found".to_owned(),
+                Some("apt-get install qemu-system-x86 (or `make deps`)"),
+            )
+        }
+    }
+}
+
+fn cloud_hypervisor_check(facts: &HostFacts, kernel_is_pvm: bool) -> Check {
+    match (&facts.cloud_hypervisor, kvm_usable(facts, kernel_is_pvm)) {
+        (Some(tool), Ok(())) => check("cloud-hypervisor", Status::Ok, describe_tool(tool), None),
+        (Some(tool), Err(_)) => check(
+            "cloud-hypervisor",
+            Status::Info,
+            format!("{}; unused here: it needs hardware KVM", describe_tool(tool)),
+            None,
+        ),
+        (None, Ok(())) => check(
+            "cloud-hypervisor",
+            Status::Info,
+            "not installed: builds use QEMU with KVM".to_owned(),
+            Some("for the production backend put a cloud-hypervisor release binary on PATH (it is not packaged in Debian)"),
+        ),
+        (None, Err(_)) => check(
+            "cloud-hypervisor",
+            Status::Info,
+            "not installed, and not usable here anyway: it needs hardware KVM".to_owned(),
+            None,
+        ),
+    }
+}
+
+fn virtiofsd_check(facts: &HostFacts) -> Check {
+    match &facts.virtiofsd {
+        Some(tool) => check("virtiofsd", Status::Ok, describe_tool(tool), None),
+        None => check(
+            "virtiofsd",
+            Status::Fail,
+            "virtiofsd not found on PATH, in ~/.cargo/bin or /usr/libexec".to_owned(),
+            Some("apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd --locked (or `make deps`)"),
+        ),
+    }
+}
+
+fn artifact_checks(
+    artifacts: &Artifacts,
+    cache_dir: Option<&Path>,
+    selection: Option<&Selection>,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let vmlinux = artifacts.vmlinux();
+    let modules = module_names(&artifacts.modules_dir());
+    // The modules the selected backend's guests load; without a selection,
+    // those of every backend.
+    let needed: Vec<&str> = match selection.map(|s| s.vmm) {
+        Some(Vmm::CloudHypervisor) => cloud_hypervisor::GUEST_MODULES.to_vec(),
+        Some(Vmm::Qemu) => MMIO_GUEST_MODULES.to_vec(),
+        None => cloud_hypervisor::GUEST_MODULES
+            .iter()
+            .chain(MMIO_GUEST_MODULES)
+            .copied()
+            .collect(),
+    };
+    let missing: Vec<&str> = match &modules {
+        Some(names) => needed
+            .iter()
+            .copied()
+            .filter(|m| !names.iter().any(|n| n == m))
+            .collect(),
+        None => needed.clone(),
+    };
+    checks.push(match (file_size(&vmlinux), &modules) {
+        (Some(_), Some(_)) if !missing.is_empty() => check(
+            "guest kernel",
+            Status::Fail,
+            format!(
+                "{} lacks modules the guest needs: {}",
+                artifacts.modules_dir().display(),
+                missing.join(" ")
+            ),
+            Some("make kernel"),
+        ),
+        (Some(size), Some(names)) if !names.is_empty() => check(
+            "guest kernel",
+            Status::Ok,
+            format!(
+                "{} ({}), {} modules, version {}",
+                vmlinux.display(),
+                mib(size),
+                names.len(),
+                artifacts
+                    .kernel_version()
+                    .unwrap_or_else(|| "unrecorded".into())
+            ),
+            None,
+        ),
+        (Some(_), _) => check(
+            "guest kernel",
+            Status::Fail,
+            format!("{} has no modules", artifacts.modules_dir().display()),
+            Some("make kernel"),
+        ),
+        (None, _) => check(
+            "guest kernel",
+            Status::Fail,
+            format!("{} not found", vmlinux.display()),
+            Some("make kernel"),
+        ),
+    });
+    checks.push(file_check("guest agent", &artifacts.agent, "make agent"));
+    checks.push(file_check(
+        "busybox",
+        &artifacts.busybox,
+        "apt-get install busybox-static",
+    ));
+    checks.push(base_image_check(cache_dir));
+    checks
+}
+
+fn file_check(topic: &'static str, path: &Path, fix: &str) -> Check {
+    match file_size(path) {
+        Some(size) => check(
+            topic,
+            Status::Ok,
+            format!("{} ({})", path.display(), mib(size)),
+            None,
+        ),
+        None => check(
+            topic,
+            Status::Fail,
+            format!("{} not found", path.display()),
+            Some(fix),
+        ),
+    }
+}
+
+fn base_image_check(cache_dir: Option<&Path>) -> Check {
+    let Some(dir) = cache_dir else {
+        return check(
+            "base initramfs",
+            Status::Info,
+            "no image cache directory given; kiln builds the base image on first use".to_owned(),
+            None,
+        );
+    };
+    let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("base-") && n.ends_with(".cpio"))
+        })
+        .collect();
+    images.sort();
+    match images.as_slice() {
+        [] => check(
+            "base initramfs",
+            Status::Info,
+            format!(
+                "none cached in {} yet; kiln writes it on the first build",
+                dir.display()
+            ),
+            None,
+        ),
+        found => check(
+            "base initramfs",
+            Status::Ok,
+            format!("{} cached in {}", found.len(), dir.display()),
+            None,
+        ),
+    }
+}
+
+fn selection_check(opts: &DoctorOptions, selection: &Result<Selection, SelectError>) -> Check {
+    let flags = format!(
+        "--vmm {} --accel {}",
+        value_name(opts.vmm),
+        value_name(opts.accel)
+    );
+    match selection {
+        Ok(s) => check(
+            "selection",
+            if s.warning.is_some() {
+                Status::Warn
+            } else {
+                Status::Ok
+            },
+            format!("{flags} picks {} with {}: {}", s.vmm, s.accel, s.reason),
+            s.warning.as_deref(),
+        ),
+        Err(e) => check("selection", Status::Fail, format!("{flags}: {e}"), None),
+    }
+}
+
+/// The flag spelling of a clap value (`cloud-hypervisor`, `auto`).
+fn value_name(value: impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+fn file_size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+}
+
+fn module_names(dir: &Path) -> Option<Vec<String>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    Some(
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".ko")
+                    .map(str::to_owned)
+            })
+            .collect(),
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::host::CpuVendor;
+
+    fn tool(name: &str) -> Option<Tool> {
+        Some(Tool {
+            path: format!("/usr/bin/{name}").into(),
+            version: Some(format!("{name} 1.0")),
+        })
+    }
+
+    fn pvm_host() -> HostFacts {
+        HostFacts {
+            kvm: KvmKind::Pvm,
+            dev_kvm: DevKvm::Usable,
+            nested: None,
+            qemu: tool("qemu-system-x86_64"),
+            cloud_hypervisor: None,
+            virtiofsd: tool("virtiofsd"),
+        }
+    }
+
+    /// Artifacts in a temp dir: the kernel with `modules`, agent, busybox.
+    fn artifacts(dir: &Path, modules: &[&str]) -> Artifacts {
+        let a = Artifacts {
+            kernel_dir: dir.join("kernel"),
+            agent: dir.join("agent"),
+            busybox: dir.join("busybox"),
+        };
+        std::fs::create_dir_all(a.modules_dir()).unwrap();
+        std::fs::write(a.vmlinux(), vec![0u8; 2 << 20]).unwrap();
+        std::fs::write(a.kernel_dir.join("VERSION"), "linux-image-test 6.1\n").unwrap();
+        for m in modules {
+            std::fs::write(a.modules_dir().join(format!("{m}.ko")), b"ko").unwrap();
+        }
+        std::fs::write(&a.agent, b"agent").unwrap();
+        std::fs::write(&a.busybox, b"busybox").unwrap();
+        a
+    }
+
+    #[test]
+    fn pvm_host_with_nothing_built_explains_tcg_and_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = DoctorOptions {
+            artifacts: Artifacts {
+                kernel_dir: dir.path().join("kernel"),
+                agent: dir.path().join("agent"),
+                busybox: dir.path().join("busybox"),
+            },
+            ..DoctorOptions::default()
+        };
+        let report = assess(pvm_host(), &opts);
+
+        let kvm = report.check("kvm").unwrap();
+        assert_eq!(kvm.status, Status::Warn);
+        assert!(kvm.finding.contains("PVM"), "{}", kvm.finding);
+        assert!(kvm.advice.as_deref().unwrap().contains("TCG"));
+        let sel = report.selection.as_ref().unwrap();
+        assert_eq!((sel.vmm, sel.accel), (Vmm::Qemu, Accel::Tcg));
+        let line = report.check("selection").unwrap();
+        assert_eq!(line.status, Status::Warn);
+        assert!(
+            line.finding
+                .starts_with("--vmm auto --accel auto picks qemu with tcg"),
+            "{}",
+            line.finding
+        );
+        assert_eq!(report.check("nested").unwrap().status, Status::Info);
+        assert_eq!(report.check("guest kernel").unwrap().status, Status::Fail);
+        assert_eq!(
+            report.check("guest agent").unwrap().advice.as_deref(),
+            Some("make agent")
+        );
+        assert!(!report.ready());
+        let text = report.to_string();
+        assert!(text.contains("FAIL  guest kernel"), "{text}");
+        assert!(
+            text.ends_with("builds cannot run until the FAIL lines are fixed\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hardware_host_with_everything_is_ready_on_cloud_hypervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("images");
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::write(cache.join("base-0123.cpio"), b"").unwrap();
+        let opts = DoctorOptions {
+            artifacts: artifacts(dir.path(), cloud_hypervisor::GUEST_MODULES),
+            image_cache_dir: Some(cache),
+            ..DoctorOptions::default()
+        };
+        let facts = HostFacts {
+            kvm: KvmKind::Hardware {
+                vendor: CpuVendor::Amd,
+            },
+            nested: Some(true),
+            cloud_hypervisor: tool("cloud-hypervisor"),
+            ..pvm_host()
+        };
+        let report = assess(facts, &opts);
+        let bad: Vec<_> = report
+            .checks
+            .iter()
+            .filter(|c| !matches!(c.status, Status::Ok | Status::Info))
+            .collect();
+        assert!(bad.is_empty(), "{bad:#?}");
+        assert!(report.ready());
+        let sel = report.selection.as_ref().unwrap();
+        assert_eq!(sel.vmm, Vmm::CloudHypervisor);
+        let kernel = &report.check("guest kernel").unwrap().finding;
+        assert!(kernel.contains("version linux-image-test 6.1"), "{kernel}");
+        assert!(report
+            .check("base initramfs")
+            .unwrap()
+            .finding
+            .starts_with("1 cached"));
+    }
+
+    #[test]
+    fn missing_backend_modules_and_tools_fail_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        // Modules for virtio-mmio only; explicitly selecting cloud-hypervisor
+        // needs virtio_pci.
+        let opts = DoctorOptions {
+            vmm: VmmChoice::CloudHypervisor,
+            artifacts: artifacts(dir.path(), MMIO_GUEST_MODULES),
+            ..DoctorOptions::default()
+        };
+        let facts = HostFacts {
+            kvm: KvmKind::Hardware {
+                vendor: CpuVendor::Intel,
+            },
+            nested: Some(false),
+            cloud_hypervisor: tool("cloud-hypervisor"),
+            virtiofsd: None,
+            ..pvm_host()
+        };
+        let report = assess(facts, &opts);
+        let kernel = report.check("guest kernel").unwrap();
+        assert_eq!(kernel.status, Status::Fail);
+        assert!(kernel.finding.contains("virtio_pci"), "{}", kernel.finding);
+        assert_eq!(report.check("virtiofsd").unwrap().status, Status::Fail);
+        let nested = report.check("nested").unwrap();
+        assert_eq!(nested.status, Status::Warn);
+        assert!(nested.advice.as_deref().unwrap().contains("nested=1"));
+    }
+
+    #[test]
+    fn explicit_impossible_flags_fail_the_selection_line() {
+        let opts = DoctorOptions {
+            accel: AccelChoice::Kvm,
+            ..DoctorOptions::default()
+        };
+        let report = assess(pvm_host(), &opts);
+        let line = report.check("selection").unwrap();
+        assert_eq!(line.status, Status::Fail);
+        assert!(
+            line.finding.contains("--accel kvm needs hardware KVM"),
+            "{}",
+            line.finding
+        );
+    }
+
+    /// The real host. On the PVM machines kiln is developed on, auto must pick
+    /// QEMU with TCG and say why.
+    #[tokio::test]
+    async fn this_host() {
+        let opts = DoctorOptions::default();
+        let mut out = Vec::new();
+        let report = doctor(&opts, &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        eprintln!("{text}");
+        assert_eq!(text, report.to_string());
+        assert_eq!(
+            text.lines().count(),
+            report.checks.len() + report.checks.iter().filter(|c| c.advice.is_some()).count() + 1
+        );
+        if report.facts.kvm != KvmKind::Pvm {
+            eprintln!(
+                "SKIPPED: the PVM assertions of this_host, because this host's KVM is {}",
+                report.facts.kvm
+            );
+            return;
+        }
+        let sel = report
+            .selection
+            .as_ref()
+            .expect("QEMU is installed by make deps");
+        assert_eq!((sel.vmm, sel.accel), (Vmm::Qemu, Accel::Tcg));
+        assert!(sel.warning.is_some());
+        assert_eq!(report.check("kvm").unwrap().status, Status::Warn);
+        assert!(text.contains("PVM (kvm_pvm)"), "{text}");
+    }
+}
