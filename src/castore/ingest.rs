@@ -136,6 +136,16 @@ pub async fn ingest(store: &Store, path: &Path, mode: IngestMode) -> Result<Node
     Ok(node)
 }
 
+/// [`ingest`] in [`IngestMode::Copy`].
+pub async fn ingest_path(store: &Store, path: &Path) -> Result<Node, IngestError> {
+    ingest(store, path, IngestMode::Copy).await
+}
+
+/// [`ingest`] in [`IngestMode::Move`], for build outputs.
+pub async fn ingest_path_moving(store: &Store, path: &Path) -> Result<Node, IngestError> {
+    ingest(store, path, IngestMode::Move).await
+}
+
 /// Walks the tree at `path`, listing regular files in `files`. Blocking.
 fn scan(path: &Path, files: &mut Vec<PathBuf>) -> Result<Scanned, IngestError> {
     let inspect = |source| IngestError::Inspect {

@@ -90,6 +90,16 @@ impl MaterialiseError {
             _ => None,
         }
     }
+
+    /// [`MaterialiseError::missing_digest`] with the kind of thing missing
+    /// (`blob` or `directory`) and the digest in hex, for messages.
+    pub fn missing(&self) -> Option<(&'static str, String)> {
+        match self {
+            MaterialiseError::MissingDirectory(digest) => Some(("directory", digest.to_hex())),
+            MaterialiseError::MissingBlob(digest) => Some(("blob", digest.to_hex())),
+            _ => None,
+        }
+    }
 }
 
 /// A file still to place.

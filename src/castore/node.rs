@@ -31,6 +31,17 @@ impl PathComponent {
     pub fn to_bytes(&self) -> Bytes {
         self.0.clone()
     }
+
+    /// The name as an OS string, to join onto host paths.
+    pub fn to_os_str(&self) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(&self.0)
+    }
+}
+
+impl AsRef<[u8]> for PathComponent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl TryFrom<Bytes> for PathComponent {

@@ -152,7 +152,7 @@ macro_rules! wire_conversions {
             raw.validate().map_err(|e| e.within(kind))
         }
 
-        fn wrap(name: bytes::Bytes, node: &Node) -> $pkg::$Wrapper {
+        pub(super) fn wrap(name: bytes::Bytes, node: &Node) -> $pkg::$Wrapper {
             use $pkg::$oneof::$Wrapper as Kind;
             let kind = match node.clone() {
                 Node::Directory { digest, size } => Kind::Directory($pkg::$Dir {
@@ -204,4 +204,33 @@ mod snix {
         FileEntry,
         SymlinkEntry
     );
+}
+
+/// Shorthands for the build layer, which names nodes with raw bytes.
+impl Node {
+    /// Validates a named `tvix.castore.v1.Node`.
+    pub fn try_from_tvix_node(
+        wire: tvix_castore::Node,
+    ) -> Result<(PathComponent, Node), ValidationError> {
+        wire.try_into_named()
+    }
+
+    /// Validates a named `snix.castore.v1.Entry`.
+    pub fn try_from_snix_entry(
+        wire: snix_castore::Entry,
+    ) -> Result<(PathComponent, Node), ValidationError> {
+        wire.try_into_named()
+    }
+
+    /// This node as a `tvix.castore.v1.Node` called `name` (empty for an
+    /// anonymous node; not checked, the caller vouches for it).
+    pub fn to_tvix_node(&self, name: &[u8]) -> tvix_castore::Node {
+        tvix::wrap(bytes::Bytes::copy_from_slice(name), self)
+    }
+
+    /// This node as a `snix.castore.v1.Entry` called `name` (empty for an
+    /// anonymous node; not checked, the caller vouches for it).
+    pub fn to_snix_entry(&self, name: &[u8]) -> snix_castore::Entry {
+        snix::wrap(bytes::Bytes::copy_from_slice(name), self)
+    }
 }
