@@ -427,16 +427,21 @@ fn selection_check(opts: &DoctorOptions, selection: &Result<Selection, SelectErr
         value_name(opts.accel)
     );
     match selection {
-        Ok(s) => check(
-            "selection",
-            if s.warning.is_some() {
-                Status::Warn
-            } else {
-                Status::Ok
-            },
-            format!("{flags} picks {} with {}: {}", s.vmm, s.accel, s.reason),
-            s.warning.as_deref(),
-        ),
+        // A warning already says why; the reason would repeat it.
+        Ok(s) => match &s.warning {
+            Some(warning) => check(
+                "selection",
+                Status::Warn,
+                format!("{flags} picks {} with {}", s.vmm, s.accel),
+                Some(warning),
+            ),
+            None => check(
+                "selection",
+                Status::Ok,
+                format!("{flags} picks {} with {}: {}", s.vmm, s.accel, s.reason),
+                None,
+            ),
+        },
         Err(e) => check("selection", Status::Fail, format!("{flags}: {e}"), None),
     }
 }
