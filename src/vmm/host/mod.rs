@@ -17,6 +17,10 @@ use std::time::Duration;
 
 pub mod select;
 
+use super::cloud_hypervisor::CloudHypervisorRunner;
+use super::qemu::{self, QemuRunner};
+use super::VmRunner;
+
 pub use select::{
     kvm_usable, select, Accel, AccelChoice, NoKvm, SelectError, Selection, Vmm, VmmChoice,
 };
@@ -177,6 +181,28 @@ impl HostFacts {
     }
 }
 
+/// The backend `selection` names, using the binaries detection found (or the
+/// bare names, looked up in PATH, if `facts` lacks them).
+pub fn runner(selection: &Selection, facts: &HostFacts) -> Box<dyn VmRunner> {
+    let binary = |tool: &Option<Tool>, name: &str| {
+        tool.as_ref()
+            .map_or_else(|| PathBuf::from(name), |t| t.path.clone())
+    };
+    match selection.vmm {
+        Vmm::CloudHypervisor => Box::new(CloudHypervisorRunner::new(binary(
+            &facts.cloud_hypervisor,
+            CLOUD_HYPERVISOR_BINARY,
+        ))),
+        Vmm::Qemu => Box::new(QemuRunner {
+            accel: match selection.accel {
+                Accel::Kvm => qemu::Accel::Kvm,
+                Accel::Tcg => qemu::Accel::Tcg,
+            },
+            binary: binary(&facts.qemu, QEMU_BINARY),
+        }),
+    }
+}
+
 /// PVM is checked first: it is the case where trusting `/dev/kvm` would
 /// hang every build.
 fn kvm_kind(sys_module: &Path) -> KvmKind {
@@ -307,6 +333,40 @@ mod tests {
                 virtiofsd_dirs: vec![],
             }
         }
+    }
+
+    #[test]
+    fn runner_follows_the_selection_with_the_detected_binaries() {
+        let facts = HostFacts {
+            kvm: KvmKind::Hardware {
+                vendor: CpuVendor::Intel,
+            },
+            dev_kvm: DevKvm::Usable,
+            nested: Some(true),
+            qemu: Some(Tool {
+                path: "/opt/qemu/bin/qemu-system-x86_64".into(),
+                version: None,
+            }),
+            cloud_hypervisor: None,
+            virtiofsd: None,
+        };
+        let qemu_kvm = select(VmmChoice::Auto, AccelChoice::Auto, &facts, false).unwrap();
+        let r = runner(&qemu_kvm, &facts);
+        assert_eq!((r.name(), r.accel()), ("qemu", "kvm"));
+        let tcg = select(VmmChoice::Qemu, AccelChoice::Tcg, &facts, false).unwrap();
+        assert_eq!(runner(&tcg, &facts).accel(), "tcg");
+        let ch = Selection {
+            vmm: Vmm::CloudHypervisor,
+            accel: Accel::Kvm,
+            reason: String::new(),
+            warning: None,
+        };
+        let r = runner(&ch, &facts);
+        assert_eq!((r.name(), r.accel()), ("cloud-hypervisor", "kvm"));
+        assert_eq!(
+            r.guest_modules(),
+            crate::vmm::cloud_hypervisor::GUEST_MODULES
+        );
     }
 
     #[tokio::test]
