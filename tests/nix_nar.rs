@@ -14,8 +14,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use kiln::castore::{B3Digest, Directory, Node, PathComponent, SymlinkTarget};
-use kiln::nix::nar::{self, SourceError, TreeSource};
-use tokio::io::AsyncRead;
+use kiln::nix::nar::{self, BlobRead, SourceError, TreeSource};
 
 fn nix_available() -> bool {
     let found = Command::new("nix-store").arg("--version").output().is_ok();
@@ -145,12 +144,9 @@ impl TreeSource for MemoryTree {
         Ok(self.directories.lock().unwrap().get(digest).cloned())
     }
 
-    async fn blob(
-        &self,
-        digest: &B3Digest,
-    ) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>, SourceError> {
+    async fn blob(&self, digest: &B3Digest) -> Result<Option<BlobRead>, SourceError> {
         let data = self.blobs.lock().unwrap().get(digest).cloned();
-        Ok(data.map(|d| Box::new(std::io::Cursor::new(d)) as Box<dyn AsyncRead + Send + Unpin>))
+        Ok(data.map(|d| Box::pin(std::io::Cursor::new(d)) as BlobRead))
     }
 }
 
@@ -207,4 +203,22 @@ async fn castore_nar_reports_broken_trees() {
     };
     let err = nar::nar_hash(&tree, &missing).await.unwrap_err();
     assert!(matches!(err, nar::NarError::MissingDirectory(_)), "{err}");
+}
+
+/// The real castore: ingest the fixture into an embedded store, then hash
+/// the NAR streamed out of it and compare with Nix.
+#[tokio::test]
+async fn embedded_store_nar_hash_equals_nix_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    fixture_tree(&root);
+    let store = kiln::castore::from_addr::embedded(&dir.path().join("store")).unwrap();
+    let node = kiln::castore::ingest(&store, &root, kiln::castore::IngestMode::Copy)
+        .await
+        .unwrap();
+    let hash = nar::nar_hash(&store, &node).await.unwrap();
+    assert_eq!(hash, nar::nar_hash_path(&root).unwrap());
+    if nix_available() {
+        assert_eq!(hash.to_nixbase32(), nix_hash(&root));
+    }
 }

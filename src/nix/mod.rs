@@ -8,6 +8,7 @@
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
 
 pub mod build_request;
+pub mod closure;
 pub mod derivation;
 pub mod nar;
 pub mod nixbase32;

@@ -3,6 +3,8 @@
 //! directory is held), and file contents are copied from the blob store in
 //! chunks straight into the output.
 
+use std::pin::Pin;
+
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -10,7 +12,10 @@ use super::{
     close, directory_open, entry_open, file_header, padding, symlink, token, NarError, NarHash,
     NarHasher, SourceError, MAGIC,
 };
-use crate::castore::{B3Digest, Directory, Node, PathComponent};
+use crate::castore::{B3Digest, Directory, Node, PathComponent, Store};
+
+/// A blob being read, as a [`TreeSource`] hands it out.
+pub type BlobRead = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Where a castore tree's directories and blobs come from: the narrow view
 /// NAR serialisation needs of a store.
@@ -20,10 +25,19 @@ pub trait TreeSource: Send + Sync {
     async fn directory(&self, digest: &B3Digest) -> Result<Option<Directory>, SourceError>;
 
     /// A reader over the blob with this digest, `None` if the store lacks it.
-    async fn blob(
-        &self,
-        digest: &B3Digest,
-    ) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>, SourceError>;
+    async fn blob(&self, digest: &B3Digest) -> Result<Option<BlobRead>, SourceError>;
+}
+
+/// Any castore (embedded or remote over gRPC) is a tree source.
+#[async_trait]
+impl TreeSource for Store {
+    async fn directory(&self, digest: &B3Digest) -> Result<Option<Directory>, SourceError> {
+        Ok(self.directories.get(digest).await?)
+    }
+
+    async fn blob(&self, digest: &B3Digest) -> Result<Option<BlobRead>, SourceError> {
+        Ok(self.blobs.open_read(digest).await?.map(|blob| blob.reader))
+    }
 }
 
 /// Writes the NAR of the tree rooted at `root` to `out`.

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 
 use crate::castore::B3Digest;
 
-pub use castore::{nar_hash, write_nar, TreeSource};
+pub use castore::{nar_hash, write_nar, BlobRead, TreeSource};
 pub use hash::{NarHash, NarHasher};
 pub use host::{nar_hash_path, write_path_nar};
 
