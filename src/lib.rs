@@ -21,10 +21,5 @@ pub mod cli;
 pub mod guest_image;
 pub mod nix;
 pub mod proto;
-// pub mod server; // wired once castore::Store lands
-pub mod server_limits {
-    //! Transport limits shared by server and clients.
-    /// Largest request a client may send.
-    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-}
+pub mod server;
 pub mod vmm;

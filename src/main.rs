@@ -1,1 +1,218 @@
-fn main() {}
+//! The `kiln` binary: parses the command line, builds the services, serves.
+//! Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kiln::cli::build::JsonLayout;
+use kiln::server::Listen;
+use kiln::vmm::host::{AccelChoice, VmmChoice};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A gRPC build executor that runs every build in its own microVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the castore, build (tvix.build.v1, snix.build.v1) and event services.
+    Serve(ServeArgs),
+    /// Submit a build request written as JSON, follow its log, print its outputs.
+    Build(BuildArgs),
+    /// Import into or export from a running server's castore.
+    #[command(subcommand)]
+    Castore(CastoreCommand),
+    /// Report what this host can do and what to do about what it cannot.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// HOST:PORT, or a unix socket path.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: Listen,
+    /// Where the embedded castore and build directories live.
+    #[arg(long, default_value = "/var/lib/kiln")]
+    data_dir: PathBuf,
+    /// Castore backend: empty for the embedded store in --data-dir, or
+    /// grpc+http://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
+    #[arg(long, default_value = "")]
+    castore: String,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Concurrent VMs.
+    #[arg(long, default_value_t = 2)]
+    max_vms: usize,
+    /// Total guest RAM of all running VMs, MiB.
+    #[arg(long, default_value_t = 8192)]
+    memory_budget_mib: u64,
+    /// Largest VM one build may get, MiB.
+    #[arg(long, default_value_t = 8192)]
+    max_guest_memory_mib: u64,
+    /// Builds allowed to wait for a VM before further ones are refused.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Default wall-clock limit of a build, seconds (a client deadline can shorten it).
+    #[arg(long, default_value_t = 3600)]
+    timeout_secs: u64,
+    /// Builder output allowed per build before it is stopped, bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_log_bytes: u64,
+    /// A host path builds may ask for read-only (repeatable).
+    #[arg(long = "allow-ro-path")]
+    allow_ro_paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct VmArgs {
+    /// VMM: auto, cloud-hypervisor or qemu.
+    #[arg(long, value_enum, default_value = "auto")]
+    vmm: VmmChoice,
+    /// Acceleration: auto, kvm or tcg.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Kiln's cache: kernel artifacts, agent, base initramfs images.
+    #[arg(long, default_value = "/var/cache/kiln")]
+    cache_dir: PathBuf,
+    /// The guest kernel is PVM-enabled (lets a PVM /dev/kvm count as KVM).
+    #[arg(long)]
+    pvm_kernel: bool,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// The kiln server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    addr: String,
+    /// Layout of a bare request file (a {"snix": …} / {"tvix": …} wrapper says it itself).
+    #[arg(long, value_enum, default_value = "snix")]
+    layout: JsonLayout,
+    /// Print the completed event as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The request, in the protobuf JSON mapping.
+    request: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum CastoreCommand {
+    /// Ingest a host path and print its node.
+    Import {
+        /// The kiln server.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        addr: String,
+        /// File, directory or symlink to import.
+        path: PathBuf,
+    },
+    /// Materialise a node (as printed by `import`) into a new host path.
+    Export {
+        /// The kiln server.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        addr: String,
+        /// The node: `directory:<hex>`, `file:<hex>[:x]` or `symlink:<target>`.
+        node: String,
+        /// Destination (must not exist).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "kiln=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Build(args) => {
+            kiln::cli::build::run(&args.addr, &args.request, args.layout, args.json).await?;
+            Ok(())
+        }
+        Command::Castore(CastoreCommand::Import { addr, path }) => Ok(kiln::cli::castore::import(&addr, &path).await?),
+        Command::Castore(CastoreCommand::Export { addr, node, dir }) => {
+            Ok(kiln::cli::castore::export(&addr, &node, &dir).await?)
+        }
+        Command::Doctor(args) => {
+            let opts = kiln::cli::doctor::DoctorOptions {
+                vmm: args.vm.vmm,
+                accel: args.vm.accel,
+                kernel_is_pvm: args.vm.pvm_kernel,
+                artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
+                image_cache_dir: Some(args.vm.cache_dir.join("initramfs")),
+            };
+            kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let store = kiln::castore::from_addr(&args.castore, &args.data_dir)
+        .await
+        .with_context(|| format!("opening the castore {:?}", args.castore))?;
+    let vm = kiln::vmm::choose::choose(args.vm.vmm, args.vm.accel, args.vm.pvm_kernel)
+        .await
+        .context("choosing the VMM")?;
+    let limits = kiln::build::plan::Limits {
+        min_guest_memory_mib: 512,
+        guest_overhead_mib: 256,
+        max_guest_memory_mib: args.max_guest_memory_mib,
+        vcpus: args.vcpus,
+        nested_virt_available: vm.nested_available,
+        ro_path_allowlist: args.allow_ro_paths,
+    };
+    let config = kiln::build::ExecutorConfig {
+        data_dir: args.data_dir.clone(),
+        cache_dir: args.vm.cache_dir.clone(),
+        artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
+        limits,
+        timeout: Duration::from_secs(args.timeout_secs),
+        max_log_bytes: args.max_log_bytes,
+        max_vms: args.max_vms,
+        memory_budget_mib: args.memory_budget_mib,
+        max_queue: args.max_queue,
+        kept_builds: 256,
+        kept_log_bytes: 4 * 1024 * 1024,
+    };
+    let executor = kiln::build::Executor::open(config, store.clone(), vm.runner).context("starting the executor")?;
+    let listener = args.listen.bind().await?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    };
+    kiln::server::serve(listener, store, std::sync::Arc::new(executor), shutdown).await?;
+    Ok(())
+}

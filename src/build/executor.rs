@@ -28,12 +28,12 @@ use tracing::{info, info_span, Instrument};
 use crate::build::admission::Admission;
 use crate::build::error::BuildError;
 use crate::build::events::{BuildLog, Registry};
+use crate::build::paths::RelPath;
 use crate::build::plan::{self, VmPlan};
 use crate::build::refscan::Scanner;
 use crate::build::request::BuildRequest;
 use crate::build::supervise::{self, supervise};
 use crate::build::workspace::Workspace;
-use crate::build::paths::RelPath;
 use crate::castore::{self, Node, Store};
 use crate::guest_image::{self, Artifacts};
 use crate::proto::kiln_v1::{self, build_event::Event};
@@ -99,6 +99,21 @@ impl Executor {
         }
     }
 
+    /// Like [`Executor::new`], after sweeping what a crashed kiln left in
+    /// the runs directory (processes, build directories).
+    pub fn open(config: ExecutorConfig, store: Store, runner: Arc<dyn VmRunner>) -> std::io::Result<Self> {
+        let runs = config.data_dir.join("runs");
+        let swept = crate::build::workspace::sweep(&runs)?;
+        if !swept.killed.is_empty() || !swept.removed.is_empty() {
+            tracing::warn!(
+                killed = ?swept.killed,
+                removed = swept.removed.len(),
+                "swept leftovers of an earlier kiln"
+            );
+        }
+        Ok(Self::new(config, store, runner))
+    }
+
     /// The build logs this server keeps.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -120,7 +135,11 @@ impl Executor {
         self: &Arc<Self>,
         req: BuildRequest,
         client_deadline: Option<Duration>,
-    ) -> (Arc<BuildLog>, CancellationToken, tokio::task::JoinHandle<Result<BuildOutcome, BuildError>>) {
+    ) -> (
+        Arc<BuildLog>,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<BuildOutcome, BuildError>>,
+    ) {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let log = self.registry.create(id.clone());
         let cancel = CancellationToken::new();
@@ -176,23 +195,42 @@ impl Executor {
             guest_memory_bytes: plan.memory_mib * 1024 * 1024,
             vcpus: plan.vcpus,
         }));
-        info!(memory_mib = plan.memory_mib, vmm = self.runner.name(), "admitted");
-        let ws = Workspace::create(&self.runs_dir(), log.id()).map_err(|e| BuildError::infra("create build directory", &e))?;
+        info!(
+            memory_mib = plan.memory_mib,
+            vmm = self.runner.name(),
+            "admitted"
+        );
+        let ws = Workspace::create(&self.runs_dir(), log.id())
+            .map_err(|e| BuildError::infra("create build directory", &e))?;
 
         log.phase("materialise");
         self.materialise_inputs(req, &ws).await?;
 
         log.phase("boot");
         let remaining = timeout.saturating_sub(started.elapsed());
-        let report = self.boot_and_supervise(req, &plan, &ws, log, cancel, remaining).await?;
+        let report = self
+            .boot_and_supervise(req, &plan, &ws, log, cancel, remaining)
+            .await?;
         match &report.outcome {
             Outcome::Exited { code: 0 } => {}
-            Outcome::Exited { code } => return Err(BuildError::BuilderExited { code: *code, log_tail: log.tail() }),
+            Outcome::Exited { code } => {
+                return Err(BuildError::BuilderExited {
+                    code: *code,
+                    log_tail: log.tail(),
+                })
+            }
             Outcome::Signaled { signal } => {
-                return Err(BuildError::BuilderSignaled { signal: *signal, log_tail: log.tail() })
+                return Err(BuildError::BuilderSignaled {
+                    signal: *signal,
+                    log_tail: log.tail(),
+                })
             }
             Outcome::AgentFailed { step, message } => {
-                return Err(BuildError::AgentFailed { step: step.clone(), message: message.clone(), log_tail: log.tail() })
+                return Err(BuildError::AgentFailed {
+                    step: step.clone(),
+                    message: message.clone(),
+                    log_tail: log.tail(),
+                })
             }
         }
 
@@ -202,13 +240,19 @@ impl Executor {
     }
 
     /// Step 3: inputs into the read-only share; scratch paths created.
-    async fn materialise_inputs(&self, req: &BuildRequest, ws: &Workspace) -> Result<(), BuildError> {
+    async fn materialise_inputs(
+        &self,
+        req: &BuildRequest,
+        ws: &Workspace,
+    ) -> Result<(), BuildError> {
         for (name, node) in &req.inputs {
             let dest = ws.inputs().join(name.to_os_str());
-            castore::materialise::materialise(&self.store, node, &dest).await.map_err(|e| match e.missing() {
-                Some((what, digest)) => BuildError::MissingInput { what, digest },
-                None => BuildError::infra("materialise inputs", &e),
-            })?;
+            castore::materialise::materialise(&self.store, node, &dest)
+                .await
+                .map_err(|e| match e.missing() {
+                    Some((what, digest)) => BuildError::MissingInput { what, digest },
+                    None => BuildError::infra("materialise inputs", &e),
+                })?;
         }
         for s in &req.scratch_paths {
             std::fs::create_dir_all(ws.scratch().join(s.as_str()))
@@ -233,7 +277,11 @@ impl Executor {
             (contract::INPUTS_TAG.to_string(), ws.inputs(), true),
             (contract::SCRATCH_TAG.to_string(), ws.scratch(), false),
         ];
-        shares.extend(plan.ro_shares.iter().map(|s| (s.tag.clone(), s.path.clone(), true)));
+        shares.extend(
+            plan.ro_shares
+                .iter()
+                .map(|s| (s.tag.clone(), s.path.clone(), true)),
+        );
         let mut daemons = Vec::new();
         let mut fs_shares = Vec::new();
         for (tag, dir, read_only) in shares {
@@ -252,15 +300,24 @@ impl Executor {
                 let cache = self.config.cache_dir.clone();
                 tokio::task::spawn_blocking(move || guest_image::base_image(&artifacts, &cache))
                     .await
-                    .map_err(|e| BuildError::Infrastructure { step: "build base initramfs", message: e.to_string() })?
+                    .map_err(|e| BuildError::Infrastructure {
+                        step: "build base initramfs",
+                        message: e.to_string(),
+                    })?
                     .map_err(|e| BuildError::infra("build base initramfs", &e))
             })
             .await?
             .clone();
         let mut job = plan.job.clone();
-        job.modules = self.runner.guest_modules().iter().map(|m| m.to_string()).collect();
+        job.modules = self
+            .runner
+            .guest_modules()
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
         let initramfs = vm_dir.join("initramfs.cpio");
-        guest_image::build_initramfs(&base, &job, &initramfs).map_err(|e| BuildError::infra("write initramfs", &e))?;
+        guest_image::build_initramfs(&base, &job, &initramfs)
+            .map_err(|e| BuildError::infra("write initramfs", &e))?;
 
         let spec = VmSpec {
             id: log.id().to_owned(),
@@ -274,11 +331,19 @@ impl Executor {
             run_dir: vm_dir.clone(),
             serial_log: vm_dir.join("serial.log"),
         };
-        let mut vm = self.runner.start(&spec).await.map_err(|e| BuildError::infra("start the VMM", &e))?;
-        let channel = vm.take_channel().await.map_err(|e| BuildError::infra("connect the guest channel", &e))?;
+        let mut vm = self
+            .runner
+            .start(&spec)
+            .await
+            .map_err(|e| BuildError::infra("start the VMM", &e))?;
+        let channel = vm
+            .take_channel()
+            .await
+            .map_err(|e| BuildError::infra("connect the guest channel", &e))?;
         info!(pid = vm.pid(), "VM started");
         let daemon_died = async {
-            let (why, _, _) = futures::future::select_all(daemons.iter_mut().map(|d| Box::pin(d.exited()))).await;
+            let (why, _, _) =
+                futures::future::select_all(daemons.iter_mut().map(|d| Box::pin(d.exited()))).await;
             why
         };
         let serial_log = spec.serial_log.clone();
@@ -288,8 +353,20 @@ impl Executor {
             let lines: Vec<&str> = text.lines().collect();
             lines[lines.len().saturating_sub(15)..].join("\n")
         };
-        let limits = supervise::Limits { timeout, max_log_bytes: self.config.max_log_bytes };
-        let result = supervise(vm.as_mut(), channel, log, &limits, cancel, daemon_died, serial_tail).await;
+        let limits = supervise::Limits {
+            timeout,
+            max_log_bytes: self.config.max_log_bytes,
+        };
+        let result = supervise(
+            vm.as_mut(),
+            channel,
+            log,
+            &limits,
+            cancel,
+            daemon_died,
+            serial_tail,
+        )
+        .await;
         vm.kill().await;
         drop(daemons);
         result
@@ -302,14 +379,20 @@ impl Executor {
         ws: &Workspace,
         log: &BuildLog,
     ) -> Result<Vec<(RelPath, Node, Vec<u64>)>, BuildError> {
-        let scanner = Scanner::new(&req.refscan_needles).map_err(|e| BuildError::infra("compile refscan needles", &e))?;
+        let scanner = Scanner::new(&req.refscan_needles)
+            .map_err(|e| BuildError::infra("compile refscan needles", &e))?;
         let mut outputs = Vec::with_capacity(req.outputs.len());
         for out in &req.outputs {
             let host = ws.scratch().join(out.as_str());
             if std::fs::symlink_metadata(&host).is_err() {
-                return Err(BuildError::MissingOutput { path: out.to_string(), log_tail: log.tail() });
+                return Err(BuildError::MissingOutput {
+                    path: out.to_string(),
+                    log_tail: log.tail(),
+                });
             }
-            let needles = scanner.scan_path(&host).map_err(|e| BuildError::infra("scan outputs for references", &e))?;
+            let needles = scanner
+                .scan_path(&host)
+                .map_err(|e| BuildError::infra("scan outputs for references", &e))?;
             let node = castore::ingest::ingest_path_moving(&self.store, &host)
                 .await
                 .map_err(|e| BuildError::infra("ingest outputs", &e))?;

@@ -4,13 +4,15 @@
 pub mod admission;
 pub mod error;
 pub mod events;
-// pub mod executor; // waits for castore + guest_image APIs
+pub mod executor;
 pub mod paths;
-// pub mod plan;
+pub mod plan;
 pub mod refscan;
-// pub mod request;
-// pub mod service;
+pub mod request;
+pub mod service;
 pub mod supervise;
 pub mod workspace;
 
 pub use error::BuildError;
+pub use executor::{BuildOutcome, Executor, ExecutorConfig};
+pub use request::BuildRequest;

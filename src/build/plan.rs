@@ -83,8 +83,15 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
                 ));
             }
             nested_virt = true;
-        } else if limits.ro_path_allowlist.iter().any(|a| a.as_os_str() == p.as_str()) {
-            ro_shares.push(RoShare { tag: format!("kiln-ro{}", ro_shares.len()), path: PathBuf::from(p.as_str()) });
+        } else if limits
+            .ro_path_allowlist
+            .iter()
+            .any(|a| a.as_os_str() == p.as_str())
+        {
+            ro_shares.push(RoShare {
+                tag: format!("kiln-ro{}", ro_shares.len()),
+                path: PathBuf::from(p.as_str()),
+            });
         } else {
             return Err(BuildError::Precondition(format!(
                 "constraints.available_ro_paths: {p} is not on this server's allow-list (see --allow-ro-path)"
@@ -93,25 +100,47 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
     }
     let job = Job {
         command_args: req.command_args.clone(),
-        env: req.environment_vars.iter().map(|e| (e.key.as_bytes().to_vec(), e.value.clone())).collect(),
+        env: req
+            .environment_vars
+            .iter()
+            .map(|e| (e.key.as_bytes().to_vec(), e.value.clone()))
+            .collect(),
         working_dir: req.working_dir.to_string(),
         scratch_paths: req.scratch_paths.iter().map(ToString::to_string).collect(),
         inputs_dir: req.inputs_dir.to_string(),
-        additional_files: req.additional_files.iter().map(|f| (f.path.to_string(), f.contents.clone())).collect(),
+        additional_files: req
+            .additional_files
+            .iter()
+            .map(|f| (f.path.to_string(), f.contents.clone()))
+            .collect(),
         provide_bin_sh: c.provide_bin_sh,
         kvm: nested_virt,
-        ro_paths: ro_shares.iter().map(|s| (s.tag.clone(), s.path.display().to_string())).collect(),
+        ro_paths: ro_shares
+            .iter()
+            .map(|s| (s.tag.clone(), s.path.display().to_string()))
+            .collect(),
         modules: Vec::new(),
         cores: limits.vcpus,
     };
-    Ok(VmPlan { memory_mib, vcpus: limits.vcpus, nested_virt, ro_shares, job })
+    Ok(VmPlan {
+        memory_mib,
+        vcpus: limits.vcpus,
+        nested_virt,
+        ro_shares,
+        job,
+    })
 }
 
 /// Guest RAM: `min_memory` plus the guest's overhead, at least the minimum,
 /// rounded up to 64 MiB; over the operator's maximum is refused.
 pub fn guest_memory_mib(min_memory: u64, limits: &Limits) -> Result<u64, BuildError> {
-    let wanted = min_memory.div_ceil(MIB).saturating_add(limits.guest_overhead_mib);
-    let mib = wanted.max(limits.min_guest_memory_mib).div_ceil(64).saturating_mul(64);
+    let wanted = min_memory
+        .div_ceil(MIB)
+        .saturating_add(limits.guest_overhead_mib);
+    let mib = wanted
+        .max(limits.min_guest_memory_mib)
+        .div_ceil(64)
+        .saturating_mul(64);
     if mib > limits.max_guest_memory_mib {
         return Err(BuildError::Precondition(format!(
             "constraints.min_memory: {min_memory} bytes needs a {mib} MiB VM, over this server's maximum of {} MiB",

@@ -102,9 +102,11 @@ pub struct BuildRequest {
 impl BuildRequest {
     /// Validates a `snix.build.v1` request.
     pub fn from_snix(req: &snix_build::BuildRequest) -> Result<Self, InvalidRequest> {
-        let inputs = validate_inputs(req.inputs.iter().map(|e| {
-            Node::try_from_snix_entry(e.clone())
-        }))?;
+        let inputs = validate_inputs(
+            req.inputs
+                .iter()
+                .map(|e| Node::try_from_snix_entry(e.clone())),
+        )?;
         let working_dir = rel("working_dir", &req.working_dir)?;
         let scratch_paths = sorted_rel_paths("scratch_paths", &req.scratch_paths)?;
         let inputs_dir = rel("inputs_dir", &req.inputs_dir)?;
@@ -118,12 +120,18 @@ impl BuildRequest {
             None => Constraints::default(),
             Some(c) => {
                 if c.system.is_empty() {
-                    return Err(invalid("constraints.system", "must be set when constraints are present"));
+                    return Err(invalid(
+                        "constraints.system",
+                        "must be set when constraints are present",
+                    ));
                 }
                 Constraints {
                     system: c.system.clone(),
                     min_memory: c.min_memory,
-                    available_ro_paths: sorted_abs_paths("constraints.available_ro_paths", &c.available_ro_paths)?,
+                    available_ro_paths: sorted_abs_paths(
+                        "constraints.available_ro_paths",
+                        &c.available_ro_paths,
+                    )?,
                     network_access: c.network_access,
                     provide_bin_sh: c.provide_bin_sh,
                 }
@@ -140,7 +148,11 @@ impl BuildRequest {
                 })
             })
             .collect::<Result<Vec<_>, InvalidRequest>>()?;
-        let environment_vars = validate_env(req.environment_vars.iter().map(|e| (e.key.as_str(), &e.value[..])))?;
+        let environment_vars = validate_env(
+            req.environment_vars
+                .iter()
+                .map(|e| (e.key.as_str(), &e.value[..])),
+        )?;
         let request = Self {
             inputs,
             command_args: req.command_args.clone(),
@@ -160,7 +172,11 @@ impl BuildRequest {
 
     /// Validates a seed-layout `tvix.build.v1` request, applying Nix defaults.
     pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<Self, InvalidRequest> {
-        let inputs = validate_inputs(req.inputs.iter().map(|n| Node::try_from_tvix_node(n.clone())))?;
+        let inputs = validate_inputs(
+            req.inputs
+                .iter()
+                .map(|n| Node::try_from_tvix_node(n.clone())),
+        )?;
         let store = rel("inputs_dir", "nix/store")?;
         let outputs = req
             .outputs
@@ -178,12 +194,19 @@ impl BuildRequest {
             Some(c) => Constraints {
                 system: c.system.clone(),
                 min_memory: c.min_memory,
-                available_ro_paths: sorted_abs_paths("constraints.available_ro_paths", &c.available_ro_paths)?,
+                available_ro_paths: sorted_abs_paths(
+                    "constraints.available_ro_paths",
+                    &c.available_ro_paths,
+                )?,
                 network_access: false,
                 provide_bin_sh: false,
             },
         };
-        let environment_vars = validate_env(req.environment_vars.iter().map(|e| (e.key.as_str(), &e.value[..])))?;
+        let environment_vars = validate_env(
+            req.environment_vars
+                .iter()
+                .map(|e| (e.key.as_str(), &e.value[..])),
+        )?;
         let request = Self {
             inputs,
             command_args: req.command_args.clone(),
@@ -204,7 +227,10 @@ impl BuildRequest {
     /// Rules that relate several fields.
     fn check_relations(&self) -> Result<(), InvalidRequest> {
         if self.command_args.is_empty() || self.command_args[0].is_empty() {
-            return Err(invalid("command_args", "must name a program to run (argv[0] is empty)"));
+            return Err(invalid(
+                "command_args",
+                "must name a program to run (argv[0] is empty)",
+            ));
         }
         let mut total = 0usize;
         for (i, a) in self.command_args.iter().enumerate() {
@@ -219,7 +245,11 @@ impl BuildRequest {
             }
             total += a.len() + 1;
         }
-        total += self.environment_vars.iter().map(|e| e.key.len() + e.value.len() + 2).sum::<usize>();
+        total += self
+            .environment_vars
+            .iter()
+            .map(|e| e.key.len() + e.value.len() + 2)
+            .sum::<usize>();
         if total > MAX_ARGS_ENV_TOTAL {
             return Err(invalid(
                 "environment_vars",
@@ -230,28 +260,46 @@ impl BuildRequest {
         let mut seen = BTreeSet::new();
         for (i, o) in self.outputs.iter().enumerate() {
             if !in_scratch(o) {
-                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is not inside any scratch path")));
+                return Err(invalid(
+                    format!("outputs[{i}]"),
+                    format!("{o:?} is not inside any scratch path"),
+                ));
             }
             if self.scratch_paths.contains(o) {
-                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is a scratch path itself")));
+                return Err(invalid(
+                    format!("outputs[{i}]"),
+                    format!("{o:?} is a scratch path itself"),
+                ));
             }
             if !seen.insert(o) {
-                return Err(invalid(format!("outputs[{i}]"), format!("{o:?} is listed twice")));
+                return Err(invalid(
+                    format!("outputs[{i}]"),
+                    format!("{o:?} is listed twice"),
+                ));
             }
         }
         let mut seen = BTreeSet::new();
         let mut total = 0usize;
         for (i, f) in self.additional_files.iter().enumerate() {
             if !in_scratch(&f.path) {
-                return Err(invalid(format!("additional_files[{i}].path"), format!("{:?} is not inside any scratch path", f.path)));
+                return Err(invalid(
+                    format!("additional_files[{i}].path"),
+                    format!("{:?} is not inside any scratch path", f.path),
+                ));
             }
             if !seen.insert(&f.path) {
-                return Err(invalid(format!("additional_files[{i}].path"), format!("{:?} is listed twice", f.path)));
+                return Err(invalid(
+                    format!("additional_files[{i}].path"),
+                    format!("{:?} is listed twice", f.path),
+                ));
             }
             total += f.contents.len();
         }
         if total > MAX_ADDITIONAL_FILES_BYTES {
-            return Err(invalid("additional_files", format!("{total} bytes in all, over the {MAX_ADDITIONAL_FILES_BYTES}-byte limit")));
+            return Err(invalid(
+                "additional_files",
+                format!("{total} bytes in all, over the {MAX_ADDITIONAL_FILES_BYTES}-byte limit"),
+            ));
         }
         for (i, n) in self.refscan_needles.iter().enumerate() {
             if n.is_empty() {
@@ -291,7 +339,11 @@ fn sorted_abs_paths(field: &str, items: &[String]) -> Result<Vec<AbsPath>, Inval
     Ok(paths)
 }
 
-fn check_strictly_sorted<T>(field: &str, items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<(), InvalidRequest> {
+fn check_strictly_sorted<T>(
+    field: &str,
+    items: &[T],
+    key: impl Fn(&T) -> &[u8],
+) -> Result<(), InvalidRequest> {
     for (i, pair) in items.windows(2).enumerate() {
         let (a, b) = (key(&pair[0]), key(&pair[1]));
         if a == b {
@@ -303,7 +355,11 @@ fn check_strictly_sorted<T>(field: &str, items: &[T], key: impl Fn(&T) -> &[u8])
         if a > b {
             return Err(invalid(
                 format!("{field}[{}]", i + 1),
-                format!("not sorted: {:?} after {:?}", String::from_utf8_lossy(b), String::from_utf8_lossy(a)),
+                format!(
+                    "not sorted: {:?} after {:?}",
+                    String::from_utf8_lossy(b),
+                    String::from_utf8_lossy(a)
+                ),
             ));
         }
     }
@@ -314,7 +370,10 @@ fn validate_inputs<E: std::fmt::Display>(
     items: impl ExactSizeIterator<Item = Result<(PathComponent, Node), E>>,
 ) -> Result<Vec<(PathComponent, Node)>, InvalidRequest> {
     if items.len() > MAX_INPUTS {
-        return Err(invalid("inputs", format!("{} inputs, over the limit of {MAX_INPUTS}", items.len())));
+        return Err(invalid(
+            "inputs",
+            format!("{} inputs, over the limit of {MAX_INPUTS}", items.len()),
+        ));
     }
     let inputs = items
         .enumerate()
@@ -324,7 +383,9 @@ fn validate_inputs<E: std::fmt::Display>(
     Ok(inputs)
 }
 
-fn validate_env<'a>(items: impl Iterator<Item = (&'a str, &'a [u8])>) -> Result<Vec<EnvVar>, InvalidRequest> {
+fn validate_env<'a>(
+    items: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<Vec<EnvVar>, InvalidRequest> {
     let vars = items
         .enumerate()
         .map(|(i, (key, value))| {

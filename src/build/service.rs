@@ -42,12 +42,19 @@ impl BuildService {
 
     /// Runs a validated request to its end, cancelling it if this future is
     /// dropped (the client went away).
-    async fn run(&self, req: BuildRequest, deadline: Option<Duration>) -> (String, Result<BuildOutcome, BuildError>) {
+    async fn run(
+        &self,
+        req: BuildRequest,
+        deadline: Option<Duration>,
+    ) -> (String, Result<BuildOutcome, BuildError>) {
         let (log, cancel, handle) = self.executor.start(req, deadline);
         let _cancel_on_drop = cancel.drop_guard();
         let result = match handle.await {
             Ok(r) => r,
-            Err(e) => Err(BuildError::Infrastructure { step: "build task", message: e.to_string() }),
+            Err(e) => Err(BuildError::Infrastructure {
+                step: "build task",
+                message: e.to_string(),
+            }),
         };
         (log.id().to_owned(), result)
     }
@@ -100,7 +107,10 @@ pub fn tvix_response(wire: tvix_build::BuildRequest, outcome: &BuildOutcome) -> 
         })
         .collect();
     outputs.sort_by(|a, b| tvix_node_name(a).cmp(tvix_node_name(b)));
-    tvix_build::Build { build_request: Some(wire), outputs }
+    tvix_build::Build {
+        build_request: Some(wire),
+        outputs,
+    }
 }
 
 fn tvix_node_name(n: &crate::proto::tvix_castore::Node) -> &[u8] {
@@ -128,7 +138,11 @@ pub fn snix_response(outcome: &BuildOutcome) -> snix_build::BuildResponse {
     }
 }
 
-fn completed(tvix: Option<tvix_build::Build>, snix: Option<snix_build::BuildResponse>, outcome: &BuildOutcome) -> Event {
+fn completed(
+    tvix: Option<tvix_build::Build>,
+    snix: Option<snix_build::BuildResponse>,
+    outcome: &BuildOutcome,
+) -> Event {
     Event::Completed(kiln_v1::Completed {
         tvix,
         snix,
@@ -146,7 +160,12 @@ impl tvix_build::build_service_server::BuildService for BuildService {
         let wire = request.into_inner();
         let req = BuildRequest::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
         let (id, result) = self.run(req, deadline).await;
-        with_id(&id, result.map(|o| tvix_response(wire, &o)).map_err(|e| e.to_status()))
+        with_id(
+            &id,
+            result
+                .map(|o| tvix_response(wire, &o))
+                .map_err(|e| e.to_status()),
+        )
     }
 }
 
@@ -157,9 +176,13 @@ impl snix_build::build_service_server::BuildService for BuildService {
         request: Request<snix_build::BuildRequest>,
     ) -> Result<Response<snix_build::BuildResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let req = BuildRequest::from_snix(request.get_ref()).map_err(|e| BuildError::from(e).to_status())?;
+        let req = BuildRequest::from_snix(request.get_ref())
+            .map_err(|e| BuildError::from(e).to_status())?;
         let (id, result) = self.run(req, deadline).await;
-        with_id(&id, result.map(|o| snix_response(&o)).map_err(|e| e.to_status()))
+        with_id(
+            &id,
+            result.map(|o| snix_response(&o)).map_err(|e| e.to_status()),
+        )
     }
 }
 
@@ -202,16 +225,25 @@ impl BuildEvents for BuildService {
     type SubmitStream = EventStream;
     type WatchStream = EventStream;
 
-    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Self::SubmitStream>, Status> {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
         let (req, tvix_wire) = match request.into_inner().request {
-            Some(submit_request::Request::Tvix(w)) => {
-                (BuildRequest::from_tvix(&w).map_err(|e| BuildError::from(e).to_status())?, Some(w))
+            Some(submit_request::Request::Tvix(w)) => (
+                BuildRequest::from_tvix(&w).map_err(|e| BuildError::from(e).to_status())?,
+                Some(w),
+            ),
+            Some(submit_request::Request::Snix(w)) => (
+                BuildRequest::from_snix(&w).map_err(|e| BuildError::from(e).to_status())?,
+                None,
+            ),
+            None => {
+                return Err(Status::invalid_argument(
+                    "request: neither a tvix nor a snix build request",
+                ))
             }
-            Some(submit_request::Request::Snix(w)) => {
-                (BuildRequest::from_snix(&w).map_err(|e| BuildError::from(e).to_status())?, None)
-            }
-            None => return Err(Status::invalid_argument("request: neither a tvix nor a snix build request")),
         };
         let (log, cancel, handle) = self.executor.start(req, deadline);
         let task_log = log.clone();
@@ -228,13 +260,14 @@ impl BuildEvents for BuildService {
         with_id(&id, Ok(follow(log, Some(cancel.drop_guard()))))
     }
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().build_id;
-        let log = self
-            .executor
-            .registry()
-            .get(&id)
-            .ok_or_else(|| Status::not_found(format!("build_id: no build {id:?} is known to this server")))?;
+        let log = self.executor.registry().get(&id).ok_or_else(|| {
+            Status::not_found(format!("build_id: no build {id:?} is known to this server"))
+        })?;
         Ok(Response::new(follow(log, None)))
     }
 }

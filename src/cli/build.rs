@@ -119,7 +119,7 @@ pub async fn run(
     let request = parse_request(path, layout)?;
     let channel = connect(addr).await?;
     let mut client =
-        BuildEventsClient::new(channel).max_decoding_message_size(crate::server_limits::MAX_MESSAGE_BYTES);
+        BuildEventsClient::new(channel).max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
     let mut stream = client
         .submit(request)
         .await

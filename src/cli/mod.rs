@@ -2,6 +2,8 @@
 //! `doctor`. `main.rs` only parses arguments and calls into here.
 
 pub mod build;
+pub mod castore;
+pub mod doctor;
 
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -20,7 +22,10 @@ pub enum ClientError {
 /// `HOST:PORT`, `unix:/PATH` or `grpc+unix:/PATH`.
 pub async fn connect(addr: &str) -> Result<Channel, ClientError> {
     let bad = || ClientError::BadAddress(addr.to_owned());
-    if let Some(path) = addr.strip_prefix("grpc+unix:").or_else(|| addr.strip_prefix("unix:")) {
+    if let Some(path) = addr
+        .strip_prefix("grpc+unix:")
+        .or_else(|| addr.strip_prefix("unix:"))
+    {
         let path = path.trim_start_matches("//").to_owned();
         if path.is_empty() {
             return Err(bad());

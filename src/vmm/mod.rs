@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncRead;
 
+pub mod choose;
 pub mod cloud_hypervisor;
 pub mod host;
 pub mod qemu;
@@ -69,20 +70,33 @@ pub enum VmExit {
 /// Errors of a VMM backend, named after the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The VMM process could not be started.
     #[error("spawning {program}")]
     Spawn {
+        /// The program.
         program: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The guest channel was not connected in time.
     #[error("the VMM did not connect the guest channel within {0:?}")]
     ChannelTimeout(Duration),
+    /// The guest channel failed.
     #[error("guest channel")]
     Channel(#[source] std::io::Error),
+    /// A VMM API call failed.
     #[error("VMM API request {call} failed: {detail}")]
-    Api { call: &'static str, detail: String },
+    Api {
+        /// The call.
+        call: &'static str,
+        /// What the VMM said.
+        detail: String,
+    },
+    /// Waiting for the VMM process failed.
     #[error("waiting for the VMM")]
     Wait(#[source] std::io::Error),
+    /// The spec asks for something this backend cannot do.
     #[error("{0}")]
     Unsupported(String),
 }
