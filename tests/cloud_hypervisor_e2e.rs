@@ -1,0 +1,244 @@
+//! cloud-hypervisor end to end: boots the real guest kernel on a real
+//! `cloud-hypervisor` with hardware KVM, with a tiny busybox initramfs that
+//! loads the virtio-pci modules, reports over the console (hvc0), writes into
+//! a virtiofs share and powers off.
+//!
+//! Runs only where `cloud-hypervisor` is installed, hardware KVM
+//! (`kvm_intel`/`kvm_amd`) opens, and the guest kernel, busybox and virtiofsd
+//! are present; anywhere else each test prints "SKIPPED: ..." with the reason.
+//! (On the PVM development hosts it always skips: see ENVIRONMENT.md.)
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln::guest_image::cpio::CpioWriter;
+use kiln::guest_image::Artifacts;
+use kiln::vmm::cloud_hypervisor::{CloudHypervisorRunner, GUEST_MODULES};
+use kiln::vmm::host::{kvm_usable, HostFacts};
+use kiln::vmm::virtiofsd::Virtiofsd;
+use kiln::vmm::{FsShare, RunningVm, VmExit, VmRunner, VmSpec};
+use tokio::io::AsyncReadExt;
+
+const SHARE_TAG: &str = "e2e";
+/// Generous: a real boot on KVM takes well under a second.
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Everything a real boot needs, or the reason it cannot happen here.
+struct Env {
+    ch: PathBuf,
+    artifacts: Artifacts,
+    nested: bool,
+}
+
+async fn env() -> Result<Env, String> {
+    let facts = HostFacts::detect().await;
+    kvm_usable(&facts, false).map_err(|why| format!("no hardware KVM: {why}"))?;
+    let ch = facts
+        .cloud_hypervisor
+        .ok_or("cloud-hypervisor is not installed")?
+        .path;
+    let artifacts = Artifacts::default();
+    for path in [artifacts.vmlinux(), artifacts.busybox.clone()] {
+        if !path.is_file() {
+            return Err(format!("{} is missing (make deps)", path.display()));
+        }
+    }
+    for m in GUEST_MODULES {
+        let ko = artifacts.modules_dir().join(format!("{m}.ko"));
+        if !ko.is_file() {
+            return Err(format!("{} is missing (make kernel)", ko.display()));
+        }
+    }
+    if kiln::vmm::virtiofsd::find_binary().is_none() {
+        return Err("virtiofsd is not installed (make deps)".into());
+    }
+    Ok(Env {
+        ch,
+        artifacts,
+        nested: facts.nested == Some(true),
+    })
+}
+
+macro_rules! env_or_skip {
+    ($test:literal) => {
+        match env().await {
+            Ok(env) => env,
+            Err(why) => {
+                eprintln!("SKIPPED: cloud-hypervisor e2e `{}`, because {why}", $test);
+                return;
+            }
+        }
+    };
+}
+
+/// `/init`: load the modules, then run `body` with stdout/stderr on hvc0.
+fn init_script(body: &str) -> String {
+    let modules = GUEST_MODULES.join(" ");
+    format!(
+        r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in {modules}; do $B insmod /modules/$m.ko || echo "insmod $m failed" > /dev/ttyS0; done
+n=0
+while [ ! -e /dev/hvc0 ] && [ $n -lt 200 ]; do $B sleep 0.05; n=$((n+1)); done
+exec > /dev/hvc0 2>&1
+echo "kiln-e2e: up"
+{body}
+$B sync
+$B poweroff -f
+"#
+    )
+}
+
+fn write_initramfs(env: &Env, init: &str, dest: &Path) {
+    let file = std::fs::File::create(dest).unwrap();
+    let mut w = CpioWriter::new(std::io::BufWriter::new(file));
+    w.file("init", 0o755, init.as_bytes()).unwrap();
+    w.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read(&env.artifacts.busybox).unwrap(),
+    )
+    .unwrap();
+    for m in GUEST_MODULES {
+        let ko = std::fs::read(env.artifacts.modules_dir().join(format!("{m}.ko"))).unwrap();
+        w.file(&format!("modules/{m}.ko"), 0o644, &ko).unwrap();
+    }
+    for d in ["proc", "sys", "dev", "mnt"] {
+        w.dir(d, 0o755).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn spec(env: &Env, run_dir: &Path, share: Option<&Path>, nested: bool) -> VmSpec {
+    VmSpec {
+        id: "ch-e2e".into(),
+        kernel: env.artifacts.vmlinux(),
+        initramfs: run_dir.join("initramfs.cpio"),
+        cmdline: "console=ttyS0 rdinit=/init".into(),
+        memory_mib: 512,
+        vcpus: 2,
+        nested_virt: nested,
+        shares: share
+            .map(|socket| FsShare {
+                tag: SHARE_TAG.into(),
+                socket: socket.to_owned(),
+            })
+            .into_iter()
+            .collect(),
+        run_dir: run_dir.to_owned(),
+        serial_log: run_dir.join("serial.log"),
+    }
+}
+
+/// Reads the whole console until the VMM exits, bounded by [`BOOT_LIMIT`].
+async fn console_until_exit(vm: &mut dyn RunningVm, run_dir: &Path) -> (String, VmExit) {
+    let mut channel = vm.take_channel().await.unwrap();
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(BOOT_LIMIT, channel.read_to_end(&mut bytes)).await;
+    if read.is_err() {
+        vm.kill().await;
+        let serial = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();
+        panic!(
+            "the guest did not power off within {BOOT_LIMIT:?}; console so far:\n{}\nserial:\n{serial}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let exit = vm.wait().await.unwrap();
+    (String::from_utf8_lossy(&bytes).replace('\r', ""), exit)
+}
+
+fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in the console:\n{console}"))
+        .trim()
+}
+
+#[tokio::test]
+async fn boots_reports_on_the_console_writes_the_share_and_powers_off() {
+    let env = env_or_skip!("boots_reports_on_the_console_writes_the_share_and_powers_off");
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    let socket = run_dir.join("share.sock");
+    let mut daemon = Virtiofsd::spawn(&shared, &socket, false).await.unwrap();
+
+    let body = r#"echo "cpus: $($B grep -c ^processor /proc/cpuinfo)"
+echo "virt: $($B grep -cwE 'vmx|svm' /proc/cpuinfo)"
+echo "mem: $($B awk '/MemTotal/ {print $2}' /proc/meminfo)"
+$B mount -t virtiofs e2e /mnt && echo "written by the guest" > /mnt/hello && echo "share: ok""#;
+    let spec = spec(&env, &run_dir, Some(&socket), false);
+    write_initramfs(&env, &init_script(body), &spec.initramfs);
+
+    let runner = CloudHypervisorRunner::new(&env.ch);
+    let mut vm = runner.start(&spec).await.expect("cloud-hypervisor boots");
+    let (console, exit) = console_until_exit(&mut *vm, &run_dir).await;
+    daemon.kill().await;
+
+    assert!(console.contains("kiln-e2e: up"), "{console}");
+    assert_eq!(line(&console, "cpus:"), "2");
+    assert_eq!(line(&console, "virt:"), "0", "nested is off unless asked");
+    let mem_kib: u64 = line(&console, "mem:").parse().unwrap();
+    assert!(
+        (400 * 1024..=512 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB for a 512 MiB VM"
+    );
+    assert_eq!(line(&console, "share:"), "ok");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("hello")).unwrap(),
+        "written by the guest\n"
+    );
+    assert!(
+        matches!(exit, VmExit::Exited { code: Some(0), .. }),
+        "{exit:?}"
+    );
+    assert!(std::fs::metadata(run_dir.join("serial.log")).unwrap().len() > 0);
+}
+
+#[tokio::test]
+async fn nested_virt_exposes_vmx_or_svm() {
+    let env = env_or_skip!("nested_virt_exposes_vmx_or_svm");
+    if !env.nested {
+        eprintln!("SKIPPED: cloud-hypervisor e2e `nested_virt_exposes_vmx_or_svm`, because the host KVM module has nested=0");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"echo "virt: $($B grep -cwE 'vmx|svm' /proc/cpuinfo)""#;
+    let spec = spec(&env, dir.path(), None, true);
+    write_initramfs(&env, &init_script(body), &spec.initramfs);
+    let mut vm = CloudHypervisorRunner::new(&env.ch)
+        .start(&spec)
+        .await
+        .expect("cloud-hypervisor boots");
+    let (console, _) = console_until_exit(&mut *vm, dir.path()).await;
+    assert_eq!(line(&console, "virt:"), "2", "one flag line per vCPU");
+}
+
+#[tokio::test]
+async fn kill_stops_a_guest_that_never_powers_off() {
+    let env = env_or_skip!("kill_stops_a_guest_that_never_powers_off");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&env, dir.path(), None, false);
+    write_initramfs(&env, &init_script("$B sleep 3600"), &spec.initramfs);
+    let mut vm = CloudHypervisorRunner::new(&env.ch)
+        .start(&spec)
+        .await
+        .expect("cloud-hypervisor boots");
+    let pid = vm.pid().unwrap();
+    let mut channel = vm.take_channel().await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(BOOT_LIMIT, channel.read_exact(&mut first))
+        .await
+        .expect("the guest came up")
+        .unwrap();
+    let started = std::time::Instant::now();
+    vm.kill().await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
