@@ -38,6 +38,15 @@ pub struct CastoreServices {
 }
 
 impl CastoreServices {
+    /// Starts a router on `server` carrying the four services.
+    pub fn into_router(self, server: &mut tonic::transport::Server) -> Router {
+        let router = server.add_service(self.tvix_blobs);
+        router
+            .add_service(self.tvix_directories)
+            .add_service(self.snix_blobs)
+            .add_service(self.snix_directories)
+    }
+
     /// Adds all four services to a tonic router.
     pub fn add_to(self, router: Router) -> Router {
         router
