@@ -8,6 +8,8 @@
 //! are present; anywhere else each test prints "SKIPPED: ..." with the reason.
 //! (On the PVM development hosts it always skips: see ENVIRONMENT.md.)
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -6,6 +6,8 @@
 //! the API, `vm.create`/`vm.boot`, channel, wait, kill, reaping — and never
 //! that a real VM boots: that is `cloud_hypervisor_e2e.rs`'s job.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

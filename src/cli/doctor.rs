@@ -481,6 +481,7 @@ fn mib(bytes: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
     use crate::vmm::host::CpuVendor;

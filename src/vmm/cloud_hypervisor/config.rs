@@ -161,6 +161,7 @@ fn memory_bytes(mib: u64) -> Result<i64, ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;

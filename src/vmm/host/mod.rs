@@ -286,6 +286,7 @@ async fn version_of(path: &Path) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 

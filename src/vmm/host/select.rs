@@ -297,6 +297,7 @@ pub fn select(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
     use crate::vmm::host::{CpuVendor, Tool};
