@@ -90,9 +90,9 @@ pub enum ClosureError {
     Import {
         /// The store path.
         path: StorePath,
-        /// The failure.
+        /// The failure (boxed: it is large and rare).
         #[source]
-        source: IngestError,
+        source: Box<IngestError>,
     },
 }
 
@@ -249,7 +249,7 @@ pub async fn import(
                 .await
                 .map_err(|source| ClosureError::Import {
                     path: path.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok::<_, ClosureError>((path, node))
         })
