@@ -1,6 +1,8 @@
 //! gRPC round trips against a real tonic server on 127.0.0.1:0 (and a unix
 //! socket), for both package names, plus the remote backend talking to it.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use bytes::Bytes;
@@ -309,7 +311,7 @@ async fn exercise_remote(remote: &Store, server_store: &Store) {
     // The remote refuses a parent whose child is unknown, and we see why.
     let (_, orphan_root) = two_level_tree(B3Digest::of(b"other"), 5);
     let err = remote.directories.put(orphan_root).await.unwrap_err();
-    let kiln::castore::directory_service::DirectoryError::RemotePut(status) = err else {
+    let kiln::castore::directory_service::DirectoryError::RemotePut(status) = &err else {
         panic!("want RemotePut, got {err:?}");
     };
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -2,6 +2,8 @@
 //! empty directories, odd names), both ingest modes, hardlinked
 //! materialisation from the embedded store, refusals and missing content.
 
+#![allow(clippy::unwrap_used)]
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;

@@ -1,6 +1,8 @@
 //! Every castore validation rule (PROTOCOL.md §3), each invalid case named,
 //! through both wire packages; plus the `DirectoryNode.size` convention.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use kiln::castore::{B3Digest, Directory, Node, PathComponent, WireNode};
 use kiln::proto::{snix_castore, tvix_castore};

@@ -12,6 +12,8 @@
 //! blake3(b"\x12" + bytes([len(fn)]) + fn).hexdigest()
 //! ```
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use kiln::castore::{B3Digest, Directory, Node, PathComponent, SymlinkTarget, WireNode};
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};

@@ -114,6 +114,7 @@ impl fmt::Debug for B3Digest {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -93,7 +93,7 @@ pub enum IngestError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: DirectoryError,
+        source: Box<DirectoryError>,
     },
     /// The scanning task died.
     #[error("scanning task failed")]
@@ -130,7 +130,7 @@ pub async fn ingest(store: &Store, path: &Path, mode: IngestMode) -> Result<Node
             .await
             .map_err(|source| IngestError::StoreDirectories {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
     }
     Ok(node)

@@ -45,7 +45,7 @@ pub enum MaterialiseError {
         root: B3Digest,
         /// Why.
         #[source]
-        source: DirectoryError,
+        source: Box<DirectoryError>,
     },
     /// Reading a blob from the store failed.
     #[error("reading blob {digest}")]
@@ -154,7 +154,7 @@ async fn fetch_tree(
             DirectoryError::NotFound(digest) => MaterialiseError::MissingDirectory(digest),
             source => MaterialiseError::FetchDirectories {
                 root: *root,
-                source,
+                source: Box::new(source),
             },
         })?;
         tree.insert(directory.digest(), directory);

@@ -41,7 +41,7 @@ impl BlobService for GrpcBlobService {
         match self.client.clone().stat(request).await {
             Ok(_) => Ok(true),
             Err(status) if status.code() == Code::NotFound => Ok(false),
-            Err(status) => Err(BlobError::RemoteStat(status)),
+            Err(status) => Err(BlobError::RemoteStat(Box::new(status))),
         }
     }
 
@@ -52,12 +52,12 @@ impl BlobService for GrpcBlobService {
         let stream = match self.client.clone().read(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == Code::NotFound => return Ok(None),
-            Err(status) => return Err(BlobError::RemoteRead(status)),
+            Err(status) => return Err(BlobError::RemoteRead(Box::new(status))),
         };
         let bytes = stream.map(|chunk| {
             chunk
                 .map(|c| c.data)
-                .map_err(|status| std::io::Error::other(BlobError::RemoteRead(status)))
+                .map_err(|status| std::io::Error::other(BlobError::RemoteRead(Box::new(status))))
         });
         let reader = VerifyingReader::new(StreamReader::new(bytes), *digest);
         Ok(Some(BlobReader {
@@ -105,10 +105,13 @@ impl BlobService for GrpcBlobService {
                     Err(status) => status,
                     Ok(_) => tonic::Status::internal("answered before the upload ended"),
                 };
-                return Err(BlobError::RemotePut(status));
+                return Err(BlobError::RemotePut(Box::new(status)));
             }
         };
-        let answer = call.await.map_err(BlobError::RemotePut)?.into_inner();
+        let answer = call
+            .await
+            .map_err(|status| BlobError::RemotePut(Box::new(status)))?
+            .into_inner();
         let remote = B3Digest::try_from(&answer.digest).map_err(BlobError::RemoteDigest)?;
         if remote != local.digest {
             return Err(BlobError::DigestMismatch {

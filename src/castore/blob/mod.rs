@@ -110,13 +110,13 @@ pub enum BlobError {
     Task(#[source] tokio::task::JoinError),
     /// A remote Stat call failed.
     #[error("remote blob stat")]
-    RemoteStat(#[source] tonic::Status),
+    RemoteStat(#[source] Box<tonic::Status>),
     /// A remote Read call failed.
     #[error("remote blob read")]
-    RemoteRead(#[source] tonic::Status),
+    RemoteRead(#[source] Box<tonic::Status>),
     /// A remote Put call failed.
     #[error("remote blob put")]
-    RemotePut(#[source] tonic::Status),
+    RemotePut(#[source] Box<tonic::Status>),
     /// The remote answered a malformed digest.
     #[error("remote answered an invalid digest")]
     RemoteDigest(#[source] ValidationError),

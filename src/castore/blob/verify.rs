@@ -62,6 +62,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;

@@ -45,13 +45,13 @@ impl DirectoryService for GrpcDirectoryService {
         let mut stream = match self.client.clone().get(request(digest, false)).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == Code::NotFound => return Ok(None),
-            Err(status) => return Err(DirectoryError::RemoteGet(status)),
+            Err(status) => return Err(DirectoryError::RemoteGet(Box::new(status))),
         };
         let wire = match stream.message().await {
             Ok(Some(wire)) => wire,
             Ok(None) => return Ok(None),
             Err(status) if status.code() == Code::NotFound => return Ok(None),
-            Err(status) => return Err(DirectoryError::RemoteGet(status)),
+            Err(status) => return Err(DirectoryError::RemoteGet(Box::new(status))),
         };
         let directory = Directory::try_from(wire).map_err(DirectoryError::RemoteInvalid)?;
         let got = directory.digest();
@@ -72,7 +72,7 @@ impl DirectoryService for GrpcDirectoryService {
                 if status.code() == Code::NotFound {
                     DirectoryError::NotFound(root)
                 } else {
-                    DirectoryError::RemoteGet(status)
+                    DirectoryError::RemoteGet(Box::new(status))
                 }
             })?.into_inner();
             // Accept the root and what received directories refer to, each
@@ -80,7 +80,7 @@ impl DirectoryService for GrpcDirectoryService {
             // incomplete.
             let mut referenced = HashSet::from([root]);
             let mut received = HashSet::new();
-            while let Some(wire) = stream.message().await.map_err(DirectoryError::RemoteGet)? {
+            while let Some(wire) = stream.message().await.map_err(|status| DirectoryError::RemoteGet(Box::new(status)))? {
                 let directory = Directory::try_from(wire).map_err(DirectoryError::RemoteInvalid)?;
                 let digest = directory.digest();
                 if !referenced.contains(&digest) {
@@ -109,7 +109,7 @@ impl DirectoryService for GrpcDirectoryService {
             .clone()
             .put(futures::stream::iter(wire))
             .await
-            .map_err(DirectoryError::RemotePut)?
+            .map_err(|status| DirectoryError::RemotePut(Box::new(status)))?
             .into_inner();
         let root =
             B3Digest::try_from(&answer.root_digest).map_err(DirectoryError::RemoteInvalid)?;

@@ -28,14 +28,14 @@ pub enum DirectoryError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: ::redb::Error,
+        source: Box<::redb::Error>,
     },
     /// Reading from the database failed.
     #[error("reading the directory database")]
-    ReadDatabase(#[source] ::redb::Error),
+    ReadDatabase(#[source] Box<::redb::Error>),
     /// Writing to the database failed.
     #[error("writing the directory database")]
-    WriteDatabase(#[source] ::redb::Error),
+    WriteDatabase(#[source] Box<::redb::Error>),
     /// A stored directory no longer decodes.
     #[error("stored directory {digest} does not decode")]
     CorruptEncoding {
@@ -73,10 +73,10 @@ pub enum DirectoryError {
     Task(#[source] tokio::task::JoinError),
     /// A remote Get call failed.
     #[error("remote directory get")]
-    RemoteGet(#[source] tonic::Status),
+    RemoteGet(#[source] Box<tonic::Status>),
     /// A remote Put call failed.
     #[error("remote directory put")]
-    RemotePut(#[source] tonic::Status),
+    RemotePut(#[source] Box<tonic::Status>),
     /// The remote sent a directory breaking a castore rule.
     #[error("remote sent an invalid directory")]
     RemoteInvalid(#[source] ValidationError),

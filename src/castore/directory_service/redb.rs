@@ -29,7 +29,7 @@ impl RedbDirectoryService {
     pub fn open(path: &Path) -> Result<Self, DirectoryError> {
         let open_err = |source: redb::Error| DirectoryError::OpenDatabase {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let db = Database::create(path).map_err(|e| open_err(e.into()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
@@ -40,7 +40,7 @@ impl RedbDirectoryService {
     }
 
     fn get_blocking(&self, digest: &B3Digest) -> Result<Option<Directory>, DirectoryError> {
-        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(e);
+        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(Box::new(e));
         let txn = self.db.begin_read().map_err(|e| read_err(e.into()))?;
         let table = txn
             .open_table(DIRECTORIES)
@@ -55,7 +55,7 @@ impl RedbDirectoryService {
         root: B3Digest,
         out: tokio::sync::mpsc::Sender<Result<Directory, DirectoryError>>,
     ) {
-        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(e);
+        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(Box::new(e));
         let table = self
             .db
             .begin_read()
@@ -91,7 +91,7 @@ impl RedbDirectoryService {
     }
 
     fn put_many_blocking(&self, directories: Vec<Directory>) -> Result<B3Digest, DirectoryError> {
-        let write_err = |e: redb::Error| DirectoryError::WriteDatabase(e);
+        let write_err = |e: redb::Error| DirectoryError::WriteDatabase(Box::new(e));
         let txn = self.db.begin_write().map_err(|e| write_err(e.into()))?;
         let mut root = None;
         {
@@ -133,7 +133,7 @@ fn read_directory(
 ) -> Result<Option<Directory>, DirectoryError> {
     let Some(guard) = table
         .get(digest.as_bytes().as_slice())
-        .map_err(|e| DirectoryError::ReadDatabase(e.into()))?
+        .map_err(|e| DirectoryError::ReadDatabase(Box::new(e.into())))?
     else {
         return Ok(None);
     };
