@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cloud_hypervisor_client::models::VmConfig;
-use kiln::vmm::cloud_hypervisor::{vm_config, CloudHypervisorRunner, API_SOCKET, VMM_LOG};
+use kiln::vmm::cloud_hypervisor::{
+    vm_config, CloudHypervisorRunner, API_SOCKET, EVENTS_FIFO, VMM_LOG,
+};
 use kiln::vmm::{FsShare, VmExit, VmRunner, VmSpec, VmmError};
 use tokio::io::AsyncReadExt;
 
@@ -24,13 +26,23 @@ use tokio::io::AsyncReadExt;
 /// - `reject`: answers `vm.create` with HTTP 400;
 /// - `hang`: never answers `vm.boot`;
 /// - `polite`: boots and stays up until `vmm.shutdown`, then exits 0;
-/// - `stubborn`: boots and ignores `vmm.shutdown`.
+/// - `stubborn`: boots and ignores `vmm.shutdown`;
+/// - `reboot`: boots, then reports a guest reboot on the event monitor and
+///   carries on (as cloud-hypervisor would, rebooting the guest).
 const FAKE: &str = r#"
 import http.server, json, os, socketserver, sys, threading, time
 MODE = "@MODE@"
 args = sys.argv[1:]
-sock = args[1][len("path="):]
+opts = dict(zip(args[0::2], args[1::2]))
+sock = opts["--api-socket"][len("path="):]
 run = os.path.dirname(sock)
+events = open(opts["--event-monitor"][len("path="):], "w") if "--event-monitor" in opts else None
+def event(source, name):
+    if events:
+        events.write(json.dumps({"timestamp": {"secs": 0, "nanos": 0}, "source": source,
+                                 "event": name, "properties": None}, indent=2) + "\n")
+        events.flush()
+event("vmm", "starting")
 with open(os.path.join(run, "fake.pid"), "w") as f: f.write(str(os.getpid()))
 with open(os.path.join(run, "fake.argv"), "w") as f: json.dump(args, f)
 if MODE == "silent":
@@ -60,7 +72,9 @@ class H(http.server.BaseHTTPRequestHandler):
             if MODE == "hang": time.sleep(3600)
             self.reply(204)
             sys.stdout.buffer.write(b"hello from the guest\n"); sys.stdout.flush()
+            event("vm", "booted")
             if MODE == "boot": threading.Timer(0.2, lambda: os._exit(0)).start()
+            if MODE == "reboot": threading.Timer(0.2, lambda: event("vm", "rebooting")).start()
             return
         if name == "vmm.shutdown":
             self.reply(204)
@@ -171,11 +185,14 @@ async fn boots_over_the_api_streams_the_console_and_exits_with_the_guest() {
     let argv: Vec<String> =
         serde_json::from_slice(&std::fs::read(fx.run_dir.join("fake.argv")).unwrap()).unwrap();
     let socket = fx.run_dir.join(API_SOCKET);
+    let fifo = fx.run_dir.join(EVENTS_FIFO);
     assert_eq!(
         argv,
         vec![
             "--api-socket".to_owned(),
-            format!("path={}", socket.display())
+            format!("path={}", socket.display()),
+            "--event-monitor".to_owned(),
+            format!("path={}", fifo.display()),
         ]
     );
     assert_eq!(calls(&fx.run_dir), vec!["vm.create", "vm.boot"]);
@@ -358,4 +375,33 @@ async fn dropping_a_running_vm_kills_the_vmm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(gone(pid), "VMM {pid} survived its handle");
+}
+
+#[tokio::test]
+async fn a_guest_reboot_kills_the_vmm_so_the_job_cannot_run_twice() {
+    let Some(fx) = fixture("reboot") else { return };
+    let mut vm = fx.runner.start(&spec(&fx.run_dir)).await.expect("start");
+    let pid = vm.pid().unwrap();
+    let mut channel = vm.take_channel().await.unwrap();
+    let started = Instant::now();
+    // The console ends because the VMM is killed, well before any timeout.
+    let mut console = String::new();
+    tokio::time::timeout(Duration::from_secs(5), channel.read_to_string(&mut console))
+        .await
+        .expect("the console ends once the reboot is seen")
+        .unwrap();
+    assert_eq!(console, "hello from the guest\n");
+    assert_eq!(
+        vm.wait().await.unwrap(),
+        VmExit::Exited {
+            code: None,
+            signal: Some(9)
+        }
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(gone(pid));
+    let log = std::fs::read_to_string(fx.run_dir.join(VMM_LOG)).unwrap();
+    assert!(log.contains("the guest rebooted"), "{log}");
+    // Killed outright: a rebooting guest gets no polite shutdown.
+    assert_eq!(calls(&fx.run_dir), vec!["vm.create", "vm.boot"]);
 }

@@ -2,14 +2,17 @@
 //! driven through its REST API on a unix socket.
 //!
 //! Lifecycle of one VM, as [`CloudHypervisorRunner::start`] and [`ChVm`] run it:
-//! 1. spawn `cloud-hypervisor --api-socket path=<run_dir>/ch.sock` with no VM
-//!    configured, stdout piped (the guest channel, see [`config`]) and stderr
-//!    appended to `<run_dir>/cloud-hypervisor.log`;
+//! 1. spawn `cloud-hypervisor --api-socket path=<run_dir>/ch.sock
+//!    --event-monitor path=<run_dir>/ch-events.fifo` with no VM configured,
+//!    stdout piped (the guest channel, see [`config`]) and stderr appended to
+//!    `<run_dir>/cloud-hypervisor.log`; a supervisor task takes the process
+//!    (see [`vm`]);
 //! 2. wait until the API answers `vmm.ping` (or the process dies, or the
 //!    deadline passes: each is its own error, with the end of the VMM's log);
 //! 3. `vm.create` with the body built by [`config::vm_config`], then `vm.boot`;
 //! 4. the guest runs; when it powers off, cloud-hypervisor exits by itself and
-//!    [`RunningVm::wait`] returns;
+//!    [`RunningVm::wait`] returns. Should the guest reboot instead (a kernel
+//!    panic), the supervisor kills the VMM so the job cannot run twice;
 //! 5. on timeout or cancellation [`RunningVm::kill`] asks for `vmm.shutdown`,
 //!    gives it a short grace period, then sends SIGKILL and reaps the process.
 //!
@@ -20,23 +23,29 @@
 //! load [`GUEST_MODULES`] rather than QEMU microvm's virtio-mmio set.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_hypervisor_client::apis::{DefaultApi, Error as ApiError};
 use cloud_hypervisor_client::models::VmConfig;
 use cloud_hypervisor_client::{socket_based_api_client, SocketBasedApiClient};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::net::unix::pipe;
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{GuestChannel, RunningVm, VmExit, VmRunner, VmSpec, VmmError};
+use super::{RunningVm, VmRunner, VmSpec, VmmError};
+use vm::{describe_exit, supervise, Supervision};
 
 pub mod config;
+pub mod events;
+mod vm;
 
 pub use config::{vm_config, ConfigError};
+pub use vm::ChVm;
 
 /// Kernel modules a guest on cloud-hypervisor loads, in load order: virtio
 /// over PCI, virtiofs, and the virtio console the agent talks on. The order
@@ -59,6 +68,8 @@ pub const GUEST_MODULES: &[&str] = &[
 pub const API_SOCKET: &str = "ch.sock";
 /// Name of the VMM's own log (its stderr) inside the build's run directory.
 pub const VMM_LOG: &str = "cloud-hypervisor.log";
+/// Name of the event monitor FIFO inside the build's run directory.
+pub const EVENTS_FIFO: &str = "ch-events.fifo";
 
 /// How much of the VMM's log an error message quotes.
 const LOG_TAIL_BYTES: u64 = 2048;
@@ -107,9 +118,9 @@ impl VmRunner for CloudHypervisorRunner {
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
         let body = vm_config(spec).map_err(|e| VmmError::Unsupported(e.to_string()))?;
-        let mut vm = self.spawn(spec)?;
+        let (mut vm, api) = self.spawn(spec)?;
         info!(build = %spec.id, pid = ?vm.pid, "cloud-hypervisor started");
-        match self.create_and_boot(&mut vm, body).await {
+        match self.create_and_boot(&vm, &api, body).await {
             Ok(()) => {
                 info!(build = %spec.id, "cloud-hypervisor booted the VM");
                 Ok(Box::new(vm))
@@ -123,20 +134,25 @@ impl VmRunner for CloudHypervisorRunner {
 }
 
 impl CloudHypervisorRunner {
-    /// Step 1: the bare VMM process, listening on its API socket.
-    fn spawn(&self, spec: &VmSpec) -> Result<ChVm, VmmError> {
+    /// Step 1: the bare VMM process, listening on its API socket, handed to
+    /// its supervisor.
+    fn spawn(&self, spec: &VmSpec) -> Result<(ChVm, Api), VmmError> {
         let program = self.binary.display().to_string();
         let spawn_err = |source| VmmError::Spawn {
             program: program.clone(),
             source,
         };
         let socket = spec.run_dir.join(API_SOCKET);
-        // A socket left by an earlier VMM in a reused directory would make the
-        // readiness probe talk to nobody (or to the wrong VMM).
-        match std::fs::remove_file(&socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(spawn_err(e)),
-            _ => {}
+        let fifo = spec.run_dir.join(EVENTS_FIFO);
+        // Leftovers of an earlier VMM in a reused directory would make the
+        // readiness probe talk to nobody, and mkfifo fail.
+        for stale in [&socket, &fifo] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(spawn_err(e)),
+                _ => {}
+            }
         }
+        let events = open_event_fifo(&fifo).map_err(spawn_err)?;
         let log_path = spec.run_dir.join(VMM_LOG);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -144,11 +160,11 @@ impl CloudHypervisorRunner {
             .open(&log_path)
             .map_err(spawn_err)?;
 
-        let mut arg = std::ffi::OsString::from("path=");
-        arg.push(&socket);
         let mut child = Command::new(&self.binary)
             .arg("--api-socket")
-            .arg(arg)
+            .arg(path_arg(&socket))
+            .arg("--event-monitor")
+            .arg(path_arg(&fifo))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -156,41 +172,56 @@ impl CloudHypervisorRunner {
             .spawn()
             .map_err(spawn_err)?;
         let channel = child.stdout.take();
-        Ok(ChVm {
-            pid: child.id(),
-            client: socket_based_api_client(&socket),
-            socket,
-            child,
-            channel,
-            log: log_path,
-            exit: None,
+        let pid = child.id();
+        let client = Arc::new(socket_based_api_client(&socket));
+        let (kill_tx, kill_rx) = mpsc::channel(1);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let how = Supervision {
+            client: client.clone(),
             grace: self.shutdown_grace,
-        })
+            events: Some(events),
+            log: log_path.clone(),
+        };
+        tokio::spawn(supervise(child, how, kill_rx, exit_tx));
+        let vm = ChVm {
+            pid,
+            channel,
+            kill: kill_tx,
+            exit: exit_rx,
+        };
+        let api = Api {
+            client,
+            socket,
+            log: log_path,
+        };
+        Ok((vm, api))
     }
 
     /// Steps 2 and 3: wait for the API, then `vm.create` and `vm.boot`.
-    async fn create_and_boot(&self, vm: &mut ChVm, body: VmConfig) -> Result<(), VmmError> {
-        self.wait_for_api(vm).await?;
-        let created = tokio::time::timeout(self.call_timeout, vm.client.create_vm(body)).await;
-        vm.check_call("vm.create", self.call_timeout, created)?;
-        let booted = tokio::time::timeout(self.call_timeout, vm.client.boot_vm()).await;
-        vm.check_call("vm.boot", self.call_timeout, booted)?;
+    async fn create_and_boot(&self, vm: &ChVm, api: &Api, body: VmConfig) -> Result<(), VmmError> {
+        self.wait_for_api(vm, api).await?;
+        let created = tokio::time::timeout(self.call_timeout, api.client.create_vm(body)).await;
+        api.check_call("vm.create", self.call_timeout, created)?;
+        let booted = tokio::time::timeout(self.call_timeout, api.client.boot_vm()).await;
+        api.check_call("vm.boot", self.call_timeout, booted)?;
         Ok(())
     }
 
     /// Polls `vmm.ping` until it answers, the process exits, or the deadline.
-    async fn wait_for_api(&self, vm: &mut ChVm) -> Result<(), VmmError> {
+    async fn wait_for_api(&self, vm: &ChVm, api: &Api) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.api_timeout;
         loop {
-            if let Some(status) = vm.child.try_wait().map_err(VmmError::Wait)? {
-                vm.exit = Some(exit_of(status));
+            if let Some(exit) = vm.exited() {
+                let how = match exit {
+                    Ok(exit) => describe_exit(&exit),
+                    Err(e) => e,
+                };
                 return Err(VmmError::Api {
                     call: "vmm.ping",
                     detail: format!(
-                        "{} exited ({}) before its API socket answered{}",
+                        "{} exited ({how}) before its API socket answered{}",
                         self.binary.display(),
-                        describe_status(status),
-                        log_tail(&vm.log)
+                        log_tail(&api.log)
                     ),
                 });
             }
@@ -200,16 +231,16 @@ impl CloudHypervisorRunner {
                     call: "vmm.ping",
                     detail: format!(
                         "API socket {} did not answer within {:?} (is {} really cloud-hypervisor?){}",
-                        vm.socket.display(),
+                        api.socket.display(),
                         self.api_timeout,
                         self.binary.display(),
-                        log_tail(&vm.log)
+                        log_tail(&api.log)
                     ),
                 });
             }
-            if vm.socket.exists() {
+            if api.socket.exists() {
                 let probe = (deadline - now).min(Duration::from_millis(500));
-                if let Ok(Ok(_)) = tokio::time::timeout(probe, vm.client.vmm_ping_get()).await {
+                if let Ok(Ok(_)) = tokio::time::timeout(probe, api.client.vmm_ping_get()).await {
                     return Ok(());
                 }
             }
@@ -218,19 +249,14 @@ impl CloudHypervisorRunner {
     }
 }
 
-/// A running cloud-hypervisor VM. Dropping it SIGKILLs the VMM.
-pub struct ChVm {
-    child: Child,
-    client: SocketBasedApiClient,
+/// The API side of one VMM, needed only while starting it.
+struct Api {
+    client: Arc<SocketBasedApiClient>,
     socket: PathBuf,
-    channel: Option<ChildStdout>,
     log: PathBuf,
-    pid: Option<u32>,
-    exit: Option<VmExit>,
-    grace: Duration,
 }
 
-impl ChVm {
+impl Api {
     /// Turns the outcome of one timed API call into this module's error,
     /// quoting the VMM's log so the reason cloud-hypervisor gave is visible.
     fn check_call<T>(
@@ -252,73 +278,22 @@ impl ChVm {
     }
 }
 
-#[async_trait::async_trait]
-impl RunningVm for ChVm {
-    async fn take_channel(&mut self) -> Result<GuestChannel, VmmError> {
-        match self.channel.take() {
-            Some(stdout) => Ok(Box::new(stdout)),
-            None => Err(VmmError::Channel(std::io::Error::other(
-                "the guest channel was already taken",
-            ))),
-        }
-    }
-
-    async fn wait(&mut self) -> Result<VmExit, VmmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let status = self.child.wait().await.map_err(VmmError::Wait)?;
-        let exit = exit_of(status);
-        info!(pid = ?self.pid, status = %describe_status(status), "cloud-hypervisor exited");
-        self.exit = Some(exit.clone());
-        Ok(exit)
-    }
-
-    async fn kill(&mut self) {
-        if self.exit.is_some() {
-            return;
-        }
-        let (client, child) = (&self.client, &mut self.child);
-        // Ask politely first: vmm.shutdown stops the VM and ends the process.
-        let polite = tokio::time::timeout(self.grace, async {
-            let _ = client.shutdown_vmm().await;
-            child.wait().await
-        })
-        .await;
-        let status = match polite {
-            Ok(Ok(status)) => Ok(status),
-            _ => {
-                warn!(pid = ?self.pid, grace = ?self.grace, "cloud-hypervisor did not shut down, sending SIGKILL");
-                if let Err(e) = self.child.start_kill() {
-                    warn!(pid = ?self.pid, error = %e, "SIGKILL failed");
-                }
-                self.child.wait().await
-            }
-        };
-        match status {
-            Ok(status) => self.exit = Some(exit_of(status)),
-            Err(e) => warn!(pid = ?self.pid, error = %e, "reaping cloud-hypervisor failed"),
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.pid
-    }
+/// `path=<path>`, cloud-hypervisor's syntax for socket and file options.
+fn path_arg(path: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from("path=");
+    arg.push(path);
+    arg
 }
 
-fn exit_of(status: ExitStatus) -> VmExit {
-    VmExit::Exited {
-        code: status.code(),
-        signal: status.signal(),
-    }
-}
-
-fn describe_status(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        (None, None) => "unknown status".to_owned(),
-    }
+/// Creates the event monitor FIFO and opens our end. Read-write, so that
+/// opening never blocks and reads never see EOF before cloud-hypervisor has
+/// opened its end; the supervisor stops reading when the process exits.
+fn open_event_fifo(path: &Path) -> std::io::Result<pipe::Receiver> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)?;
+    pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
 }
 
 /// The last few lines the VMM wrote to its log, formatted to append to an
