@@ -178,7 +178,7 @@ fn kvm_check(facts: &HostFacts, kernel_is_pvm: bool) -> Check {
             "kvm",
             Status::Warn,
             format!("{finding}; PVM only runs PVM-enabled guest kernels and the configured one is stock, so this host counts as having no hardware KVM"),
-            Some("builds fall back to QEMU's software emulation (TCG); for KVM speed run kiln on a host with VT-x/AMD-V (kvm_intel/kvm_amd), or configure a PVM-enabled guest kernel"),
+            Some("builds fall back to QEMU's software emulation (TCG); for KVM speed run kiln on a host with VT-x/AMD-V (kvm_intel/kvm_amd), or boot a PVM-enabled guest kernel and pass --pvm-kernel"),
         ),
         (KvmKind::None, Err(_)) => check(
             "kvm",
