@@ -3,7 +3,9 @@
 //!
 //! A node is printed and parsed as one line of text:
 //! `directory:<hex>:<size>`, `file:<hex>:<size>`, `file:<hex>:<size>:executable`
-//! or `symlink:<target>`. `export` also takes a bare `<hex>` as a directory.
+//! or `symlink:<target>`. `export` also takes `directory:<hex>` or a bare
+//! `<hex>` for a directory (its size does not matter for exporting), and `x`
+//! for `executable`.
 
 use std::path::Path;
 
@@ -24,7 +26,7 @@ pub enum CastoreCliError {
     #[error("opening castore")]
     Open(#[source] FromAddrError),
     /// The node text does not parse.
-    #[error("node {text:?}: {problem} (want directory:HEX:SIZE, file:HEX:SIZE[:executable], symlink:TARGET or HEX)")]
+    #[error("node {text:?}: {problem} (want directory:HEX[:SIZE], file:HEX:SIZE[:executable], symlink:TARGET or HEX)")]
     ParseNode {
         /// The text given.
         text: String,
@@ -105,7 +107,7 @@ pub fn format_node(node: &Node) -> String {
     }
 }
 
-/// Parses the text form of [`format_node`], or a bare hex digest (a directory).
+/// Parses the text form of [`format_node`] and the shorthands of the module docs.
 pub fn parse_node(text: &str) -> Result<Node, CastoreCliError> {
     let problem = |problem: &str| CastoreCliError::ParseNode {
         text: text.to_owned(),
@@ -133,6 +135,10 @@ pub fn parse_node(text: &str) -> Result<Node, CastoreCliError> {
             digest: digest(hex)?,
             size: 0,
         }),
+        ["directory", hex] => Ok(Node::Directory {
+            digest: digest(hex)?,
+            size: 0,
+        }),
         ["directory", hex, bytes] => Ok(Node::Directory {
             digest: digest(hex)?,
             size: size(bytes)?,
@@ -142,7 +148,7 @@ pub fn parse_node(text: &str) -> Result<Node, CastoreCliError> {
             size: size(bytes)?,
             executable: false,
         }),
-        ["file", hex, bytes, "executable"] => Ok(Node::File {
+        ["file", hex, bytes, "executable" | "x"] => Ok(Node::File {
             digest: digest(hex)?,
             size: size(bytes)?,
             executable: true,
