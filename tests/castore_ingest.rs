@@ -307,3 +307,83 @@ async fn round_trip_through_a_remote_store_copies() {
     assert_eq!(tool.nlink(), 1, "remote content is copied, not linked");
     assert_eq!(tool.mode() & 0o777, 0o555);
 }
+
+/// Anonymous (heap) memory of this process, in KiB.
+fn rss_anon_kib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn large_files_are_streamed_not_held_in_memory() {
+    const SIZE: u64 = 512 * 1024 * 1024;
+    let work = tempfile::tempdir().unwrap();
+    let store = embedded(&work.path().join("store")).await;
+    let source = work.path().join("big");
+    fs::create_dir(&source).unwrap();
+    let file = fs::File::create(source.join("sparse.img")).unwrap();
+    file.set_len(SIZE).unwrap();
+    drop(file);
+
+    let baseline = rss_anon_kib();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_anon_kib());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let node = ingest(&store, &source, IngestMode::Copy).await.unwrap();
+    materialise(&store, &node, &work.path().join("out"))
+        .await
+        .unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+
+    assert_eq!(
+        fs::metadata(work.path().join("out/sparse.img"))
+            .unwrap()
+            .len(),
+        SIZE
+    );
+    let grown_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!(
+        "heap grew by {grown_mib} MiB while ingesting a {} MiB file",
+        SIZE >> 20
+    );
+    assert!(
+        grown_mib < 64,
+        "heap grew by {grown_mib} MiB: the file was buffered"
+    );
+}
+
+#[tokio::test]
+async fn move_mode_across_filesystems_falls_back_to_copying() {
+    let work = tempfile::tempdir().unwrap();
+    let Ok(other_fs) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("SKIPPED: move across filesystems, because /dev/shm is not usable here");
+        return;
+    };
+    if fs::metadata(other_fs.path()).unwrap().dev() == fs::metadata(work.path()).unwrap().dev() {
+        eprintln!("SKIPPED: move across filesystems, because /dev/shm is on the same filesystem as the temp dir");
+        return;
+    }
+    let store = embedded(&work.path().join("store")).await;
+    let outputs = other_fs.path().join("out");
+    sample_tree(&outputs);
+    let before = describe(&outputs);
+    let node = ingest(&store, &outputs, IngestMode::Move).await.unwrap();
+    assert!(
+        !outputs.join("bin/tool").exists(),
+        "moved files are gone from the source"
+    );
+    let target = work.path().join("back");
+    materialise(&store, &node, &target).await.unwrap();
+    assert_eq!(describe(&target), before);
+}
