@@ -149,6 +149,7 @@ async fn put_blob(
 ) -> Result<B3Digest, Status> {
     let mut reader = StreamReader::new(chunks.map_err(std::io::Error::other));
     let stored = store.blobs.put(&mut reader).await.map_err(blob_status)?;
+    tracing::debug!(digest = %stored.digest, size = stored.size, "blob stored");
     Ok(stored.digest)
 }
 

@@ -24,7 +24,7 @@ use super::directory::Directory;
 use super::directory_service::DirectoryError;
 use super::errors::ValidationError;
 use super::node::{Node, PathComponent, SymlinkTarget};
-use super::Store;
+use super::{B3Digest, Store};
 
 /// How many files are stored at once.
 const PARALLEL_FILES: usize = 8;
@@ -122,7 +122,7 @@ pub async fn ingest(store: &Store, path: &Path, mode: IngestMode) -> Result<Node
     let blobs = store_files(store, files, mode).await?;
 
     let mut directories = Vec::new();
-    let node = assemble(tree, &blobs, &mut directories, &mut HashSet::new());
+    let node = assemble(tree, path, &blobs, &mut directories, &mut HashSet::new())?;
     if !directories.is_empty() {
         store
             .directories
@@ -230,11 +230,12 @@ async fn store_files(
 /// `directories` after its children (leaves first).
 fn assemble(
     tree: Scanned,
+    path: &Path,
     blobs: &[StoredBlob],
     directories: &mut Vec<Directory>,
-    seen: &mut HashSet<super::B3Digest>,
-) -> Node {
-    match tree {
+    seen: &mut HashSet<B3Digest>,
+) -> Result<Node, IngestError> {
+    Ok(match tree {
         Scanned::File { index, executable } => Node::File {
             digest: blobs[index].digest,
             size: blobs[index].size,
@@ -244,9 +245,16 @@ fn assemble(
         Scanned::Directory(children) => {
             let mut directory = Directory::new();
             for (name, child) in children {
-                let node = assemble(child, blobs, directories, seen);
-                // Names come from one directory listing, so they are unique.
-                let _ = directory.add(name, node);
+                let child_path = path.join(name.to_os_str());
+                let node = assemble(child, &child_path, blobs, directories, seen)?;
+                // One directory listing never repeats a name; if it somehow
+                // did, say so rather than drop an entry.
+                directory
+                    .add(name, node)
+                    .map_err(|source| IngestError::Name {
+                        path: child_path,
+                        source,
+                    })?;
             }
             let node = directory.as_node();
             if let Node::Directory { digest, .. } = &node {
@@ -256,5 +264,5 @@ fn assemble(
             }
             node
         }
-    }
+    })
 }
