@@ -257,7 +257,11 @@ mod tests {
 
     #[test]
     fn decodes_frames_fed_one_byte_at_a_time() {
-        let bytes = stream(&[(FrameKind::Stdout, b"hello"), (FrameKind::Stderr, b""), (FrameKind::Report, b"{}")]);
+        let bytes = stream(&[
+            (FrameKind::Stdout, b"hello"),
+            (FrameKind::Stderr, b""),
+            (FrameKind::Report, b"{}"),
+        ]);
         let mut d = Decoder::new();
         let mut got = Vec::new();
         for b in bytes {
@@ -267,7 +271,13 @@ mod tests {
             }
         }
         assert_eq!(got.len(), 3);
-        assert_eq!(got[0], Frame { kind: FrameKind::Stdout, payload: b"hello".to_vec() });
+        assert_eq!(
+            got[0],
+            Frame {
+                kind: FrameKind::Stdout,
+                payload: b"hello".to_vec()
+            }
+        );
         assert_eq!(got[1].kind, FrameKind::Stderr);
         assert!(got[1].payload.is_empty());
         assert_eq!(got[2].payload, b"{}");
@@ -293,7 +303,10 @@ mod tests {
         bytes.push(1);
         bytes.extend_from_slice(&((MAX_FRAME as u32) + 1).to_le_bytes());
         d.push(&bytes);
-        assert_eq!(d.next_frame(), Err(DecodeError::TooLong(MAX_FRAME as u32 + 1)));
+        assert_eq!(
+            d.next_frame(),
+            Err(DecodeError::TooLong(MAX_FRAME as u32 + 1))
+        );
     }
 
     #[test]
@@ -323,7 +336,8 @@ mod tests {
             inputs_dir: "nix/store".into(),
             ..Job::default()
         };
-        let back: Job = serde_json::from_slice(&serde_json::to_vec(&job).expect("encode")).expect("decode");
+        let back: Job =
+            serde_json::from_slice(&serde_json::to_vec(&job).expect("encode")).expect("decode");
         assert_eq!(back, job);
         let report = Report {
             outcome: Outcome::Signaled { signal: 9 },
@@ -333,6 +347,9 @@ mod tests {
         };
         let json = serde_json::to_string(&report).expect("encode");
         assert!(json.contains("\"kind\":\"signaled\""), "{json}");
-        assert_eq!(serde_json::from_str::<Report>(&json).expect("decode"), report);
+        assert_eq!(
+            serde_json::from_str::<Report>(&json).expect("decode"),
+            report
+        );
     }
 }

@@ -70,8 +70,15 @@ impl QemuRunner {
 }
 
 /// The full QEMU argv (after the binary) for `spec`, with the guest channel
-/// connecting to `channel_socket`. Pure: no file is touched.
-pub fn qemu_args(spec: &VmSpec, accel: Accel, channel_socket: &Path) -> Vec<OsString> {
+/// connecting to `channel_socket`. `tsc_khz`, when given, is appended to the
+/// kernel command line as `tsc_early_khz` (see [`host_tsc_khz`]). Pure: no
+/// file is touched.
+pub fn qemu_args(
+    spec: &VmSpec,
+    accel: Accel,
+    channel_socket: &Path,
+    tsc_khz: Option<u64>,
+) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
     let mem = format!("{}M", spec.memory_mib);
@@ -98,7 +105,10 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, channel_socket: &Path) -> Vec<OsSt
     a.push("-initrd".into());
     a.push(spec.initramfs.clone().into());
     a.push("-append".into());
-    a.push(spec.cmdline.clone().into());
+    a.push(match tsc_khz {
+        Some(khz) => format!("{} tsc_early_khz={khz}", spec.cmdline).into(),
+        None => spec.cmdline.clone().into(),
+    });
     a.push("-serial".into());
     a.push(prefixed("file:", &spec.serial_log));
     a.push("-chardev".into());
@@ -129,6 +139,36 @@ fn chardev(id: &str, socket: &Path) -> OsString {
     format!("socket,id={id},path={path},server=off").into()
 }
 
+/// The host's TSC frequency in kHz, measured once per process (x86_64 only).
+///
+/// Under TCG the guest reads the host's TSC, but microvm has no HPET or ACPI
+/// PM timer to calibrate it against, and calibrating against the emulated PIT
+/// fails when the host is busy: the kernel then has no working clock and
+/// hangs early in boot. Telling it the frequency (`tsc_early_khz`) avoids
+/// the calibration altogether.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(measure_tsc_khz)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    let start = std::time::Instant::now();
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    let t0 = unsafe { std::arch::x86_64::_rdtsc() };
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: as above.
+    let t1 = unsafe { std::arch::x86_64::_rdtsc() };
+    let micros = start.elapsed().as_micros() as u64;
+    let khz = t1.checked_sub(t0)? * 1000 / micros.max(1);
+    (khz > 0).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
 #[async_trait::async_trait]
 impl VmRunner for QemuRunner {
     fn name(&self) -> &'static str {
@@ -145,8 +185,15 @@ impl VmRunner for QemuRunner {
         let log_path = spec.run_dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(VmmError::Channel)?;
         let program = self.binary.display().to_string();
+        let tsc_khz = match self.accel {
+            Accel::Tcg => tokio::task::spawn_blocking(host_tsc_khz)
+                .await
+                .ok()
+                .flatten(),
+            Accel::Kvm => None,
+        };
         let child = Command::new(&self.binary)
-            .args(qemu_args(spec, self.accel, &channel_socket))
+            .args(qemu_args(spec, self.accel, &channel_socket, tsc_khz))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -307,6 +354,7 @@ mod tests {
             &spec(false),
             Accel::Tcg,
             Path::new("/r/channel.sock"),
+            None,
         ));
         assert_eq!(values(&a, "-M"), ["microvm,memory-backend=mem"]);
         assert_eq!(values(&a, "-m"), ["1536M"]);
@@ -325,12 +373,35 @@ mod tests {
     }
 
     #[test]
+    fn a_known_tsc_frequency_goes_on_the_kernel_command_line() {
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            Path::new("/c"),
+            Some(2445406),
+        ));
+        assert_eq!(
+            values(&a, "-append"),
+            ["console=ttyS0 panic=-1 tsc_early_khz=2445406"]
+        );
+    }
+
+    #[test]
+    fn the_host_tsc_frequency_is_plausible() {
+        let Some(khz) = host_tsc_khz() else {
+            eprintln!("SKIPPED: the_host_tsc_frequency_is_plausible because this is not x86_64");
+            return;
+        };
+        assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
+    }
+
+    #[test]
     fn virtualisation_extensions_only_when_nested() {
-        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, Path::new("/c")));
+        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, Path::new("/c"), None));
         assert_eq!(values(&plain, "-cpu"), ["max,svm=off,vmx=off"]);
-        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, Path::new("/c")));
+        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, Path::new("/c"), None));
         assert_eq!(values(&nested, "-cpu"), ["max"]);
-        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, Path::new("/c")));
+        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, Path::new("/c"), None));
         assert_eq!(values(&kvm, "-cpu"), ["host,svm=off,vmx=off"]);
         assert_eq!(values(&kvm, "-accel"), ["kvm"]);
     }
@@ -341,6 +412,7 @@ mod tests {
             &spec(false),
             Accel::Tcg,
             Path::new("/r/channel.sock"),
+            None,
         ));
         assert_eq!(values(&a, "-serial"), ["file:/r/serial.log"]);
         assert_eq!(

@@ -47,6 +47,15 @@ pub fn load_modules<S: AsRef<str>>(names: &[S]) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Best effort to reach the host channel when the job's own module list
+/// could not be used: the console over either virtio transport, whichever
+/// this VM has. Failures are ignored; the report is what matters now.
+pub fn load_console_fallback() {
+    for transport in ["virtio_mmio", "virtio_pci"] {
+        let _ = load_modules(&[transport, "virtio_console"]);
+    }
+}
+
 fn load_module(name: &str, loaded: &mut Vec<String>, depth: usize) -> Result<(), AgentError> {
     if loaded.iter().any(|m| m == name) {
         return Ok(());

@@ -31,26 +31,26 @@ pub struct Timings {
 pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError> {
     umask(Mode::empty());
     boot::early_mounts()?;
-    // Without the channel there is nobody to report to: its failure still
-    // goes to the serial log, and the host sees a stream without a report.
-    let channel_result = (|| {
-        let job = job::load()?;
-        boot::load_modules(&job.modules)?;
-        channel::open().step(
-            |what, source| AgentError::Supervise { what, source },
-            || format!("opening the host channel {}", channel::CHANNEL_DEVICE),
-        )?;
-        Ok::<_, AgentError>(job)
-    })();
-    let job = match channel_result {
+    // The channel needs its modules, which the job names; so the job is
+    // decoded first and validated only once a failure can be reported.
+    let job = match job::load() {
         Ok(job) => job,
         Err(e) => {
-            // The modules for the channel may be what failed; try to open it
-            // anyway so the report has a chance to get out.
+            boot::load_console_fallback();
             let _ = channel::open();
             return Err(e);
         }
     };
+    if let Err(e) = boot::load_modules(&job.modules) {
+        boot::load_console_fallback();
+        let _ = channel::open();
+        return Err(e);
+    }
+    channel::open().step(
+        |what, source| AgentError::Supervise { what, source },
+        || format!("opening the host channel {}", channel::CHANNEL_DEVICE),
+    )?;
+    job::validate(&job).map_err(AgentError::Job)?;
     let kvm = if job.kvm {
         Some(boot::enable_kvm()?)
     } else {

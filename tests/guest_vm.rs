@@ -1,0 +1,243 @@
+//! Boots the real kernel with the real agent under QEMU/TCG (virtiofsd,
+//! `QemuRunner`, `guest_image`) and checks what the build inside sees and
+//! what comes out. Skips loudly without QEMU, virtiofsd or the artifacts
+//! (`make kernel agent virtiofsd`).
+
+#[path = "common/guest_harness.rs"]
+mod harness;
+
+use std::os::unix::fs::PermissionsExt;
+
+use kiln_guest::contract::{FrameKind, Outcome};
+
+/// The sandbox as a Nix build sees it, in one VM.
+#[tokio::test]
+async fn the_build_sees_a_nix_like_sandbox() {
+    require_vm!("the_build_sees_a_nix_like_sandbox");
+    let script = r#"
+echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2
+cat /proc/$$/environ > /build/environ
+id -u > /build/uid; id -g > /build/gid; id -G > /build/groups; pwd > /build/cwd; hostname > /build/hostname
+if echo x 2> /build/input-write > /nix/store/open/new; then echo WRITABLE >> /build/input-write; fi
+if mv /nix/store/open /nix/store/moved 2> /build/input-move; then echo MOVED >> /build/input-move; fi
+ls /dev > /build/dev
+grep -c -w -e svm -e vmx /proc/cpuinfo > /build/virt-flags
+cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /build/netdev
+if test -e /bin/sh; then echo yes > /build/binsh; else echo no > /build/binsh; fi
+cp /etc/passwd /etc/group /etc/hosts /build/
+cp /build/extra/file /build/extra-copy
+echo 1 > /tmp/t && echo 1 > /dev/shm/t && echo tmp-ok > /build/tmp-ok
+mkdir /nix/store/out-dir && echo hi > /nix/store/out-dir/f
+echo file > /nix/store/out-file && ln -s out-file /nix/store/out-link
+echo out-3; echo err-3 >&2
+"#;
+    let mut job = harness::sh_job(script);
+    job.env = vec![
+        (b"HOME".to_vec(), b"/homeless-shelter".to_vec()),
+        (b"NIX_BUILD_TOP".to_vec(), b"/build".to_vec()),
+        (b"PATH".to_vec(), b"/nix/store/busybox/bin".to_vec()),
+        (b"WEIRD".to_vec(), vec![0xff, 0xfe, b'=', b' ', b'\n', 0x80]),
+    ];
+    job.additional_files = vec![("build/extra/file".into(), b"passed as file\n".to_vec())];
+    let run = harness::run(&job, false, |inputs| {
+        // World-writable on the host: only the read-only mount can stop a write.
+        let open = inputs.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    })
+    .await;
+    assert_eq!(
+        run.report().outcome,
+        Outcome::Exited { code: 0 },
+        "stderr: {}",
+        run.stderr()
+    );
+    let build = run.scratch.join("build");
+    let read = |name: &str| {
+        std::fs::read_to_string(build.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+
+    let mut expected_env = Vec::new();
+    for (k, v) in &job.env {
+        expected_env.extend_from_slice(&[k.as_slice(), b"=", v.as_slice(), b"\0"].concat());
+    }
+    assert_eq!(
+        std::fs::read(build.join("environ")).unwrap(),
+        expected_env,
+        "environment differs"
+    );
+    assert_eq!(
+        (read("uid"), read("gid"), read("groups")),
+        ("1000\n".into(), "100\n".into(), "100\n".into())
+    );
+    assert_eq!(read("cwd"), "/build\n");
+    assert_eq!(read("hostname"), "localhost\n");
+    assert!(
+        read("input-write").contains("Read-only file system"),
+        "{}",
+        read("input-write")
+    );
+    assert!(
+        !read("input-move").contains("MOVED"),
+        "an input could be moved"
+    );
+    let dev: Vec<String> = read("dev").lines().map(String::from).collect();
+    for node in [
+        "full", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero",
+    ] {
+        assert!(
+            dev.contains(&node.to_string()),
+            "/dev/{node} missing: {dev:?}"
+        );
+    }
+    assert!(
+        !dev.contains(&"kvm".to_string()),
+        "/dev/kvm present though not asked for"
+    );
+    assert_eq!(
+        read("virt-flags"),
+        "0\n",
+        "the guest CPU shows virtualisation extensions"
+    );
+    assert_eq!(read("netdev"), "lo\n", "network interfaces other than lo");
+    assert_eq!(read("binsh"), "no\n");
+    assert!(
+        read("passwd").contains("nixbld:x:1000:100:"),
+        "{}",
+        read("passwd")
+    );
+    assert!(read("group").contains("nixbld:!:100:"), "{}", read("group"));
+    assert!(read("hosts").contains("127.0.0.1 localhost"));
+    assert_eq!(read("extra-copy"), "passed as file\n");
+    assert_eq!(read("tmp-ok"), "tmp-ok\n");
+
+    let store = run.scratch.join("nix/store");
+    assert_eq!(
+        std::fs::read_to_string(store.join("out-dir/f")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(store.join("out-file")).unwrap(),
+        "file\n"
+    );
+    assert_eq!(
+        std::fs::read_link(store.join("out-link")).unwrap().to_str(),
+        Some("out-file")
+    );
+
+    assert_eq!(run.stdout(), "out-1\nout-2\nout-3\n");
+    assert_eq!(run.stderr(), "err-1\nerr-2\nerr-3\n");
+    let started = run
+        .frames
+        .iter()
+        .position(|(k, _)| *k == FrameKind::BuilderStarted)
+        .expect("BuilderStarted frame");
+    let first_output = run
+        .frames
+        .iter()
+        .position(|(k, _)| *k == FrameKind::Stdout)
+        .unwrap();
+    assert!(started < first_output);
+    assert_eq!(run.frames.last().map(|f| f.0), Some(FrameKind::Report));
+}
+
+#[tokio::test]
+async fn exit_codes_are_reported_and_leftover_processes_killed() {
+    require_vm!("exit_codes_are_reported_and_leftover_processes_killed");
+    // The background job keeps stdout open; unless the agent kills it, it
+    // outlives the builder long enough to write its file.
+    let job = harness::sh_job("(sleep 1; echo alive > /build/leftover) & echo bye; exit 3");
+    let run = harness::run(&job, false, |_| {}).await;
+    assert_eq!(run.report().outcome, Outcome::Exited { code: 3 });
+    assert_eq!(run.stdout(), "bye\n");
+    assert!(
+        !run.scratch.join("build/leftover").exists(),
+        "a process of the build user survived the builder"
+    );
+    eprintln!(
+        "boot-to-report (exit 3 + leftover): {:?}, report {:?}",
+        run.elapsed,
+        run.report()
+    );
+}
+
+#[tokio::test]
+async fn signals_are_reported() {
+    require_vm!("signals_are_reported");
+    let run = harness::run(&harness::sh_job("kill -9 $$"), false, |_| {}).await;
+    assert_eq!(run.report().outcome, Outcome::Signaled { signal: 9 });
+}
+
+#[tokio::test]
+async fn dev_kvm_opens_for_the_build_user_when_asked() {
+    require_vm!("dev_kvm_opens_for_the_build_user_when_asked");
+    let mut job = harness::sh_job("");
+    job.kvm = true;
+    job.provide_bin_sh = true;
+    // /bin/sh is the agent's busybox; the applets come from the input.
+    job.command_args = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "id -u; exec 3<>/dev/kvm && echo kvm-opened".into(),
+    ];
+    let run = harness::run(&job, true, |_| {}).await;
+    assert_eq!(
+        run.report().outcome,
+        Outcome::Exited { code: 0 },
+        "stderr: {}",
+        run.stderr()
+    );
+    assert_eq!(run.stdout(), "1000\nkvm-opened\n");
+}
+
+/// Agent failures come back as such, quickly, with the step that failed.
+async fn expect_agent_failure(job: kiln_guest::contract::Job, step: &str, needle: &str) {
+    let run = harness::run(&job, false, |_| {}).await;
+    match &run.report().outcome {
+        Outcome::AgentFailed { step: s, message } => {
+            assert_eq!(s, step, "{message}");
+            assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        }
+        other => panic!("expected an agent failure at {step}, got {other:?}"),
+    }
+    assert!(run.elapsed.as_secs() < 30, "took {:?}", run.elapsed);
+}
+
+#[tokio::test]
+async fn a_missing_module_is_an_agent_failure() {
+    require_vm!("a_missing_module_is_an_agent_failure");
+    let mut job = harness::sh_job("true");
+    job.modules.push("no_such_module".into());
+    expect_agent_failure(job, "module", "no_such_module").await;
+}
+
+#[tokio::test]
+async fn a_broken_job_is_an_agent_failure() {
+    require_vm!("a_broken_job_is_an_agent_failure");
+    let mut job = harness::sh_job("true");
+    job.working_dir = "../escape".into();
+    expect_agent_failure(job, "job", "working_dir").await;
+}
+
+#[tokio::test]
+async fn a_builder_that_cannot_be_executed_is_an_agent_failure() {
+    require_vm!("a_builder_that_cannot_be_executed_is_an_agent_failure");
+    let mut job = harness::sh_job("true");
+    job.command_args = vec!["/nix/store/missing/bin/sh".into()];
+    expect_agent_failure(job, "exec", "No such file").await;
+}
+
+/// Measures boot-to-report of a trivial job (printed; the assertion is loose
+/// because TCG timing is noisy).
+#[tokio::test]
+async fn a_trivial_job_boots_and_reports_quickly() {
+    require_vm!("a_trivial_job_boots_and_reports_quickly");
+    let run = harness::run(&harness::sh_job("true"), false, |_| {}).await;
+    let r = run.report();
+    assert_eq!(r.outcome, Outcome::Exited { code: 0 });
+    eprintln!(
+        "trivial job: boot-to-report {:?} (kernel boot {} ms, agent setup {} ms, build {} ms)",
+        run.elapsed, r.boot_ms, r.setup_ms, r.build_ms
+    );
+    assert!(run.elapsed.as_secs() < 30);
+}
