@@ -17,6 +17,8 @@ use crate::vmm::{GuestChannel, RunningVm, VmExit};
 
 /// How long the guest may take to power off after its report.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// How long the VM may outlive a dead virtiofsd before it counts as a crash.
+const DAEMON_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the channel's last bytes after the VMM exited.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
@@ -52,9 +54,20 @@ pub async fn supervise(
     let mut report: Option<Report> = None;
     let mut exited: Option<VmExit> = None;
     let mut channel_open = true;
+    // A virtiofsd also exits when the VM it serves goes away: its death only
+    // fails the build if the VM does not end on its own shortly after.
+    let mut daemon_dead: Option<String> = None;
 
     let failure = loop {
         let reported = report.is_some();
+        let daemon_grace = daemon_dead.is_some();
+        let daemon_grace_over = async move {
+            if daemon_grace {
+                tokio::time::sleep(DAEMON_GRACE).await
+            } else {
+                std::future::pending().await
+            }
+        };
         let poweroff = async move {
             if reported {
                 tokio::time::sleep(POWEROFF_GRACE).await
@@ -96,7 +109,11 @@ pub async fn supervise(
             },
             _ = &mut deadline => break Some(BuildError::Timeout { secs: limits.timeout.as_secs(), log_tail: log.tail() }),
             _ = cancel.cancelled() => break Some(BuildError::Cancelled),
-            why = &mut daemon_died => break Some(BuildError::VmCrashed { reason: why, log_tail: log.tail() }),
+            why = &mut daemon_died, if daemon_dead.is_none() => daemon_dead = Some(why),
+            _ = daemon_grace_over => break Some(BuildError::VmCrashed {
+                reason: daemon_dead.take().unwrap_or_default(),
+                log_tail: log.tail(),
+            }),
             _ = poweroff => break Some(BuildError::VmCrashed {
                 reason: format!("the guest reported but did not power off within {POWEROFF_GRACE:?}"),
                 log_tail: log.tail(),

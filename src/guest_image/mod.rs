@@ -184,6 +184,11 @@ pub fn kernel_cmdline() -> String {
         "i8042.nomux",
         "i8042.nopnp",
         "i8042.dumbkbd",
+        // microvm has neither the PIT gate port nor HPET/PM timer, so under
+        // TCG the kernel cannot calibrate the TSC and hangs before init;
+        // stating its rate skips the calibration (the value only scales
+        // early delays; timekeeping settles on the real clocksource).
+        "tsc_early_khz=2000000",
         "tsc=reliable",
         "no_timer_check",
         "random.trust_cpu=on",
