@@ -1,6 +1,6 @@
 //! Ingest: a host path becomes castore nodes.
 //!
-//! Steps: [`scan`] the tree (regular files with their executable bit,
+//! Steps: scan the tree (regular files with their executable bit,
 //! symlinks as they are, directories; anything else is refused), store the
 //! files' bytes several at a time (each file is hashed streaming, large ones
 //! memory-mapped on the rayon pool, never read into memory whole), then

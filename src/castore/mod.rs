@@ -9,9 +9,9 @@
 //! - Storage behind two narrow traits, one file per backend:
 //!   [`blob::BlobService`] (embedded files, gRPC) and
 //!   [`directory_service::DirectoryService`] (embedded redb, gRPC), bundled
-//!   in a [`Store`] and chosen by address in [`from_addr`].
+//!   in a [`Store`] and chosen by address in [`mod@from_addr`].
 //! - [`grpc_server`]: any [`Store`] as the four castore gRPC services.
-//! - [`ingest`] (host path to nodes) and [`materialise`] (nodes to host path).
+//! - [`mod@ingest`] (host path to nodes) and [`mod@materialise`] (nodes to host path).
 
 pub mod blob;
 pub mod digest;
