@@ -3,6 +3,8 @@
 //! what comes out. Skips loudly without QEMU, virtiofsd or the artifacts
 //! (`make kernel agent virtiofsd`).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 #[path = "common/guest_harness.rs"]
 mod harness;
 

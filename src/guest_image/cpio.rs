@@ -135,6 +135,7 @@ fn clean(path: &str) -> io::Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

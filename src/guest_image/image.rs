@@ -121,6 +121,7 @@ pub fn build_initramfs(base: &Path, job: &Job, dest: &Path) -> Result<(), GuestI
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

@@ -197,6 +197,7 @@ pub fn kernel_cmdline() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

@@ -306,6 +306,7 @@ impl Drop for QemuVm {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
     use crate::vmm::FsShare;

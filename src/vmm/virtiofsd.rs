@@ -217,6 +217,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

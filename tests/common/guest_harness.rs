@@ -2,6 +2,8 @@
 //! initramfs plus the job, QEMU microvm under TCG) and collects everything
 //! the agent sent. Used by `tests/guest_vm.rs`.
 
+#![allow(clippy::unwrap_used)] // test harness: failures should be loud
+
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

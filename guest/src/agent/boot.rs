@@ -168,6 +168,7 @@ pub fn mount_virtiofs(tag: &str, target: &str, flags: MsFlags) -> Result<(), Age
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 

@@ -80,15 +80,12 @@ pub fn emergency_report(report: &Report) {
     eprintln!("kiln-agent: report {}", String::from_utf8_lossy(&json));
     let mut buf = Vec::new();
     encode_frame(FrameKind::Report, &json, &mut buf);
-    match CHANNEL.try_lock() {
-        Ok(mut slot) => {
-            if let Some(file) = slot.as_mut() {
-                let _ = file.write_all(&buf);
-                let _ = termios::tcdrain(file.as_fd());
-                return;
-            }
+    if let Ok(mut slot) = CHANNEL.try_lock() {
+        if let Some(file) = slot.as_mut() {
+            let _ = file.write_all(&buf);
+            let _ = termios::tcdrain(file.as_fd());
+            return;
         }
-        Err(_) => {}
     }
     // No channel yet, or its lock is unusable: write MAGIC-less frames on a
     // fresh descriptor; the host then sees either a report or a broken stream,

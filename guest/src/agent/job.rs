@@ -104,6 +104,7 @@ pub fn argv(job: &Job) -> Result<Vec<CString>, AgentError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
     use super::*;
 
