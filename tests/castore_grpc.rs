@@ -361,3 +361,27 @@ async fn addresses_are_checked() {
     let unreachable = from_addr("grpc+unix:/nonexistent/kiln.sock", dir.path()).await;
     assert!(unreachable.is_err());
 }
+
+#[tokio::test]
+async fn directories_larger_than_4_mib_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server_store, address) = serve_tcp(dir.path()).await;
+    let remote = from_addr(
+        &address.replace("http://", "grpc+http://"),
+        Path::new("/nonexistent"),
+    )
+    .await
+    .unwrap();
+    let mut huge = Directory::new();
+    for i in 0..100_000u32 {
+        let node = Node::File {
+            digest: B3Digest::of(&i.to_le_bytes()),
+            size: u64::from(i),
+            executable: false,
+        };
+        huge.add(name(&format!("file-{i:06}")), node).unwrap();
+    }
+    assert!(huge.encode().len() > 4 * 1024 * 1024);
+    let digest = remote.directories.put(huge.clone()).await.unwrap();
+    assert_eq!(remote.directories.get(&digest).await.unwrap(), Some(huge));
+}

@@ -57,21 +57,34 @@ impl CastoreServices {
     }
 }
 
+/// Largest message the castore services accept or send: a directory with
+/// tens of thousands of entries exceeds tonic's default of 4 MiB.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
 /// The castore gRPC services serving `store`.
 pub fn grpc_services(store: Store) -> CastoreServices {
+    use snix_castore::blob_service_server::BlobServiceServer as SnixBlobs;
+    use snix_castore::directory_service_server::DirectoryServiceServer as SnixDirectories;
+    use tvix_castore::blob_service_server::BlobServiceServer as TvixBlobs;
+    use tvix_castore::directory_service_server::DirectoryServiceServer as TvixDirectories;
+
     let blobs = BlobServiceWrapper {
         store: store.clone(),
     };
     let directories = DirectoryServiceWrapper { store };
     CastoreServices {
-        tvix_blobs: tvix_castore::blob_service_server::BlobServiceServer::new(blobs.clone()),
-        tvix_directories: tvix_castore::directory_service_server::DirectoryServiceServer::new(
-            directories.clone(),
-        ),
-        snix_blobs: snix_castore::blob_service_server::BlobServiceServer::new(blobs),
-        snix_directories: snix_castore::directory_service_server::DirectoryServiceServer::new(
-            directories,
-        ),
+        tvix_blobs: TvixBlobs::new(blobs.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        tvix_directories: TvixDirectories::new(directories.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        snix_blobs: SnixBlobs::new(blobs)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        snix_directories: SnixDirectories::new(directories)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
     }
 }
 

@@ -13,6 +13,7 @@ use tonic::Code;
 
 use super::{BlobError, BlobReader, BlobService, StoredBlob, VerifyingReader, CHUNK_SIZE};
 use crate::castore::digest::B3Digest;
+use crate::castore::grpc_server::MAX_MESSAGE_SIZE;
 use crate::proto::tvix_castore::blob_service_client::BlobServiceClient;
 use crate::proto::tvix_castore::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 
@@ -26,7 +27,9 @@ impl GrpcBlobService {
     /// Uses an established channel.
     pub fn new(channel: Channel) -> Self {
         GrpcBlobService {
-            client: BlobServiceClient::new(channel),
+            client: BlobServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
         }
     }
 }

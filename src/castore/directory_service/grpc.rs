@@ -12,6 +12,7 @@ use tonic::Code;
 use super::{DirectoryError, DirectoryService};
 use crate::castore::digest::B3Digest;
 use crate::castore::directory::Directory;
+use crate::castore::grpc_server::MAX_MESSAGE_SIZE;
 use crate::proto::tvix_castore;
 use crate::proto::tvix_castore::directory_service_client::DirectoryServiceClient;
 use crate::proto::tvix_castore::get_directory_request::ByWhat;
@@ -27,7 +28,9 @@ impl GrpcDirectoryService {
     /// Uses an established channel.
     pub fn new(channel: Channel) -> Self {
         GrpcDirectoryService {
-            client: DirectoryServiceClient::new(channel),
+            client: DirectoryServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
         }
     }
 }

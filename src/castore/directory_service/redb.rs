@@ -100,7 +100,8 @@ impl RedbDirectoryService {
                 .map_err(|e| write_err(e.into()))?;
             let mut batch = HashSet::new();
             for directory in &directories {
-                let digest = directory.digest();
+                let encoded = directory.encode();
+                let digest = B3Digest::of(&encoded);
                 for child in directory.child_directories() {
                     let known = batch.contains(&child)
                         || table
@@ -115,7 +116,7 @@ impl RedbDirectoryService {
                     }
                 }
                 table
-                    .insert(digest.as_bytes().as_slice(), directory.encode().as_slice())
+                    .insert(digest.as_bytes().as_slice(), encoded.as_slice())
                     .map_err(|e| write_err(e.into()))?;
                 batch.insert(digest);
                 root = Some(digest);
