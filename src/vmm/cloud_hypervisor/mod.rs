@@ -6,7 +6,7 @@
 //!    --event-monitor path=<run_dir>/ch-events.fifo` with no VM configured,
 //!    stdout piped (the guest channel, see [`config`]) and stderr appended to
 //!    `<run_dir>/cloud-hypervisor.log`; a supervisor task takes the process
-//!    (see [`vm`]);
+//!    (see `vm.rs`);
 //! 2. wait until the API answers `vmm.ping` (or the process dies, or the
 //!    deadline passes: each is its own error, with the end of the VMM's log);
 //! 3. `vm.create` with the body built by [`config::vm_config`], then `vm.boot`;
@@ -50,9 +50,8 @@ pub use vm::ChVm;
 /// Kernel modules a guest on cloud-hypervisor loads, in load order: virtio
 /// over PCI, virtiofs, and the virtio console the agent talks on. The order
 /// follows the modules' `depends=` (`virtio` needs `virtio_ring`; `virtio_pci`
-/// needs both `virtio_pci_*_dev`). (Nested
-/// virtualisation adds `irqbypass`, `kvm` and `kvm_intel`/`kvm_amd`, as on
-/// every backend.)
+/// needs both `virtio_pci_*_dev`). Nested virtualisation adds `irqbypass`,
+/// `kvm` and `kvm_intel`/`kvm_amd`, as on every backend.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
