@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("kiln_descriptor.bin"))
         .bytes(".")
+        .codec_path("crate::proto::codec::StrictCodec")
         .compile_protos(PROTOS, &["protos"])?;
     println!("cargo:rerun-if-changed=protos");
     Ok(())

@@ -12,7 +12,11 @@ use kiln::server::Listen;
 use kiln::vmm::host::{AccelChoice, VmmChoice};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A gRPC build executor that runs every build in its own microVM")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A gRPC build executor that runs every build in its own microVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +138,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "kiln=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "kiln=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -161,7 +166,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kiln::cli::build::run(&args.addr, &args.request, args.layout, args.json).await?;
             Ok(())
         }
-        Command::Castore(CastoreCommand::Import { addr, path }) => Ok(kiln::cli::castore::import(&addr, &path).await?),
+        Command::Castore(CastoreCommand::Import { addr, path }) => {
+            Ok(kiln::cli::castore::import(&addr, &path).await?)
+        }
         Command::Castore(CastoreCommand::Export { addr, node, dir }) => {
             Ok(kiln::cli::castore::export(&addr, &node, &dir).await?)
         }
@@ -173,7 +180,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
                 image_cache_dir: Some(args.vm.cache_dir.join("initramfs")),
             };
-            kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
+            let report = kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
+            anyhow::ensure!(report.ready(), "this host cannot run builds yet (see the FAIL lines above)");
             Ok(())
         }
     }
@@ -207,7 +215,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kept_builds: 256,
         kept_log_bytes: 4 * 1024 * 1024,
     };
-    let executor = kiln::build::Executor::open(config, store.clone(), vm.runner).context("starting the executor")?;
+    let executor = kiln::build::Executor::open(config, store.clone(), vm.runner)
+        .context("starting the executor")?;
     let listener = args.listen.bind().await?;
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kiln::build::plan::Limits;
 use kiln::build::{Executor, ExecutorConfig};
-use kiln::castore::{ingest, Node, Store};
+use kiln::castore::{ingest, Node, Store, WireNode};
 use kiln::guest_image::Artifacts;
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};
 use kiln::vmm::choose::choose;
@@ -230,7 +230,7 @@ impl TestServer {
 
     /// Reads a file output's bytes.
     pub async fn read_file_entry(&self, e: &snix_castore::Entry) -> Vec<u8> {
-        let (_, node) = Node::try_from_snix_entry(e.clone()).unwrap();
+        let node = e.clone().try_into_anonymous().unwrap();
         match node {
             Node::File { digest, .. } => self.read_blob(&digest).await,
             other => panic!("expected a file output, got {other:?}"),
