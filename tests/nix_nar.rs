@@ -222,3 +222,57 @@ async fn embedded_store_nar_hash_equals_nix_hash() {
         assert_eq!(hash.to_nixbase32(), nix_hash(&root));
     }
 }
+
+/// Fixed outputs are checked like Nix checks them: flat sha256 of the file,
+/// or sha256 of the NAR for `r:sha256`.
+#[tokio::test]
+async fn fixed_output_hashes_are_checked() {
+    use kiln::nix::derivation::Output;
+    use kiln::nix::fixed_output::{verify, FixedOutputError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = kiln::castore::from_addr::embedded(&dir.path().join("store")).unwrap();
+    let file = dir.path().join("fixed");
+    std::fs::write(&file, b"fixed\n").unwrap();
+    let node = kiln::castore::ingest(&store, &file, kiln::castore::IngestMode::Copy)
+        .await
+        .unwrap();
+    let declared = |algo: &str, hash: &str| Output {
+        path: None,
+        hash_algorithm: algo.to_owned(),
+        hash: hash.to_owned(),
+    };
+    // `echo fixed | sha256sum`, as in conformance.nix's fixed derivation.
+    let flat = "0c3071418e6356e614898c84ed064ca95e88551bc0811b534bdf1952ecdae534";
+    verify(&store, &declared("sha256", flat), &node)
+        .await
+        .unwrap();
+    let recursive = nar::nar_hash_path(&file).unwrap().to_hex();
+    verify(&store, &declared("r:sha256", &recursive), &node)
+        .await
+        .unwrap();
+    let err = verify(&store, &declared("sha256", &recursive), &node)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FixedOutputError::Mismatch { .. }), "{err}");
+    let err = verify(&store, &declared("sha1", flat), &node)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, FixedOutputError::UnsupportedAlgorithm(_)),
+        "{err}"
+    );
+
+    let tree = dir.path().join("tree");
+    fixture_tree(&tree);
+    let tree_node = kiln::castore::ingest(&store, &tree, kiln::castore::IngestMode::Copy)
+        .await
+        .unwrap();
+    let err = verify(&store, &declared("sha256", flat), &tree_node)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, FixedOutputError::NotAFile("directory")),
+        "{err}"
+    );
+}

@@ -6,10 +6,12 @@
 //! - [`nar`]: NAR serialisation and hashing of castore trees and host paths.
 //! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`.
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
+//! - [`fixed_output`]: checking a fixed-output derivation's declared hash.
 
 pub mod build_request;
 pub mod closure;
 pub mod derivation;
+pub mod fixed_output;
 pub mod nar;
 pub mod nixbase32;
 pub mod store_path;

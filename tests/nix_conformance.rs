@@ -1,0 +1,209 @@
+//! Conformance against Nix itself: every derivation of
+//! `tests/fixtures/nix/conformance.nix` is built with `nix-store --realise`
+//! (Nix 2.8 in its own sandbox) and with `kiln build --drv` (a kiln server
+//! booting a microVM per build), and the NAR hashes of all outputs must be
+//! equal. Covers file, symlink and directory outputs, several outputs,
+//! executable bits, nested directories, the environment and cwd the builder
+//! sees, `$TMPDIR`, outputs referring to inputs, a derivation depending on
+//! others (one of them missing locally, so kiln builds it first), passAsFile
+//! and a fixed-output derivation.
+//!
+//! Needs Nix, QEMU, virtiofsd and kiln's guest artifacts (`make deps agent`);
+//! skips loudly without them.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+#[path = "fixtures/nix/support.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::nix::{closure, StorePath};
+
+/// Why kiln cannot boot build VMs here, if it cannot.
+fn missing_vm_prerequisite() -> Option<String> {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
+    if qemu.is_err() {
+        return Some("qemu-system-x86_64 is not installed (make apt)".into());
+    }
+    if kiln::vmm::virtiofsd::find_binary().is_none() {
+        return Some("virtiofsd is not installed (make virtiofsd)".into());
+    }
+    if let Err(e) = kiln::guest_image::Artifacts::default().locate() {
+        return Some(e.to_string());
+    }
+    None
+}
+
+/// A `kiln serve` process on a unix socket, killed on drop.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kiln.sock");
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !server.socket.exists() {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("kiln serve exited ({status}):\n{}", server.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kiln serve did not start:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `kiln build --drv`: output path -> NAR hash as printed, or the
+    /// failure with both sides' logs.
+    fn build_drv(
+        &self,
+        drv: &StorePath,
+        out: Option<&Path>,
+    ) -> Result<BTreeMap<StorePath, String>, String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .args(["build", "--addr"])
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("--drv")
+            .arg(drv.to_string());
+        if let Some(out) = out {
+            command.arg("--out").arg(out);
+        }
+        let output = command.stdin(Stdio::null()).output().unwrap();
+        if !output.status.success() {
+            return Err(format!(
+                "kiln build --drv {drv} failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        Ok(stdout
+            .lines()
+            .map(|line| {
+                let (path, hash) = line.split_once(' ').unwrap();
+                (path.parse().unwrap(), hash.to_owned())
+            })
+            .collect())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What Nix says: output path -> `nix-store --query --hash`.
+fn nix_build(drv: &StorePath) -> BTreeMap<StorePath, String> {
+    support::realise(drv)
+        .into_iter()
+        .map(|path| {
+            let hash = support::query_hash(&path);
+            (path, hash)
+        })
+        .collect()
+}
+
+const ATTRIBUTES: &[&str] = &[
+    "file",
+    "symlink",
+    "tree",
+    "multi",
+    "environment",
+    "tmpdir",
+    "passAsFile",
+    "fixed",
+    "dependent",
+];
+
+#[test]
+fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
+    if !support::nix_available("the Nix conformance suite") {
+        return;
+    }
+    if let Some(why) = missing_vm_prerequisite() {
+        eprintln!("SKIPPED: the Nix conformance suite, because {why}");
+        return;
+    }
+    // So `dependent` finds one input missing and kiln builds it first.
+    let file = closure::read_derivation(&support::instantiate("file")).unwrap();
+    support::try_delete(&[file.outputs["out"].path.clone().unwrap()]);
+
+    let server = Server::start();
+    let mut failures = Vec::new();
+    // kiln first, so the deleted input is still missing when it plans.
+    for attr in ATTRIBUTES.iter().rev() {
+        let drv = support::instantiate(attr);
+        let kiln = server.build_drv(&drv, None);
+        let nix = nix_build(&drv);
+        match kiln {
+            Ok(kiln) if kiln == nix => eprintln!("ok: {attr}"),
+            Ok(kiln) => failures.push(format!("{attr}: kiln {kiln:#?}\n nix {nix:#?}")),
+            Err(e) => failures.push(format!("{attr}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} derivations differ:\n{}\nserver log:\n{}",
+        failures.len(),
+        ATTRIBUTES.len(),
+        failures.join("\n\n"),
+        server.log()
+    );
+}
+
+#[test]
+fn out_materialises_what_nix_built() {
+    if !support::nix_available("kiln build --drv --out") {
+        return;
+    }
+    if let Some(why) = missing_vm_prerequisite() {
+        eprintln!("SKIPPED: kiln build --drv --out, because {why}");
+        return;
+    }
+    let server = Server::start();
+    let drv = support::instantiate("tree");
+    let dir = tempfile::tempdir().unwrap();
+    let printed = server.build_drv(&drv, Some(dir.path())).unwrap();
+    for (path, hash) in printed {
+        let local = dir.path().join(path.basename());
+        let ours = kiln::nix::nar::nar_hash_path(&local).unwrap();
+        assert_eq!(ours.to_string(), hash, "{path} materialised differently");
+        let reference = support::realise(&drv);
+        assert!(reference.contains(&path));
+        assert_eq!(support::query_hash(&path), hash);
+    }
+}
