@@ -12,14 +12,19 @@
 //!   outputs go to.
 //! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
 //! - [`cli`]: the `kiln` subcommands other than `serve`.
+//! - [`auth`], [`tls`], [`client`]: who may call the server (TLS, client
+//!   certificates, bearer tokens) and how clients connect with credentials.
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod build;
 pub mod castore;
 pub mod cli;
+pub mod client;
 pub mod guest_image;
 pub mod nix;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod vmm;

@@ -73,6 +73,54 @@ struct ServeArgs {
     /// A host path builds may ask for read-only (repeatable).
     #[arg(long = "allow-ro-path")]
     allow_ro_paths: Vec<PathBuf>,
+    #[command(flatten)]
+    security: ServeSecurityArgs,
+}
+
+/// TLS and client authentication of `kiln serve` (see "Security model" in the README).
+#[derive(Args)]
+struct ServeSecurityArgs {
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: clients presenting a certificate signed by it are authenticated (needs TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File of accepted bearer tokens, one per line, read at start-up.
+    #[arg(long, value_name = "FILE")]
+    auth_tokens: Option<PathBuf>,
+}
+
+/// How a client reaches a server that uses TLS or authentication.
+#[derive(Args)]
+struct ClientSecurityArgs {
+    /// PEM CA the server's certificate must chain to; turns TLS on.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (needs --tls-key and --tls-ca).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File whose first line is the bearer token to send.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ClientSecurityArgs {
+    fn load(&self) -> anyhow::Result<kiln::client::ClientSecurity> {
+        let options = kiln::client::ClientSecurityOptions {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token_file: self.token_file.clone(),
+        };
+        Ok(kiln::client::ClientSecurity::load(&options)?)
+    }
 }
 
 #[derive(Args)]
@@ -96,6 +144,8 @@ struct BuildArgs {
     /// The kiln server.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     addr: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
     /// Layout of a bare request file (a {"snix": …} / {"tvix": …} wrapper says it itself).
     #[arg(long, value_enum, default_value = "snix")]
     layout: JsonLayout,
@@ -113,6 +163,8 @@ enum CastoreCommand {
         /// The kiln server.
         #[arg(long, default_value = "http://127.0.0.1:8000")]
         addr: String,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
         /// File, directory or symlink to import.
         path: PathBuf,
     },
@@ -121,6 +173,8 @@ enum CastoreCommand {
         /// The kiln server.
         #[arg(long, default_value = "http://127.0.0.1:8000")]
         addr: String,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
         /// The node: `directory:<hex>`, `file:<hex>[:x]` or `symlink:<target>`.
         node: String,
         /// Destination (must not exist).
@@ -163,15 +217,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Build(args) => {
-            kiln::cli::build::run(&args.addr, &args.request, args.layout, args.json).await?;
+            let security = args.security.load()?;
+            kiln::cli::build::run(&args.addr, &security, &args.request, args.layout, args.json)
+                .await?;
             Ok(())
         }
-        Command::Castore(CastoreCommand::Import { addr, path }) => {
-            Ok(kiln::cli::castore::import(&addr, &path).await?)
-        }
-        Command::Castore(CastoreCommand::Export { addr, node, dir }) => {
-            Ok(kiln::cli::castore::export(&addr, &node, &dir).await?)
-        }
+        Command::Castore(CastoreCommand::Import {
+            addr,
+            security,
+            path,
+        }) => Ok(kiln::cli::castore::import(&addr, &security.load()?, &path).await?),
+        Command::Castore(CastoreCommand::Export {
+            addr,
+            security,
+            node,
+            dir,
+        }) => Ok(kiln::cli::castore::export(&addr, &security.load()?, &node, &dir).await?),
         Command::Doctor(args) => {
             let opts = kiln::cli::doctor::DoctorOptions {
                 vmm: args.vm.vmm,
@@ -181,13 +242,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 image_cache_dir: Some(args.vm.cache_dir.join("initramfs")),
             };
             let report = kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
-            anyhow::ensure!(report.ready(), "this host cannot run builds yet (see the FAIL lines above)");
+            anyhow::ensure!(
+                report.ready(),
+                "this host cannot run builds yet (see the FAIL lines above)"
+            );
             Ok(())
         }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let security = kiln::auth::Security::load(&kiln::auth::SecurityOptions {
+        tls_cert: args.security.tls_cert.clone(),
+        tls_key: args.security.tls_key.clone(),
+        tls_client_ca: args.security.tls_client_ca.clone(),
+        auth_tokens: args.security.auth_tokens.clone(),
+    })
+    .context("loading the TLS and authentication settings")?;
     let store = kiln::castore::from_addr(&args.castore, &args.data_dir)
         .await
         .with_context(|| format!("opening the castore {:?}", args.castore))?;
@@ -222,6 +293,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    kiln::server::serve(listener, store, std::sync::Arc::new(executor), shutdown).await?;
+    kiln::server::serve_with(
+        listener,
+        store,
+        std::sync::Arc::new(executor),
+        security,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! socket): castore (tvix and snix names), build (tvix and snix layouts),
 //! kiln's build events, gRPC health and reflection.
 //!
-//! Entry point: [`serve`], which runs until `shutdown` resolves.
+//! Entry point: [`serve_with`], which runs until `shutdown` resolves, with
+//! the [`Security`] settings (TLS, client authentication) applied to the
+//! whole server; [`serve`] is the same without either.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
+use crate::auth::Security;
 use crate::build::service::BuildService;
 use crate::build::Executor;
 use crate::castore::Store;
@@ -51,6 +54,9 @@ pub enum ServeError {
     /// Binding the listener failed.
     #[error("binding {0}")]
     Bind(String, #[source] std::io::Error),
+    /// The TLS configuration was refused.
+    #[error("configuring TLS")]
+    Tls(#[source] tonic::transport::Error),
     /// Building the reflection service failed.
     #[error("building gRPC reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
@@ -86,11 +92,26 @@ impl Listen {
     }
 }
 
-/// Serves every kiln service on `listener` until `shutdown` resolves.
+/// Serves every kiln service on `listener` until `shutdown` resolves,
+/// without TLS and without client authentication.
 pub async fn serve(
     listener: Bound,
     store: Store,
     executor: Arc<Executor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve_with(listener, store, executor, Security::none(), shutdown).await
+}
+
+/// Serves every kiln service on `listener` until `shutdown` resolves, with
+/// `security`: TLS if configured, and, if client authentication is
+/// configured, one [`crate::auth::AuthLayer`] in front of every service
+/// (only `grpc.health.v1.Health` stays open).
+pub async fn serve_with(
+    listener: Bound,
+    store: Store,
+    executor: Arc<Executor>,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -105,7 +126,13 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
 
-    let router = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = security.tls() {
+        server = server.tls_config(tls.clone()).map_err(ServeError::Tls)?;
+    }
+    tracing::info!(security = %security.describe(), "access control");
+    let router = server
+        .layer(security.layer())
         .add_service(health)
         .add_service(reflection)
         .add_service(castore.tvix_blobs)

@@ -5,16 +5,17 @@
 //! | `` (empty) or `embedded` | embedded store in the data dir |
 //! | `embedded:/some/dir` | embedded store in `/some/dir` |
 //! | `grpc+http://host:port` | a remote castore (e.g. another kiln) over gRPC |
+//! | `grpc+https://host:port` | the same over TLS |
 //! | `grpc+unix:/path/to.sock` (or `grpc+unix:///path/to.sock`) | the same over a unix socket |
+//!
+//! Remote stores are reached through [`crate::client::connect`], with the
+//! TLS and token settings given to [`from_addr_with`].
 //!
 //! The embedded store keeps blobs as files (see [`super::blob::embedded`])
 //! and directories in `directories.redb`, both under the data dir.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::blob::embedded::EmbeddedBlobService;
 use super::blob::grpc::GrpcBlobService;
@@ -23,12 +24,13 @@ use super::directory_service::grpc::GrpcDirectoryService;
 use super::directory_service::redb::RedbDirectoryService;
 use super::directory_service::DirectoryError;
 use super::Store;
+use crate::client::{ClientSecurity, ConnectError};
 
 /// Choosing or opening a backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FromAddrError {
     /// The address has no scheme kiln knows.
-    #[error("castore address {0:?}: unknown scheme (want embedded, grpc+http://HOST:PORT or grpc+unix:PATH)")]
+    #[error("castore address {0:?}: unknown scheme (want embedded, grpc+http(s)://HOST:PORT or grpc+unix:PATH)")]
     UnknownScheme(String),
     /// The address has a known scheme but a malformed rest.
     #[error("castore address {address:?}: {problem}")]
@@ -40,7 +42,7 @@ pub enum FromAddrError {
     },
     /// Connecting to the remote failed.
     #[error("connecting to castore {0}")]
-    Connect(String, #[source] tonic::transport::Error),
+    Connect(String, #[source] ConnectError),
     /// Opening the embedded blob store failed.
     #[error("opening the embedded blob store")]
     OpenBlobs(#[source] BlobError),
@@ -50,8 +52,19 @@ pub enum FromAddrError {
 }
 
 /// Opens the store `address` names; `data_dir` is where an embedded store
-/// without its own path lives.
+/// without its own path lives. A remote store is reached without TLS or
+/// credentials; see [`from_addr_with`].
 pub async fn from_addr(address: &str, data_dir: &Path) -> Result<Store, FromAddrError> {
+    from_addr_with(address, data_dir, &ClientSecurity::none()).await
+}
+
+/// [`from_addr`], reaching a remote store with `security` (TLS, client
+/// certificate, bearer token).
+pub async fn from_addr_with(
+    address: &str,
+    data_dir: &Path,
+    security: &ClientSecurity,
+) -> Result<Store, FromAddrError> {
     if address.is_empty() || address == "embedded" {
         return embedded(data_dir);
     }
@@ -62,12 +75,14 @@ pub async fn from_addr(address: &str, data_dir: &Path) -> Result<Store, FromAddr
         }
         return embedded(Path::new(dir));
     }
-    let channel = if let Some(rest) = address.strip_prefix("grpc+http://") {
+    if let Some(rest) = address
+        .strip_prefix("grpc+http://")
+        .or_else(|| address.strip_prefix("grpc+https://"))
+    {
         let host = rest.trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
-            return Err(malformed(address, "want grpc+http://HOST:PORT"));
+            return Err(malformed(address, "want grpc+http(s)://HOST:PORT"));
         }
-        connect_http(address, &format!("http://{host}")).await?
     } else if let Some(path) = address.strip_prefix("grpc+unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if !path.starts_with('/') {
@@ -76,10 +91,12 @@ pub async fn from_addr(address: &str, data_dir: &Path) -> Result<Store, FromAddr
                 "want an absolute socket path after grpc+unix:",
             ));
         }
-        connect_unix(address, PathBuf::from(path)).await?
     } else {
         return Err(FromAddrError::UnknownScheme(address.to_owned()));
-    };
+    }
+    let channel = crate::client::connect(address, security)
+        .await
+        .map_err(|e| FromAddrError::Connect(address.to_owned(), e))?;
     Ok(Store {
         blobs: Arc::new(GrpcBlobService::new(channel.clone())),
         directories: Arc::new(GrpcDirectoryService::new(channel)),
@@ -102,29 +119,4 @@ fn malformed(address: &str, problem: &str) -> FromAddrError {
         address: address.to_owned(),
         problem: problem.to_owned(),
     }
-}
-
-async fn connect_http(address: &str, uri: &str) -> Result<Channel, FromAddrError> {
-    let endpoint = Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| FromAddrError::Connect(address.to_owned(), e))?;
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| FromAddrError::Connect(address.to_owned(), e))
-}
-
-async fn connect_unix(address: &str, path: PathBuf) -> Result<Channel, FromAddrError> {
-    // The URI is required by tonic but unused: every connection goes to the socket.
-    let endpoint = Endpoint::from_static("http://localhost");
-    let connector = tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move {
-            let stream = tokio::net::UnixStream::connect(path).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
-    });
-    endpoint
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| FromAddrError::Connect(address.to_owned(), e))
 }

@@ -12,7 +12,8 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::Code;
 
-use crate::cli::{connect, ClientError};
+use crate::cli::ClientError;
+use crate::client::{connect, ClientSecurity};
 use crate::proto::kiln_v1::build_event::Event;
 use crate::proto::kiln_v1::build_events_client::BuildEventsClient;
 use crate::proto::kiln_v1::{log_chunk::Stream, submit_request, SubmitRequest};
@@ -109,15 +110,17 @@ pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, B
     })
 }
 
-/// Submits, streams the log, prints outputs. Returns the process exit code.
+/// Submits to the server at `addr` (reached with `security`), streams the
+/// log, prints outputs. Returns the process exit code.
 pub async fn run(
     addr: &str,
+    security: &ClientSecurity,
     path: &Path,
     layout: JsonLayout,
     json_out: bool,
 ) -> Result<(), BuildCliError> {
     let request = parse_request(path, layout)?;
-    let channel = connect(addr).await?;
+    let channel = connect(addr, security).await?;
     let mut client =
         BuildEventsClient::new(channel).max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
     let mut stream = client

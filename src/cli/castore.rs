@@ -9,12 +9,13 @@
 
 use std::path::Path;
 
-use crate::castore::from_addr::FromAddrError;
+use crate::castore::from_addr::{from_addr_with, FromAddrError};
 use crate::castore::ingest::IngestError;
 use crate::castore::materialise::MaterialiseError;
 use crate::castore::{
-    from_addr, ingest, materialise, B3Digest, IngestMode, Node, SymlinkTarget, ValidationError,
+    ingest, materialise, B3Digest, IngestMode, Node, SymlinkTarget, ValidationError,
 };
+use crate::client::ClientSecurity;
 
 /// A castore subcommand failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +52,13 @@ pub enum CastoreCliError {
 }
 
 /// Imports the tree at `path` (copying, the tree is untouched) into the store
-/// at `addr` and prints its node.
-pub async fn import(addr: &str, path: &Path) -> Result<(), CastoreCliError> {
-    let store = open(addr).await?;
+/// at `addr` (reached with `security`) and prints its node.
+pub async fn import(
+    addr: &str,
+    security: &ClientSecurity,
+    path: &Path,
+) -> Result<(), CastoreCliError> {
+    let store = open(addr, security).await?;
     let node = ingest(&store, path, IngestMode::Copy)
         .await
         .map_err(CastoreCliError::Import)?;
@@ -62,10 +67,16 @@ pub async fn import(addr: &str, path: &Path) -> Result<(), CastoreCliError> {
 }
 
 /// Writes `node` (in the text form of [`format_node`]) from the store at
-/// `addr` to `dir`, which must not exist yet, and prints `dir`.
-pub async fn export(addr: &str, node: &str, dir: &Path) -> Result<(), CastoreCliError> {
+/// `addr` (reached with `security`) to `dir`, which must not exist yet, and
+/// prints `dir`.
+pub async fn export(
+    addr: &str,
+    security: &ClientSecurity,
+    node: &str,
+    dir: &Path,
+) -> Result<(), CastoreCliError> {
     let node = parse_node(node)?;
-    let store = open(addr).await?;
+    let store = open(addr, security).await?;
     materialise(&store, &node, dir)
         .await
         .map_err(CastoreCliError::Export)?;
@@ -73,16 +84,20 @@ pub async fn export(addr: &str, node: &str, dir: &Path) -> Result<(), CastoreCli
     Ok(())
 }
 
-async fn open(addr: &str) -> Result<crate::castore::Store, CastoreCliError> {
-    let addr = match addr.strip_prefix("http://") {
-        Some(rest) => format!("grpc+http://{rest}"),
-        None => addr.to_owned(),
+async fn open(
+    addr: &str,
+    security: &ClientSecurity,
+) -> Result<crate::castore::Store, CastoreCliError> {
+    let addr = if addr.starts_with("http://") || addr.starts_with("https://") {
+        format!("grpc+{addr}")
+    } else {
+        addr.to_owned()
     };
     if addr.is_empty() || addr == "embedded" {
         return Err(CastoreCliError::NoStore(addr));
     }
     // Only `embedded:/DIR` reaches the data dir argument, which it ignores.
-    from_addr(&addr, Path::new("/nonexistent"))
+    from_addr_with(&addr, Path::new("/nonexistent"), security)
         .await
         .map_err(CastoreCliError::Open)
 }

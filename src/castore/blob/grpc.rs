@@ -4,11 +4,11 @@
 //! Bytes read from the remote are verified against the digest asked for;
 //! bytes put are hashed locally and compared with the digest answered.
 
+use crate::client::KilnChannel;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::{BlobError, BlobReader, BlobService, StoredBlob, VerifyingReader, CHUNK_SIZE};
@@ -20,14 +20,14 @@ use crate::proto::tvix_castore::{BlobChunk, ReadBlobRequest, StatBlobRequest};
 /// Blobs kept by a remote castore.
 #[derive(Debug, Clone)]
 pub struct GrpcBlobService {
-    client: BlobServiceClient<Channel>,
+    client: BlobServiceClient<KilnChannel>,
 }
 
 impl GrpcBlobService {
     /// Uses an established channel.
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: impl Into<KilnChannel>) -> Self {
         GrpcBlobService {
-            client: BlobServiceClient::new(channel)
+            client: BlobServiceClient::new(channel.into())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         }

@@ -5,8 +5,8 @@
 
 use std::collections::HashSet;
 
+use crate::client::KilnChannel;
 use futures::stream::BoxStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::{DirectoryError, DirectoryService};
@@ -21,14 +21,14 @@ use crate::proto::tvix_castore::GetDirectoryRequest;
 /// Directories kept by a remote castore.
 #[derive(Debug, Clone)]
 pub struct GrpcDirectoryService {
-    client: DirectoryServiceClient<Channel>,
+    client: DirectoryServiceClient<KilnChannel>,
 }
 
 impl GrpcDirectoryService {
     /// Uses an established channel.
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: impl Into<KilnChannel>) -> Self {
         GrpcDirectoryService {
-            client: DirectoryServiceClient::new(channel)
+            client: DirectoryServiceClient::new(channel.into())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         }
