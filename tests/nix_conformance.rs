@@ -84,13 +84,13 @@ impl Server {
         std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
     }
 
-    /// `kiln build --drv`: output path -> NAR hash as printed, or the
-    /// failure with both sides' logs.
+    /// `kiln build --drv`: output path -> NAR hash as printed, and what
+    /// it printed on stderr; or the failure with its log.
     fn build_drv(
         &self,
         drv: &StorePath,
         out: Option<&Path>,
-    ) -> Result<BTreeMap<StorePath, String>, String> {
+    ) -> Result<(BTreeMap<StorePath, String>, String), String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
         command
             .args(["build", "--addr"])
@@ -109,13 +109,17 @@ impl Server {
             ));
         }
         let stdout = String::from_utf8(output.stdout).unwrap();
-        Ok(stdout
+        let printed = stdout
             .lines()
             .map(|line| {
                 let (path, hash) = line.split_once(' ').unwrap();
                 (path.parse().unwrap(), hash.to_owned())
             })
-            .collect())
+            .collect();
+        Ok((
+            printed,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
     }
 }
 
@@ -159,8 +163,18 @@ fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
         return;
     }
     // So `dependent` finds one input missing and kiln builds it first.
-    let file = closure::read_derivation(&support::instantiate("file")).unwrap();
-    support::try_delete(&[file.outputs["out"].path.clone().unwrap()]);
+    let file_drv = support::instantiate("file");
+    let file_out = closure::read_derivation(&file_drv).unwrap().outputs["out"]
+        .path
+        .clone()
+        .unwrap();
+    support::try_delete(std::slice::from_ref(&file_out));
+    let file_missing = !closure::invalid_paths(std::slice::from_ref(&file_out))
+        .unwrap()
+        .is_empty();
+    if !file_missing {
+        eprintln!("note: {file_out} could not be deleted, `dependent` finds all inputs present");
+    }
 
     let server = Server::start();
     let mut failures = Vec::new();
@@ -170,8 +184,17 @@ fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
         let kiln = server.build_drv(&drv, None);
         let nix = nix_build(&drv);
         match kiln {
-            Ok(kiln) if kiln == nix => eprintln!("ok: {attr}"),
-            Ok(kiln) => failures.push(format!("{attr}: kiln {kiln:#?}\n nix {nix:#?}")),
+            Ok((kiln, _)) if kiln != nix => {
+                failures.push(format!("{attr}: kiln {kiln:#?}\n nix {nix:#?}"))
+            }
+            Ok((_, log))
+                if *attr == "dependent"
+                    && file_missing
+                    && !log.contains(&format!("building {file_drv}")) =>
+            {
+                failures.push(format!("dependent: missing input not built first:\n{log}"))
+            }
+            Ok(_) => eprintln!("ok: {attr}"),
             Err(e) => failures.push(format!("{attr}: {e}")),
         }
     }
@@ -197,7 +220,7 @@ fn out_materialises_what_nix_built() {
     let server = Server::start();
     let drv = support::instantiate("tree");
     let dir = tempfile::tempdir().unwrap();
-    let printed = server.build_drv(&drv, Some(dir.path())).unwrap();
+    let (printed, _) = server.build_drv(&drv, Some(dir.path())).unwrap();
     for (path, hash) in printed {
         let local = dir.path().join(path.basename());
         let ours = kiln::nix::nar::nar_hash_path(&local).unwrap();
