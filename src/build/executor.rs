@@ -101,7 +101,11 @@ impl Executor {
 
     /// Like [`Executor::new`], after sweeping what a crashed kiln left in
     /// the runs directory (processes, build directories).
-    pub fn open(config: ExecutorConfig, store: Store, runner: Arc<dyn VmRunner>) -> std::io::Result<Self> {
+    pub fn open(
+        config: ExecutorConfig,
+        store: Store,
+        runner: Arc<dyn VmRunner>,
+    ) -> std::io::Result<Self> {
         let runs = config.data_dir.join("runs");
         let swept = crate::build::workspace::sweep(&runs)?;
         if !swept.killed.is_empty() || !swept.removed.is_empty() {
@@ -186,7 +190,7 @@ impl Executor {
         let plan = plan::plan(req, &self.config.limits)?;
         log.phase("queued");
         let _ticket = tokio::select! {
-            t = self.admission.admit(plan.memory_mib) => t?,
+            t = self.admission.admit(plan.memory_mib).instrument(info_span!("admit")) => t?,
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
         log.emit(Event::Started(kiln_v1::Started {
@@ -204,13 +208,21 @@ impl Executor {
             .map_err(|e| BuildError::infra("create build directory", &e))?;
 
         log.phase("materialise");
-        self.materialise_inputs(req, &ws).await?;
+        self.materialise_inputs(req, &ws)
+            .instrument(info_span!("materialise"))
+            .await?;
 
         log.phase("boot");
         let remaining = timeout.saturating_sub(started.elapsed());
         let report = self
             .boot_and_supervise(req, &plan, &ws, log, cancel, remaining)
             .await?;
+        info!(
+            boot_ms = report.boot_ms,
+            setup_ms = report.setup_ms,
+            build_ms = report.build_ms,
+            "agent report"
+        );
         match &report.outcome {
             Outcome::Exited { code: 0 } => {}
             Outcome::Exited { code } => {
@@ -235,7 +247,13 @@ impl Executor {
         }
 
         log.phase("ingest");
-        let outputs = self.collect_outputs(req, &ws, log).await?;
+        let outputs = self
+            .collect_outputs(req, &ws, log)
+            .instrument(info_span!("ingest"))
+            .await?;
+        // Removing the build directory is timed on its own (it grows with
+        // the inputs); on error paths the guard removes it as well.
+        info_span!("cleanup").in_scope(|| drop(ws));
         Ok(BuildOutcome { outputs, report })
     }
 
@@ -282,17 +300,23 @@ impl Executor {
                 .iter()
                 .map(|s| (s.tag.clone(), s.path.clone(), true)),
         );
-        let mut daemons = Vec::new();
-        let mut fs_shares = Vec::new();
-        for (tag, dir, read_only) in shares {
-            let socket = vm_dir.join(format!("{tag}.sock"));
-            let daemon = Virtiofsd::spawn(&dir, &socket, read_only)
-                .await
-                .map_err(|e| BuildError::infra("start virtiofsd", &e))?;
-            daemons.push(daemon);
-            fs_shares.push(FsShare { tag, socket });
+        let (mut daemons, fs_shares) = async {
+            let mut daemons = Vec::new();
+            let mut fs_shares = Vec::new();
+            for (tag, dir, read_only) in shares {
+                let socket = vm_dir.join(format!("{tag}.sock"));
+                let daemon = Virtiofsd::spawn(&dir, &socket, read_only)
+                    .await
+                    .map_err(|e| BuildError::infra("start virtiofsd", &e))?;
+                daemons.push(daemon);
+                fs_shares.push(FsShare { tag, socket });
+            }
+            Ok::<_, BuildError>((daemons, fs_shares))
         }
+        .instrument(info_span!("virtiofsd"))
+        .await?;
 
+        let initramfs_span = info_span!("initramfs");
         let base = self
             .base_image
             .get_or_try_init(|| async {
@@ -306,6 +330,7 @@ impl Executor {
                     })?
                     .map_err(|e| BuildError::infra("build base initramfs", &e))
             })
+            .instrument(initramfs_span.clone())
             .await?
             .clone();
         let mut job = plan.job.clone();
@@ -316,8 +341,10 @@ impl Executor {
             .map(|m| m.to_string())
             .collect();
         let initramfs = vm_dir.join("initramfs.cpio");
-        guest_image::build_initramfs(&base, &job, &initramfs)
+        initramfs_span
+            .in_scope(|| guest_image::build_initramfs(&base, &job, &initramfs))
             .map_err(|e| BuildError::infra("write initramfs", &e))?;
+        drop(initramfs_span);
 
         let spec = VmSpec {
             id: log.id().to_owned(),
@@ -334,6 +361,7 @@ impl Executor {
         let mut vm = self
             .runner
             .start(&spec)
+            .instrument(info_span!("vmm_start"))
             .await
             .map_err(|e| BuildError::infra("start the VMM", &e))?;
         let channel = vm
@@ -366,9 +394,14 @@ impl Executor {
             daemon_died,
             serial_tail,
         )
+        .instrument(info_span!("supervise"))
         .await;
-        vm.kill().await;
-        drop(daemons);
+        async {
+            vm.kill().await;
+            drop(daemons);
+        }
+        .instrument(info_span!("teardown"))
+        .await;
         result
     }
 
