@@ -139,7 +139,7 @@ fn spec(env: &Env, run_dir: &Path, share: Option<&Path>, nested: bool) -> VmSpec
 async fn console_until_exit(vm: &mut dyn RunningVm, run_dir: &Path) -> (String, VmExit) {
     let mut channel = vm.take_channel().await.unwrap();
     let mut bytes = Vec::new();
-    let read = tokio::time::timeout(BOOT_LIMIT, channel.read_to_end(&mut bytes)).await;
+    let read = tokio::time::timeout(BOOT_LIMIT, channel.reader.read_to_end(&mut bytes)).await;
     if read.is_err() {
         vm.kill().await;
         let serial = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();
@@ -235,7 +235,7 @@ async fn kill_stops_a_guest_that_never_powers_off() {
     let pid = vm.pid().unwrap();
     let mut channel = vm.take_channel().await.unwrap();
     let mut first = [0u8; 12];
-    tokio::time::timeout(BOOT_LIMIT, channel.read_exact(&mut first))
+    tokio::time::timeout(BOOT_LIMIT, channel.reader.read_exact(&mut first))
         .await
         .expect("the guest came up")
         .unwrap();

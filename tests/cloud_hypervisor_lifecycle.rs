@@ -204,7 +204,7 @@ async fn boots_over_the_api_streams_the_console_and_exits_with_the_guest() {
     let mut channel = vm.take_channel().await.expect("channel");
     assert!(matches!(vm.take_channel().await, Err(VmmError::Channel(_))));
     let mut console = String::new();
-    channel.read_to_string(&mut console).await.unwrap();
+    channel.reader.read_to_string(&mut console).await.unwrap();
     assert_eq!(console, "hello from the guest\n");
 
     let exit = vm.wait().await.expect("wait");
@@ -390,7 +390,7 @@ async fn a_guest_reboot_kills_the_vmm_so_the_job_cannot_run_twice() {
     let started = Instant::now();
     // The console ends because the VMM is killed, well before any timeout.
     let mut console = String::new();
-    tokio::time::timeout(Duration::from_secs(5), channel.read_to_string(&mut console))
+    tokio::time::timeout(Duration::from_secs(5), channel.reader.read_to_string(&mut console))
         .await
         .expect("the console ends once the reboot is seen")
         .unwrap();

@@ -7,17 +7,24 @@
 //! concatenated archives, so the agent simply reads the file at start.
 //!
 //! ## Log and result out
-//! The agent writes to the first virtio console (`/dev/hvc0`), a reliable
-//! byte stream on every VMM (QEMU `virtconsole`, cloud-hypervisor `console`),
-//! needing neither vsock nor a network. The kernel's own console is on the
-//! serial port, so nothing else writes to hvc0. The stream is:
+//! The agent writes to a virtio serial port, needing neither vsock nor a
+//! network: on QEMU a `virtserialport` (the guest's [`SERIAL_PORT_PATH`]),
+//! which QEMU back-pressures (a `virtconsole` would have its bytes dropped
+//! whenever the host reads slower than the guest writes); on
+//! cloud-hypervisor its virtio console (`/dev/hvc0`, [`CONSOLE_PATH`]). The
+//! agent takes the serial port when the VM has one, else the console. The
+//! kernel's own console is on the legacy serial port, so nothing else writes
+//! to the channel. The stream is:
 //!
 //! ```text
 //! MAGIC  then  frame*      frame = kind:u8 | len:u32 little-endian | payload[len]
 //! ```
 //!
 //! Frame kinds are [`FrameKind`]. The last frame is always [`FrameKind::Report`]
-//! (a JSON [`Report`]), after which the agent syncs and powers the VM off. A
+//! (a JSON [`Report`]), after which the agent syncs and powers the VM off. On
+//! a two-way channel (the serial port) the host answers the report with one
+//! [`ACK`] byte and the agent waits for it (bounded by [`ACK_TIMEOUT_MS`])
+//! before powering off, so no byte is still in the VMM's buffers then. A
 //! stream that ends without a report means the VM died (crash, kernel panic,
 //! kill), which the host reports as such.
 //!
@@ -41,6 +48,14 @@ pub const SHELL_PATH: &str = "/kiln/sh";
 pub const INPUTS_TAG: &str = "kiln-inputs";
 /// virtiofs tag of the read-write scratch share.
 pub const SCRATCH_TAG: &str = "kiln-scratch";
+/// The channel on QEMU: the virtio serial port named `kiln.channel` (nr 1).
+pub const SERIAL_PORT_PATH: &str = "/dev/vport0p1";
+/// The channel on cloud-hypervisor: the first virtio console.
+pub const CONSOLE_PATH: &str = "/dev/hvc0";
+/// The host's acknowledgement of the report, on two-way channels.
+pub const ACK: u8 = 0x06;
+/// How long the agent waits for [`ACK`] before powering off anyway.
+pub const ACK_TIMEOUT_MS: u64 = 5000;
 /// The first bytes the agent writes on the channel.
 pub const MAGIC: &[u8; 8] = b"KILN\x00v1\n";
 /// Upper bound on one frame's payload; larger writes are split.

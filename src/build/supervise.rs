@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use kiln_guest::contract::{Decoder, FrameKind, Report};
-use tokio::io::AsyncReadExt;
+use kiln_guest::contract::{Decoder, FrameKind, Report, ACK};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -167,7 +167,8 @@ fn describe_exit(exit: Option<&VmExit>) -> String {
     }
 }
 
-async fn read_frames(mut channel: GuestChannel, tx: mpsc::Sender<Msg>) {
+async fn read_frames(channel: GuestChannel, tx: mpsc::Sender<Msg>) {
+    let GuestChannel { reader: mut channel, mut ack } = channel;
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -185,6 +186,14 @@ async fn read_frames(mut channel: GuestChannel, tx: mpsc::Sender<Msg>) {
         loop {
             match decoder.next_frame() {
                 Ok(Some(f)) => {
+                    if f.kind == FrameKind::Report {
+                        // The agent waits for this before it powers off, so
+                        // nothing it wrote is lost in the VMM's buffers.
+                        if let Some(w) = ack.as_mut() {
+                            let _ = w.write_all(&[ACK]).await;
+                            let _ = w.flush().await;
+                        }
+                    }
                     if tx.send(Msg::Frame(f.kind, f.payload)).await.is_err() {
                         return;
                     }

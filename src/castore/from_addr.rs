@@ -108,6 +108,11 @@ pub fn embedded(data_dir: &Path) -> Result<Store, FromAddrError> {
     let blobs = EmbeddedBlobService::open(data_dir).map_err(FromAddrError::OpenBlobs)?;
     let directories = RedbDirectoryService::open(&data_dir.join("directories.redb"))
         .map_err(FromAddrError::OpenDirectories)?;
+    // The database lock makes this process the store's only owner: whatever
+    // is still in the temporary directory was left by one that crashed.
+    blobs
+        .remove_partial_blobs()
+        .map_err(FromAddrError::OpenBlobs)?;
     Ok(Store {
         blobs: Arc::new(blobs),
         directories: Arc::new(directories),

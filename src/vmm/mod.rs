@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod choose;
 pub mod cloud_hypervisor;
@@ -101,8 +101,15 @@ pub enum VmmError {
     Unsupported(String),
 }
 
-/// A byte stream from the guest agent.
-pub type GuestChannel = Box<dyn AsyncRead + Send + Unpin>;
+/// The guest channel: the agent's byte stream and, where the VMM's channel
+/// is two-way, the way back for the acknowledgement of the agent's report
+/// (see `kiln_guest::contract::ACK`).
+pub struct GuestChannel {
+    /// Frames from the agent.
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    /// Where to send [`kiln_guest::contract::ACK`], if the channel is two-way.
+    pub ack: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+}
 
 /// A VMM backend (QEMU microvm, cloud-hypervisor).
 #[async_trait::async_trait]

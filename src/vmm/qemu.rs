@@ -5,7 +5,9 @@
 //! guest memory), the PVH kernel and the initramfs given directly, no
 //! firmware devices, no network device, the kernel console on the serial
 //! port into the serial log, one `vhost-user-fs-device` per share, and the
-//! guest channel: a `virtconsole` (the guest's `/dev/hvc0`) whose chardev
+//! guest channel: a `virtserialport` (the guest's `/dev/vport0p1`; not a
+//! `virtconsole`, whose output QEMU drops when the host reads slower than the
+//! guest writes, while a serial port is back-pressured) whose chardev
 //! connects to a unix socket kiln has already bound, so there is no race
 //! between QEMU starting and kiln listening.
 //!
@@ -116,7 +118,7 @@ pub fn qemu_args(
     a.push("-device".into());
     a.push("virtio-serial-device".into());
     a.push("-device".into());
-    a.push("virtconsole,chardev=agent".into());
+    a.push("virtserialport,chardev=agent,nr=1,name=kiln.channel".into());
     for (i, share) in spec.shares.iter().enumerate() {
         a.push("-chardev".into());
         a.push(chardev(&format!("fs{i}"), &share.socket));
@@ -255,7 +257,13 @@ impl QemuVm {
 impl RunningVm for QemuVm {
     async fn take_channel(&mut self) -> Result<GuestChannel, VmmError> {
         match self.channel.take() {
-            Some(stream) => Ok(Box::new(stream)),
+            Some(stream) => {
+                let (reader, writer) = stream.into_split();
+                Ok(GuestChannel {
+                    reader: Box::new(reader),
+                    ack: Some(Box::new(writer)),
+                })
+            }
             None => Err(VmmError::Channel(std::io::Error::other(
                 "the guest channel was already taken",
             ))),
@@ -428,7 +436,7 @@ mod tests {
             values(&a, "-device"),
             [
                 "virtio-serial-device",
-                "virtconsole,chardev=agent",
+                "virtserialport,chardev=agent,nr=1,name=kiln.channel",
                 "vhost-user-fs-device,chardev=fs0,tag=kiln-inputs",
                 "vhost-user-fs-device,chardev=fs1,tag=kiln-scratch",
             ]

@@ -34,6 +34,8 @@ pub struct Options {
     pub timeout: Duration,
     pub max_log_bytes: u64,
     pub memory_budget_mib: u64,
+    /// Replaces the default kernel/agent artifacts (fault tests).
+    pub artifacts: Option<Artifacts>,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             timeout: Duration::from_secs(300),
             max_log_bytes: 8 * 1024 * 1024,
             memory_budget_mib: 8192,
+            artifacts: None,
         }
     }
 }
@@ -100,7 +103,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
     let config = ExecutorConfig {
         data_dir: data_dir.clone(),
         cache_dir: tmp.path().join("cache"),
-        artifacts: Artifacts::default(),
+        artifacts: opts.artifacts.clone().unwrap_or_default(),
         limits: Limits {
             min_guest_memory_mib: 512,
             guest_overhead_mib: 256,
@@ -274,6 +277,20 @@ pub fn leftovers(runs: &Path) -> Vec<String> {
         found.push(format!("process {pid}"));
     }
     found
+}
+
+/// PIDs of `program` (by the name of its executable) whose command line
+/// mentions `runs`.
+pub fn build_processes(runs: &Path, program: &str) -> Vec<i32> {
+    processes_mentioning(runs.as_os_str().as_encoded_bytes())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .and_then(|c| c.split(|b| *b == 0).next().map(|a| a.ends_with(program.as_bytes())))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// PIDs whose command line contains `needle`.

@@ -1,5 +1,7 @@
-//! The agent's side of the host channel: the first virtio console, `/dev/hvc0`,
-//! switched to raw mode so frames pass byte for byte (no `\n` -> `\r\n`).
+//! The agent's side of the host channel: the virtio serial port on QEMU
+//! (back-pressured, two-way: the host acknowledges the report), else the
+//! first virtio console, `/dev/hvc0`, switched to raw mode so frames pass
+//! byte for byte (no `\n` -> `\r\n`). See `kiln_guest::contract`.
 //!
 //! The channel is a process-wide singleton so the panic hook can still send a
 //! report. Every frame goes out in one `write_all` under the lock, so frames
@@ -10,23 +12,51 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
-use kiln_guest::contract::{encode_chunks, encode_frame, FrameKind, Report, MAGIC};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kiln_guest::contract::{
+    encode_chunks, encode_frame, FrameKind, Report, ACK, ACK_TIMEOUT_MS, CONSOLE_PATH, MAGIC,
+    SERIAL_PORT_PATH,
+};
 use nix::sys::termios;
 
-/// Where the channel is.
-pub const CHANNEL_DEVICE: &str = "/dev/hvc0";
+/// The console, where the serial port is missing (cloud-hypervisor).
+pub const CHANNEL_DEVICE: &str = CONSOLE_PATH;
+/// How long the serial port may take to appear after the module loaded (the
+/// port is announced over the device's control queue, asynchronously).
+const PORT_WAIT: Duration = Duration::from_millis(1500);
 
 static CHANNEL: Mutex<Option<File>> = Mutex::new(None);
+static TWO_WAY: Mutex<bool> = Mutex::new(false);
 
-/// Opens the channel, makes it raw and writes [`MAGIC`].
+/// The channel device: the serial port if the VM has one, else the console.
+fn device() -> &'static str {
+    let deadline = Instant::now() + PORT_WAIT;
+    loop {
+        if Path::new(SERIAL_PORT_PATH).exists() {
+            return SERIAL_PORT_PATH;
+        }
+        // A VM with only a console (cloud-hypervisor) has hvc0 from the start;
+        // a QEMU VM has hvc0 too (unused), so give the port its moment first.
+        if Instant::now() >= deadline {
+            return CHANNEL_DEVICE;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Opens the channel, makes a console raw and writes [`MAGIC`].
 pub fn open() -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(CHANNEL_DEVICE)?;
-    let mut attrs = termios::tcgetattr(file.as_fd())?;
-    termios::cfmakeraw(&mut attrs);
-    termios::tcsetattr(file.as_fd(), termios::SetArg::TCSANOW, &attrs)?;
+    let path = device();
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let two_way = path == SERIAL_PORT_PATH;
+    if !two_way {
+        let mut attrs = termios::tcgetattr(file.as_fd())?;
+        termios::cfmakeraw(&mut attrs);
+        termios::tcsetattr(file.as_fd(), termios::SetArg::TCSANOW, &attrs)?;
+    }
+    *TWO_WAY.lock().unwrap_or_else(|p| p.into_inner()) = two_way;
     file.write_all(MAGIC)?;
     let mut slot = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
     *slot = Some(file);
@@ -64,11 +94,40 @@ pub fn send_report(report: &Report) -> io::Result<()> {
     let json = serde_json::to_vec(report).map_err(io::Error::other)?;
     eprintln!("kiln-agent: report {}", String::from_utf8_lossy(&json));
     send(FrameKind::Report, &json)?;
-    let slot = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(file) = slot.as_ref() {
-        termios::tcdrain(file.as_fd())?;
+    let mut slot = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(file) = slot.as_mut() {
+        if *TWO_WAY.lock().unwrap_or_else(|p| p.into_inner()) {
+            wait_for_ack(file);
+        } else {
+            termios::tcdrain(file.as_fd())?;
+        }
     }
     Ok(())
+}
+
+/// Waits (bounded) for the host's [`ACK`]: once it arrives, every byte
+/// before the report has left the VMM's buffers.
+fn wait_for_ack(file: &mut File) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_millis(ACK_TIMEOUT_MS);
+    let mut byte = [0u8; 1];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, its count, and a timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        match file.read(&mut byte) {
+            Ok(1) if byte[0] == ACK => return,
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Sends a report from the panic hook: never blocks on the lock (the panic may

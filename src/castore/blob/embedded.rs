@@ -50,6 +50,19 @@ impl EmbeddedBlobService {
         Ok(store)
     }
 
+    /// Removes half-written blobs a crashed process left in the temporary
+    /// directory. Only for the store's single owner.
+    pub fn remove_partial_blobs(&self) -> Result<usize, BlobError> {
+        let mut removed = 0;
+        let entries = fs::read_dir(&self.tmp).map_err(|source| BlobError::CreateStore { path: self.tmp.clone(), source })?;
+        for entry in entries.flatten() {
+            if fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Where the blob lives (whether or not it is stored).
     pub fn blob_path(&self, digest: &B3Digest) -> PathBuf {
         shard_path(&self.blobs, digest)

@@ -51,7 +51,10 @@ impl ChVm {
 impl RunningVm for ChVm {
     async fn take_channel(&mut self) -> Result<GuestChannel, VmmError> {
         match self.channel.take() {
-            Some(stdout) => Ok(Box::new(stdout)),
+            Some(stdout) => Ok(GuestChannel {
+                reader: Box::new(stdout),
+                ack: None,
+            }),
             None => Err(VmmError::Channel(std::io::Error::other(
                 "the guest channel was already taken",
             ))),

@@ -1,0 +1,138 @@
+//! kiln itself killed (SIGKILL) with a build in flight: on restart it sweeps
+//! the leftovers (VMM, virtiofsd, build directory), the castore is intact
+//! with no partial blobs, and builds run again.
+
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::castore::{ingest, Node};
+use kiln::proto::kiln_v1::build_event::Event;
+use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
+use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
+use kiln::proto::snix_build;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_kiln(data_dir: &Path, cache_dir: &Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kiln::cli::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "kiln did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn request(busybox: &Node, script: &str) -> snix_build::BuildRequest {
+    let sh = format!("/nix/store/{}/bin/sh", harness::BUSYBOX);
+    let out = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
+    snix_build::BuildRequest {
+        inputs: vec![busybox.to_snix_entry(harness::BUSYBOX.as_bytes())],
+        command_args: vec![sh, "-c".into(), script.into()],
+        working_dir: "build".into(),
+        scratch_paths: vec!["build".into(), "nix/store".into()],
+        inputs_dir: "nix/store".into(),
+        outputs: vec![out.into()],
+        environment_vars: vec![snix_build::build_request::EnvVar {
+            key: "out".into(),
+            value: format!("/{out}").into_bytes().into(),
+        }],
+        constraints: None,
+        additional_files: vec![],
+        refscan_needles: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_killed_mid_build_sweeps_on_restart() {
+    if let Some(why) = harness::missing_prerequisites() {
+        eprintln!("SKIPPED: VM test cannot run on this host: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let cache_dir = tmp.path().join("cache");
+    std::fs::create_dir_all(&cache_dir).unwrap();
+    // The toolset goes in before kiln starts (the embedded store is single-owner).
+    let busybox = {
+        let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
+        let root = tmp.path().join("bb");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        for a in ["sh", "sleep", "echo"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+        }
+        ingest::ingest_path(&store, &root).await.unwrap()
+    };
+    // kiln looks for the kernel and agent under its cache dir.
+    for d in ["kernel", "agent"] {
+        std::os::unix::fs::symlink(Path::new("/var/cache/kiln").join(d), cache_dir.join(d)).unwrap();
+    }
+
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port);
+    wait_ready(&addr).await;
+    let mut client = BuildEventsClient::new(kiln::cli::connect(&addr).await.unwrap());
+    let mut stream = client
+        .submit(SubmitRequest {
+            request: Some(submit_request::Request::Snix(request(&busybox, "echo running; sleep 600"))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message()).await.unwrap().unwrap().unwrap();
+        if matches!(ev.event, Some(Event::Log(ref c)) if c.data.starts_with(b"running")) {
+            break;
+        }
+    }
+    let runs = data_dir.join("runs");
+    assert!(!harness::leftovers(&runs).is_empty(), "a build is in flight");
+    kiln.kill().unwrap();
+    kiln.wait().unwrap();
+    drop(stream);
+
+    // Restart: the sweep removes what the killed kiln left.
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port);
+    wait_ready(&addr).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !harness::leftovers(&runs).is_empty() {
+        assert!(Instant::now() < deadline, "left behind after restart: {:?}", harness::leftovers(&runs));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tmp_blobs: Vec<_> = std::fs::read_dir(data_dir.join("blobs-tmp")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(tmp_blobs.is_empty(), "partial blobs left: {tmp_blobs:?}");
+
+    // The castore is intact and builds run again.
+    let mut builds = snix_build::build_service_client::BuildServiceClient::new(kiln::cli::connect(&addr).await.unwrap());
+    let resp = builds.do_build(request(&busybox, "echo again > $out")).await.unwrap().into_inner();
+    assert_eq!(resp.outputs.len(), 1);
+    kiln.kill().unwrap();
+    kiln.wait().unwrap();
+    // What the second kiln left (nothing should run now) goes with it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !harness::build_processes(&runs, "qemu-system-x86_64").is_empty() {
+        assert!(Instant::now() < deadline, "VMM outlived kiln");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
