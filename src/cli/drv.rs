@@ -24,7 +24,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::castore::blob::grpc::GrpcBlobService;
@@ -32,7 +31,7 @@ use crate::castore::directory_service::grpc::GrpcDirectoryService;
 use crate::castore::materialise::MaterialiseError;
 use crate::castore::wire::WireNode;
 use crate::castore::{materialise, Node, Store, ValidationError};
-use crate::cli::{connect, ClientError};
+use crate::client::{connect, ClientSecurity, ConnectError, KilnChannel};
 use crate::nix::build_request::{build_request, output_paths, BuildRequestError, RequestOptions};
 use crate::nix::closure::{self, BuildPlan, ClosureError, OutputsOf};
 use crate::nix::fixed_output;
@@ -47,10 +46,11 @@ use crate::proto::snix_build::build_service_client::BuildServiceClient;
 use crate::server::MAX_MESSAGE_BYTES;
 
 /// What to build and where.
-#[derive(Debug, Clone)]
 pub struct DrvOptions {
-    /// The kiln server (see [`crate::cli::connect`] for the forms).
+    /// The kiln server (see [`crate::client`] for the forms).
     pub addr: String,
+    /// TLS and credentials for reaching it.
+    pub security: ClientSecurity,
     /// The `.drv` file, in `/nix/store` (symlinks to it are followed).
     pub drv: PathBuf,
     /// Where to materialise the outputs, as `DIR/<store basename>`.
@@ -87,7 +87,7 @@ pub enum DrvError {
     },
     /// Connecting to the server failed.
     #[error(transparent)]
-    Connect(#[from] ClientError),
+    Connect(#[from] ConnectError),
     /// Reading derivations or the local store failed.
     #[error("collecting the inputs")]
     Inputs(#[source] Box<ClosureError>),
@@ -206,7 +206,7 @@ pub async fn run(options: &DrvOptions) -> Result<(), DrvError> {
 /// output-name order.
 pub async fn build_drv(options: &DrvOptions) -> Result<Vec<BuiltOutput>, DrvError> {
     let root = derivation_path(&options.drv)?;
-    let channel = connect(&options.addr).await?;
+    let channel = connect(&options.addr, &options.security).await?;
     let store = Store {
         blobs: Arc::new(GrpcBlobService::new(channel.clone())),
         directories: Arc::new(GrpcDirectoryService::new(channel.clone())),
@@ -263,7 +263,7 @@ pub async fn build_drv(options: &DrvOptions) -> Result<Vec<BuiltOutput>, DrvErro
 /// The state of one `kiln build --drv` run.
 struct Run<'a> {
     store: &'a Store,
-    channel: Channel,
+    channel: KilnChannel,
     outputs_of: &'a OutputsOf,
     request_options: RequestOptions,
     /// Local store paths already imported into the castore.
@@ -429,7 +429,7 @@ fn refuses_network(error: &DrvError) -> bool {
 /// Submits through kiln's event stream (log to stderr); falls back to plain
 /// `DoBuild` when the server does not offer it.
 async fn submit(
-    channel: &Channel,
+    channel: &KilnChannel,
     drv: &StorePath,
     request: snix_build::BuildRequest,
 ) -> Result<snix_build::BuildResponse, DrvError> {
