@@ -413,3 +413,31 @@ fn validate_env<'a>(
     check_strictly_sorted("environment_vars", &vars, |v| v.key.as_bytes())?;
     Ok(vars)
 }
+
+/// Fuzzing entry point: arbitrary bytes decoded as either layout and
+/// validated. Must never panic (fuzz/ and tests/fuzz_smoke.rs drive it).
+#[doc(hidden)]
+pub fn fuzz_entry(data: &[u8]) {
+    use prost::Message;
+    if let Ok(req) = snix_build::BuildRequest::decode(data) {
+        if let Ok(valid) = BuildRequest::from_snix(&req) {
+            let _ = crate::build::plan::plan(&valid, &fuzz_limits());
+        }
+    }
+    if let Ok(req) = tvix_build::BuildRequest::decode(data) {
+        if let Ok(valid) = BuildRequest::from_tvix(&req) {
+            let _ = crate::build::plan::plan(&valid, &fuzz_limits());
+        }
+    }
+}
+
+fn fuzz_limits() -> crate::build::plan::Limits {
+    crate::build::plan::Limits {
+        min_guest_memory_mib: 512,
+        guest_overhead_mib: 256,
+        max_guest_memory_mib: 8192,
+        vcpus: 1,
+        nested_virt_available: true,
+        ro_path_allowlist: vec!["/opt".into()],
+    }
+}

@@ -234,3 +234,28 @@ impl Node {
         snix::wrap(bytes::Bytes::copy_from_slice(name), self)
     }
 }
+
+/// Fuzzing entry point: arbitrary bytes decoded as castore messages of both
+/// packages and validated. Must never panic (fuzz/ and tests/fuzz_smoke.rs
+/// drive it).
+#[doc(hidden)]
+pub fn fuzz_entry(data: &[u8]) {
+    use prost::Message;
+    if let Ok(d) = tvix_castore::Directory::decode(data) {
+        if let Ok(dir) = Directory::try_from(d) {
+            // Valid directories re-encode to what they digest.
+            let _ = dir.digest();
+        }
+    }
+    if let Ok(d) = snix_castore::Directory::decode(data) {
+        let _ = Directory::try_from(d);
+    }
+    if let Ok(n) = tvix_castore::Node::decode(data) {
+        let _ = n.clone().try_into_named();
+        let _ = n.try_into_anonymous();
+    }
+    if let Ok(e) = snix_castore::Entry::decode(data) {
+        let _ = e.clone().try_into_named();
+        let _ = e.try_into_anonymous();
+    }
+}
