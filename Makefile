@@ -16,7 +16,7 @@ run: deps build
 	./target/release/kiln serve --listen 127.0.0.1:8000 --data-dir $${KILN_DATA_DIR:-/var/lib/kiln}
 
 test: deps build
-	$(CARGO) test --release --workspace -- --test-threads=2
+	KILN_REQUIRE_VM_TESTS=1 $(CARGO) test --release --workspace -- --test-threads=2
 
 deps: apt python virtiofsd kernel
 
