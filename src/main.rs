@@ -44,7 +44,7 @@ struct ServeArgs {
     #[arg(long, default_value = "/var/lib/kiln")]
     data_dir: PathBuf,
     /// Castore backend: empty for the embedded store in --data-dir, or
-    /// grpc+http://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
+    /// grpc+http(s)://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
     #[arg(long, default_value = "")]
     castore: String,
     #[command(flatten)]
@@ -75,6 +75,25 @@ struct ServeArgs {
     allow_ro_paths: Vec<PathBuf>,
     #[command(flatten)]
     security: ServeSecurityArgs,
+    #[command(flatten)]
+    castore_client: CastoreClientArgs,
+}
+
+/// How `kiln serve` reaches a remote `--castore` that uses TLS or authentication.
+#[derive(Args)]
+struct CastoreClientArgs {
+    /// PEM CA the remote castore's certificate must chain to; turns TLS on.
+    #[arg(long)]
+    castore_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for the remote castore (needs --castore-tls-key and --castore-tls-ca).
+    #[arg(long, requires_all = ["castore_tls_key", "castore_tls_ca"])]
+    castore_tls_cert: Option<PathBuf>,
+    /// PEM private key of --castore-tls-cert.
+    #[arg(long, requires = "castore_tls_cert")]
+    castore_tls_key: Option<PathBuf>,
+    /// File whose first line is the bearer token for the remote castore.
+    #[arg(long, value_name = "FILE")]
+    castore_token_file: Option<PathBuf>,
 }
 
 /// TLS and client authentication of `kiln serve` (see "Security model" in the README).
@@ -259,9 +278,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth_tokens: args.security.auth_tokens.clone(),
     })
     .context("loading the TLS and authentication settings")?;
-    let store = kiln::castore::from_addr(&args.castore, &args.data_dir)
-        .await
-        .with_context(|| format!("opening the castore {:?}", args.castore))?;
+    let castore_security =
+        kiln::client::ClientSecurity::load(&kiln::client::ClientSecurityOptions {
+            tls_ca: args.castore_client.castore_tls_ca.clone(),
+            tls_cert: args.castore_client.castore_tls_cert.clone(),
+            tls_key: args.castore_client.castore_tls_key.clone(),
+            token_file: args.castore_client.castore_token_file.clone(),
+        })
+        .context("loading the remote castore's TLS and token settings")?;
+    let store =
+        kiln::castore::from_addr::from_addr_with(&args.castore, &args.data_dir, &castore_security)
+            .await
+            .with_context(|| format!("opening the castore {:?}", args.castore))?;
     let vm = kiln::vmm::choose::choose(args.vm.vmm, args.vm.accel, args.vm.pvm_kernel)
         .await
         .context("choosing the VMM")?;
@@ -275,7 +303,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = kiln::build::ExecutorConfig {
         data_dir: args.data_dir.clone(),
-        cache_dir: args.vm.cache_dir.clone(),
+        cache_dir: args.vm.cache_dir.join("initramfs"),
         artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
         limits,
         timeout: Duration::from_secs(args.timeout_secs),
