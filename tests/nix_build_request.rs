@@ -265,3 +265,24 @@ fn fixed_output_derivations_get_network_and_nix_output_checked() {
     assert_eq!(env["NIX_OUTPUT_CHECKED"], "1");
     assert!(request.constraints.unwrap().network_access);
 }
+
+#[test]
+fn structured_attributes_become_attrs_files_like_nix_wrote_them() {
+    let request = request("structured");
+    let env = env(&request);
+    assert!(!env.contains_key("name"), "no derivation variables");
+    assert!(!env.contains_key("PATH") || env["PATH"] == "/path-not-set");
+    assert_eq!(env["NIX_ATTRS_JSON_FILE"], "/build/.attrs.json");
+    assert_eq!(env["NIX_ATTRS_SH_FILE"], "/build/.attrs.sh");
+    let files: BTreeMap<&str, &[u8]> = request
+        .additional_files
+        .iter()
+        .map(|f| (f.path.as_str(), &f.contents[..]))
+        .collect();
+    // What the builder copied out of /build under `nix-store --realise`.
+    let nix_json = std::fs::read(fixture_dir().join("structured.attrs.json")).unwrap();
+    let nix_sh = std::fs::read(fixture_dir().join("structured.attrs.sh")).unwrap();
+    assert_eq!(files["build/.attrs.json"], nix_json.as_slice());
+    assert_eq!(files["build/.attrs.sh"], nix_sh.as_slice());
+    assert_eq!(files.len(), 2);
+}

@@ -5,8 +5,8 @@
 //! equal. Covers file, symlink and directory outputs, several outputs,
 //! executable bits, nested directories, the environment and cwd the builder
 //! sees, `$TMPDIR`, outputs referring to inputs, a derivation depending on
-//! others (one of them missing locally, so kiln builds it first), passAsFile
-//! and a fixed-output derivation.
+//! others (one of them missing locally, so kiln builds it first), passAsFile,
+//! structured attributes and a fixed-output derivation.
 //!
 //! Needs Nix, QEMU, virtiofsd and kiln's guest artifacts (`make deps agent`);
 //! skips loudly without them.
@@ -150,6 +150,7 @@ const ATTRIBUTES: &[&str] = &[
     "tmpdir",
     "passAsFile",
     "fixed",
+    "structured",
     "dependent",
 ];
 

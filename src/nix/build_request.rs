@@ -8,7 +8,10 @@
 //!    `NIX_BUILD_CORES=<n>`: defaults the derivation may override;
 //! 2. the derivation's variables, except those named in `passAsFile`: each
 //!    of those becomes a file `/build/.attr-<nixbase32 sha256 of its name>`
-//!    and a variable `<name>Path` pointing there;
+//!    and a variable `<name>Path` pointing there. With structured
+//!    attributes instead: no derivation variables, but `.attrs.json` and
+//!    `.attrs.sh` in `/build` and `NIX_ATTRS_{JSON,SH}_FILE` naming them
+//!    (see [`super::structured_attrs`]);
 //! 3. `NIX_BUILD_TOP`, `TMPDIR`, `TEMPDIR`, `TMP`, `TEMP`, `PWD` = `/build`;
 //! 4. fixed-output derivations only: `NIX_OUTPUT_CHECKED=1` and the
 //!    variables listed in `impureEnvVars`, taken from the caller;
@@ -32,8 +35,10 @@ use sha2::{Digest, Sha256};
 use super::derivation::Derivation;
 use super::nixbase32;
 use super::store_path::StorePath;
+use super::structured_attrs::{attrs_files, StructuredAttrsError};
 use crate::castore::wire::WireNode;
 use crate::castore::{Node, PathComponent};
+use crate::proto::snix_build::build_request::AdditionalFile;
 use crate::proto::{snix_build, snix_castore};
 
 /// Where Nix puts the build directory inside the sandbox.
@@ -66,10 +71,9 @@ impl Default for RequestOptions {
 /// Why a derivation cannot be turned into a build request.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildRequestError {
-    /// `__structuredAttrs` derivations need `.attrs.json`/`.attrs.sh`,
-    /// which kiln does not write yet.
-    #[error("derivations with structured attributes (__json) are not supported")]
-    StructuredAttrs,
+    /// The structured attributes (`__json`) cannot be handed over.
+    #[error("structured attributes")]
+    StructuredAttrs(#[source] StructuredAttrsError),
     /// A floating content-addressed output has no path before the build.
     #[error("output {0:?} has no store path (content-addressed derivations are not supported)")]
     FloatingOutput(String),
@@ -103,9 +107,6 @@ pub fn build_request(
     outputs_of: &BTreeMap<StorePath, BTreeMap<String, StorePath>>,
     options: &RequestOptions,
 ) -> Result<snix_build::BuildRequest, BuildRequestError> {
-    if drv.has_structured_attrs() {
-        return Err(BuildRequestError::StructuredAttrs);
-    }
     check_inputs(drv, inputs, outputs_of)?;
     let outputs = output_paths(drv)?;
     let (environment, additional_files) = environment(drv, options)?;
@@ -188,7 +189,7 @@ type Environment = BTreeMap<String, Vec<u8>>;
 fn environment(
     drv: &Derivation,
     options: &RequestOptions,
-) -> Result<(Environment, Vec<snix_build::build_request::AdditionalFile>), BuildRequestError> {
+) -> Result<(Environment, Vec<AdditionalFile>), BuildRequestError> {
     let mut env = Environment::new();
     let set = |env: &mut Environment, key: &str, value: &str| {
         env.insert(key.to_owned(), value.as_bytes().to_vec());
@@ -202,33 +203,11 @@ fn environment(
         &options.build_cores.to_string(),
     );
 
-    let pass_as_file: BTreeSet<String> = drv
-        .environment
-        .get("passAsFile")
-        .map(|names| {
-            String::from_utf8_lossy(names)
-                .split([' ', '\t', '\n', '\r'])
-                .filter(|n| !n.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
     let mut files = Vec::new();
-    for (key, value) in &drv.environment {
-        if pass_as_file.contains(key) {
-            let file = pass_as_file_name(key);
-            files.push(snix_build::build_request::AdditionalFile {
-                path: format!("build/{file}"),
-                contents: value.clone().into(),
-            });
-            set(
-                &mut env,
-                &format!("{key}Path"),
-                &format!("{BUILD_DIR}/{file}"),
-            );
-        } else {
-            env.insert(key.clone(), value.clone());
-        }
+    if drv.has_structured_attrs() {
+        structured_attributes(drv, &mut env, &mut files)?;
+    } else {
+        derivation_variables(drv, &mut env, &mut files);
     }
 
     for key in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
@@ -236,11 +215,9 @@ fn environment(
     }
     if drv.is_fixed_output() {
         set(&mut env, "NIX_OUTPUT_CHECKED", "1");
-        let impure = drv.environment.get("impureEnvVars");
-        let impure = impure.map(|v| String::from_utf8_lossy(v).into_owned());
-        for key in impure.iter().flat_map(|v| v.split_whitespace()) {
-            let value = options.impure_env.get(key).map_or("", String::as_str);
-            set(&mut env, key, value);
+        for key in impure_env_vars(drv) {
+            let value = options.impure_env.get(&key).map_or("", String::as_str);
+            set(&mut env, &key, value);
         }
     }
     set(&mut env, "NIX_LOG_FD", "2");
@@ -256,6 +233,98 @@ fn environment(
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((env, files))
+}
+
+/// Step 2 without structured attributes: the derivation's variables, those
+/// named in `passAsFile` as files instead.
+fn derivation_variables(drv: &Derivation, env: &mut Environment, files: &mut Vec<AdditionalFile>) {
+    let pass_as_file: BTreeSet<String> = drv
+        .environment
+        .get("passAsFile")
+        .map(|names| split_words(&String::from_utf8_lossy(names)))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    for (key, value) in &drv.environment {
+        if pass_as_file.contains(key) {
+            let file = pass_as_file_name(key);
+            files.push(AdditionalFile {
+                path: format!("build/{file}"),
+                contents: value.clone().into(),
+            });
+            let path = format!("{BUILD_DIR}/{file}");
+            env.insert(format!("{key}Path"), path.into_bytes());
+        } else {
+            env.insert(key.clone(), value.clone());
+        }
+    }
+}
+
+/// Step 2 with structured attributes: no variables from the derivation,
+/// `.attrs.json` and `.attrs.sh` in the build directory instead.
+fn structured_attributes(
+    drv: &Derivation,
+    env: &mut Environment,
+    files: &mut Vec<AdditionalFile>,
+) -> Result<(), BuildRequestError> {
+    let outputs = drv
+        .outputs
+        .iter()
+        .map(|(name, output)| {
+            let path = output
+                .path
+                .clone()
+                .ok_or_else(|| BuildRequestError::FloatingOutput(name.clone()))?;
+            Ok((name.clone(), path))
+        })
+        .collect::<Result<BTreeMap<_, _>, BuildRequestError>>()?;
+    let json = drv.environment.get("__json").map_or(&[][..], Vec::as_slice);
+    let attrs = attrs_files(json, &outputs).map_err(BuildRequestError::StructuredAttrs)?;
+    for (name, contents) in [(".attrs.json", attrs.json), (".attrs.sh", attrs.sh)] {
+        files.push(AdditionalFile {
+            path: format!("build/{name}"),
+            contents: contents.into(),
+        });
+    }
+    env.insert(
+        "NIX_ATTRS_JSON_FILE".to_owned(),
+        format!("{BUILD_DIR}/.attrs.json").into_bytes(),
+    );
+    env.insert(
+        "NIX_ATTRS_SH_FILE".to_owned(),
+        format!("{BUILD_DIR}/.attrs.sh").into_bytes(),
+    );
+    Ok(())
+}
+
+/// `impureEnvVars`: a word list, or with structured attributes a JSON list.
+fn impure_env_vars(drv: &Derivation) -> Vec<String> {
+    if drv.has_structured_attrs() {
+        let json = drv.environment.get("__json").map_or(&[][..], Vec::as_slice);
+        let value: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+        return value
+            .get("impureEnvVars")
+            .and_then(|v| v.as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    drv.environment
+        .get("impureEnvVars")
+        .map(|v| split_words(&String::from_utf8_lossy(v)))
+        .unwrap_or_default()
+}
+
+/// Splits on the whitespace Nix's `tokenizeString` uses.
+fn split_words(s: &str) -> Vec<String> {
+    s.split([' ', '\t', '\n', '\r'])
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn wire_inputs(

@@ -4,7 +4,8 @@
 //! - [`nixbase32`] and [`store_path`]: Nix's names for things.
 //! - [`derivation`]: the ATerm `.drv` format.
 //! - [`nar`]: NAR serialisation and hashing of castore trees and host paths.
-//! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`.
+//! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`, with
+//!   [`structured_attrs`] for `__structuredAttrs` derivations.
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
 //! - [`fixed_output`]: checking a fixed-output derivation's declared hash.
 
@@ -15,6 +16,7 @@ pub mod fixed_output;
 pub mod nar;
 pub mod nixbase32;
 pub mod store_path;
+pub mod structured_attrs;
 
 pub use derivation::Derivation;
 pub use store_path::StorePath;
