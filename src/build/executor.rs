@@ -45,7 +45,7 @@ use crate::vmm::{FsShare, VmRunner, VmSpec};
 pub struct ExecutorConfig {
     /// Build directories go to `<data_dir>/runs`.
     pub data_dir: PathBuf,
-    /// Cached base initramfs images.
+    /// Where base initramfs images are cached (`base-<hash>.cpio`).
     pub cache_dir: PathBuf,
     /// Kernel, modules, agent, shell.
     pub artifacts: Artifacts,
