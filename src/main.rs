@@ -171,8 +171,20 @@ struct BuildArgs {
     /// Print the completed event as JSON.
     #[arg(long)]
     json: bool,
+    /// Build a Nix derivation instead of a request file: its input closure
+    /// is imported from the local /nix/store (missing inputs are built
+    /// first), and every output is printed with its NAR hash.
+    #[arg(long, conflicts_with = "request")]
+    drv: Option<PathBuf>,
+    /// With --drv: materialise the outputs as DIR/<store basename>.
+    #[arg(long, requires = "drv")]
+    out: Option<PathBuf>,
+    /// With --drv: NIX_BUILD_CORES for the builds (default: this machine's cores).
+    #[arg(long, requires = "drv")]
+    cores: Option<u32>,
     /// The request, in the protobuf JSON mapping.
-    request: PathBuf,
+    #[arg(required_unless_present = "drv")]
+    request: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -237,8 +249,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Build(args) => {
             let security = args.security.load()?;
-            kiln::cli::build::run(&args.addr, &security, &args.request, args.layout, args.json)
-                .await?;
+            match (args.drv, args.request) {
+                (Some(drv), _) => {
+                    let options = kiln::cli::drv::DrvOptions {
+                        addr: args.addr,
+                        security,
+                        drv,
+                        out: args.out,
+                        build_cores: args.cores,
+                    };
+                    kiln::cli::drv::run(&options).await?;
+                }
+                (None, Some(request)) => {
+                    kiln::cli::build::run(&args.addr, &security, &request, args.layout, args.json)
+                        .await?;
+                }
+                (None, None) => anyhow::bail!("give a request file or --drv"),
+            }
             Ok(())
         }
         Command::Castore(CastoreCommand::Import {

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod castore;
 pub mod doctor;
+pub mod drv;
 
 use tonic::transport::Channel;
 
