@@ -47,7 +47,8 @@ build: agent
 	$(CARGO) build --release --workspace
 
 bench: deps build
-	$(CARGO) run --release --bin kiln -- bench
+	@command -v b3sum >/dev/null 2>&1 || [ -x $$HOME/.cargo/bin/b3sum ] || $(CARGO) install b3sum --locked
+	$(CARGO) run --release --bin kiln-bench -- --out docs/bench.md
 
 clean-cache:
 	rm -rf $(CACHE_DIR)

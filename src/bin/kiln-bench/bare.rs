@@ -1,0 +1,198 @@
+//! The baseline kiln is compared with: the same kernel and base initramfs,
+//! booted by the same VMM backend with the same RAM and vCPUs, whose init
+//! powers off at once.
+//!
+//! The base image gets a second small archive (as kiln appends its job)
+//! holding a busybox script that becomes init through `rdinit=`. It mounts
+//! /proc and /dev, notes the guest uptime, optionally loads the same kernel
+//! modules kiln's agent loads (virtio transport, console, fuse, virtiofs),
+//! notes the uptime again on the serial console and powers off. No virtiofs
+//! share, no job, no sandbox: the floor a microVM build cannot go below.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kiln::guest_image::cpio::CpioWriter;
+use kiln::vmm::VmSpec;
+
+use crate::server::{BenchServer, GUEST_MEMORY_MIB};
+
+/// Where the script lives in the initramfs.
+const INIT: &str = "kiln-bench-init";
+/// The busybox applets the script calls.
+const APPLETS: &[&str] = &["mount", "insmod", "poweroff"];
+/// The line the script prints on the serial console.
+const MARK: &str = "kiln-bench-init";
+
+/// One bare boot, timed.
+pub struct BareBoot {
+    /// VMM spawned to VMM exited.
+    pub wall: Duration,
+    /// VMM spawned to its guest channel connected (as kiln waits for it).
+    pub vmm_up: Duration,
+    /// Guest uptime when init started, ms.
+    pub guest_boot_ms: f64,
+    /// Guest time spent loading modules, ms (0 without modules).
+    pub modules_ms: f64,
+}
+
+/// Prepared initramfs images for bare boots.
+pub struct Bare {
+    dir: PathBuf,
+    plain: PathBuf,
+    with_modules: PathBuf,
+}
+
+fn script(modules: &[&str]) -> String {
+    let mut s = String::from(
+        "#!/kiln/sh\nexport PATH=/kiln-bench\nmount -t proc proc /proc\nmount -t devtmpfs dev /dev\nread up rest < /proc/uptime\n",
+    );
+    for m in modules {
+        s.push_str(&format!("insmod /kiln/modules/{m}.ko\n"));
+    }
+    s.push_str(&format!(
+        "read up2 rest < /proc/uptime\necho \"{MARK} $up $up2\" > /dev/ttyS0\npoweroff -f\n"
+    ));
+    s
+}
+
+/// `names` with each module's dependencies before it (the agent resolves
+/// these from modinfo; the script's `insmod` does not). Modules this table
+/// does not know keep their place at the end.
+fn dependency_order<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    // The virtio core needs virtio_ring; everything else needs the core.
+    const ORDER: &[&str] = &[
+        "virtio_ring",
+        "virtio",
+        "virtio_mmio",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "virtio_console",
+        "fuse",
+        "virtiofs",
+    ];
+    let known = names.iter().copied().filter(|m| ORDER.contains(m));
+    let mut ordered: Vec<&'a str> = known.collect();
+    ordered.sort_by_key(|m| ORDER.iter().position(|o| o == m));
+    ordered.extend(names.iter().copied().filter(|m| !ORDER.contains(m)));
+    ordered
+}
+
+fn write_image(base: &Path, dest: &Path, init: &str) -> anyhow::Result<()> {
+    std::fs::copy(base, dest).with_context(|| format!("copying {}", base.display()))?;
+    let file = std::fs::OpenOptions::new().append(true).open(dest)?;
+    let mut w = CpioWriter::new(BufWriter::new(file));
+    w.file(INIT, 0o755, init.as_bytes())?;
+    // busybox runs the applet its link is named after.
+    for applet in APPLETS {
+        w.symlink(&format!("kiln-bench/{applet}"), "/kiln/sh")?;
+    }
+    w.finish()?.flush()?;
+    Ok(())
+}
+
+impl Bare {
+    /// Writes both images under `dir`.
+    pub fn prepare(server: &BenchServer, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let base = kiln::guest_image::base_image(&server.artifacts, &server.cache_dir)?;
+        let plain = dir.join("bare.cpio");
+        let with_modules = dir.join("bare-modules.cpio");
+        write_image(&base, &plain, &script(&[]))?;
+        let modules = dependency_order(server.runner.guest_modules());
+        write_image(&base, &with_modules, &script(&modules))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            plain,
+            with_modules,
+        })
+    }
+
+    /// Boots once and waits for the VMM to exit.
+    pub async fn boot(
+        &self,
+        server: &BenchServer,
+        modules: bool,
+        run: usize,
+    ) -> anyhow::Result<BareBoot> {
+        let run_dir = self
+            .dir
+            .join(format!("run-{run}-{}", if modules { "m" } else { "p" }));
+        std::fs::create_dir_all(&run_dir)?;
+        let spec = VmSpec {
+            id: format!("bare-{run}"),
+            kernel: server.artifacts.vmlinux(),
+            initramfs: if modules {
+                self.with_modules.clone()
+            } else {
+                self.plain.clone()
+            },
+            cmdline: format!("{} rdinit=/{INIT}", kiln::guest_image::kernel_cmdline()),
+            memory_mib: GUEST_MEMORY_MIB,
+            vcpus: 1,
+            nested_virt: false,
+            shares: vec![],
+            run_dir: run_dir.clone(),
+            serial_log: run_dir.join("serial.log"),
+        };
+        let started = Instant::now();
+        let mut vm = server.runner.start(&spec).await?;
+        let vmm_up = started.elapsed();
+        let _channel = vm.take_channel().await?;
+        let exit = tokio::time::timeout(Duration::from_secs(120), vm.wait()).await;
+        let wall = started.elapsed();
+        vm.kill().await;
+        if exit.is_err() {
+            bail!("the bare VM did not power off within 120 s");
+        }
+        let serial = std::fs::read_to_string(&spec.serial_log).unwrap_or_default();
+        let Some((up, up2)) = parse_mark(&serial) else {
+            bail!("the bare VM's init did not run; serial console:\n{serial}");
+        };
+        let _ = std::fs::remove_dir_all(&run_dir);
+        Ok(BareBoot {
+            wall,
+            vmm_up,
+            guest_boot_ms: up * 1000.0,
+            modules_ms: (up2 - up) * 1000.0,
+        })
+    }
+}
+
+fn parse_mark(serial: &str) -> Option<(f64, f64)> {
+    let line = serial.lines().find_map(|l| l.trim().strip_prefix(MARK))?;
+    let mut it = line.split_whitespace().map(|v| v.parse::<f64>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let order = dependency_order(kiln::vmm::MMIO_GUEST_MODULES);
+        assert_eq!(
+            order,
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "virtio_console",
+                "fuse",
+                "virtiofs"
+            ]
+        );
+        assert!(script(&order).contains("insmod /kiln/modules/virtiofs.ko\nread up2"));
+    }
+
+    #[test]
+    fn the_serial_mark_is_parsed() {
+        let serial = "[    0.5] something\r\nkiln-bench-init 1.23 1.50\r\n";
+        assert_eq!(parse_mark(serial), Some((1.23, 1.50)));
+        assert_eq!(parse_mark("nothing"), None);
+    }
+}

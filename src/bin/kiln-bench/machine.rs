@@ -1,0 +1,181 @@
+//! The machine the bench runs on, and what else is running on it: facts
+//! for the report header, load samples, and the memory of processes read
+//! from `/proc`.
+
+use std::path::Path;
+use std::process::Command;
+
+/// The facts printed at the top of the report.
+pub struct Machine {
+    /// `(label, value)` lines.
+    pub lines: Vec<(&'static str, String)>,
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("{program} not found"))
+}
+
+fn proc_field(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+impl Machine {
+    /// Reads the facts of this host; `vmm` and `accel` are what the
+    /// executor chose.
+    pub fn detect(vmm: &str, accel: &str, kernel: Option<String>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let mem_kib: u64 = proc_field("/proc/meminfo", "MemTotal")
+            .and_then(|v| v.trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0);
+        let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+            " (/dev/kvm is kvm_pvm: no hardware acceleration for stock kernels)"
+        } else {
+            ""
+        };
+        let b3sum = match crate::ingestion::b3sum_binary() {
+            Some(p) => first_line(&p.to_string_lossy(), &["--version"]),
+            None => "not installed".into(),
+        };
+        let virtiofsd = match kiln::vmm::virtiofsd::find_binary() {
+            Some(p) => first_line(&p.to_string_lossy(), &["--version"]),
+            None => "not found".into(),
+        };
+        Self {
+            lines: vec![
+                (
+                    "CPU",
+                    proc_field("/proc/cpuinfo", "model name").unwrap_or_default(),
+                ),
+                ("cores", cores.to_string()),
+                (
+                    "memory",
+                    format!("{:.1} GiB", mem_kib as f64 / 1024.0 / 1024.0),
+                ),
+                (
+                    "host kernel",
+                    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                ),
+                ("QEMU", first_line("qemu-system-x86_64", &["--version"])),
+                ("VMM / accel", format!("{vmm} / {accel}{kvm}")),
+                ("virtiofsd", virtiofsd),
+                ("guest kernel", kernel.unwrap_or_else(|| "unknown".into())),
+                ("b3sum", b3sum),
+            ],
+        }
+    }
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Memory of one process, KiB.
+///
+/// Pages shared between processes (libraries, the binary) are split among
+/// their sharers (PSS), so one VM's figure is what one more VM costs. Guest
+/// RAM is a shared memfd: it is counted apart, as resident shared memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rss {
+    /// Proportional share of anonymous memory (heap, stacks).
+    pub anon: u64,
+    /// Proportional share of file-backed pages (binary, libraries).
+    pub file: u64,
+    /// Resident shared memory (for a VMM: the guest RAM it touched).
+    pub shmem: u64,
+}
+
+impl Rss {
+    /// Outside guest RAM: anonymous plus file-backed.
+    pub fn own(&self) -> u64 {
+        self.anon + self.file
+    }
+}
+
+fn kib(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads the memory of `pid` (`smaps_rollup` and `status`).
+pub fn rss(pid: u32) -> Option<Rss> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(Rss {
+        anon: kib(&rollup, "Pss_Anon:"),
+        file: kib(&rollup, "Pss_File:"),
+        shmem: kib(&status, "RssShmem:"),
+    })
+}
+
+/// Resident memory of `pid` (`VmRSS`), KiB.
+pub fn vm_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(kib(&status, "VmRSS:"))
+}
+
+/// A process seen in `/proc`: pid, parent pid and command name.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent's pid.
+    pub ppid: u32,
+    /// `comm` (at most 15 bytes).
+    pub comm: String,
+}
+
+/// Every process, read from `/proc/<pid>/stat`.
+pub fn processes() -> Vec<Proc> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let comm = stat.get(open + 1..close)?.to_owned();
+            let ppid = stat
+                .get(close + 2..)?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(Proc { pid, ppid, comm })
+        })
+        .collect()
+}
+
+/// VMs running on this host that this process did not start (other
+/// people's tests), to note the load.
+pub fn foreign_vms() -> usize {
+    let me = std::process::id();
+    processes()
+        .iter()
+        .filter(|p| p.comm.starts_with("qemu-system") && p.ppid != me)
+        .count()
+}

@@ -1,0 +1,223 @@
+//! kiln-bench: what kiln costs, measured side by side with its limits
+//! (`make bench`).
+//!
+//! Four sections, each in its own module: the overhead of a trivial build
+//! against a bare VM boot ([`overhead`]), time to the builder's first
+//! instruction against input shape ([`inputs`]), output ingestion against
+//! `b3sum` ([`ingestion`]) and concurrent builds ([`concurrency`]). Every
+//! figure is min / median / max over several runs, ratios are taken within
+//! a run. The report (markdown) is printed and written to `--out` with the
+//! machine it ran on and the load it saw.
+//!
+//! A benchmark driver: every error ends the run, so errors are `anyhow`
+//! with context rather than a typed enum.
+
+mod bare;
+mod concurrency;
+mod data;
+mod ingestion;
+mod inputs;
+mod machine;
+mod overhead;
+mod server;
+mod spans;
+mod stats;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+/// One section of the report.
+pub struct Section {
+    /// Its heading.
+    pub title: String,
+    /// Markdown: a sentence on method, then tables.
+    pub body: String,
+    /// Lines for the summary: (figure, min / median / max, target met).
+    pub summary: Vec<(String, String, Option<bool>)>,
+}
+
+#[derive(Parser)]
+#[command(name = "kiln-bench", about = "Benchmarks kiln on this machine")]
+struct Args {
+    /// Where to write the markdown report.
+    #[arg(long, default_value = "docs/bench.md")]
+    out: PathBuf,
+    /// Runs per figure (the slow shapes get fewer, see the report).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Small data and 2 runs: checks the bench itself in a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Only these sections (overhead, inputs, ingestion, concurrency).
+    #[arg(long = "only")]
+    only: Vec<String>,
+    /// Scratch directory for stores and data (default: a temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+impl Args {
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let times = spans::StepTimes::default();
+    let steps = times.layer().with_filter(filter_fn(|m| {
+        m.target().starts_with("kiln") && *m.level() <= Level::INFO
+    }));
+    let console = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")));
+    tracing_subscriber::registry()
+        .with(steps)
+        .with(console)
+        .init();
+
+    let runs = if args.quick { 2 } else { args.runs.max(1) };
+    let (big, many_inputs, many_outputs) = if args.quick {
+        (64 << 20, 1_000, 5_000)
+    } else {
+        (1 << 30, 10_000, 100_000)
+    };
+    let tmp = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::tempdir_in(d)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let work = tmp.path();
+    let started = Instant::now();
+    let load_before = machine::loadavg();
+    let foreign_before = machine::foreign_vms();
+
+    let server = server::start(work, 8).await.context("starting kiln")?;
+    let facts = machine::Machine::detect(
+        server.runner.name(),
+        server.runner.accel(),
+        server.artifacts.kernel_version(),
+    );
+    let mut sections = Vec::new();
+    if args.wants("overhead") {
+        eprintln!("kiln-bench: overhead");
+        let bare = bare::Bare::prepare(&server, &work.join("bare"))?;
+        sections.push(overhead::run(&server, &times, &bare, runs).await?);
+    }
+    if args.wants("inputs") {
+        eprintln!("kiln-bench: input scaling");
+        let sizes = inputs::Sizes {
+            many: many_inputs,
+            big,
+        };
+        sections.push(inputs::run(&server, &times, &work.join("inputs"), &sizes, runs).await?);
+    }
+    if args.wants("ingestion") {
+        eprintln!("kiln-bench: ingestion");
+        let sizes = ingestion::Sizes {
+            big,
+            many: many_outputs,
+        };
+        let many_runs = runs.min(3);
+        sections.push(ingestion::run(&work.join("ingestion"), &sizes, runs, many_runs).await?);
+    }
+    if args.wants("concurrency") {
+        eprintln!("kiln-bench: concurrency");
+        sections.push(concurrency::run(&server, runs, runs.min(3)).await?);
+    }
+    server.stop();
+
+    let load = Load {
+        before: load_before,
+        after: machine::loadavg(),
+        foreign_before,
+        foreign_after: machine::foreign_vms(),
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+    };
+    let report = render(&facts, &load, &sections, args.quick);
+    println!("{report}");
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, &report)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("kiln-bench: wrote {}", args.out.display());
+    Ok(())
+}
+
+/// What else the machine was doing.
+struct Load {
+    before: f64,
+    after: f64,
+    foreign_before: usize,
+    foreign_after: usize,
+    minutes: f64,
+}
+
+fn render(facts: &machine::Machine, load: &Load, sections: &[Section], quick: bool) -> String {
+    let mut out = String::from("# kiln benchmarks\n\n");
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Written by `make bench` (`kiln-bench{}`) on {date}, in {:.1} minutes. Every figure is \
+         min / median / max over the runs stated; ratios are taken within one run. Under TCG \
+         absolute times are slow and noisy: read the ratios.\n",
+        if quick { " --quick" } else { "" },
+        load.minutes
+    );
+    out.push_str("## Machine\n\n");
+    let mut t = stats::Table::new(&["", ""]);
+    for (k, v) in &facts.lines {
+        t.row(vec![k.to_string(), v.clone()]);
+    }
+    t.row(vec![
+        "load".into(),
+        format!(
+            "1-min load average {:.2} at the start, {:.2} at the end; VMs of other processes \
+             running: {} at the start, {} at the end{}",
+            load.before,
+            load.after,
+            load.foreign_before,
+            load.foreign_after,
+            if load.before > 0.5 || load.foreign_before + load.foreign_after > 0 {
+                " (**not idle**: other engineers' tests shared the 2 cores)"
+            } else {
+                ""
+            }
+        ),
+    ]);
+    out.push_str(&t.render());
+    out.push_str("\n## Summary\n\n");
+    let mut t = stats::Table::new(&["figure", "min / median / max", "target"]);
+    for s in sections {
+        for (what, value, met) in &s.summary {
+            let verdict = match met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "—",
+            };
+            t.row(vec![what.clone(), value.clone(), verdict.into()]);
+        }
+    }
+    out.push_str(&t.render());
+    for s in sections {
+        let _ = write!(out, "\n## {}\n\n{}", s.title, s.body);
+    }
+    out
+}

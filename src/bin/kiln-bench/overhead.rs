@@ -1,0 +1,185 @@
+//! Section 1: a trivial build through kiln against a bare boot of the same
+//! kernel and initramfs by the same VMM, and where kiln's extra time goes.
+//!
+//! Each run does one kiln build (`DoBuild` of `true`), one bare boot and one
+//! bare boot that also loads kiln's kernel modules, in an order that rotates
+//! from run to run; ratios are taken within a run.
+
+use std::fmt::Write as _;
+
+use crate::bare::Bare;
+use crate::server::BenchServer;
+use crate::spans::{StepTimes, Steps};
+use crate::stats::{ratios, Samples, Table};
+use crate::Section;
+
+/// The executor's steps, in order, with the label the report gives them.
+const STEPS: &[(&str, &str)] = &[
+    ("admit", "admission (VM slot and memory)"),
+    ("materialise", "materialise inputs"),
+    ("virtiofsd", "virtiofsd up (2 daemons)"),
+    ("initramfs", "initramfs (base + job, fsync)"),
+    ("vmm_start", "VMM up (spawn to channel connected)"),
+    ("guest_boot", "guest boot (kernel to agent start)"),
+    ("agent_setup", "agent set-up (modules, shares, sandbox)"),
+    ("builder", "builder (`true`)"),
+    ("poweroff", "report, power-off and VMM exit"),
+    ("teardown", "teardown (kill VMM, stop virtiofsd)"),
+    ("ingest", "ingest outputs"),
+    ("cleanup", "remove build directory"),
+    ("other", "other executor work (plan, events, workspace)"),
+    ("grpc", "gRPC, validation, response (client wall − build)"),
+];
+
+/// The figures of one kiln build derived from its spans and wall time.
+fn derive(steps: &Steps, wall_ms: f64) -> Steps {
+    let get = |k: &str| steps.get(k).copied().unwrap_or(0.0);
+    let mut d = steps.clone();
+    let in_vm = get("guest_boot") + get("agent_setup") + get("builder");
+    d.insert("poweroff".into(), (get("supervise") - in_vm).max(0.0));
+    let accounted: f64 = [
+        "admit",
+        "materialise",
+        "virtiofsd",
+        "initramfs",
+        "vmm_start",
+        "supervise",
+        "teardown",
+        "ingest",
+        "cleanup",
+    ]
+    .iter()
+    .map(|k| get(k))
+    .sum();
+    d.insert("other".into(), (get("build") - accounted).max(0.0));
+    d.insert("grpc".into(), (wall_ms - get("build")).max(0.0));
+    d
+}
+
+/// Runs the section.
+pub async fn run(
+    server: &BenchServer,
+    times: &StepTimes,
+    bare: &Bare,
+    runs: usize,
+) -> anyhow::Result<Section> {
+    // Warm-up: base image cached, TSC measured, files in the page cache.
+    let req = server.trivial_request(&[]);
+    server
+        .do_build(server.channel().await?, req.clone())
+        .await?;
+    bare.boot(server, false, 0).await?;
+
+    let mut kiln = Samples::new();
+    let mut plain = Samples::new();
+    let mut modules = Samples::new();
+    let mut steps: Vec<(String, Samples)> = Vec::new();
+    let mut bare_up = Samples::new();
+    let mut bare_boot = Samples::new();
+    let mut bare_mod_ms = Samples::new();
+    let mut bare_off = Samples::new();
+    for run in 0..runs {
+        for slot in 0..3 {
+            match (run + slot) % 3 {
+                0 => {
+                    let done = server
+                        .do_build(server.channel().await?, req.clone())
+                        .await?;
+                    let wall = done.wall.as_secs_f64() * 1000.0;
+                    kiln.push(wall);
+                    let s = times.take(&done.id).await.unwrap_or_default();
+                    for (k, v) in derive(&s, wall) {
+                        match steps.iter_mut().find(|(n, _)| *n == k) {
+                            Some((_, samples)) => samples.push(v),
+                            None => {
+                                let mut samples = Samples::new();
+                                samples.push(v);
+                                steps.push((k, samples));
+                            }
+                        }
+                    }
+                }
+                1 => {
+                    let b = bare.boot(server, false, run + 1).await?;
+                    plain.push_ms(b.wall);
+                    bare_up.push_ms(b.vmm_up);
+                    bare_boot.push(b.guest_boot_ms);
+                    let wall = b.wall.as_secs_f64() * 1000.0;
+                    let up = b.vmm_up.as_secs_f64() * 1000.0;
+                    bare_off.push((wall - up - b.guest_boot_ms - b.modules_ms).max(0.0));
+                }
+                _ => {
+                    let b = bare.boot(server, true, run + 1).await?;
+                    modules.push_ms(b.wall);
+                    bare_mod_ms.push(b.modules_ms);
+                }
+            }
+        }
+        eprintln!("  overhead run {}/{runs} done", run + 1);
+    }
+
+    let ratio = ratios(&kiln, &plain);
+    let ratio_modules = ratios(&kiln, &modules);
+    let mut totals = Table::new(&["what (ms unless noted)", "min / median / max"]);
+    totals.row(vec![
+        "kiln: DoBuild of `true`, end to end".into(),
+        kiln.ms(),
+    ]);
+    totals.row(vec![
+        "bare: same kernel + initramfs, init powers off at once".into(),
+        plain.ms(),
+    ]);
+    totals.row(vec![
+        "bare + the agent's 6 modules loaded".into(),
+        modules.ms(),
+    ]);
+    totals.row(vec![
+        "**ratio kiln / bare** (target ≤ 1.10)".into(),
+        ratio.ratio(),
+    ]);
+    totals.row(vec![
+        "ratio kiln / bare + modules".into(),
+        ratio_modules.ratio(),
+    ]);
+
+    let mut breakdown = Table::new(&["step", "kiln", "bare"]);
+    let get = |name: &str| steps.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+    for (key, label) in STEPS {
+        let kiln_cell = get(key).map_or_else(|| "n/a".into(), Samples::ms);
+        let bare_cell = match *key {
+            "vmm_start" => bare_up.ms(),
+            "guest_boot" => bare_boot.ms(),
+            "agent_setup" => format!("{} (modules only, bare + modules)", bare_mod_ms.ms()),
+            "poweroff" => bare_off.ms(),
+            _ => "—".into(),
+        };
+        breakdown.row(vec![label.to_string(), kiln_cell, bare_cell]);
+    }
+    breakdown.row(vec!["**total**".into(), kiln.ms(), plain.ms()]);
+
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "{runs} runs; each run boots kiln, bare and bare + modules once, in rotating order. \
+         Same kernel, base initramfs, {} MiB guest RAM and 1 vCPU for all three; the bare \
+         init is a busybox script given by `rdinit=` (no virtiofs, no job, no sandbox).\n",
+        crate::server::GUEST_MEMORY_MIB
+    );
+    body.push_str(&totals.render());
+    let _ = writeln!(
+        body,
+        "\nWhere the time goes (min / median / max ms; kiln's steps are the executor's tracing \
+         spans, the guest figures come from the agent's report; bare figures from the VMM \
+         start and the guest's /proc/uptime):\n"
+    );
+    body.push_str(&breakdown.render());
+    Ok(Section {
+        title: "1. Overhead: trivial build vs bare VM boot".into(),
+        body,
+        summary: vec![(
+            "overhead kiln / bare VM (≤ 1.10)".into(),
+            ratio.ratio(),
+            Some(ratio.median().is_some_and(|m| m <= 1.10)),
+        )],
+    })
+}

@@ -1,0 +1,247 @@
+//! A kiln server in this process, configured like `kiln serve`'s defaults
+//! (512 MiB + 256 MiB guest RAM, 1 vCPU), and the client calls the bench
+//! makes: `snix.build.v1.DoBuild` and `kiln.v1.BuildEvents.Submit`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kiln::build::plan::Limits;
+use kiln::build::service::BUILD_ID_HEADER;
+use kiln::build::{Executor, ExecutorConfig};
+use kiln::castore::{ingest, Node, Store};
+use kiln::guest_image::Artifacts;
+use kiln::proto::kiln_v1::build_event::Event;
+use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
+use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
+use kiln::proto::snix_build::build_request::{BuildConstraints, EnvVar};
+use kiln::proto::snix_build::build_service_client::BuildServiceClient;
+use kiln::proto::{snix_build, snix_castore};
+use kiln::vmm::choose::choose;
+use kiln::vmm::host::{AccelChoice, VmmChoice};
+use kiln::vmm::VmRunner;
+use tonic::transport::Channel;
+
+/// Store basename of the busybox input (the builder `true` comes from it).
+pub const BUSYBOX: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
+/// Guest RAM a trivial build gets (kiln serve's defaults: 512 + 256 MiB).
+pub const GUEST_MEMORY_MIB: u64 = 768;
+
+/// A running in-process server.
+pub struct BenchServer {
+    /// Where clients connect.
+    pub addr: String,
+    /// Its castore (for ingesting inputs).
+    pub store: Store,
+    /// The VMM backend it boots with (also used for the bare boots).
+    pub runner: Arc<dyn VmRunner>,
+    /// Kernel, modules, agent, busybox.
+    pub artifacts: Artifacts,
+    /// Where the cached base initramfs is written.
+    pub cache_dir: PathBuf,
+    busybox: Node,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Starts a server with its data under `work`, allowing `max_vms` VMs.
+pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
+    let artifacts = Artifacts::default();
+    artifacts
+        .locate()
+        .context("the guest artifacts are missing")?;
+    let data_dir = work.join("data");
+    let cache_dir = work.join("cache");
+    let store = kiln::castore::from_addr("", &data_dir)
+        .await
+        .context("opening the embedded castore")?;
+    let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
+        .await
+        .context("choosing a VMM")?;
+    let config = ExecutorConfig {
+        scratch: Default::default(),
+        data_dir,
+        cache_dir: cache_dir.clone(),
+        artifacts: artifacts.clone(),
+        limits: Limits {
+            min_guest_memory_mib: 512,
+            guest_overhead_mib: 256,
+            max_guest_memory_mib: 8192,
+            vcpus: 1,
+            nested_virt_available: chosen.nested_available,
+            ro_path_allowlist: vec![],
+        },
+        timeout: Duration::from_secs(600),
+        max_log_bytes: 8 << 20,
+        max_vms,
+        memory_budget_mib: GUEST_MEMORY_MIB * max_vms as u64,
+        max_queue: 64,
+        kept_builds: 256,
+        kept_log_bytes: 1 << 20,
+    };
+    let runner = chosen.runner.clone();
+    let executor = Arc::new(Executor::open(config, store.clone(), chosen.runner)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serve_store = store.clone();
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        let bound = kiln::server::Bound::Tcp(listener);
+        if let Err(e) = kiln::server::serve(bound, serve_store, executor, shutdown).await {
+            eprintln!("kiln-bench: the server stopped: {e:#}");
+        }
+    });
+    let busybox = ingest_busybox(&store, work).await?;
+    Ok(BenchServer {
+        addr,
+        store,
+        runner,
+        artifacts,
+        cache_dir,
+        busybox,
+        shutdown: Some(tx),
+    })
+}
+
+async fn ingest_busybox(store: &Store, work: &Path) -> anyhow::Result<Node> {
+    let root = work.join("busybox-input");
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(kiln::guest_image::DEFAULT_BUSYBOX, bin.join("busybox"))?;
+    for applet in ["true", "sh"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    Ok(ingest::ingest_path(store, &root).await?)
+}
+
+/// How one build went, seen from the client.
+pub struct Finished {
+    /// The server's build id.
+    pub id: String,
+    /// Request sent to answer received.
+    pub wall: Duration,
+    /// Request sent to each `kiln.v1` phase (only for [`BenchServer::submit`]).
+    pub phases: Vec<(String, Duration)>,
+}
+
+impl Finished {
+    /// When phase `name` was seen.
+    pub fn phase(&self, name: &str) -> Option<Duration> {
+        self.phases.iter().find(|(n, _)| n == name).map(|(_, d)| *d)
+    }
+}
+
+impl BenchServer {
+    /// A new client connection.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(kiln::cli::connect(&self.addr).await?)
+    }
+
+    /// A trivial build (`true` from busybox) with `extra` inputs (named
+    /// store basenames sorting after busybox's), no outputs.
+    pub fn trivial_request(&self, extra: &[(String, Node)]) -> snix_build::BuildRequest {
+        let bin = format!("/nix/store/{BUSYBOX}/bin");
+        let mut inputs: Vec<snix_castore::Entry> =
+            vec![self.busybox.to_snix_entry(BUSYBOX.as_bytes())];
+        inputs.extend(
+            extra
+                .iter()
+                .map(|(n, node)| node.to_snix_entry(n.as_bytes())),
+        );
+        let env = [
+            ("HOME", "/homeless-shelter"),
+            ("PATH", bin.as_str()),
+            ("TMPDIR", "/build"),
+        ];
+        snix_build::BuildRequest {
+            inputs,
+            command_args: vec![format!("{bin}/true")],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            outputs: vec![],
+            environment_vars: env
+                .iter()
+                .map(|(k, v)| EnvVar {
+                    key: (*k).into(),
+                    value: v.as_bytes().to_vec().into(),
+                })
+                .collect(),
+            constraints: Some(BuildConstraints {
+                system: "x86_64-linux".into(),
+                ..Default::default()
+            }),
+            additional_files: vec![],
+            refscan_needles: vec![],
+        }
+    }
+
+    /// Runs `req` with `DoBuild` on `channel`.
+    pub async fn do_build(
+        &self,
+        channel: Channel,
+        req: snix_build::BuildRequest,
+    ) -> anyhow::Result<Finished> {
+        let started = Instant::now();
+        let resp = BuildServiceClient::new(channel)
+            .do_build(req)
+            .await
+            .context("DoBuild failed")?;
+        let wall = started.elapsed();
+        let id = resp
+            .metadata()
+            .get(BUILD_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Finished {
+            id,
+            wall,
+            phases: vec![],
+        })
+    }
+
+    /// Runs `req` with `Submit`, timing each phase event as it arrives.
+    pub async fn submit(
+        &self,
+        channel: Channel,
+        req: snix_build::BuildRequest,
+    ) -> anyhow::Result<Finished> {
+        let started = Instant::now();
+        let mut stream = BuildEventsClient::new(channel)
+            .submit(SubmitRequest {
+                request: Some(submit_request::Request::Snix(req)),
+            })
+            .await
+            .context("Submit failed")?
+            .into_inner();
+        let mut phases = Vec::new();
+        let mut id = String::new();
+        while let Some(ev) = stream.message().await? {
+            id = ev.build_id;
+            match ev.event {
+                Some(Event::Phase(p)) => phases.push((p.name, started.elapsed())),
+                Some(Event::Completed(_)) => {
+                    return Ok(Finished {
+                        id,
+                        wall: started.elapsed(),
+                        phases,
+                    })
+                }
+                Some(Event::Failed(f)) => bail!("build {id} failed: {} ({})", f.message, f.kind),
+                _ => {}
+            }
+        }
+        bail!("the event stream of build {id} ended without an outcome")
+    }
+
+    /// Stops serving.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
