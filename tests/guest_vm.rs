@@ -238,8 +238,15 @@ async fn a_trivial_job_boots_and_reports_quickly() {
     let r = run.report();
     assert_eq!(r.outcome, Outcome::Exited { code: 0 });
     eprintln!(
-        "trivial job: boot-to-report {:?} (kernel boot {} ms, agent setup {} ms, build {} ms)",
-        run.elapsed, r.boot_ms, r.setup_ms, r.build_ms
+        "trivial job: QEMU start to report {:?}, to power-off {:?} (kernel boot {} ms, agent setup {} ms, build {} ms)",
+        run.to_report, run.elapsed, r.boot_ms, r.setup_ms, r.build_ms
     );
+    eprintln!(
+        "agent: {}",
+        String::from_utf8_lossy(&run.stream(FrameKind::AgentLog))
+    );
+    if std::env::var_os("KILN_TEST_KERNEL_ARGS").is_some() {
+        eprintln!("serial:\n{}", run.serial);
+    }
     assert!(run.elapsed.as_secs() < 30);
 }

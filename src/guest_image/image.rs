@@ -10,7 +10,7 @@ use super::cpio::CpioWriter;
 use super::{Artifacts, GuestImageError};
 
 /// Bump when the base image layout changes, so old cache entries are unused.
-const LAYOUT_VERSION: &[u8] = b"kiln-base-initramfs-1";
+const LAYOUT_VERSION: &[u8] = b"kiln-base-initramfs-2";
 
 /// Returns the base initramfs for `artifacts` under `cache_dir`, writing it
 /// first if no image with the same content exists: the agent as `/init`, every
@@ -40,7 +40,8 @@ pub fn base_image(artifacts: &Artifacts, cache_dir: &Path) -> Result<PathBuf, Gu
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.ends_with(".ko") {
-            modules.push((name, read(&entry.path())?));
+            let bytes = read(&entry.path())?;
+            modules.push((name, strip_module_signature(&bytes).to_vec()));
         }
     }
     modules.sort();
@@ -85,6 +86,32 @@ pub fn base_image(artifacts: &Artifacts, cache_dir: &Path) -> Result<PathBuf, Gu
         .map_err(|e| write_err(e.into_error()))?;
     tmp.persist(&path).map_err(|e| write_err(e.error))?;
     Ok(path)
+}
+
+/// The trailer the kernel's signing tool appends to a signed module.
+const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// A module without its appended signature, or unchanged if it has none.
+///
+/// Checking an RSA signature is slow under TCG (most of the agent's module
+/// loading time) and buys nothing here: the modules' integrity was checked on
+/// the host, by apt, when the kernel package was fetched. The guest kernel
+/// does not enforce signatures, so it loads them and notes a taint.
+pub fn strip_module_signature(ko: &[u8]) -> &[u8] {
+    // Layout: module | signature | 12-byte descriptor (sig_len is its last
+    // 4 bytes, big-endian) | marker.
+    let Some(body) = ko.strip_suffix(SIGNATURE_MARKER) else {
+        return ko;
+    };
+    let Some(descriptor_start) = body.len().checked_sub(12) else {
+        return ko;
+    };
+    let len = &body[body.len() - 4..];
+    let sig_len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    match descriptor_start.checked_sub(sig_len) {
+        Some(end) => &ko[..end],
+        None => ko,
+    }
 }
 
 /// The per-build archive: the job as JSON at [`JOB_PATH`].
@@ -191,6 +218,35 @@ mod tests {
         for name in ["init", "kiln/modules/virtio.ko", "kiln/sh"] {
             assert!(list.lines().any(|l| l == name), "{name} missing in\n{list}");
         }
+    }
+
+    #[test]
+    fn module_signatures_are_stripped_exactly() {
+        let mut ko = b"\x7fELF module body".to_vec();
+        let body_len = ko.len();
+        ko.extend_from_slice(&[0xAA; 5]);
+        ko.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        ko.extend_from_slice(SIGNATURE_MARKER);
+        assert_eq!(strip_module_signature(&ko), &ko[..body_len]);
+        assert_eq!(strip_module_signature(b"unsigned"), b"unsigned");
+        // A marker with an impossible length leaves the file alone.
+        let mut bad = vec![0u8; 8];
+        bad.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        bad.extend_from_slice(SIGNATURE_MARKER);
+        assert_eq!(strip_module_signature(&bad), bad.as_slice());
+    }
+
+    #[test]
+    fn real_modules_lose_exactly_their_signature() {
+        let dir = Artifacts::default().modules_dir();
+        let Ok(ko) = fs::read(dir.join("virtio.ko")) else {
+            eprintln!("SKIPPED: real_modules_lose_exactly_their_signature because {} has no virtio.ko (make kernel)", dir.display());
+            return;
+        };
+        let stripped = strip_module_signature(&ko);
+        assert!(stripped.len() < ko.len(), "virtio.ko is not signed?");
+        assert!(stripped.starts_with(b"\x7fELF"));
+        assert!(!stripped.ends_with(SIGNATURE_MARKER));
     }
 
     #[test]

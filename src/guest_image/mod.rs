@@ -16,7 +16,7 @@ mod image;
 
 use std::path::{Path, PathBuf};
 
-pub use image::{base_image, build_initramfs, job_archive};
+pub use image::{base_image, build_initramfs, job_archive, strip_module_signature};
 
 /// Where `make kernel` puts the kernel artifacts.
 pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/kiln/kernel";
@@ -170,9 +170,15 @@ impl Artifacts {
 }
 
 /// The kernel command line for build VMs: kernel messages on the serial
-/// port (the channel is hvc0, see `kiln_guest::contract`), a panic ends the
-/// VM at once (with the VMM's no-reboot), warnings and worse only (serial
-/// output is slow under emulation), and no time spent on absent hardware.
+/// port (the agent's channel is a virtio port, see `kiln_guest::contract`),
+/// a panic ends the VM at once (with the VMM's no-reboot), warnings and worse
+/// only (serial output is slow under emulation), and no time spent on absent
+/// hardware.
+///
+/// Under TCG the QEMU backend appends `tsc_early_khz=<host TSC rate>`
+/// (measured, see `vmm::qemu::host_tsc_khz`): microvm has no HPET or PM
+/// timer, so the TSC is the guest's only clocksource and must run at its
+/// true rate; a fixed guess would make guest time run fast or slow.
 pub fn kernel_cmdline() -> String {
     [
         "console=ttyS0",
@@ -184,11 +190,6 @@ pub fn kernel_cmdline() -> String {
         "i8042.nomux",
         "i8042.nopnp",
         "i8042.dumbkbd",
-        // microvm has neither the PIT gate port nor HPET/PM timer, so under
-        // TCG the kernel cannot calibrate the TSC and hangs before init;
-        // stating its rate skips the calibration (the value only scales
-        // early delays; timekeeping settles on the real clocksource).
-        "tsc_early_khz=2000000",
         "tsc=reliable",
         "no_timer_check",
         "random.trust_cpu=on",

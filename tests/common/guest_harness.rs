@@ -12,8 +12,8 @@ use kiln::guest_image::{self, Artifacts};
 use kiln::vmm::qemu::{Accel, QemuRunner};
 use kiln::vmm::virtiofsd::{self, Virtiofsd};
 use kiln::vmm::{FsShare, VmRunner, VmSpec, MMIO_GUEST_MODULES};
-use kiln_guest::contract::{Decoder, FrameKind, Job, Report, INPUTS_TAG, SCRATCH_TAG};
-use tokio::io::AsyncReadExt;
+use kiln_guest::contract::{Decoder, FrameKind, Job, Report, ACK, INPUTS_TAG, SCRATCH_TAG};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long one VM may take before the test gives up on it.
 const VM_TIMEOUT: Duration = Duration::from_secs(90);
@@ -24,8 +24,10 @@ pub struct VmRun {
     pub frames: Vec<(FrameKind, Vec<u8>)>,
     /// The report, if one arrived.
     pub report: Option<Report>,
-    /// QEMU start to the end of the channel.
+    /// QEMU start to the end of the channel (the VM has powered off).
     pub elapsed: Duration,
+    /// QEMU start to the arrival of the report.
+    pub to_report: Option<Duration>,
     /// The scratch share on the host (`build/`, `nix/store/`).
     pub scratch: PathBuf,
     /// The kernel console.
@@ -165,7 +167,11 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
         id: "test".into(),
         kernel: artifacts.vmlinux(),
         initramfs,
-        cmdline: guest_image::kernel_cmdline(),
+        // KILN_TEST_KERNEL_ARGS (e.g. `loglevel=7`) helps when debugging a boot.
+        cmdline: match std::env::var("KILN_TEST_KERNEL_ARGS") {
+            Ok(extra) => format!("{} {extra}", guest_image::kernel_cmdline()),
+            Err(_) => guest_image::kernel_cmdline(),
+        },
         memory_mib: 1024,
         vcpus: 1,
         nested_virt: nested,
@@ -184,14 +190,16 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
     };
     let started = Instant::now();
     let mut vm = QemuRunner::new(Accel::Tcg).start(&spec).await.unwrap();
-    let mut channel = vm.take_channel().await.unwrap();
+    let channel = vm.take_channel().await.unwrap();
+    let (mut reader, mut ack) = (channel.reader, channel.ack);
     let mut decoder = Decoder::new();
     let mut frames = Vec::new();
     let mut report = None;
+    let mut to_report = None;
     let read_all = async {
         let mut buf = vec![0u8; 65536];
         loop {
-            let n = channel.read(&mut buf).await.unwrap();
+            let n = reader.read(&mut buf).await.unwrap();
             if n == 0 {
                 break;
             }
@@ -199,6 +207,11 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
             while let Some(f) = decoder.next_frame().unwrap() {
                 if f.kind == FrameKind::Report {
                     report = Some(serde_json::from_slice::<Report>(&f.payload).unwrap());
+                    to_report = Some(started.elapsed());
+                    // On a two-way channel the agent waits for this before powering off.
+                    if let Some(w) = ack.as_mut() {
+                        w.write_all(&[ACK]).await.unwrap();
+                    }
                 }
                 frames.push((f.kind, f.payload));
             }
@@ -224,6 +237,7 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
         frames,
         report,
         elapsed,
+        to_report,
         scratch,
         serial,
         _dir: dir,

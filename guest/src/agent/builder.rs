@@ -35,6 +35,9 @@ use super::sandbox::ROOT;
 /// were killed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long to wait for killed processes to finish exiting.
+const REAP_LIMIT: Duration = Duration::from_secs(5);
+
 /// What [`run`] observed.
 pub struct Finished {
     /// How the builder ended.
@@ -270,11 +273,26 @@ fn kill_build_user() -> Result<(), AgentError> {
     }
 }
 
-/// Reaps every exited child (PID 1 inherits the builder's orphans).
+/// Waits until every process but the agent is gone (or [`REAP_LIMIT`]
+/// passes). As PID 1 the agent inherits every orphan, so "no children left"
+/// means the build user's killed processes have finished exiting, including
+/// writing back their shared mappings on the scratch share.
 pub fn reap_all() {
-    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
+    let deadline = Instant::now() + REAP_LIMIT;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Ok(WaitStatus::StillAlive) => {
+                channel::log(
+                    "processes of the build were still exiting when the agent gave up waiting",
+                );
+                return;
+            }
+            Ok(_) => {}
+            // ECHILD: nothing left.
+            Err(_) => return,
         }
     }
 }

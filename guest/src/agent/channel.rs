@@ -24,26 +24,44 @@ use nix::sys::termios;
 /// The console, where the serial port is missing (cloud-hypervisor).
 pub const CHANNEL_DEVICE: &str = CONSOLE_PATH;
 /// How long the serial port may take to appear after the module loaded (the
-/// port is announced over the device's control queue, asynchronously).
-const PORT_WAIT: Duration = Duration::from_millis(1500);
+/// port is announced over the device's control queue, asynchronously; under
+/// TCG on a busy host that can take seconds).
+const PORT_WAIT: Duration = Duration::from_secs(10);
+/// Feature bit of a virtio console device with several ports (QEMU's
+/// `virtio-serial-device`); cloud-hypervisor's plain console lacks it.
+const VIRTIO_CONSOLE_F_MULTIPORT: usize = 1;
+/// virtio device id of consoles.
+const VIRTIO_ID_CONSOLE: &str = "0x0003";
 
 static CHANNEL: Mutex<Option<File>> = Mutex::new(None);
 static TWO_WAY: Mutex<bool> = Mutex::new(false);
 
-/// The channel device: the serial port if the VM has one, else the console.
+/// The channel device: the serial port if the VM's console device has
+/// ports (QEMU), waiting for the port to be announced; else the console.
+/// Decided from the device's features, not from timing, so a slow boot
+/// cannot make the agent pick the wrong one.
 fn device() -> &'static str {
-    let deadline = Instant::now() + PORT_WAIT;
-    loop {
-        if Path::new(SERIAL_PORT_PATH).exists() {
-            return SERIAL_PORT_PATH;
-        }
-        // A VM with only a console (cloud-hypervisor) has hvc0 from the start;
-        // a QEMU VM has hvc0 too (unused), so give the port its moment first.
-        if Instant::now() >= deadline {
-            return CHANNEL_DEVICE;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !has_multiport_console() {
+        return CHANNEL_DEVICE;
     }
+    let deadline = Instant::now() + PORT_WAIT;
+    while !Path::new(SERIAL_PORT_PATH).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    SERIAL_PORT_PATH
+}
+
+/// Whether a virtio console device negotiated `VIRTIO_CONSOLE_F_MULTIPORT`
+/// (sysfs shows features as a string of `0`/`1`, bit 0 first).
+fn has_multiport_console() -> bool {
+    let Ok(devices) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return false;
+    };
+    devices.flatten().any(|d| {
+        let read = |name: &str| std::fs::read_to_string(d.path().join(name)).unwrap_or_default();
+        read("device").trim() == VIRTIO_ID_CONSOLE
+            && read("features").as_bytes().get(VIRTIO_CONSOLE_F_MULTIPORT) == Some(&b'1')
+    })
 }
 
 /// Opens the channel, makes a console raw and writes [`MAGIC`].
@@ -113,7 +131,11 @@ fn wait_for_ack(file: &mut File) {
     let deadline = Instant::now() + Duration::from_millis(ACK_TIMEOUT_MS);
     let mut byte = [0u8; 1];
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, its count, and a timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         if n <= 0 {

@@ -43,6 +43,15 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// Opening the host channel.
+    #[error("{what}")]
+    Channel {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
     /// Mounting a virtiofs share.
     #[error("mounting virtiofs share {tag} at {target}")]
     Share {
@@ -91,6 +100,7 @@ impl AgentError {
             Self::EarlyMount { .. } => "early-mount",
             Self::Module { .. } => "module",
             Self::Kvm { .. } => "kvm",
+            Self::Channel { .. } => "channel",
             Self::Share { .. } => "share",
             Self::Sandbox { .. } => "sandbox",
             Self::Exec { .. } => "exec",
@@ -150,4 +160,8 @@ pub fn kvm(what: String, source: io::Error) -> AgentError {
 /// See [`sandbox`].
 pub fn early_mount(what: String, source: io::Error) -> AgentError {
     AgentError::EarlyMount { what, source }
+}
+/// See [`sandbox`].
+pub fn channel(what: String, source: io::Error) -> AgentError {
+    AgentError::Channel { what, source }
 }

@@ -46,21 +46,27 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
         let _ = channel::open();
         return Err(e);
     }
-    channel::open().step(
-        |what, source| AgentError::Supervise { what, source },
-        || format!("opening the host channel {}", channel::CHANNEL_DEVICE),
-    )?;
+    let modules_ms = start.elapsed().as_millis();
+    channel::open().step(error::channel, || {
+        format!("opening the host channel {}", channel::CHANNEL_DEVICE)
+    })?;
     job::validate(&job).map_err(AgentError::Job)?;
     let kvm = if job.kvm {
         Some(boot::enable_kvm()?)
     } else {
         None
     };
+    let kvm_ms = start.elapsed().as_millis();
     boot::mount_shares()?;
+    let shares_ms = start.elapsed().as_millis();
     nix::unistd::sethostname("localhost").step(sandbox_err, || "setting the hostname".into())?;
     net::loopback_up().step(sandbox_err, || "bringing up lo".into())?;
     sandbox::build(&job, kvm)?;
     timings.setup_ms = start.elapsed().as_millis() as u64;
+    channel::log(&format!(
+        "set-up timeline (ms since the agent started): modules {modules_ms}, kvm {kvm_ms}, shares {shares_ms}, sandbox {}",
+        timings.setup_ms
+    ));
     let finished = builder::run(&job)?;
     timings.build_ms = finished.build_ms;
     Ok(finished.outcome)
@@ -80,11 +86,27 @@ pub fn report(result: Result<Outcome, AgentError>, timings: Timings) -> Report {
     }
 }
 
-/// Flushes filesystems and powers the VM off. Never returns; if power-off
-/// itself fails, exiting PID 1 panics the kernel, which (with `panic=-1` and
-/// the VMM's no-reboot) also ends the VM.
+/// Powers the VM off. Never returns; if power-off itself fails, exiting
+/// PID 1 panics the kernel, which (with `panic=-1` and the VMM's no-reboot)
+/// also ends the VM.
+///
+/// There is deliberately no `sync()`: everything the build wrote is already
+/// on the host. virtiofs writes through to virtiofsd (no writeback cache),
+/// dirty pages of shared mappings are written back when the mapping closes,
+/// and the builder's processes have all exited ([`builder::run`] waits for
+/// them) before the report. A `sync()` would only make virtiofsd `syncfs`
+/// the host filesystem — seconds on a busy host, for nothing kiln needs.
 pub fn power_off() -> ! {
-    nix::unistd::sync();
+    kmsg("powering off");
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     std::process::exit(1)
+}
+
+/// Writes an info-level line to the kernel log, so it appears with a
+/// timestamp in the serial log when the kernel's loglevel shows info.
+pub fn kmsg(line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = f.write_all(format!("<6>kiln-agent: {line}\n").as_bytes());
+    }
 }
