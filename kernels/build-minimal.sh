@@ -4,15 +4,18 @@
 #   DEST/modules/  empty (nothing to load; see minimal.config)
 #   DEST/VERSION   source package, version and the fragment's hash
 #
-# Usage: kernels/build-minimal.sh DEST     (e.g. /var/cache/kiln/kernel-minimal)
-# Then point kiln at DEST instead of the default kernel dir.
+# Usage: kernels/build-minimal.sh DEST [--config-only]
+#   DEST e.g. /var/cache/kiln/kernel-minimal; then point kiln at DEST instead
+#   of the default kernel dir. --config-only stops after checking that the
+#   fragment applies (a minute instead of a build), leaving DEST/config.
 #
 # Not part of `make`: the default kernel (debian-cloud.sh) needs no compiler.
 # Takes a while on two cores (x86_64_defconfig plus the fragment). Idempotent:
 # skips when DEST/VERSION matches the source version and the fragment.
 set -euo pipefail
 
-DEST=${1:?usage: $0 DEST}
+DEST=${1:?usage: $0 DEST [--config-only]}
+CONFIG_ONLY=${2:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 FRAGMENT="$HERE/minimal.config"
 BUILD_DEPS=(linux-source build-essential bc bison flex libelf-dev libssl-dev lz4 binutils)
@@ -54,6 +57,13 @@ make -s olddefconfig
 while read -r line; do
     case "$line" in CONFIG_*=y) grep -qx "$line" .config || die "$line did not stick (missing dependency?)";; esac
 done < "$FRAGMENT"
+
+if [ "$CONFIG_ONLY" = --config-only ]; then
+    mkdir -p "$DEST"
+    cp .config "$DEST/config"
+    echo "fragment applies cleanly; configuration in $DEST/config"
+    exit 0
+fi
 
 echo "building vmlinux with $(nproc) jobs"
 make -s -j"$(nproc)" vmlinux
