@@ -70,6 +70,12 @@ struct ServeArgs {
     /// Builder output allowed per build before it is stopped, bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     max_log_bytes: u64,
+    /// Disk space one build's scratch directories may take, MiB.
+    #[arg(long, default_value_t = 20480)]
+    max_scratch_mib: u64,
+    /// Free space kept on the data disk: builds are stopped below it, MiB.
+    #[arg(long, default_value_t = 1024)]
+    min_free_disk_mib: u64,
     /// A host path builds may ask for read-only (repeatable).
     #[arg(long = "allow-ro-path")]
     allow_ro_paths: Vec<PathBuf>,
@@ -329,6 +335,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ro_path_allowlist: args.allow_ro_paths,
     };
     let config = kiln::build::ExecutorConfig {
+        scratch: kiln::build::scratch::ScratchLimits {
+            max_bytes: args.max_scratch_mib << 20,
+            min_free_bytes: args.min_free_disk_mib << 20,
+        },
         data_dir: args.data_dir.clone(),
         cache_dir: args.vm.cache_dir.join("initramfs"),
         artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),

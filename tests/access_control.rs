@@ -76,6 +76,7 @@ impl Server {
             .await
             .unwrap();
         let config = ExecutorConfig {
+            scratch: Default::default(),
             data_dir: data.path().join("data"),
             cache_dir: data.path().join("cache"),
             artifacts: Artifacts::default(),
@@ -653,5 +654,46 @@ async fn kiln_castore_cli_sends_the_token_and_speaks_tls() {
     let expected = B3Digest::of(b"imported by the CLI");
     assert!(stdout.starts_with(&format!("file:{expected}:")), "{stdout}");
     assert!(server.store.blobs.has(&expected).await.unwrap());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn kiln_build_cli_presents_its_client_certificate() {
+    let files = Files::new();
+    let server_pki = Pki::new("kiln server CA");
+    let client_pki = Pki::new("kiln client CA");
+    let socket = files.0.path().join("kiln.sock");
+    let server = Server::start_unix(
+        &socket,
+        server_security(&files, Some(&server_pki), Some(&client_pki), None),
+    )
+    .await;
+    let ca = files.write("cli-ca.pem", &server_pki.ca_pem);
+    let (cert, key) = client_pki.client_leaf();
+    let cert = files.write("cli-client.pem", &cert);
+    let key = files.write("cli-client.key", &key);
+    // An empty snix request: an authenticated caller gets INVALID_ARGUMENT.
+    let request = files.write("request.json", r#"{"snix": {}}"#);
+    let addr = format!("unix:{}", socket.display());
+    let run = |extra: Vec<PathBuf>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(["build", "--addr", &addr, "--tls-ca"]);
+        command.arg(&ca).args(extra).arg(&request);
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+
+    let output = run(vec![]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+
+    let with_cert = vec!["--tls-cert".into(), cert, "--tls-key".into(), key];
+    let output = run(with_cert).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("InvalidArgument") && !stderr.contains("Unauthenticated"),
+        "{stderr}"
+    );
     server.stop().await;
 }

@@ -23,16 +23,26 @@ const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
 
 /// Submits `req`, waits until the builder printed `running`, runs `fault`,
 /// and returns how the build ended.
-async fn fault_mid_build(server: &TestServer, req: snix_build::BuildRequest, fault: impl FnOnce()) -> Failed {
+async fn fault_mid_build(
+    server: &TestServer,
+    req: snix_build::BuildRequest,
+    fault: impl FnOnce(),
+) -> Failed {
     let mut client = BuildEventsClient::new(server.channel().await);
     let mut stream = client
-        .submit(SubmitRequest { request: Some(submit_request::Request::Snix(req)) })
+        .submit(SubmitRequest {
+            request: Some(submit_request::Request::Snix(req)),
+        })
         .await
         .unwrap()
         .into_inner();
     let mut fault = Some(fault);
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match ev.event {
             Some(Event::Log(chunk)) if chunk.data.starts_with(b"running") => {
                 if let Some(f) = fault.take() {
@@ -56,16 +66,32 @@ fn kill_all(pids: &[i32]) {
 
 async fn still_serves(server: &TestServer) {
     let req = server.snix_request("echo ok > $out", &[OUT]);
-    let resp = server.snix().await.do_build(req).await.unwrap().into_inner();
-    assert_eq!(server.read_file_entry(resp.outputs[0].output.as_ref().unwrap()).await, b"ok\n");
+    let resp = server
+        .snix()
+        .await
+        .do_build(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        server
+            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
+            .await,
+        b"ok\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn vmm_killed_mid_build() {
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     let runs = server.data_dir.join("runs");
     let req = server.snix_request("echo running; sleep 600", &[OUT]);
-    let failed = fault_mid_build(&server, req, || kill_all(&harness::build_processes(&runs, "qemu-system-x86_64"))).await;
+    let failed = fault_mid_build(&server, req, || {
+        kill_all(&harness::build_processes(&runs, "qemu-system-x86_64"))
+    })
+    .await;
     assert_eq!(failed.kind, "vm_crashed", "{failed:?}");
     assert_eq!(failed.code, Code::Unavailable as i32);
     assert!(failed.message.contains("VMM exited"), "{}", failed.message);
@@ -76,10 +102,15 @@ async fn vmm_killed_mid_build() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn virtiofsd_killed_mid_build() {
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     let runs = server.data_dir.join("runs");
     let req = server.snix_request("echo running; sleep 600", &[OUT]);
-    let failed = fault_mid_build(&server, req, || kill_all(&harness::build_processes(&runs, "virtiofsd"))).await;
+    let failed = fault_mid_build(&server, req, || {
+        kill_all(&harness::build_processes(&runs, "virtiofsd"))
+    })
+    .await;
     assert_eq!(failed.kind, "vm_crashed", "{failed:?}");
     assert!(failed.message.contains("virtiofsd"), "{}", failed.message);
     server.stop().await;
@@ -92,26 +123,57 @@ async fn guest_kernel_panic_is_a_vm_crash_with_the_console_tail() {
     let tmp = tempfile::tempdir().unwrap();
     let bad_agent = tmp.path().join("not-an-agent");
     std::fs::write(&bad_agent, b"\x7fELF but not really").unwrap();
-    let artifacts = Artifacts { agent: bad_agent, ..Artifacts::default() };
-    let Some(server) = harness::start(Options { artifacts: Some(artifacts), ..Options::default() }).await else {
+    let artifacts = Artifacts {
+        agent: bad_agent,
+        ..Artifacts::default()
+    };
+    let Some(server) = harness::start(Options {
+        artifacts: Some(artifacts),
+        ..Options::default()
+    })
+    .await
+    else {
         return;
     };
     let started = Instant::now();
     let req = server.snix_request("true", &[OUT]);
     let status = server.snix().await.do_build(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("Kernel panic"), "{}", status.message());
-    assert!(started.elapsed() < Duration::from_secs(120), "a panic must not wait for the timeout");
+    assert!(
+        status.message().contains("Kernel panic"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "a panic must not wait for the timeout"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn builder_leaving_a_process_behind_still_completes() {
-    let opts = Options { timeout: Duration::from_secs(150), ..Options::default() };
-    let Some(server) = harness::start(opts).await else { return };
+    let opts = Options {
+        timeout: Duration::from_secs(150),
+        ..Options::default()
+    };
+    let Some(server) = harness::start(opts).await else {
+        return;
+    };
     let req = server.snix_request("sleep 100000 & sleep 100000 & echo done > $out", &[OUT]);
-    let resp = server.snix().await.do_build(req).await.unwrap().into_inner();
-    assert_eq!(server.read_file_entry(resp.outputs[0].output.as_ref().unwrap()).await, b"done\n");
+    let resp = server
+        .snix()
+        .await
+        .do_build(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        server
+            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
+            .await,
+        b"done\n"
+    );
     server.stop().await;
 }
 
@@ -127,8 +189,13 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn endless_output_hits_the_log_limit_with_bounded_memory() {
-    let opts = Options { max_log_bytes: 4 * 1024 * 1024, ..Options::default() };
-    let Some(server) = harness::start(opts).await else { return };
+    let opts = Options {
+        max_log_bytes: 4 * 1024 * 1024,
+        ..Options::default()
+    };
+    let Some(server) = harness::start(opts).await else {
+        return;
+    };
     let before = rss_kib();
     let req = server.snix_request("yes 'all work and no play'", &[OUT]);
     let status = server.snix().await.do_build(req).await.unwrap_err();
@@ -137,6 +204,22 @@ async fn endless_output_hits_the_log_limit_with_bounded_memory() {
     assert_eq!(detail.kind, "log_limit");
     assert!(String::from_utf8_lossy(&detail.log_tail).contains("all work and no play"));
     let grown = rss_kib().saturating_sub(before);
-    assert!(grown < 64 * 1024, "kiln grew by {grown} KiB for a 4 MiB log limit");
+    assert!(
+        grown < 64 * 1024,
+        "kiln grew by {grown} KiB for a 4 MiB log limit"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_filling_its_scratch_space_is_stopped() {
+    let scratch = kiln::build::scratch::ScratchLimits { max_bytes: 64 << 20, min_free_bytes: 1 << 30 };
+    let Some(server) = harness::start(Options { scratch, ..Options::default() }).await else { return };
+    let req = server.snix_request("echo filling; dd if=/dev/zero of=/build/big bs=1M count=100000; sleep 600", &[OUT]);
+    let status = server.snix().await.do_build(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let detail = kiln::build::error::failed_detail(&status).unwrap();
+    assert_eq!(detail.kind, "scratch_full", "{status:?}");
+    assert!(status.message().contains("scratch space exhausted"), "{}", status.message());
     server.stop().await;
 }

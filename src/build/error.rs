@@ -9,6 +9,7 @@
 //! | builder exited non-zero or was killed by a signal | ABORTED |
 //! | a declared output is missing | ABORTED |
 //! | build log over the limit | ABORTED |
+//! | scratch space over the limit, or the data disk below its reserve | ABORTED |
 //! | the guest agent failed (mount, module, exec) | INTERNAL |
 //! | the VM died without a report (crash, kernel panic, VMM or virtiofsd killed) | UNAVAILABLE |
 //! | host-side infrastructure failed (spawning, store I/O) | UNAVAILABLE |
@@ -93,6 +94,21 @@ pub enum BuildError {
         /// Last lines of the log.
         log_tail: Vec<u8>,
     },
+    /// The build's scratch space grew past its limit, or the disk past its
+    /// reserve; the build was stopped.
+    #[error("scratch space exhausted: the build used {used} bytes (limit {limit}), {free} bytes free on the data disk (reserve {reserve}); the build was stopped")]
+    ScratchFull {
+        /// Bytes the scratch tree occupied.
+        used: u64,
+        /// The per-build limit.
+        limit: u64,
+        /// Free bytes on the data filesystem.
+        free: u64,
+        /// The reserve kiln keeps free.
+        reserve: u64,
+        /// Last lines of the log.
+        log_tail: Vec<u8>,
+    },
     /// The guest agent failed before or while running the builder.
     #[error("guest agent failed at step {step}: {message}")]
     AgentFailed {
@@ -154,7 +170,8 @@ impl BuildError {
             Self::BuilderExited { .. }
             | Self::BuilderSignaled { .. }
             | Self::MissingOutput { .. }
-            | Self::LogLimit { .. } => Code::Aborted,
+            | Self::LogLimit { .. }
+            | Self::ScratchFull { .. } => Code::Aborted,
             Self::AgentFailed { .. } => Code::Internal,
             Self::VmCrashed { .. } | Self::Infrastructure { .. } => Code::Unavailable,
             Self::Timeout { .. } => Code::DeadlineExceeded,
@@ -172,6 +189,7 @@ impl BuildError {
             Self::BuilderExited { .. } | Self::BuilderSignaled { .. } => "builder_failed",
             Self::MissingOutput { .. } => "missing_output",
             Self::LogLimit { .. } => "log_limit",
+            Self::ScratchFull { .. } => "scratch_full",
             Self::AgentFailed { .. } => "agent_failed",
             Self::VmCrashed { .. } => "vm_crashed",
             Self::Infrastructure { .. } => "infrastructure",
@@ -186,6 +204,7 @@ impl BuildError {
             | Self::BuilderSignaled { log_tail, .. }
             | Self::MissingOutput { log_tail, .. }
             | Self::LogLimit { log_tail, .. }
+            | Self::ScratchFull { log_tail, .. }
             | Self::AgentFailed { log_tail, .. }
             | Self::VmCrashed { log_tail, .. }
             | Self::Timeout { log_tail, .. } => log_tail,

@@ -55,6 +55,8 @@ pub struct ExecutorConfig {
     pub timeout: Duration,
     /// Builder output allowed per build before it is stopped.
     pub max_log_bytes: u64,
+    /// Scratch space per build and the disk reserve.
+    pub scratch: crate::build::scratch::ScratchLimits,
     /// Concurrent VMs.
     pub max_vms: usize,
     /// Total guest RAM of all running VMs, MiB.
@@ -385,7 +387,7 @@ impl Executor {
             timeout,
             max_log_bytes: self.config.max_log_bytes,
         };
-        let result = supervise(
+        let supervised = supervise(
             vm.as_mut(),
             channel,
             log,
@@ -393,9 +395,14 @@ impl Executor {
             cancel,
             daemon_died,
             serial_tail,
-        )
-        .instrument(info_span!("supervise"))
-        .await;
+        );
+        let watched = async {
+            tokio::select! {
+                r = supervised => r,
+                e = crate::build::scratch::watch(ws.scratch(), self.config.scratch, log) => Err(e),
+            }
+        };
+        let result = watched.instrument(info_span!("supervise")).await;
         async {
             vm.kill().await;
             drop(daemons);

@@ -9,6 +9,7 @@ pub mod paths;
 pub mod plan;
 pub mod refscan;
 pub mod request;
+pub mod scratch;
 pub mod service;
 pub mod supervise;
 pub mod workspace;

@@ -34,6 +34,8 @@ pub struct Options {
     pub timeout: Duration,
     pub max_log_bytes: u64,
     pub memory_budget_mib: u64,
+    /// Scratch limits (fault tests).
+    pub scratch: kiln::build::scratch::ScratchLimits,
     /// Replaces the default kernel/agent artifacts (fault tests).
     pub artifacts: Option<Artifacts>,
 }
@@ -47,6 +49,7 @@ impl Default for Options {
             max_log_bytes: 8 * 1024 * 1024,
             memory_budget_mib: 8192,
             artifacts: None,
+            scratch: Default::default(),
         }
     }
 }
@@ -114,6 +117,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         },
         timeout: opts.timeout,
         max_log_bytes: opts.max_log_bytes,
+        scratch: opts.scratch,
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
@@ -287,7 +291,11 @@ pub fn build_processes(runs: &Path, program: &str) -> Vec<i32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .ok()
-                .and_then(|c| c.split(|b| *b == 0).next().map(|a| a.ends_with(program.as_bytes())))
+                .and_then(|c| {
+                    c.split(|b| *b == 0)
+                        .next()
+                        .map(|a| a.ends_with(program.as_bytes()))
+                })
                 .unwrap_or(false)
         })
         .collect()
