@@ -109,7 +109,7 @@ pub async fn run(
             let i = (run + slot) % n;
             let extra: Vec<_> = shapes[i].input.iter().cloned().collect();
             let req = server.trivial_request(&extra);
-            let done = server.submit(server.channel().await?, req).await?;
+            let done = server.submit(req).await?;
             let to_build = done
                 .phase("build")
                 .context("the build reported no `build` phase")?;

@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("kiln-bench: concurrency");
         sections.push(concurrency::run(&server, runs, runs.min(3)).await?);
     }
+    let failures = server.failures();
     server.stop();
 
     let load = Load {
@@ -146,7 +147,20 @@ async fn main() -> anyhow::Result<()> {
         foreign_after: machine::foreign_vms(),
         minutes: started.elapsed().as_secs_f64() / 60.0,
     };
-    let report = render(&facts, &load, &sections, args.quick);
+    let mut report = render(&facts, &load, &sections, args.quick);
+    if !failures.is_empty() {
+        let _ = writeln!(
+            report,
+            "\n## Builds that failed and were retried\n\n{} build(s) failed during the run and \
+             were run again (their time is not in the figures, except in a concurrency \
+             batch's wall time):\n",
+            failures.len()
+        );
+        for f in &failures {
+            let short: String = f.chars().take(600).collect();
+            let _ = writeln!(report, "- {}", short.replace('\n', " "));
+        }
+    }
     println!("{report}");
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;

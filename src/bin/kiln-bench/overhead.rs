@@ -23,7 +23,10 @@ const STEPS: &[(&str, &str)] = &[
     ("guest_boot", "guest boot (kernel to agent start)"),
     ("agent_setup", "agent set-up (modules, shares, sandbox)"),
     ("builder", "builder (`true`)"),
-    ("poweroff", "report, power-off and VMM exit"),
+    (
+        "poweroff",
+        "rest of the VM's life (QEMU loads the kernel, power-off, exit)",
+    ),
     ("teardown", "teardown (kill VMM, stop virtiofsd)"),
     ("ingest", "ingest outputs"),
     ("cleanup", "remove build directory"),
@@ -65,9 +68,7 @@ pub async fn run(
 ) -> anyhow::Result<Section> {
     // Warm-up: base image cached, TSC measured, files in the page cache.
     let req = server.trivial_request(&[]);
-    server
-        .do_build(server.channel().await?, req.clone())
-        .await?;
+    server.do_build(req.clone()).await?;
     bare.boot(server, false, 0).await?;
 
     let mut kiln = Samples::new();
@@ -82,9 +83,7 @@ pub async fn run(
         for slot in 0..3 {
             match (run + slot) % 3 {
                 0 => {
-                    let done = server
-                        .do_build(server.channel().await?, req.clone())
-                        .await?;
+                    let done = server.do_build(req.clone()).await?;
                     let wall = done.wall.as_secs_f64() * 1000.0;
                     kiln.push(wall);
                     let s = times.take(&done.id).await.unwrap_or_default();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use kiln::build::plan::Limits;
 use kiln::build::service::BUILD_ID_HEADER;
 use kiln::build::{Executor, ExecutorConfig};
@@ -25,6 +25,8 @@ use tonic::transport::Channel;
 
 /// Store basename of the busybox input (the builder `true` comes from it).
 pub const BUSYBOX: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
+/// How often a failed build is retried before the bench gives up.
+pub const RETRIES: usize = 2;
 /// Guest RAM a trivial build gets (kiln serve's defaults: 512 + 256 MiB).
 pub const GUEST_MEMORY_MIB: u64 = 768;
 
@@ -41,6 +43,7 @@ pub struct BenchServer {
     /// Where the cached base initramfs is written.
     pub cache_dir: PathBuf,
     busybox: Node,
+    failures: std::sync::Mutex<Vec<String>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -102,6 +105,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         artifacts,
         cache_dir,
         busybox,
+        failures: Default::default(),
         shutdown: Some(tx),
     })
 }
@@ -179,17 +183,67 @@ impl BenchServer {
         }
     }
 
-    /// Runs `req` with `DoBuild` on `channel`.
-    pub async fn do_build(
-        &self,
-        channel: Channel,
-        req: snix_build::BuildRequest,
-    ) -> anyhow::Result<Finished> {
+    /// Runs `req` with `DoBuild` on a new connection (connecting is not
+    /// timed). A failed build is recorded (see [`BenchServer::failures`])
+    /// and retried, up to [`RETRIES`] times.
+    pub async fn do_build(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
+        self.retrying("DoBuild", || self.do_build_once(req.clone()))
+            .await
+    }
+
+    /// Runs `req` with `Submit`, timing each phase event as it arrives;
+    /// retried like [`BenchServer::do_build`].
+    pub async fn submit(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
+        self.retrying("Submit", || self.submit_once(req.clone()))
+            .await
+    }
+
+    /// Builds that failed and were retried, with why.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn retrying<F, Fut>(&self, what: &str, mut once: F) -> anyhow::Result<Finished>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Finished>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match once().await {
+                Ok(done) => return Ok(done),
+                Err(e) if attempt < RETRIES => {
+                    attempt += 1;
+                    let why = format!("{what}: {e:#}");
+                    eprintln!("kiln-bench: a build failed, retrying: {why}");
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(why);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn do_build_once(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
+        let channel = self.channel().await?;
         let started = Instant::now();
         let resp = BuildServiceClient::new(channel)
             .do_build(req)
             .await
-            .context("DoBuild failed")?;
+            .map_err(|s| {
+                let id = s
+                    .metadata()
+                    .get(BUILD_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+                    .to_owned();
+                anyhow!("build {id} failed ({:?}): {}", s.code(), s.message())
+            })?;
         let wall = started.elapsed();
         let id = resp
             .metadata()
@@ -204,12 +258,8 @@ impl BenchServer {
         })
     }
 
-    /// Runs `req` with `Submit`, timing each phase event as it arrives.
-    pub async fn submit(
-        &self,
-        channel: Channel,
-        req: snix_build::BuildRequest,
-    ) -> anyhow::Result<Finished> {
+    async fn submit_once(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
+        let channel = self.channel().await?;
         let started = Instant::now();
         let mut stream = BuildEventsClient::new(channel)
             .submit(SubmitRequest {
@@ -231,7 +281,12 @@ impl BenchServer {
                         phases,
                     })
                 }
-                Some(Event::Failed(f)) => bail!("build {id} failed: {} ({})", f.message, f.kind),
+                Some(Event::Failed(f)) => bail!(
+                    "build {id} failed ({}): {}; log tail: {}",
+                    f.kind,
+                    f.message,
+                    String::from_utf8_lossy(&f.log_tail)
+                ),
                 _ => {}
             }
         }
