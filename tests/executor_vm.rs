@@ -408,3 +408,64 @@ async fn network_access_is_refused_clearly() {
     assert!(status.message().contains("network"), "{}", status.message());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
+    use prost::Message;
+    let Some(server) = harness::start(Options::default()).await else { return };
+    let req = server.snix_request("echo from-the-builder; echo cli > $out", &[OUT]);
+    // The request file in the protobuf JSON mapping, wrapped as a SubmitRequest.
+    let pool = prost_reflect::DescriptorPool::decode(kiln::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let desc = pool.get_message_by_name("kiln.v1.SubmitRequest").unwrap();
+    let submit = SubmitRequest { request: Some(submit_request::Request::Snix(req)) };
+    let dynamic = prost_reflect::DynamicMessage::decode(desc, submit.encode_to_vec().as_slice()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("request.json");
+    std::fs::write(&file, serde_json::to_vec(&dynamic).unwrap()).unwrap();
+
+    let addr = server.addr.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["build", "--addr", &addr])
+            .arg(&file)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("from-the-builder"), "the build log is shown: {stdout}");
+    assert!(stdout.contains("output[0] (anonymous) file"), "the output is printed: {stdout}");
+    assert!(stderr.contains("] boot"), "progress lines: {stderr}");
+
+    // Watch replays the finished build from the server's log.
+    let id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln: build ").and_then(|r| r.split_whitespace().next()))
+        .unwrap()
+        .to_owned();
+    let mut client = BuildEventsClient::new(server.channel().await);
+    let mut events = client
+        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut saw_log = false;
+    let mut completed = false;
+    while let Some(ev) = events.message().await.unwrap() {
+        match ev.event {
+            Some(Event::Log(c)) if c.data.starts_with(b"from-the-builder") => saw_log = true,
+            Some(Event::Completed(_)) => completed = true,
+            _ => {}
+        }
+    }
+    assert!(saw_log && completed, "watch of {id}: log {saw_log}, completed {completed}");
+    let unknown = client
+        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    server.stop().await;
+}
