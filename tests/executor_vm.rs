@@ -412,13 +412,18 @@ async fn network_access_is_refused_clearly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
     use prost::Message;
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     let req = server.snix_request("echo from-the-builder; echo cli > $out", &[OUT]);
     // The request file in the protobuf JSON mapping, wrapped as a SubmitRequest.
     let pool = prost_reflect::DescriptorPool::decode(kiln::proto::FILE_DESCRIPTOR_SET).unwrap();
     let desc = pool.get_message_by_name("kiln.v1.SubmitRequest").unwrap();
-    let submit = SubmitRequest { request: Some(submit_request::Request::Snix(req)) };
-    let dynamic = prost_reflect::DynamicMessage::decode(desc, submit.encode_to_vec().as_slice()).unwrap();
+    let submit = SubmitRequest {
+        request: Some(submit_request::Request::Snix(req)),
+    };
+    let dynamic =
+        prost_reflect::DynamicMessage::decode(desc, submit.encode_to_vec().as_slice()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("request.json");
     std::fs::write(&file, serde_json::to_vec(&dynamic).unwrap()).unwrap();
@@ -435,20 +440,34 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("from-the-builder"), "the build log is shown: {stdout}");
-    assert!(stdout.contains("output[0] (anonymous) file"), "the output is printed: {stdout}");
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("from-the-builder"),
+        "the build log is shown: {stdout}"
+    );
+    assert!(
+        stdout.contains("output[0] (anonymous) file"),
+        "the output is printed: {stdout}"
+    );
     assert!(stderr.contains("] boot"), "progress lines: {stderr}");
 
     // Watch replays the finished build from the server's log.
     let id = stderr
         .lines()
-        .find_map(|l| l.strip_prefix("kiln: build ").and_then(|r| r.split_whitespace().next()))
+        .find_map(|l| {
+            l.strip_prefix("kiln: build ")
+                .and_then(|r| r.split_whitespace().next())
+        })
         .unwrap()
         .to_owned();
     let mut client = BuildEventsClient::new(server.channel().await);
     let mut events = client
-        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: id.clone() })
+        .watch(kiln::proto::kiln_v1::WatchRequest {
+            build_id: id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -461,9 +480,14 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
             _ => {}
         }
     }
-    assert!(saw_log && completed, "watch of {id}: log {saw_log}, completed {completed}");
+    assert!(
+        saw_log && completed,
+        "watch of {id}: log {saw_log}, completed {completed}"
+    );
     let unknown = client
-        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: "nope".into() })
+        .watch(kiln::proto::kiln_v1::WatchRequest {
+            build_id: "nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);

@@ -213,13 +213,30 @@ async fn endless_output_hits_the_log_limit_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn build_filling_its_scratch_space_is_stopped() {
-    let scratch = kiln::build::scratch::ScratchLimits { max_bytes: 64 << 20, min_free_bytes: 1 << 30 };
-    let Some(server) = harness::start(Options { scratch, ..Options::default() }).await else { return };
-    let req = server.snix_request("echo filling; dd if=/dev/zero of=/build/big bs=1M count=100000; sleep 600", &[OUT]);
+    let scratch = kiln::build::scratch::ScratchLimits {
+        max_bytes: 64 << 20,
+        min_free_bytes: 1 << 30,
+    };
+    let Some(server) = harness::start(Options {
+        scratch,
+        ..Options::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let req = server.snix_request(
+        "echo filling; dd if=/dev/zero of=/build/big bs=1M count=100000; sleep 600",
+        &[OUT],
+    );
     let status = server.snix().await.do_build(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     let detail = kiln::build::error::failed_detail(&status).unwrap();
     assert_eq!(detail.kind, "scratch_full", "{status:?}");
-    assert!(status.message().contains("scratch space exhausted"), "{}", status.message());
+    assert!(
+        status.message().contains("scratch space exhausted"),
+        "{}",
+        status.message()
+    );
     server.stop().await;
 }

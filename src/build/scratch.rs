@@ -26,7 +26,10 @@ pub struct ScratchLimits {
 impl Default for ScratchLimits {
     /// 20 GiB per build, 1 GiB kept free (the `kiln serve` defaults).
     fn default() -> Self {
-        Self { max_bytes: 20 << 30, min_free_bytes: 1 << 30 }
+        Self {
+            max_bytes: 20 << 30,
+            min_free_bytes: 1 << 30,
+        }
     }
 }
 
@@ -35,8 +38,13 @@ pub async fn watch(dir: PathBuf, limits: ScratchLimits, log: &BuildLog) -> Build
     loop {
         tokio::time::sleep(INTERVAL).await;
         let d = dir.clone();
-        let measured = tokio::task::spawn_blocking(move || Ok::<_, io::Error>((disk_usage(&d)?, free_bytes(&d)?))).await;
-        let Ok(Ok((used, free))) = measured else { continue };
+        let measured = tokio::task::spawn_blocking(move || {
+            Ok::<_, io::Error>((disk_usage(&d)?, free_bytes(&d)?))
+        })
+        .await;
+        let Ok(Ok((used, free))) = measured else {
+            continue;
+        };
         if used > limits.max_bytes || free < limits.min_free_bytes {
             return BuildError::ScratchFull {
                 used,
