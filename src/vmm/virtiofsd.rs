@@ -267,11 +267,41 @@ mod tests {
         let conn = std::os::unix::net::UnixStream::connect(&socket);
         assert!(conn.is_ok(), "{conn:?}");
         drop(conn);
+        // With --sandbox namespace the daemon forks its server into new
+        // namespaces; that process must go too.
+        let mut family = vec![pid];
+        for _ in 0..100 {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            family.extend(
+                children
+                    .split_whitespace()
+                    .map(|c| c.parse::<u32>().unwrap()),
+            );
+            if family.len() > 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(family.len() > 1, "no sandboxed server process found under {pid}");
         drop(daemon);
         assert!(!socket.exists(), "socket left behind");
+        let alive = |p: &u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // Field 3 is the state; a zombie (Z) or a gone process is dead.
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|st| st != "Z")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while family.iter().any(alive) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let survivors: Vec<&u32> = family.iter().filter(|p| alive(p)).collect();
         assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "virtiofsd {pid} still exists after drop"
+            survivors.is_empty(),
+            "virtiofsd processes {survivors:?} (of {family:?}) still run after drop"
         );
     }
 
