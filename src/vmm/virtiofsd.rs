@@ -266,7 +266,6 @@ mod tests {
         // Connecting must work immediately: the socket was bound before spawn.
         let conn = std::os::unix::net::UnixStream::connect(&socket);
         assert!(conn.is_ok(), "{conn:?}");
-        drop(conn);
         // With --sandbox namespace the daemon forks its server into new
         // namespaces; that process must go too.
         let mut family = vec![pid];
@@ -283,8 +282,12 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert!(family.len() > 1, "no sandboxed server process found under {pid}");
+        assert!(
+            family.len() > 1,
+            "no sandboxed server process found under {pid}"
+        );
         drop(daemon);
+        drop(conn);
         assert!(!socket.exists(), "socket left behind");
         let alive = |p: &u32| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
