@@ -84,11 +84,18 @@ pub struct Job {
     pub additional_files: Vec<(String, Vec<u8>)>,
     /// Provide a static shell at `/bin/sh`.
     pub provide_bin_sh: bool,
-    /// Provide `/dev/kvm`, usable by the build user.
+    /// Provide `/dev/kvm`, usable by the build user (mode 0666). The agent
+    /// loads `irqbypass`, `kvm` and `kvm_amd` or `kvm_intel` (by the CPU's
+    /// `svm`/`vmx` flag) itself; the VM must expose the extensions.
     pub kvm: bool,
-    /// Extra read-only shares: (virtiofs tag, absolute guest path).
+    /// Extra read-only shares: (virtiofs tag, absolute guest path). Each is
+    /// a directory, mounted read-only at that path inside the sandbox.
     pub ro_paths: Vec<(String, String)>,
     /// Kernel modules to load, in order, by file stem inside [`MODULES_DIR`].
+    /// The agent loads each module's own dependencies (its `depends=`
+    /// modinfo) first, so the order only needs to be sensible; a module
+    /// already loaded or built in is fine, and on a kernel without module
+    /// support (no `/proc/modules`) missing files are skipped.
     pub modules: Vec<String>,
     /// Number of CPUs (informational).
     pub cores: u32,
