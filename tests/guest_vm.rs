@@ -143,6 +143,33 @@ echo out-3; echo err-3 >&2
     assert_eq!(run.frames.last().map(|f| f.0), Some(FrameKind::Report));
 }
 
+/// An operator-allowed host path is visible read-only at its own path.
+#[tokio::test]
+async fn read_only_host_paths_are_mounted_read_only() {
+    require_vm!("read_only_host_paths_are_mounted_read_only");
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("hello"), "from the host\n").unwrap();
+    std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut job = harness::sh_job(
+        "cat /opt/shared/hello; if echo x 2>&1 > /opt/shared/new; then echo WRITABLE; fi",
+    );
+    job.ro_paths = vec![("kiln-ro-0".into(), "/opt/shared".into())];
+    let run = harness::run_with_ro_shares(&job, false, |_| {}, &[("kiln-ro-0", host.path())]).await;
+    assert_eq!(
+        run.report().outcome,
+        Outcome::Exited { code: 0 },
+        "{}",
+        run.stderr()
+    );
+    let out = run.stdout();
+    assert!(out.starts_with("from the host\n"), "{out}");
+    assert!(
+        out.contains("Read-only file system") && !out.contains("WRITABLE"),
+        "{out}"
+    );
+    assert!(!host.path().join("new").exists());
+}
+
 #[tokio::test]
 async fn exit_codes_are_reported_and_leftover_processes_killed() {
     require_vm!("exit_codes_are_reported_and_leftover_processes_killed");

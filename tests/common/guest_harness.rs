@@ -136,6 +136,16 @@ fn install_busybox(inputs: &Path, busybox: &Path) {
 
 /// Boots `job`; `prepare` may add to the inputs share before boot.
 pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun {
+    run_with_ro_shares(job, nested, prepare, &[]).await
+}
+
+/// Like [`run`], with extra read-only shares: (virtiofs tag, host dir).
+pub async fn run_with_ro_shares(
+    job: &Job,
+    nested: bool,
+    prepare: impl FnOnce(&Path),
+    ro_shares: &[(&str, &Path)],
+) -> VmRun {
     let dir = tempfile::tempdir().unwrap();
     let (inputs, scratch, run_dir) = (
         dir.path().join("inputs"),
@@ -163,6 +173,16 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
     let _d2 = Virtiofsd::spawn(&scratch, &scratch_sock, false)
         .await
         .unwrap();
+    let mut extra = Vec::new();
+    let mut extra_daemons = Vec::new();
+    for (i, (tag, host_dir)) in ro_shares.iter().enumerate() {
+        let socket = run_dir.join(format!("ro{i}.sock"));
+        extra_daemons.push(Virtiofsd::spawn(host_dir, &socket, true).await.unwrap());
+        extra.push(FsShare {
+            tag: tag.to_string(),
+            socket,
+        });
+    }
     let spec = VmSpec {
         id: "test".into(),
         kernel: artifacts.vmlinux(),
@@ -184,7 +204,10 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
                 tag: SCRATCH_TAG.into(),
                 socket: scratch_sock,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect(),
         serial_log: run_dir.join("serial.log"),
         run_dir: run_dir.clone(),
     };
