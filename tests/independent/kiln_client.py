@@ -7,6 +7,7 @@ kiln's wire layout, not just agreement of kiln with itself.
 
 Usage: kiln_client.py ADDR castore            castore checks, both package names
        kiln_client.py ADDR build BUSYBOX      a tvix (seed layout) and a snix build
+       kiln_client.py ADDR badwire            malformed and oversized messages
 
 Exits non-zero with a message on the first failed check.
 """
@@ -251,12 +252,41 @@ def build_checks(kiln, busybox_path):
     check(needles == [0], f"snix needles report the input hash only: {needles}")
 
 
+def badwire_checks(kiln):
+    """Malformed and oversized messages: a clear error, and the server keeps serving."""
+    for method in ("/tvix.build.v1.BuildService/DoBuild", "/snix.build.v1.BuildService/DoBuild",
+                   "/tvix.castore.v1.BlobService/Stat", "/snix.castore.v1.DirectoryService/Get"):
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"):
+            try:
+                if method.endswith("/Get"):
+                    list(kiln.channel.unary_stream(method, **IDENTITY)(garbage, timeout=30))
+                else:
+                    kiln.unary(method, garbage, timeout=30)
+            except grpc.RpcError as e:
+                check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.details(),
+                      f"{method} with malformed bytes {garbage[:4]!r}: {e.code()} ({e.details()})")
+                continue
+            sys.exit(f"FAILED: {method} accepted malformed bytes {garbage!r}")
+    big = field_bytes(1, "/bin/sh") + field_bytes(3, field_bytes(1, "A") + field_bytes(2, b"x" * (80 << 20)))
+    try:
+        kiln.unary("/tvix.build.v1.BuildService/DoBuild", big, timeout=60)
+        sys.exit("FAILED: an 80 MiB request was accepted")
+    except grpc.RpcError as e:
+        check(e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
+                           grpc.StatusCode.INVALID_ARGUMENT),
+              f"80 MiB request refused: {e.code()} ({e.details()[:80]})")
+    check(kiln.put_blob("snix.castore.v1", b"still serving") == blake3.blake3(b"still serving").digest(),
+          "server still serves after malformed and oversized input")
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     kiln = Kiln(sys.argv[1])
     if sys.argv[2] == "castore":
         castore_checks(kiln)
+    elif sys.argv[2] == "badwire":
+        badwire_checks(kiln)
     elif sys.argv[2] == "build":
         build_checks(kiln, sys.argv[3])
     else:
