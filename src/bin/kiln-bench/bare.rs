@@ -1,5 +1,6 @@
 //! The baseline kiln is compared with: the same kernel and base initramfs,
-//! booted by the same VMM backend with the same RAM and vCPUs, whose init
+//! booted by the same VMM backend with the same RAM (what kiln gave its
+//! build) and vCPUs, whose init
 //! powers off at once.
 //!
 //! The base image gets a second small archive (as kiln appends its job)
@@ -17,7 +18,7 @@ use anyhow::{bail, Context};
 use kiln::guest_image::cpio::CpioWriter;
 use kiln::vmm::VmSpec;
 
-use crate::server::{BenchServer, GUEST_MEMORY_MIB};
+use crate::server::BenchServer;
 
 /// Where the script lives in the initramfs.
 const INIT: &str = "kiln-bench-init";
@@ -116,6 +117,7 @@ impl Bare {
         &self,
         server: &BenchServer,
         modules: bool,
+        memory_mib: u64,
         run: usize,
     ) -> anyhow::Result<BareBoot> {
         let run_dir = self
@@ -131,7 +133,7 @@ impl Bare {
                 self.plain.clone()
             },
             cmdline: format!("{} rdinit=/{INIT}", kiln::guest_image::kernel_cmdline()),
-            memory_mib: GUEST_MEMORY_MIB,
+            memory_mib,
             vcpus: 1,
             nested_virt: false,
             shares: vec![],

@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use anyhow::Context;
+
 use crate::bare::Bare;
 use crate::server::BenchServer;
 use crate::spans::{StepTimes, Steps};
@@ -68,8 +70,11 @@ pub async fn run(
 ) -> anyhow::Result<Section> {
     // Warm-up: base image cached, TSC measured, files in the page cache.
     let req = server.trivial_request(&[]);
-    server.do_build(req.clone()).await?;
-    bare.boot(server, false, 0).await?;
+    let warm = server.submit(req.clone()).await?;
+    let memory_mib = warm
+        .memory_mib
+        .context("the build reported no `started` event")?;
+    bare.boot(server, false, memory_mib, 0).await?;
 
     let mut kiln = Samples::new();
     let mut plain = Samples::new();
@@ -99,7 +104,7 @@ pub async fn run(
                     }
                 }
                 1 => {
-                    let b = bare.boot(server, false, run + 1).await?;
+                    let b = bare.boot(server, false, memory_mib, run + 1).await?;
                     plain.push_ms(b.wall);
                     bare_up.push_ms(b.vmm_up);
                     bare_boot.push(b.guest_boot_ms);
@@ -108,7 +113,7 @@ pub async fn run(
                     bare_off.push((wall - up - b.guest_boot_ms - b.modules_ms).max(0.0));
                 }
                 _ => {
-                    let b = bare.boot(server, true, run + 1).await?;
+                    let b = bare.boot(server, true, memory_mib, run + 1).await?;
                     modules.push_ms(b.wall);
                     bare_mod_ms.push(b.modules_ms);
                 }
@@ -162,7 +167,7 @@ pub async fn run(
         "{runs} runs; each run boots kiln, bare and bare + modules once, in rotating order. \
          Same kernel, base initramfs, {} MiB guest RAM and 1 vCPU for all three; the bare \
          init is a busybox script given by `rdinit=` (no virtiofs, no job, no sandbox).\n",
-        crate::server::GUEST_MEMORY_MIB
+        memory_mib
     );
     body.push_str(&totals.render());
     let _ = writeln!(

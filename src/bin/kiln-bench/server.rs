@@ -27,8 +27,6 @@ use tonic::transport::Channel;
 pub const BUSYBOX: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
 /// How often a failed build is retried before the bench gives up.
 pub const RETRIES: usize = 2;
-/// Guest RAM a trivial build gets (kiln serve's defaults: 512 + 256 MiB).
-pub const GUEST_MEMORY_MIB: u64 = 768;
 
 /// A running in-process server.
 pub struct BenchServer {
@@ -77,7 +75,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         timeout: Duration::from_secs(600),
         max_log_bytes: 8 << 20,
         max_vms,
-        memory_budget_mib: GUEST_MEMORY_MIB * max_vms as u64,
+        memory_budget_mib: 1024 * max_vms as u64,
         max_queue: 64,
         kept_builds: 256,
         kept_log_bytes: 1 << 20,
@@ -129,6 +127,8 @@ pub struct Finished {
     pub wall: Duration,
     /// Request sent to each `kiln.v1` phase (only for [`BenchServer::submit`]).
     pub phases: Vec<(String, Duration)>,
+    /// Guest RAM the build got, MiB (only for [`BenchServer::submit`]).
+    pub memory_mib: Option<u64>,
 }
 
 impl Finished {
@@ -255,6 +255,7 @@ impl BenchServer {
             id,
             wall,
             phases: vec![],
+            memory_mib: None,
         })
     }
 
@@ -269,16 +270,19 @@ impl BenchServer {
             .context("Submit failed")?
             .into_inner();
         let mut phases = Vec::new();
+        let mut memory_mib = None;
         let mut id = String::new();
         while let Some(ev) = stream.message().await? {
             id = ev.build_id;
             match ev.event {
                 Some(Event::Phase(p)) => phases.push((p.name, started.elapsed())),
+                Some(Event::Started(s)) => memory_mib = Some(s.guest_memory_bytes >> 20),
                 Some(Event::Completed(_)) => {
                     return Ok(Finished {
                         id,
                         wall: started.elapsed(),
                         phases,
+                        memory_mib,
                     })
                 }
                 Some(Event::Failed(f)) => bail!(
