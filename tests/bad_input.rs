@@ -12,6 +12,11 @@ use tonic::Code;
 use harness::{Options, BUSYBOX};
 
 type Snix = snix_build::BuildRequest;
+type Tvix = tvix_build::BuildRequest;
+
+/// One broken rule: what, how to break a good request, the code, and what
+/// the message must name.
+type Case<R> = (&'static str, Box<dyn Fn(&mut R)>, Code, &'static str);
 
 fn env(key: &str, value: &[u8]) -> snix_build::build_request::EnvVar {
     snix_build::build_request::EnvVar {
@@ -37,7 +42,7 @@ async fn every_snix_rule_broken_once() {
         return;
     };
     let good = server.snix_request("true", &["nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out"]);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Snix)>, Code, &str)> = vec![
+    let cases: Vec<Case<Snix>> = vec![
         (
             "empty command",
             Box::new(|r: &mut Snix| r.command_args.clear()),
@@ -277,8 +282,7 @@ async fn seed_layout_rules() {
         inputs: vec![server.busybox_node()],
         constraints: None,
     };
-    type Tvix = tvix_build::BuildRequest;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Tvix)>, Code, &str)> = vec![
+    let cases: Vec<Case<Tvix>> = vec![
         (
             "output with a slash",
             Box::new(|r: &mut Tvix| r.outputs = vec!["a/b".into()]),

@@ -148,11 +148,14 @@ impl BuildLog {
     }
 }
 
+/// Build logs by id, and their ids oldest first.
+type Known = (HashMap<String, Arc<BuildLog>>, VecDeque<String>);
+
 /// The builds this server knows, newest last, bounded.
 pub struct Registry {
     max_builds: usize,
     history_limit: usize,
-    builds: Mutex<(HashMap<String, Arc<BuildLog>>, VecDeque<String>)>,
+    builds: Mutex<Known>,
 }
 
 impl Registry {
