@@ -13,11 +13,17 @@ use std::process::Command;
 use harness::Options;
 
 fn python_ready() -> Option<String> {
-    let out = Command::new("python3").args(["-c", "import grpc, blake3"]).output().ok()?;
+    let out = Command::new("python3")
+        .args(["-c", "import grpc, blake3"])
+        .output()
+        .ok()?;
     if out.status.success() {
         None
     } else {
-        Some(format!("python3 lacks grpcio/blake3 (run `make deps`): {}", String::from_utf8_lossy(&out.stderr)))
+        Some(format!(
+            "python3 lacks grpcio/blake3 (run `make deps`): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -26,7 +32,10 @@ async fn run_client(addr: &str, args: &[&str]) {
     let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/independent/kiln_client.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/independent/kiln_client.py"
+            ))
             .arg(&addr)
             .args(&owned)
             .output()
@@ -37,7 +46,10 @@ async fn run_client(addr: &str, args: &[&str]) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "independent client {args:?} failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "independent client {args:?} failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
@@ -48,7 +60,9 @@ async fn an_independent_grpc_client_speaks_both_layouts() {
         assert!(std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(), "{why}");
         return;
     }
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     run_client(&server.addr, &["castore"]).await;
     run_client(&server.addr, &["badwire"]).await;
     run_client(&server.addr, &["build", "/bin/busybox"]).await;
