@@ -103,7 +103,9 @@ pub mod codec {
 
         fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
             self.0.decode(src).map_err(|s| match s.code() {
-                Code::Internal => Status::invalid_argument(format!("malformed protobuf message: {}", s.message())),
+                Code::Internal => {
+                    Status::invalid_argument(format!("malformed protobuf message: {}", s.message()))
+                }
                 _ => s,
             })
         }

@@ -390,10 +390,13 @@ async fn a_guest_reboot_kills_the_vmm_so_the_job_cannot_run_twice() {
     let started = Instant::now();
     // The console ends because the VMM is killed, well before any timeout.
     let mut console = String::new();
-    tokio::time::timeout(Duration::from_secs(5), channel.reader.read_to_string(&mut console))
-        .await
-        .expect("the console ends once the reboot is seen")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        channel.reader.read_to_string(&mut console),
+    )
+    .await
+    .expect("the console ends once the reboot is seen")
+    .unwrap();
     assert_eq!(console, "hello from the guest\n");
     assert_eq!(
         vm.wait().await.unwrap(),

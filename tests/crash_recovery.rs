@@ -17,12 +17,21 @@ use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
 use kiln::proto::snix_build;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn_kiln(data_dir: &Path, cache_dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .arg("--cache-dir")
         .arg(cache_dir)
@@ -83,7 +92,8 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     };
     // kiln looks for the kernel and agent under its cache dir.
     for d in ["kernel", "agent"] {
-        std::os::unix::fs::symlink(Path::new("/var/cache/kiln").join(d), cache_dir.join(d)).unwrap();
+        std::os::unix::fs::symlink(Path::new("/var/cache/kiln").join(d), cache_dir.join(d))
+            .unwrap();
     }
 
     let port = free_port();
@@ -93,19 +103,29 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     let mut client = BuildEventsClient::new(kiln::cli::connect(&addr).await.unwrap());
     let mut stream = client
         .submit(SubmitRequest {
-            request: Some(submit_request::Request::Snix(request(&busybox, "echo running; sleep 600"))),
+            request: Some(submit_request::Request::Snix(request(
+                &busybox,
+                "echo running; sleep 600",
+            ))),
         })
         .await
         .unwrap()
         .into_inner();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if matches!(ev.event, Some(Event::Log(ref c)) if c.data.starts_with(b"running")) {
             break;
         }
     }
     let runs = data_dir.join("runs");
-    assert!(!harness::leftovers(&runs).is_empty(), "a build is in flight");
+    assert!(
+        !harness::leftovers(&runs).is_empty(),
+        "a build is in flight"
+    );
     kiln.kill().unwrap();
     kiln.wait().unwrap();
     drop(stream);
@@ -117,15 +137,27 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     wait_ready(&addr).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !harness::leftovers(&runs).is_empty() {
-        assert!(Instant::now() < deadline, "left behind after restart: {:?}", harness::leftovers(&runs));
+        assert!(
+            Instant::now() < deadline,
+            "left behind after restart: {:?}",
+            harness::leftovers(&runs)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let tmp_blobs: Vec<_> = std::fs::read_dir(data_dir.join("blobs-tmp")).map(|d| d.flatten().collect()).unwrap_or_default();
+    let tmp_blobs: Vec<_> = std::fs::read_dir(data_dir.join("blobs-tmp"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(tmp_blobs.is_empty(), "partial blobs left: {tmp_blobs:?}");
 
     // The castore is intact and builds run again.
-    let mut builds = snix_build::build_service_client::BuildServiceClient::new(kiln::cli::connect(&addr).await.unwrap());
-    let resp = builds.do_build(request(&busybox, "echo again > $out")).await.unwrap().into_inner();
+    let mut builds = snix_build::build_service_client::BuildServiceClient::new(
+        kiln::cli::connect(&addr).await.unwrap(),
+    );
+    let resp = builds
+        .do_build(request(&busybox, "echo again > $out"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.outputs.len(), 1);
     kiln.kill().unwrap();
     kiln.wait().unwrap();

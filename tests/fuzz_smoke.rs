@@ -20,18 +20,23 @@ impl Rng {
 fn seeds() -> Vec<Vec<u8>> {
     let req = snix_build::BuildRequest {
         inputs: vec![snix_castore::Entry {
-            entry: Some(snix_castore::entry::Entry::Directory(snix_castore::DirectoryEntry {
-                name: b"abc-busybox".to_vec().into(),
-                digest: vec![7; 32].into(),
-                size: 3,
-            })),
+            entry: Some(snix_castore::entry::Entry::Directory(
+                snix_castore::DirectoryEntry {
+                    name: b"abc-busybox".to_vec().into(),
+                    digest: vec![7; 32].into(),
+                    size: 3,
+                },
+            )),
         }],
         command_args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
         working_dir: "build".into(),
         scratch_paths: vec!["build".into(), "nix/store".into()],
         inputs_dir: "nix/store".into(),
         outputs: vec!["nix/store/x-out".into()],
-        environment_vars: vec![snix_build::build_request::EnvVar { key: "out".into(), value: b"/nix/store/x-out".to_vec().into() }],
+        environment_vars: vec![snix_build::build_request::EnvVar {
+            key: "out".into(),
+            value: b"/nix/store/x-out".to_vec().into(),
+        }],
         constraints: Some(snix_build::build_request::BuildConstraints {
             system: "x86_64-linux".into(),
             min_memory: 1 << 30,
@@ -39,13 +44,24 @@ fn seeds() -> Vec<Vec<u8>> {
             network_access: false,
             provide_bin_sh: true,
         }),
-        additional_files: vec![snix_build::build_request::AdditionalFile { path: "build/f".into(), contents: b"x".to_vec().into() }],
+        additional_files: vec![snix_build::build_request::AdditionalFile {
+            path: "build/f".into(),
+            contents: b"x".to_vec().into(),
+        }],
         refscan_needles: vec!["x".into()],
     };
     let dir = snix_castore::Directory {
         directories: vec![],
-        files: vec![snix_castore::FileEntry { name: b"f".to_vec().into(), digest: vec![1; 32].into(), size: 1, executable: true }],
-        symlinks: vec![snix_castore::SymlinkEntry { name: b"l".to_vec().into(), target: b"f".to_vec().into() }],
+        files: vec![snix_castore::FileEntry {
+            name: b"f".to_vec().into(),
+            digest: vec![1; 32].into(),
+            size: 1,
+            executable: true,
+        }],
+        symlinks: vec![snix_castore::SymlinkEntry {
+            name: b"l".to_vec().into(),
+            target: b"f".to_vec().into(),
+        }],
     };
     vec![req.encode_to_vec(), dir.encode_to_vec(), Vec::new()]
 }

@@ -20,13 +20,26 @@ const OTHER: &str = "nix/store/9bcdfghijklmnpqrsvwxyz0123456789-other";
 
 async fn run_script(server: &harness::TestServer, script: &str) -> String {
     let req = server.snix_request(script, &[OUT]);
-    let resp = server.snix().await.do_build(req).await.unwrap().into_inner();
-    String::from_utf8(server.read_file_entry(resp.outputs[0].output.as_ref().unwrap()).await).unwrap()
+    let resp = server
+        .snix()
+        .await
+        .do_build(req)
+        .await
+        .unwrap()
+        .into_inner();
+    String::from_utf8(
+        server
+            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
+            .await,
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inputs_host_and_privileges() {
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     let input = format!("/nix/store/{BUSYBOX}");
     let script = format!(
         "exec > $out 2>&1; \
@@ -38,13 +51,19 @@ async fn inputs_host_and_privileges() {
          echo ---; while read l; do case \"$l\" in *:*) echo \"${{l%%:*}}\";; esac; done < /proc/net/dev"
     );
     let text = run_script(&server, &script).await;
-    assert!(!text.contains("ALLOWED"), "a build changed its input:\n{text}");
+    assert!(
+        !text.contains("ALLOWED"),
+        "a build changed its input:\n{text}"
+    );
     assert_eq!(text.matches("refused:").count(), 5, "{text}");
     let sections: Vec<&str> = text.split("---\n").collect();
     // The root holds the sandbox and nothing of the host or of the agent.
     let root: Vec<&str> = sections[1].lines().collect();
     for entry in &root {
-        assert!(["bin", "build", "dev", "etc", "nix", "proc", "tmp"].contains(entry), "unexpected /{entry}: {root:?}");
+        assert!(
+            ["bin", "build", "dev", "etc", "nix", "proc", "tmp"].contains(entry),
+            "unexpected /{entry}: {root:?}"
+        );
     }
     let status = sections[2];
     assert!(status.contains("Uid:\t1000\t1000\t1000\t1000"), "{status}");
@@ -56,19 +75,35 @@ async fn inputs_host_and_privileges() {
     // Mounts: the sandbox's own, none of the host's paths.
     for m in sections[3].lines() {
         assert!(
-            ["/", "/nix/store", "/build", "/dev", "/dev/pts", "/dev/shm", "/proc", "/tmp"].contains(&m)
+            [
+                "/",
+                "/nix/store",
+                "/build",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/proc",
+                "/tmp"
+            ]
+            .contains(&m)
                 || m.starts_with("/nix/store/"),
             "unexpected mount {m}:\n{}",
             sections[3]
         );
     }
-    assert_eq!(sections[4].lines().collect::<Vec<_>>(), vec!["lo"], "no network interface but lo");
+    assert_eq!(
+        sections[4].lines().collect::<Vec<_>>(),
+        vec!["lo"],
+        "no network interface but lo"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_builds_cannot_see_each_other() {
-    let Some(server) = harness::start(Options::default()).await else { return };
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
     // Build A leaves files in its scratch paths and waits.
     let a = server.snix_request(
         &format!("echo secret > /build/secret-a; mkdir /{OTHER}; echo running; sleep 600"),
@@ -76,20 +111,33 @@ async fn concurrent_builds_cannot_see_each_other() {
     );
     let mut client = BuildEventsClient::new(server.channel().await);
     let mut stream = client
-        .submit(SubmitRequest { request: Some(submit_request::Request::Snix(a)) })
+        .submit(SubmitRequest {
+            request: Some(submit_request::Request::Snix(a)),
+        })
         .await
         .unwrap()
         .into_inner();
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if matches!(ev.event, Some(Event::Log(ref c)) if c.data.starts_with(b"running")) {
             break;
         }
     }
     // Build B looks for them.
-    let text = run_script(&server, "exec > $out; ls -a /build; echo ---; ls /nix/store").await;
+    let text = run_script(
+        &server,
+        "exec > $out; ls -a /build; echo ---; ls /nix/store",
+    )
+    .await;
     assert!(!text.contains("secret-a"), "{text}");
-    assert!(!text.contains("9bcdfghijklmnpqrsvwxyz0123456789-other"), "{text}");
+    assert!(
+        !text.contains("9bcdfghijklmnpqrsvwxyz0123456789-other"),
+        "{text}"
+    );
     drop(stream);
     server.stop().await;
 }

@@ -27,13 +27,22 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_calls_against_two_vms() {
-    let opts = Options { max_vms: 2, max_queue: 6, ..Options::default() };
-    let Some(server) = harness::start(opts).await else { return };
+    let opts = Options {
+        max_vms: 2,
+        max_queue: 6,
+        ..Options::default()
+    };
+    let Some(server) = harness::start(opts).await else {
+        return;
+    };
     let before = rss_kib();
     let started = Instant::now();
     let mut calls = Vec::new();
     for i in 0..CALLS {
-        let req = server.snix_request(&format!("echo {i} > $out"), &["nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out"]);
+        let req = server.snix_request(
+            &format!("echo {i} > $out"),
+            &["nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out"],
+        );
         let mut client = server.snix().await;
         calls.push(tokio::spawn(async move {
             let t = Instant::now();
@@ -47,7 +56,11 @@ async fn fifty_calls_against_two_vms() {
         match result {
             Ok(resp) => {
                 let out = resp.into_inner().outputs[0].output.clone().unwrap();
-                assert_eq!(server.read_file_entry(&out).await, format!("{i}\n").into_bytes(), "call {i}");
+                assert_eq!(
+                    server.read_file_entry(&out).await,
+                    format!("{i}\n").into_bytes(),
+                    "call {i}"
+                );
                 done.push(took);
             }
             Err(status) if status.code() == Code::ResourceExhausted => refused.push(took),
@@ -58,7 +71,10 @@ async fn fifty_calls_against_two_vms() {
     assert_eq!(done.len() + refused.len(), CALLS, "no call is lost");
     // At least the VM slots and the queue are served.
     assert!(done.len() >= 2 + 6, "{} completed", done.len());
-    assert!(refused.iter().all(|t| *t < Duration::from_secs(5)), "refusals are immediate: {refused:?}");
+    assert!(
+        refused.iter().all(|t| *t < Duration::from_secs(5)),
+        "refusals are immediate: {refused:?}"
+    );
     done.sort();
     let grown = rss_kib().saturating_sub(before);
     println!(

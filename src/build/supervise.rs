@@ -168,7 +168,10 @@ fn describe_exit(exit: Option<&VmExit>) -> String {
 }
 
 async fn read_frames(channel: GuestChannel, tx: mpsc::Sender<Msg>) {
-    let GuestChannel { reader: mut channel, mut ack } = channel;
+    let GuestChannel {
+        reader: mut channel,
+        mut ack,
+    } = channel;
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

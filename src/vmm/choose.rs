@@ -20,7 +20,11 @@ pub struct Chosen {
 }
 
 /// Detects the host and builds the runner the flags ask for.
-pub async fn choose(vmm: VmmChoice, accel: AccelChoice, kernel_is_pvm: bool) -> Result<Chosen, SelectError> {
+pub async fn choose(
+    vmm: VmmChoice,
+    accel: AccelChoice,
+    kernel_is_pvm: bool,
+) -> Result<Chosen, SelectError> {
     let facts = HostFacts::detect().await;
     let selection = host::select(vmm, accel, &facts, kernel_is_pvm)?;
     if let Some(w) = &selection.warning {
@@ -29,5 +33,10 @@ pub async fn choose(vmm: VmmChoice, accel: AccelChoice, kernel_is_pvm: bool) -> 
     tracing::info!(vmm = %selection.vmm, reason = %selection.reason, "VMM selected");
     let runner = Arc::from(host::runner(&selection, &facts));
     let nested_available = selection.nested_available(&facts);
-    Ok(Chosen { runner, selection, nested_available, facts })
+    Ok(Chosen {
+        runner,
+        selection,
+        nested_available,
+        facts,
+    })
 }

@@ -54,7 +54,10 @@ impl EmbeddedBlobService {
     /// directory. Only for the store's single owner.
     pub fn remove_partial_blobs(&self) -> Result<usize, BlobError> {
         let mut removed = 0;
-        let entries = fs::read_dir(&self.tmp).map_err(|source| BlobError::CreateStore { path: self.tmp.clone(), source })?;
+        let entries = fs::read_dir(&self.tmp).map_err(|source| BlobError::CreateStore {
+            path: self.tmp.clone(),
+            source,
+        })?;
         for entry in entries.flatten() {
             if fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
