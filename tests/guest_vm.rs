@@ -170,6 +170,35 @@ async fn read_only_host_paths_are_mounted_read_only() {
     assert!(!host.path().join("new").exists());
 }
 
+/// A layout other than Nix's (snix allows it): inputs outside any scratch
+/// path, a working dir that is not a scratch path.
+#[tokio::test]
+async fn a_non_nix_layout_works() {
+    require_vm!("a_non_nix_layout_works");
+    let mut job = harness::sh_job(
+        "pwd; touch here && echo wd-writable; \
+         if echo x 2>/dev/null > /inputs/busybox/new; then echo INPUT-WRITABLE; fi; \
+         echo data > /out/result",
+    );
+    job.command_args[0] = "/inputs/busybox/bin/sh".into();
+    job.env = vec![(b"PATH".to_vec(), b"/inputs/busybox/bin".to_vec())];
+    job.inputs_dir = "inputs".into();
+    job.scratch_paths = vec!["out".into()];
+    job.working_dir = "work".into();
+    let run = harness::run(&job, false, |_| {}).await;
+    assert_eq!(
+        run.report().outcome,
+        Outcome::Exited { code: 0 },
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(run.stdout(), "/work\nwd-writable\n");
+    assert_eq!(
+        std::fs::read_to_string(run.scratch.join("out/result")).unwrap(),
+        "data\n"
+    );
+}
+
 #[tokio::test]
 async fn exit_codes_are_reported_and_leftover_processes_killed() {
     require_vm!("exit_codes_are_reported_and_leftover_processes_killed");

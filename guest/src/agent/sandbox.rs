@@ -39,6 +39,12 @@ const DEVICES: &[(&str, u64, u64)] = &[
 pub fn build(job: &Job, kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
     mount_fs("tmpfs", ROOT, MsFlags::MS_NOSUID, "mode=0755")?;
     scratch(job)?;
+    let workdir = at(&job.working_dir);
+    if !Path::new(&workdir).exists() {
+        // Not a scratch path: a private, build-user-owned directory in the root.
+        mkdir(&workdir)?;
+        own(&workdir, BUILD_UID, BUILD_GID, 0o700)?;
+    }
     inputs(job)?;
     dev(kvm)?;
     mkdir(&at("proc"))?;
