@@ -331,34 +331,13 @@ async fn client_cancel_removes_the_vm_within_a_second() {
         return;
     };
     let req = server.snix_request("echo running; sleep 600", &[OUT]);
-    let mut client = BuildEventsClient::new(server.channel().await);
-    let mut stream = client
-        .submit(SubmitRequest {
-            request: Some(submit_request::Request::Snix(req)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // Wait until the builder runs.
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Some(Event::Log(chunk)) = ev.event {
-            if chunk.data.starts_with(b"running") {
-                break;
-            }
-        }
-    }
+    let stream = harness::submit_until_log(server.channel().await, req, b"running").await;
     let runs = server.data_dir.join("runs");
     assert!(
         !harness::processes_mentioning(runs.as_os_str().as_encoded_bytes()).is_empty(),
         "VM should be running"
     );
     drop(stream);
-    drop(client);
     let dropped = Instant::now();
     while !harness::processes_mentioning(runs.as_os_str().as_encoded_bytes()).is_empty() {
         assert!(

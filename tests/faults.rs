@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use kiln::guest_image::Artifacts;
 use kiln::proto::kiln_v1::build_event::Event;
-use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
-use kiln::proto::kiln_v1::{submit_request, Failed, SubmitRequest};
+use kiln::proto::kiln_v1::Failed;
 use kiln::proto::snix_build;
 use tonic::Code;
 
@@ -28,15 +27,8 @@ async fn fault_mid_build(
     req: snix_build::BuildRequest,
     fault: impl FnOnce(),
 ) -> Failed {
-    let mut client = BuildEventsClient::new(server.channel().await);
-    let mut stream = client
-        .submit(SubmitRequest {
-            request: Some(submit_request::Request::Snix(req)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut fault = Some(fault);
+    let mut stream = harness::submit_until_log(server.channel().await, req, b"running").await;
+    fault();
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
             .await
@@ -44,11 +36,6 @@ async fn fault_mid_build(
             .unwrap()
             .unwrap();
         match ev.event {
-            Some(Event::Log(chunk)) if chunk.data.starts_with(b"running") => {
-                if let Some(f) = fault.take() {
-                    f();
-                }
-            }
             Some(Event::Failed(f)) => return f,
             Some(Event::Completed(_)) => panic!("the build should not complete"),
             _ => {}
@@ -177,16 +164,6 @@ async fn builder_leaving_a_process_behind_still_completes() {
     server.stop().await;
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn endless_output_hits_the_log_limit_with_bounded_memory() {
     let opts = Options {
@@ -196,14 +173,14 @@ async fn endless_output_hits_the_log_limit_with_bounded_memory() {
     let Some(server) = harness::start(opts).await else {
         return;
     };
-    let before = rss_kib();
+    let before = harness::rss_kib();
     let req = server.snix_request("yes 'all work and no play'", &[OUT]);
     let status = server.snix().await.do_build(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     let detail = kiln::build::error::failed_detail(&status).unwrap();
     assert_eq!(detail.kind, "log_limit");
     assert!(String::from_utf8_lossy(&detail.log_tail).contains("all work and no play"));
-    let grown = rss_kib().saturating_sub(before);
+    let grown = harness::rss_kib().saturating_sub(before);
     assert!(
         grown < 64 * 1024,
         "kiln grew by {grown} KiB for a 4 MiB log limit"

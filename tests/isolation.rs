@@ -7,12 +7,6 @@
 
 mod harness;
 
-use std::time::Duration;
-
-use kiln::proto::kiln_v1::build_event::Event;
-use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
-use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
-
 use harness::{Options, BUSYBOX};
 
 const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
@@ -109,24 +103,7 @@ async fn concurrent_builds_cannot_see_each_other() {
         &format!("echo secret > /build/secret-a; mkdir /{OTHER}; echo running; sleep 600"),
         &[OTHER],
     );
-    let mut client = BuildEventsClient::new(server.channel().await);
-    let mut stream = client
-        .submit(SubmitRequest {
-            request: Some(submit_request::Request::Snix(a)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if matches!(ev.event, Some(Event::Log(ref c)) if c.data.starts_with(b"running")) {
-            break;
-        }
-    }
+    let stream = harness::submit_until_log(server.channel().await, a, b"running").await;
     // Build B looks for them.
     let text = run_script(
         &server,

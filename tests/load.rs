@@ -15,16 +15,6 @@ use harness::Options;
 
 const CALLS: usize = 50;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_calls_against_two_vms() {
     let opts = Options {
@@ -35,7 +25,7 @@ async fn fifty_calls_against_two_vms() {
     let Some(server) = harness::start(opts).await else {
         return;
     };
-    let before = rss_kib();
+    let before = harness::rss_kib();
     let started = Instant::now();
     let mut calls = Vec::new();
     for i in 0..CALLS {
@@ -76,7 +66,7 @@ async fn fifty_calls_against_two_vms() {
         "refusals are immediate: {refused:?}"
     );
     done.sort();
-    let grown = rss_kib().saturating_sub(before);
+    let grown = harness::rss_kib().saturating_sub(before);
     println!(
         "load: {CALLS} calls in {:.1} s: {} completed ({:.2} builds/s), {} refused; latency of completed builds min {:.1} s, median {:.1} s, max {:.1} s; kiln RSS +{} KiB",
         wall.as_secs_f64(),
