@@ -11,9 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln::castore::{ingest, Node};
-use kiln::proto::kiln_v1::build_event::Event;
-use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
-use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
 use kiln::proto::snix_build;
 
 fn free_port() -> u16 {
@@ -100,27 +97,12 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     let addr = format!("http://127.0.0.1:{port}");
     let mut kiln = spawn_kiln(&data_dir, &cache_dir, port);
     wait_ready(&addr).await;
-    let mut client = BuildEventsClient::new(kiln::cli::connect(&addr).await.unwrap());
-    let mut stream = client
-        .submit(SubmitRequest {
-            request: Some(submit_request::Request::Snix(request(
-                &busybox,
-                "echo running; sleep 600",
-            ))),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if matches!(ev.event, Some(Event::Log(ref c)) if c.data.starts_with(b"running")) {
-            break;
-        }
-    }
+    let stream = harness::submit_until_log(
+        kiln::cli::connect(&addr).await.unwrap(),
+        request(&busybox, "echo running; sleep 600"),
+        b"running",
+    )
+    .await;
     let runs = data_dir.join("runs");
     assert!(
         !harness::leftovers(&runs).is_empty(),
