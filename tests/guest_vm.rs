@@ -278,6 +278,21 @@ async fn a_broken_job_is_an_agent_failure() {
 }
 
 #[tokio::test]
+async fn an_undecodable_job_is_an_agent_failure() {
+    require_vm!("an_undecodable_job_is_an_agent_failure");
+    // Without a job there is no module list: the agent must still find its
+    // channel to say so.
+    let run = harness::run_raw_job(b"{not json").await;
+    match &run.report().outcome {
+        Outcome::AgentFailed { step, message } => {
+            assert_eq!(step, "job");
+            assert!(message.contains("decoding"), "{message}");
+        }
+        other => panic!("expected an agent failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_builder_that_cannot_be_executed_is_an_agent_failure() {
     require_vm!("a_builder_that_cannot_be_executed_is_an_agent_failure");
     let mut job = harness::sh_job("true");

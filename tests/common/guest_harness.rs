@@ -139,9 +139,24 @@ pub async fn run(job: &Job, nested: bool, prepare: impl FnOnce(&Path)) -> VmRun 
     run_with_ro_shares(job, nested, prepare, &[]).await
 }
 
+/// Boots a VM whose job file holds `raw` instead of an encoded job.
+pub async fn run_raw_job(raw: &[u8]) -> VmRun {
+    run_inner(&sh_job("true"), Some(raw), false, |_| {}, &[]).await
+}
+
 /// Like [`run`], with extra read-only shares: (virtiofs tag, host dir).
 pub async fn run_with_ro_shares(
     job: &Job,
+    nested: bool,
+    prepare: impl FnOnce(&Path),
+    ro_shares: &[(&str, &Path)],
+) -> VmRun {
+    run_inner(job, None, nested, prepare, ro_shares).await
+}
+
+async fn run_inner(
+    job: &Job,
+    raw_job: Option<&[u8]>,
     nested: bool,
     prepare: impl FnOnce(&Path),
     ro_shares: &[(&str, &Path)],
@@ -166,6 +181,14 @@ pub async fn run_with_ro_shares(
     let base = guest_image::base_image(&artifacts, &cache).unwrap();
     let initramfs = run_dir.join("initramfs.cpio");
     guest_image::build_initramfs(&base, job, &initramfs).unwrap();
+    if let Some(raw) = raw_job {
+        // Base image, then an archive whose job file is `raw`.
+        let mut bytes = std::fs::read(&base).unwrap();
+        let mut w = kiln::guest_image::cpio::CpioWriter::new(Vec::new());
+        w.file(kiln_guest::contract::JOB_PATH, 0o644, raw).unwrap();
+        bytes.extend(w.finish().unwrap());
+        std::fs::write(&initramfs, bytes).unwrap();
+    }
 
     let in_sock = run_dir.join("inputs.sock");
     let scratch_sock = run_dir.join("scratch.sock");

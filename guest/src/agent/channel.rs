@@ -12,7 +12,6 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln_guest::contract::{
@@ -36,39 +35,70 @@ const VIRTIO_ID_CONSOLE: &str = "0x0003";
 static CHANNEL: Mutex<Option<File>> = Mutex::new(None);
 static TWO_WAY: Mutex<bool> = Mutex::new(false);
 
-/// The channel device: the serial port if the VM's console device has
-/// ports (QEMU), waiting for the port to be announced; else the console.
-/// Decided from the device's features, not from timing, so a slow boot
-/// cannot make the agent pick the wrong one.
-fn device() -> &'static str {
-    if !has_multiport_console() {
-        return CHANNEL_DEVICE;
-    }
-    let deadline = Instant::now() + PORT_WAIT;
-    while !Path::new(SERIAL_PORT_PATH).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    SERIAL_PORT_PATH
+/// What the VM's virtio console devices say about the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Console {
+    /// A bound console device with ports (QEMU): the channel is the port.
+    Ports,
+    /// A bound console device without ports (cloud-hypervisor): hvc0.
+    Plain,
+    /// No console device bound to its driver yet.
+    NotYet,
 }
 
-/// Whether a virtio console device negotiated `VIRTIO_CONSOLE_F_MULTIPORT`
-/// (sysfs shows features as a string of `0`/`1`, bit 0 first).
-fn has_multiport_console() -> bool {
+/// Reads the console devices' state from sysfs: the negotiated features
+/// (`0`/`1` per bit, bit 0 first) are only meaningful once the device is
+/// bound to its driver.
+fn console_state() -> Console {
     let Ok(devices) = std::fs::read_dir("/sys/bus/virtio/devices") else {
-        return false;
+        return Console::NotYet;
     };
-    devices.flatten().any(|d| {
+    let mut state = Console::NotYet;
+    for d in devices.flatten() {
         let read = |name: &str| std::fs::read_to_string(d.path().join(name)).unwrap_or_default();
-        read("device").trim() == VIRTIO_ID_CONSOLE
-            && read("features").as_bytes().get(VIRTIO_CONSOLE_F_MULTIPORT) == Some(&b'1')
-    })
+        if read("device").trim() != VIRTIO_ID_CONSOLE || !d.path().join("driver").exists() {
+            continue;
+        }
+        if read("features").as_bytes().get(VIRTIO_CONSOLE_F_MULTIPORT) == Some(&b'1') {
+            return Console::Ports;
+        }
+        state = Console::Plain;
+    }
+    state
+}
+
+/// Opens the channel device: the serial port if the VM's console device has
+/// ports (QEMU), else the console. Decided from the bound device's features,
+/// not from timing, and retried until [`PORT_WAIT`] while the device, its
+/// driver or the port (announced asynchronously) are still appearing.
+fn open_device() -> io::Result<(File, bool)> {
+    let deadline = Instant::now() + PORT_WAIT;
+    loop {
+        let attempt = match console_state() {
+            Console::Ports => Some((SERIAL_PORT_PATH, true)),
+            Console::Plain => Some((CHANNEL_DEVICE, false)),
+            Console::NotYet => None,
+        };
+        let last_error = match attempt {
+            Some((path, two_way)) => match OpenOptions::new().read(true).write(true).open(path) {
+                Ok(file) => return Ok((file, two_way)),
+                Err(e) => e,
+            },
+            None => io::Error::new(
+                io::ErrorKind::NotFound,
+                "no virtio console device is bound yet",
+            ),
+        };
+        if Instant::now() >= deadline {
+            return Err(last_error);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Opens the channel, makes a console raw and writes [`MAGIC`].
 pub fn open() -> io::Result<()> {
-    let path = device();
-    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-    let two_way = path == SERIAL_PORT_PATH;
+    let (mut file, two_way) = open_device()?;
     if !two_way {
         let mut attrs = termios::tcgetattr(file.as_fd())?;
         termios::cfmakeraw(&mut attrs);
@@ -171,7 +201,12 @@ pub fn emergency_report(report: &Report) {
     // No channel yet, or its lock is unusable: write MAGIC-less frames on a
     // fresh descriptor; the host then sees either a report or a broken stream,
     // never a hang.
-    if let Ok(mut file) = OpenOptions::new().write(true).open(CHANNEL_DEVICE) {
+    let path = if *TWO_WAY.lock().unwrap_or_else(|p| p.into_inner()) {
+        SERIAL_PORT_PATH
+    } else {
+        CHANNEL_DEVICE
+    };
+    if let Ok(mut file) = OpenOptions::new().write(true).open(path) {
         let _ = file.write_all(&buf);
         let _ = termios::tcdrain(file.as_fd());
     }

@@ -8,14 +8,12 @@ use kiln_guest::contract::{Job, JOB_PATH};
 
 use super::error::AgentError;
 
-/// Reads and validates [`JOB_PATH`].
+/// Reads and decodes [`JOB_PATH`]; [`validate`] checks it once the channel
+/// is open.
 pub fn load() -> Result<Job, AgentError> {
     let bytes =
         std::fs::read(JOB_PATH).map_err(|e| AgentError::Job(format!("reading {JOB_PATH}: {e}")))?;
-    let job: Job = serde_json::from_slice(&bytes)
-        .map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))?;
-    validate(&job).map_err(AgentError::Job)?;
-    Ok(job)
+    serde_json::from_slice(&bytes).map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))
 }
 
 /// Checks the parts of a job the agent acts on.

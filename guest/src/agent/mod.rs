@@ -36,19 +36,21 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
     let job = match job::load() {
         Ok(job) => job,
         Err(e) => {
-            boot::load_console_fallback();
-            let _ = channel::open();
+            open_channel_anyway();
             return Err(e);
         }
     };
     if let Err(e) = boot::load_modules(&job.modules) {
-        boot::load_console_fallback();
-        let _ = channel::open();
+        open_channel_anyway();
         return Err(e);
     }
     let modules_ms = start.elapsed().as_millis();
     channel::open().step(error::channel, || {
-        format!("opening the host channel {}", channel::CHANNEL_DEVICE)
+        format!(
+            "opening the host channel ({} or {})",
+            kiln_guest::contract::SERIAL_PORT_PATH,
+            channel::CHANNEL_DEVICE
+        )
     })?;
     job::validate(&job).map_err(AgentError::Job)?;
     let kvm = if job.kvm {
@@ -70,6 +72,16 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
     let finished = builder::run(&job)?;
     timings.build_ms = finished.build_ms;
     Ok(finished.outcome)
+}
+
+/// After a failure before the channel was open: loads the console modules
+/// for either transport and opens the channel, so the failure can still be
+/// reported. A failure here only goes to the serial log.
+fn open_channel_anyway() {
+    boot::load_console_fallback();
+    if let Err(e) = channel::open() {
+        eprintln!("kiln-agent: opening the host channel failed too: {e}");
+    }
 }
 
 /// Builds the report for `result`.
