@@ -43,16 +43,22 @@ pub fn b3sum_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Files per b3sum invocation: 100 000 paths overflow the kernel's limit
+/// on an argument list.
+const B3SUM_BATCH: usize = 20_000;
+
 fn b3sum(binary: &Path, root: &Path, files: &[String]) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let status = Command::new(binary)
-        .current_dir(root)
-        .args(files)
-        .stdout(Stdio::null())
-        .status()
-        .context("running b3sum")?;
-    if !status.success() {
-        bail!("b3sum failed: {status}");
+    for batch in files.chunks(B3SUM_BATCH) {
+        let status = Command::new(binary)
+            .current_dir(root)
+            .args(batch)
+            .stdout(Stdio::null())
+            .status()
+            .context("running b3sum")?;
+        if !status.success() {
+            bail!("b3sum failed: {status}");
+        }
     }
     Ok(started.elapsed())
 }
@@ -224,7 +230,7 @@ pub async fn run(
         "{runs} runs for the large file, {runs_for_many} for the small files (copying ingest timed \
          on the large file only); min / median / max. \
          Throughput vs b3sum is b3sum's time divided by the contender's, per run (higher is \
-         better; 1.0 = as fast as b3sum). MiB/s are of file bytes.\n"
+         better; 1.0 = as fast as b3sum); b3sum gets the small files 20 000 per invocation. MiB/s are of file bytes.\n"
     );
     if b3.is_none() {
         body.push_str(
