@@ -228,19 +228,7 @@ async fn dev_kvm_only_when_asked() {
         &[OUT],
     );
     req.constraints.as_mut().unwrap().available_ro_paths = vec!["/dev/kvm".into()];
-    let resp = server
-        .snix()
-        .await
-        .do_build(req)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        server
-            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
-            .await,
-        b"kvm-usable\n"
-    );
+    assert_eq!(server.build_first_file(req).await, b"kvm-usable\n");
     server.stop().await;
 }
 

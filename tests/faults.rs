@@ -53,19 +53,7 @@ fn kill_all(pids: &[i32]) {
 
 async fn still_serves(server: &TestServer) {
     let req = server.snix_request("echo ok > $out", &[OUT]);
-    let resp = server
-        .snix()
-        .await
-        .do_build(req)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        server
-            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
-            .await,
-        b"ok\n"
-    );
+    assert_eq!(server.build_first_file(req).await, b"ok\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,19 +136,7 @@ async fn builder_leaving_a_process_behind_still_completes() {
         return;
     };
     let req = server.snix_request("sleep 100000 & sleep 100000 & echo done > $out", &[OUT]);
-    let resp = server
-        .snix()
-        .await
-        .do_build(req)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        server
-            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
-            .await,
-        b"done\n"
-    );
+    assert_eq!(server.build_first_file(req).await, b"done\n");
     server.stop().await;
 }
 

@@ -14,19 +14,7 @@ const OTHER: &str = "nix/store/9bcdfghijklmnpqrsvwxyz0123456789-other";
 
 async fn run_script(server: &harness::TestServer, script: &str) -> String {
     let req = server.snix_request(script, &[OUT]);
-    let resp = server
-        .snix()
-        .await
-        .do_build(req)
-        .await
-        .unwrap()
-        .into_inner();
-    String::from_utf8(
-        server
-            .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
-            .await,
-    )
-    .unwrap()
+    String::from_utf8(server.build_first_file(req).await).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

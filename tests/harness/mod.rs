@@ -235,6 +235,14 @@ impl TestServer {
         out
     }
 
+    /// Builds `req` over `snix.build.v1` and returns the bytes of its first
+    /// output, which must be a file.
+    pub async fn build_first_file(&self, req: snix_build::BuildRequest) -> Vec<u8> {
+        let resp = self.snix().await.do_build(req).await.unwrap().into_inner();
+        self.read_file_entry(resp.outputs[0].output.as_ref().unwrap())
+            .await
+    }
+
     /// Reads a file output's bytes.
     pub async fn read_file_entry(&self, e: &snix_castore::Entry) -> Vec<u8> {
         let node = e.clone().try_into_anonymous().unwrap();
