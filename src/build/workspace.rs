@@ -175,6 +175,16 @@ mod tests {
             .arg(&marker)
             .spawn()
             .expect("spawn sh");
+        // Until the child has exec'd, its cmdline is still this test's.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let needle = marker.as_os_str().as_encoded_bytes().to_vec();
+        for _ in 0..500 {
+            let seen = fs::read(&cmdline).unwrap_or_default();
+            if seen.windows(needle.len()).any(|w| w == needle) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let report = sweep(&runs).expect("sweep");
         assert!(report.killed.contains(&(child.id() as i32)), "{report:?}");
         let status = child.wait().expect("wait");
