@@ -10,12 +10,12 @@
 //! — newer snix clients send them in output-name order — but never twice;
 //! responses follow the request's order (snix) or are sorted by name (tvix).
 
-use std::collections::BTreeSet;
-
 use crate::build::error::{invalid, InvalidRequest};
 use crate::build::paths::{AbsPath, PathError, RelPath};
 use crate::castore::{Node, PathComponent};
 use crate::proto::{snix_build, tvix_build};
+
+mod relations;
 
 /// Linux refuses to exec with a single argument or environment string longer
 /// than this (`MAX_ARG_STRLEN`, 32 pages).
@@ -24,8 +24,22 @@ pub const MAX_ARG_STRLEN: usize = 32 * 4096;
 pub const MAX_ARGS_ENV_TOTAL: usize = 2 * 1024 * 1024;
 /// Bound on the number of inputs one request may name.
 pub const MAX_INPUTS: usize = 65_536;
-/// Bound on the total size of `additional_files`.
+/// Bound on the total size of `additional_files` (the gRPC message limit
+/// bounds it anyway; this says so in the request's own terms).
 pub const MAX_ADDITIONAL_FILES_BYTES: usize = 64 * 1024 * 1024;
+/// Bound on the number of `additional_files`. Nix writes one per
+/// `passAsFile` attribute (two with structured attrs); every file costs the
+/// agent a create and the request a path check.
+pub const MAX_ADDITIONAL_FILES: usize = 4096;
+/// Bound on the number of `refscan_needles`. snix sends one needle (a
+/// 32-character nixbase32 hash) per input and per output store path, so this
+/// is [`MAX_INPUTS`] with room for the outputs. The scanner's automaton costs
+/// about 50 times the needles' bytes, which [`MAX_REFSCAN_NEEDLES_BYTES`] caps.
+pub const MAX_REFSCAN_NEEDLES: usize = MAX_INPUTS + 4096;
+/// Bound on the summed length of all `refscan_needles`: every allowed needle
+/// at the 32 bytes of a Nix store hash, so at most ~2 MiB of needles and
+/// ~100 MiB of scanner per build.
+pub const MAX_REFSCAN_NEEDLES_BYTES: usize = MAX_REFSCAN_NEEDLES * 32;
 
 /// Which wire layout a request came in; decides the response shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,89 +238,51 @@ impl BuildRequest {
         Ok(request)
     }
 
-    /// Rules that relate several fields.
-    fn check_relations(&self) -> Result<(), InvalidRequest> {
-        if self.command_args.is_empty() || self.command_args[0].is_empty() {
-            return Err(invalid(
-                "command_args",
-                "must name a program to run (argv[0] is empty)",
-            ));
-        }
-        let mut total = 0usize;
-        for (i, a) in self.command_args.iter().enumerate() {
-            if a.contains('\0') {
-                return Err(invalid(format!("command_args[{i}]"), "contains a NUL byte"));
-            }
-            if a.len() >= MAX_ARG_STRLEN {
-                return Err(invalid(
-                    format!("command_args[{i}]"),
-                    format!("{} bytes, over the {MAX_ARG_STRLEN}-byte limit Linux sets for one argument", a.len()),
-                ));
-            }
-            total += a.len() + 1;
-        }
-        total += self
-            .environment_vars
-            .iter()
-            .map(|e| e.key.len() + e.value.len() + 2)
-            .sum::<usize>();
-        if total > MAX_ARGS_ENV_TOTAL {
-            return Err(invalid(
-                "environment_vars",
-                format!("arguments and environment take {total} bytes, over the {MAX_ARGS_ENV_TOTAL}-byte limit"),
-            ));
-        }
-        let in_scratch = |p: &RelPath| self.scratch_paths.iter().any(|s| p.is_within(s));
-        let mut seen = BTreeSet::new();
-        for (i, o) in self.outputs.iter().enumerate() {
-            if !in_scratch(o) {
-                return Err(invalid(
-                    format!("outputs[{i}]"),
-                    format!("{o:?} is not inside any scratch path"),
-                ));
-            }
-            if self.scratch_paths.contains(o) {
-                return Err(invalid(
-                    format!("outputs[{i}]"),
-                    format!("{o:?} is a scratch path itself"),
-                ));
-            }
-            if !seen.insert(o) {
-                return Err(invalid(
-                    format!("outputs[{i}]"),
-                    format!("{o:?} is listed twice"),
-                ));
-            }
-        }
-        let mut seen = BTreeSet::new();
-        let mut total = 0usize;
-        for (i, f) in self.additional_files.iter().enumerate() {
-            if !in_scratch(&f.path) {
-                return Err(invalid(
-                    format!("additional_files[{i}].path"),
-                    format!("{:?} is not inside any scratch path", f.path),
-                ));
-            }
-            if !seen.insert(&f.path) {
-                return Err(invalid(
-                    format!("additional_files[{i}].path"),
-                    format!("{:?} is listed twice", f.path),
-                ));
-            }
-            total += f.contents.len();
-        }
-        if total > MAX_ADDITIONAL_FILES_BYTES {
-            return Err(invalid(
-                "additional_files",
-                format!("{total} bytes in all, over the {MAX_ADDITIONAL_FILES_BYTES}-byte limit"),
-            ));
-        }
-        for (i, n) in self.refscan_needles.iter().enumerate() {
-            if n.is_empty() {
-                return Err(invalid(format!("refscan_needles[{i}]"), "is empty"));
-            }
-        }
-        Ok(())
+    /// Approximately how many bytes of heap this request holds: its strings,
+    /// byte buffers and lists, with a flat overhead per element. What the
+    /// queued-request budget ([`crate::build::admission::RequestBudget`])
+    /// counts; an estimate, not an allocator measurement.
+    pub fn heap_size(&self) -> usize {
+        use std::mem::size_of;
+        let path = |p: &RelPath| size_of::<RelPath>() + p.as_str().len();
+        let input = |(name, node): &(PathComponent, Node)| {
+            let target = match node {
+                Node::Symlink { target } => target.as_bytes().len(),
+                _ => 0,
+            };
+            size_of::<(PathComponent, Node)>() + name.as_bytes().len() + target
+        };
+        let c = &self.constraints;
+        self.inputs.iter().map(input).sum::<usize>()
+            + self
+                .command_args
+                .iter()
+                .map(|a| size_of::<String>() + a.len())
+                .sum::<usize>()
+            + path(&self.working_dir)
+            + path(&self.inputs_dir)
+            + self.scratch_paths.iter().map(path).sum::<usize>()
+            + self.outputs.iter().map(path).sum::<usize>()
+            + self
+                .environment_vars
+                .iter()
+                .map(|e| size_of::<EnvVar>() + e.key.len() + e.value.len())
+                .sum::<usize>()
+            + c.system.len()
+            + c.available_ro_paths
+                .iter()
+                .map(|p| size_of::<AbsPath>() + p.as_str().len())
+                .sum::<usize>()
+            + self
+                .additional_files
+                .iter()
+                .map(|f| size_of::<AdditionalFile>() + f.path.as_str().len() + f.contents.len())
+                .sum::<usize>()
+            + self
+                .refscan_needles
+                .iter()
+                .map(|n| size_of::<String>() + n.len())
+                .sum::<usize>()
     }
 
     /// Guest path of a relative sandbox path, for messages.

@@ -3,6 +3,12 @@
 //! (`Entry`, `DirectoryEntry`, …). The two are identical on the wire; one
 //! macro writes the field copies for both, all checking happens in
 //! [`super::directory`] and [`super::node`].
+//!
+//! Names and symlink targets are copied out of the wire message
+//! ([`unshare`]): tonic decodes `bytes` fields as slices of the whole
+//! received message, so one validated name kept for the life of a build (or
+//! a queued request) would otherwise keep the entire message (up to the
+//! 64 MiB limit) alive.
 
 use super::directory::{Directory, RawEntry, RawNode};
 use super::errors::{show, ValidationError, Violation};
@@ -30,14 +36,14 @@ macro_rules! wire_conversions {
 
             fn try_from(wire: $pkg::Directory) -> Result<Self, Self::Error> {
                 let directories = wire.directories.into_iter().map(|d| RawEntry {
-                    name: d.name,
+                    name: unshare(d.name),
                     kind: RawNode::Directory {
                         digest: d.digest,
                         size: d.size,
                     },
                 });
                 let files = wire.files.into_iter().map(|f| RawEntry {
-                    name: f.name,
+                    name: unshare(f.name),
                     kind: RawNode::File {
                         digest: f.digest,
                         size: f.size,
@@ -45,8 +51,10 @@ macro_rules! wire_conversions {
                     },
                 });
                 let symlinks = wire.symlinks.into_iter().map(|s| RawEntry {
-                    name: s.name,
-                    kind: RawNode::Symlink { target: s.target },
+                    name: unshare(s.name),
+                    kind: RawNode::Symlink {
+                        target: unshare(s.target),
+                    },
                 });
                 Directory::from_wire_lists([
                     ("directories", directories.collect()),
@@ -122,7 +130,7 @@ macro_rules! wire_conversions {
             match wire.$field {
                 None => Err(ValidationError::new(Violation::NodeUnset).within(stringify!($field))),
                 Some(Kind::Directory(d)) => Ok((
-                    d.name,
+                    unshare(d.name),
                     (
                         "directory",
                         RawNode::Directory {
@@ -132,7 +140,7 @@ macro_rules! wire_conversions {
                     ),
                 )),
                 Some(Kind::File(f)) => Ok((
-                    f.name,
+                    unshare(f.name),
                     (
                         "file",
                         RawNode::File {
@@ -142,9 +150,15 @@ macro_rules! wire_conversions {
                         },
                     ),
                 )),
-                Some(Kind::Symlink(s)) => {
-                    Ok((s.name, ("symlink", RawNode::Symlink { target: s.target })))
-                }
+                Some(Kind::Symlink(s)) => Ok((
+                    unshare(s.name),
+                    (
+                        "symlink",
+                        RawNode::Symlink {
+                            target: unshare(s.target),
+                        },
+                    ),
+                )),
             }
         }
 
@@ -178,6 +192,13 @@ macro_rules! wire_conversions {
             $pkg::$Wrapper { $field: Some(kind) }
         }
     };
+}
+
+/// `bytes` in storage of its own, no longer pinning the message it was
+/// decoded from (see the module docs). Names and targets are short, so the
+/// copy is cheap.
+fn unshare(bytes: bytes::Bytes) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&bytes)
 }
 
 mod tvix {
