@@ -6,16 +6,24 @@
 //! the call holds a guard that cancels the build when the client goes away,
 //! so the VM and virtiofsd are killed at once and the build directory is
 //! removed.
+//!
+//! A build holds one copy of its request: the wire message is dropped once
+//! validated, and the `tvix.build.v1` answer's echo of the request is kept as
+//! its encoded bytes until the build ends. Each held request takes its
+//! [`BuildRequest::heap_size`] of the server's [`RequestBudget`] until then.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::Stream;
+use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
+use crate::build::admission::{RequestBudget, RequestPermit};
 use crate::build::error::BuildError;
 use crate::build::events::BuildLog;
 use crate::build::executor::{BuildOutcome, Executor};
@@ -32,20 +40,40 @@ pub const BUILD_ID_HEADER: &str = "x-kiln-build-id";
 #[derive(Clone)]
 pub struct BuildService {
     executor: Arc<Executor>,
+    budget: Arc<RequestBudget>,
 }
 
 impl BuildService {
-    /// Wraps an executor.
+    /// Wraps an executor, with the default request memory budget
+    /// ([`crate::build::admission::DEFAULT_REQUEST_BUDGET_BYTES`]).
     pub fn new(executor: Arc<Executor>) -> Self {
-        Self { executor }
+        Self::with_request_budget(executor, RequestBudget::default())
+    }
+
+    /// Wraps an executor; the requests it holds share `budget`.
+    pub fn with_request_budget(executor: Arc<Executor>, budget: RequestBudget) -> Self {
+        Self {
+            executor,
+            budget: Arc::new(budget),
+        }
+    }
+
+    /// Reserves a validated request's size (plus `extra` bytes held beside
+    /// it) in the budget, or answers RESOURCE_EXHAUSTED.
+    fn reserve(&self, req: &BuildRequest, extra: usize) -> Result<RequestPermit, Status> {
+        self.budget
+            .reserve(req.heap_size() + extra)
+            .map_err(|e| e.to_status())
     }
 
     /// Runs a validated request to its end, cancelling it if this future is
-    /// dropped (the client went away).
+    /// dropped (the client went away). The request's budget is given back
+    /// once the build has ended.
     async fn run(
         &self,
         req: BuildRequest,
         deadline: Option<Duration>,
+        _permit: RequestPermit,
     ) -> (String, Result<BuildOutcome, BuildError>) {
         let (log, cancel, handle) = self.executor.start(req, deadline);
         let _cancel_on_drop = cancel.drop_guard();
@@ -93,6 +121,46 @@ fn with_id<T>(id: &str, result: Result<T, Status>) -> Result<Response<T>, Status
             Err(status)
         }
     }
+}
+
+/// The `tvix.build.v1` request as the client sent it, kept encoded while its
+/// build runs: a byte string the size of the message, where the decoded
+/// message would also keep the whole receive buffer alive beneath its
+/// fields.
+struct TvixEcho(Bytes);
+
+impl TvixEcho {
+    fn keep(wire: &tvix_build::BuildRequest) -> Self {
+        Self(wire.encode_to_vec().into())
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The request again; it was encoded by this process, so decoding it
+    /// fails only on a bug.
+    fn request(&self) -> Result<tvix_build::BuildRequest, BuildError> {
+        tvix_build::BuildRequest::decode(self.0.clone()).map_err(|e| BuildError::Infrastructure {
+            step: "echo the request",
+            message: e.to_string(),
+        })
+    }
+
+    fn response(&self, outcome: &BuildOutcome) -> Result<tvix_build::Build, BuildError> {
+        Ok(tvix_response(self.request()?, outcome))
+    }
+}
+
+/// Validates a `tvix.build.v1` request, keeping only its encoded echo.
+fn from_tvix(wire: tvix_build::BuildRequest) -> Result<(BuildRequest, TvixEcho), Status> {
+    let req = BuildRequest::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
+    Ok((req, TvixEcho::keep(&wire)))
+}
+
+/// Validates a `snix.build.v1` request; the wire message is dropped here.
+fn from_snix(wire: snix_build::BuildRequest) -> Result<BuildRequest, Status> {
+    BuildRequest::from_snix(&wire).map_err(|e| BuildError::from(e).to_status())
 }
 
 /// The `tvix.build.v1` answer: the request echoed, outputs named by
@@ -157,13 +225,13 @@ impl tvix_build::build_service_server::BuildService for BuildService {
         request: Request<tvix_build::BuildRequest>,
     ) -> Result<Response<tvix_build::Build>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let wire = request.into_inner();
-        let req = BuildRequest::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
-        let (id, result) = self.run(req, deadline).await;
+        let (req, echo) = from_tvix(request.into_inner())?;
+        let permit = self.reserve(&req, echo.len())?;
+        let (id, result) = self.run(req, deadline, permit).await;
         with_id(
             &id,
             result
-                .map(|o| tvix_response(wire, &o))
+                .and_then(|o| echo.response(&o))
                 .map_err(|e| e.to_status()),
         )
     }
@@ -176,9 +244,9 @@ impl snix_build::build_service_server::BuildService for BuildService {
         request: Request<snix_build::BuildRequest>,
     ) -> Result<Response<snix_build::BuildResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let req = BuildRequest::from_snix(request.get_ref())
-            .map_err(|e| BuildError::from(e).to_status())?;
-        let (id, result) = self.run(req, deadline).await;
+        let req = from_snix(request.into_inner())?;
+        let permit = self.reserve(&req, 0)?;
+        let (id, result) = self.run(req, deadline, permit).await;
         with_id(
             &id,
             result.map(|o| snix_response(&o)).map_err(|e| e.to_status()),
@@ -230,27 +298,27 @@ impl BuildEvents for BuildService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let (req, tvix_wire) = match request.into_inner().request {
-            Some(submit_request::Request::Tvix(w)) => (
-                BuildRequest::from_tvix(&w).map_err(|e| BuildError::from(e).to_status())?,
-                Some(w),
-            ),
-            Some(submit_request::Request::Snix(w)) => (
-                BuildRequest::from_snix(&w).map_err(|e| BuildError::from(e).to_status())?,
-                None,
-            ),
+        let (req, echo) = match request.into_inner().request {
+            Some(submit_request::Request::Tvix(w)) => {
+                let (req, echo) = from_tvix(w)?;
+                (req, Some(echo))
+            }
+            Some(submit_request::Request::Snix(w)) => (from_snix(w)?, None),
             None => {
                 return Err(Status::invalid_argument(
                     "request: neither a tvix nor a snix build request",
                 ))
             }
         };
+        let permit = self.reserve(&req, echo.as_ref().map_or(0, TvixEcho::len))?;
         let (log, cancel, handle) = self.executor.start(req, deadline);
         let task_log = log.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Ok(Ok(outcome)) = handle.await {
-                let ev = match tvix_wire {
-                    Some(w) => completed(Some(tvix_response(w, &outcome)), None, &outcome),
+                let ev = match echo.map(|e| e.response(&outcome)) {
+                    Some(Ok(tvix)) => completed(Some(tvix), None, &outcome),
+                    Some(Err(e)) => Event::Failed(e.to_failed()),
                     None => completed(None, Some(snix_response(&outcome)), &outcome),
                 };
                 task_log.emit(ev);
