@@ -40,6 +40,10 @@ struct ServeArgs {
     /// HOST:PORT, or a unix socket path.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: Listen,
+    /// Permissions of the unix socket (octal), whatever the umask: who may
+    /// connect. 0600 lets only kiln's own user in; 0660 adds its group.
+    #[arg(long, default_value = "0600", value_parser = parse_socket_mode)]
+    unix_socket_mode: u32,
     /// Where the embedded castore and build directories live.
     #[arg(long, default_value = "/var/lib/kiln")]
     data_dir: PathBuf,
@@ -225,6 +229,23 @@ struct DoctorArgs {
     vm: VmArgs,
 }
 
+/// Parses an octal permission mode such as `0600` or `660`.
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{s:?} is not an octal permission mode (0000 to 0777)"
+        )),
+    }
+}
+
+/// How long open calls may finish after SIGINT/SIGTERM before kiln stops
+/// waiting for them: builds would run on for hours, so they are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long exiting waits for blocking work (hashing, copying) to return.
+const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -241,13 +262,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Dropping the runtime drops every task still running, builds included:
+    // their guards kill VMs and virtiofsd and remove build directories.
+    runtime.shutdown_timeout(BLOCKING_WORK_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on the first SIGINT or SIGTERM (what `systemctl stop` sends).
+/// Installed before serving, so neither signal kills kiln without its
+/// clean-up from then on.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        }
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -353,18 +394,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let executor = kiln::build::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
-    let listener = args.listen.bind().await?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    };
-    kiln::server::serve_with(
+    let signalled = stop_signal()?;
+    let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        let name = signalled.await;
+        tracing::info!(
+            signal = name,
+            "shutting down: no new calls, running builds are cancelled"
+        );
+        stopper.cancel();
+    });
+    let serving = kiln::server::serve_with(
         listener,
         store,
         std::sync::Arc::new(executor),
         security,
-        shutdown,
-    )
-    .await?;
+        stop.clone().cancelled_owned(),
+    );
+    tokio::select! {
+        served = serving => served?,
+        _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::info!("calls still open after the grace period are dropped");
+        }
+    }
     Ok(())
 }

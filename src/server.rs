@@ -74,22 +74,53 @@ pub enum Bound {
     Unix(UnixListener, PathBuf),
 }
 
+/// Permissions of kiln's unix socket unless told otherwise: only kiln's
+/// own user may connect.
+pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o600;
+
 impl Listen {
-    /// Binds the listener (a stale unix socket file is replaced).
+    /// Binds the listener (a stale unix socket file is replaced); a unix
+    /// socket gets [`DEFAULT_UNIX_SOCKET_MODE`].
     pub async fn bind(&self) -> Result<Bound, ServeError> {
+        self.bind_with_mode(DEFAULT_UNIX_SOCKET_MODE).await
+    }
+
+    /// Binds the listener; a unix socket gets permissions `mode` whatever
+    /// the umask (connecting needs write permission on the socket file).
+    pub async fn bind_with_mode(&self, mode: u32) -> Result<Bound, ServeError> {
         match self {
             Listen::Tcp(addr) => TcpListener::bind(addr)
                 .await
                 .map(Bound::Tcp)
                 .map_err(|e| ServeError::Bind(addr.to_string(), e)),
-            Listen::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                UnixListener::bind(path)
-                    .map(|l| Bound::Unix(l, path.clone()))
-                    .map_err(|e| ServeError::Bind(path.display().to_string(), e))
-            }
+            Listen::Unix(path) => bind_unix(path, mode)
+                .map(|l| Bound::Unix(l, path.clone()))
+                .map_err(|e| ServeError::Bind(path.display().to_string(), e)),
         }
     }
+}
+
+/// Binds a unix socket at `path` that is never reachable with other
+/// permissions than `mode`: it is bound inside a fresh 0700 directory next
+/// to `path`, chmodded there, and only then renamed into place.
+fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".kiln-socket-")
+        .tempdir_in(parent)?;
+    let staged = private.path().join("s");
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::rename(&staged, path)?;
+    Ok(listener)
 }
 
 /// Serves every kiln service on `listener` until `shutdown` resolves,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod child;
 pub mod choose;
 pub mod cloud_hypervisor;
 pub mod host;

@@ -194,14 +194,15 @@ impl VmRunner for QemuRunner {
                 .flatten(),
             Accel::Kvm => None,
         };
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(qemu_args(spec, self.accel, &channel_socket, tsc_khz))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| VmmError::Spawn { program, source })?;
+            .kill_on_drop(true);
+        let child =
+            super::child::spawn(command).map_err(|source| VmmError::Spawn { program, source })?;
         let mut vm = QemuVm {
             child: Some(child),
             channel: None,

@@ -6,6 +6,9 @@
 //! Each daemon is sandboxed (`--sandbox namespace`: its own mount, pid and
 //! network namespaces, chrooted into the share) and read-only shares are
 //! served with `--readonly`, so the guest cannot write them even as root.
+//! Writable shares translate guest ids (see [`GUEST_ID_HOST_BASE`]) so that
+//! what the builder creates is owned by a dedicated host id range, never by
+//! a host account. Every daemon dies with kiln (see [`super::child`]).
 //!
 //! Dropping a [`Virtiofsd`] kills and reaps the daemon and removes its socket.
 
@@ -57,6 +60,41 @@ pub fn find_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// First host id of the range guest ids land on in writable shares: guest
+/// uid/gid `g` (1 ≤ g ≤ [`MAPPED_GUEST_IDS`]) is host id
+/// `GUEST_ID_HOST_BASE + g`, both ways. 0x7FF00000 lies in the range
+/// systemd leaves unassigned (above its container ranges, below its foreign
+/// range 0x7FFE0000 and the signed-overflow half), so no host account or
+/// container owns these ids.
+pub const GUEST_ID_HOST_BASE: u32 = 0x7FF0_0000;
+/// How many guest ids, from 1, are mapped into the host range.
+pub const MAPPED_GUEST_IDS: u32 = 65535;
+
+/// `--translate-uid`/`--translate-gid` rules for a writable share.
+///
+/// Guest root (0) is not translated: the agent sets up the share as guest
+/// root and virtiofsd must keep host root's rights for that (it creates
+/// files with the caller's translated fsuid, and a mapped root would lose
+/// access to the root-owned, 0700 build directory). Guest ids 1..=65535 —
+/// the builder is 1000:100 — become the dedicated host range, so a build's
+/// files never belong to a host account (on Debian, 1000 is the first human
+/// user and 100 is `users`). Any higher guest id is refused: creating or
+/// chowning a file to it fails in the guest instead of reaching the host.
+fn id_translation() -> Vec<OsString> {
+    let map = format!("map:1:{}:{MAPPED_GUEST_IDS}", GUEST_ID_HOST_BASE + 1);
+    let first_refused = MAPPED_GUEST_IDS + 1;
+    // Up to u32::MAX - 1: u32::MAX is "no change" to chown, never an id.
+    let forbid = format!("forbid-guest:{first_refused}:{}", u32::MAX - first_refused);
+    let mut args = Vec::new();
+    for option in ["--translate-uid", "--translate-gid"] {
+        for rule in [&map, &forbid] {
+            args.push(option.into());
+            args.push(rule.into());
+        }
+    }
+    args
+}
+
 /// The arguments for one daemon (after the binary), given the inherited
 /// listening descriptor. Pure, so it is tested without a daemon.
 pub fn args(shared_dir: &Path, fd: i32, read_only: bool) -> Vec<OsString> {
@@ -75,7 +113,11 @@ pub fn args(shared_dir: &Path, fd: i32, read_only: bool) -> Vec<OsString> {
         "error".into(),
     ];
     if read_only {
+        // Nothing is created or chowned on a read-only share: the guest
+        // sees the host's ids unchanged.
         args.push("--readonly".into());
+    } else {
+        args.extend(id_translation());
     }
     args
 }
@@ -133,7 +175,7 @@ impl Virtiofsd {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| VirtiofsdError::Spawn {
+        let child = super::child::spawn(cmd).map_err(|source| VirtiofsdError::Spawn {
             binary: binary.to_path_buf(),
             source,
         })?;
@@ -249,6 +291,31 @@ mod tests {
             .collect();
         assert!(!rw.contains(&"--readonly".to_string()));
         assert!(rw.windows(2).any(|w| w == ["--cache", "auto"]));
+    }
+
+    #[test]
+    fn writable_shares_map_guest_ids_to_the_dedicated_host_range() {
+        let rw: Vec<String> = args(Path::new("/s"), 7, false)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        for option in ["--translate-uid", "--translate-gid"] {
+            let rules: Vec<&str> = rw
+                .windows(2)
+                .filter(|w| w[0] == option)
+                .map(|w| w[1].as_str())
+                .collect();
+            assert_eq!(
+                rules,
+                ["map:1:2146435073:65535", "forbid-guest:65536:4294901759"],
+                "{option}"
+            );
+        }
+        let ro: Vec<String> = args(Path::new("/s"), 7, true)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert!(!ro.iter().any(|a| a.starts_with("--translate")), "{ro:?}");
     }
 
     #[tokio::test]

@@ -159,7 +159,8 @@ impl CloudHypervisorRunner {
             .open(&log_path)
             .map_err(spawn_err)?;
 
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg("--api-socket")
             .arg(path_arg(&socket))
             .arg("--event-monitor")
@@ -167,9 +168,8 @@ impl CloudHypervisorRunner {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(spawn_err)?;
+            .kill_on_drop(true);
+        let mut child = crate::vmm::child::spawn(command).map_err(spawn_err)?;
         let channel = child.stdout.take();
         let pid = child.id();
         let client = Arc::new(socket_based_api_client(&socket));
