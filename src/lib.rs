@@ -8,6 +8,8 @@
 //! - [`vmm`]: VMM backends (QEMU microvm, cloud-hypervisor), host detection
 //!   and virtiofsd.
 //! - [`guest_image`]: kernel artifacts and the initramfs (agent + job).
+//! - [`hostfs`]: handle-based access to what builds wrote on the host (never
+//!   through a symlink, never out of the build's tree).
 //! - [`castore`]: the content-addressed store the inputs come from and the
 //!   outputs go to.
 //! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
@@ -23,6 +25,7 @@ pub mod castore;
 pub mod cli;
 pub mod client;
 pub mod guest_image;
+pub mod hostfs;
 pub mod nix;
 pub mod proto;
 pub mod server;

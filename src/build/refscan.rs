@@ -1,13 +1,17 @@
 //! Reference scanning: which of the request's `refscan_needles` occur in an
 //! output. As upstream: file contents and symlink targets are scanned, file
 //! names are not; matches are non-overlapping. Files are streamed, never
-//! read whole into memory.
+//! read whole into memory, and the tree is walked through directory
+//! handles ([`crate::hostfs::walk`]), never through a symlink.
 
-use std::fs;
+use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 
 use aho_corasick::AhoCorasick;
+
+use crate::hostfs::walk::{walk, Event, Options};
+use crate::hostfs::{Dir, Kind};
 
 /// A compiled set of needles.
 pub struct Scanner {
@@ -31,11 +35,42 @@ impl Scanner {
         })
     }
 
-    /// Ascending indexes of the needles found under `path`.
+    /// Ascending indexes of the needles found under `path` (a path kiln
+    /// trusts up to its last component).
     pub fn scan_path(&self, path: &Path) -> io::Result<Vec<u64>> {
+        let (parent, name) = crate::hostfs::open_parent(path)?;
+        self.scan_at(&parent, &name)
+    }
+
+    /// Ascending indexes of the needles found in the entry `name` of
+    /// `parent` and below, walked through handles, never through a symlink.
+    /// Blocking.
+    pub fn scan_at(&self, parent: &Dir, name: &OsStr) -> io::Result<Vec<u64>> {
         let mut found = vec![false; self.count];
         if let Some(ac) = &self.automaton {
-            scan_tree(ac, path, &mut found)?;
+            walk(parent, name, Options::default(), |event| {
+                let Event::Leaf { dir, name, kind } = event else {
+                    return Ok(());
+                };
+                match kind {
+                    Kind::Symlink => {
+                        let target = dir.read_link(name)?;
+                        for m in ac.find_iter(target.as_encoded_bytes()) {
+                            found[m.pattern().as_usize()] = true;
+                        }
+                    }
+                    Kind::File => {
+                        let file = dir.open_file(name)?;
+                        let reader = io::BufReader::with_capacity(256 * 1024, file);
+                        for m in ac.stream_find_iter(reader) {
+                            found[m?.pattern().as_usize()] = true;
+                        }
+                    }
+                    // Ingest refuses these; nothing to scan.
+                    Kind::Dir | Kind::Other(_) => {}
+                }
+                Ok(())
+            })?;
         }
         Ok(found
             .iter()
@@ -46,30 +81,10 @@ impl Scanner {
     }
 }
 
-fn scan_tree(ac: &AhoCorasick, path: &Path, found: &mut [bool]) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        let target = fs::read_link(path)?;
-        for m in ac.find_iter(target.as_os_str().as_encoded_bytes()) {
-            found[m.pattern().as_usize()] = true;
-        }
-    } else if ft.is_file() {
-        let file = fs::File::open(path)?;
-        for m in ac.stream_find_iter(io::BufReader::with_capacity(256 * 1024, file)) {
-            found[m?.pattern().as_usize()] = true;
-        }
-    } else if ft.is_dir() {
-        for entry in fs::read_dir(path)? {
-            scan_tree(ac, &entry?.path(), found)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn finds_needles_in_contents_and_symlink_targets_not_names() {

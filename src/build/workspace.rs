@@ -7,31 +7,53 @@
 //!     vm/         VMM and virtiofsd sockets, the serial log, the initramfs
 //! ```
 //!
-//! [`Workspace`] removes the whole tree when dropped, on every path. A kiln
-//! that crashed cannot drop anything, so [`sweep`] runs at start-up: it kills
+//! [`Workspace::remove`] removes the whole tree off the async workers; the
+//! executor awaits it on every path, and dropping a workspace is the
+//! fallback. Removal walks through directory handles, never through a link
+//! a build left, at any depth ([`crate::hostfs::remove`]). A kiln that
+//! crashed cannot remove anything, so [`sweep`] runs at start-up: it kills
 //! processes whose command line names the runs directory (VMMs, virtiofsd)
-//! and removes what is left.
+//! and removes what is left, moving aside what it cannot remove.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::hostfs::{self, Dir};
 
 /// A build's directory tree, removed on drop.
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
+    removed: bool,
 }
 
 impl Workspace {
-    /// Creates `<runs_dir>/<id>/{inputs,scratch,vm}`.
+    /// Creates `<runs_dir>/<id>/{inputs,scratch,vm}`. The runs directory and
+    /// the build's own are root's alone (0700): nothing a build wrote is
+    /// reachable by other host users. The shares are 0755 so the guest's
+    /// build user can enter them where they are mounted whole.
     pub fn create(runs_dir: &Path, id: &str) -> io::Result<Self> {
         let root = runs_dir.join(id);
-        fs::create_dir_all(runs_dir)?;
-        fs::create_dir(&root)?;
-        let ws = Self { root };
-        for d in [ws.inputs(), ws.scratch(), ws.vm()] {
-            fs::create_dir(d)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(runs_dir)?;
+        fs::set_permissions(runs_dir, fs::Permissions::from_mode(0o700))?;
+        fs::DirBuilder::new().mode(0o700).create(&root)?;
+        let ws = Self {
+            root,
+            removed: false,
+        };
+        fs::set_permissions(&ws.root, fs::Permissions::from_mode(0o700))?;
+        for (d, mode) in [
+            (ws.inputs(), 0o755),
+            (ws.scratch(), 0o755),
+            (ws.vm(), 0o700),
+        ] {
+            fs::create_dir(&d)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
         }
         Ok(ws)
     }
@@ -51,40 +73,65 @@ impl Workspace {
         self.root.join("scratch")
     }
 
+    /// A handle on the scratch share: everything the build wrote is reached
+    /// through it ([`crate::hostfs`]).
+    pub fn scratch_dir(&self) -> io::Result<Dir> {
+        Dir::open(&self.scratch())
+    }
+
+    /// A handle on the inputs share.
+    pub fn inputs_dir(&self) -> io::Result<Dir> {
+        Dir::open(&self.inputs())
+    }
+
     /// VMM files: sockets, serial log, initramfs.
     pub fn vm(&self) -> PathBuf {
         self.root.join("vm")
     }
+
+    /// Removes the tree on a blocking thread, so a huge or deep tree does
+    /// not stall the async workers; resolves once it is gone.
+    pub async fn remove(mut self) {
+        self.removed = true;
+        let root = self.root.clone();
+        let removed = tokio::task::spawn_blocking(move || remove_tree(&root)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn_left(&self.root, &e),
+            Err(e) => warn_left(&self.root, &io::Error::other(e)),
+        }
+    }
+}
+
+fn warn_left(path: &Path, e: &io::Error) {
+    tracing::warn!(path = %path.display(), error = %e, "could not remove build directory");
 }
 
 impl Drop for Workspace {
+    /// The fallback when [`Workspace::remove`] was not reached: still off
+    /// the async workers when a runtime is there.
     fn drop(&mut self) {
-        if let Err(e) = remove_tree(&self.root) {
-            tracing::warn!(path = %self.root.display(), error = %e, "could not remove build directory");
+        if self.removed {
+            return;
+        }
+        let root = std::mem::take(&mut self.root);
+        let remove = move || {
+            if let Err(e) = remove_tree(&root) {
+                warn_left(&root, &e);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
 
-/// Removes a tree even where the build left read-only directories.
+/// Removes a tree a build may have written (read-only or unreadable
+/// directories, symlinks anywhere, any depth) without following a link.
+/// Blocking.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(_) => {}
-    }
-    make_writable(path)?;
-    fs::remove_dir_all(path)
-}
-
-fn make_writable(path: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    if meta.is_dir() {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-        for entry in fs::read_dir(path)? {
-            make_writable(&entry?.path())?;
-        }
-    }
-    Ok(())
+    hostfs::remove::remove_path(path)
 }
 
 /// What [`sweep`] found and removed.
@@ -94,10 +141,14 @@ pub struct SweepReport {
     pub killed: Vec<i32>,
     /// Build directories removed.
     pub removed: Vec<PathBuf>,
+    /// Build directories that could not be removed, moved aside to
+    /// `<data_dir>/runs-unremovable/` for an operator to look at.
+    pub moved_aside: Vec<PathBuf>,
 }
 
 /// Kills leftover processes of a previous kiln and removes its build
-/// directories.
+/// directories. What cannot be removed is logged and moved aside, so kiln
+/// still starts.
 pub fn sweep(runs_dir: &Path) -> io::Result<SweepReport> {
     let mut report = SweepReport::default();
     if !runs_dir.exists() {
@@ -111,12 +162,33 @@ pub fn sweep(runs_dir: &Path) -> io::Result<SweepReport> {
             report.killed.push(pid);
         }
     }
-    for entry in fs::read_dir(runs_dir)? {
-        let path = entry?.path();
-        remove_tree(&path)?;
-        report.removed.push(path);
+    let runs = Dir::open(runs_dir)?;
+    for (name, _) in runs.entries()? {
+        let path = runs_dir.join(&name);
+        match hostfs::remove::remove_all(&runs, &name) {
+            Ok(()) => report.removed.push(path),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a leftover build directory; moving it aside");
+                report.moved_aside.push(move_aside(runs_dir, &runs, &name)?);
+            }
+        }
     }
     Ok(report)
+}
+
+/// Renames `name` out of the runs directory into `runs-unremovable/` next
+/// to it, under a name that does not collide.
+fn move_aside(runs_dir: &Path, runs: &Dir, name: &std::ffi::OsStr) -> io::Result<PathBuf> {
+    let aside = runs_dir.with_file_name("runs-unremovable");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&aside)?;
+    let aside_dir = Dir::open(&aside)?;
+    let mut target = name.to_owned();
+    target.push(format!(".{}", uuid::Uuid::new_v4().simple()));
+    runs.rename(name, &aside_dir, &target)?;
+    Ok(aside.join(target))
 }
 
 fn processes_mentioning(needle: &[u8]) -> io::Result<Vec<i32>> {
@@ -186,6 +258,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let report = sweep(&runs).expect("sweep");
+        assert!(report.moved_aside.is_empty(), "{report:?}");
         assert!(report.killed.contains(&(child.id() as i32)), "{report:?}");
         let status = child.wait().expect("wait");
         assert!(!status.success());

@@ -1,23 +1,32 @@
-//! Ingest: a host path becomes castore nodes.
+//! Ingest: a host tree becomes castore nodes.
 //!
-//! Steps: scan the tree (regular files with their executable bit,
-//! symlinks as they are, directories; anything else is refused), store the
-//! files' bytes several at a time (each file is hashed streaming, large ones
-//! memory-mapped on the rayon pool, never read into memory whole), then
-//! assemble the directories bottom-up and store them leaves first.
+//! The tree is walked through directory handles ([`crate::hostfs::walk`]):
+//! no symlink is ever followed, nothing outside the tree is reached, and a
+//! tree of any depth is walked in a loop, not by recursion. Regular files
+//! (with their executable bit) are opened beneath their directory's handle
+//! and stored a batch at a time, several at once (each hashed streaming,
+//! large ones memory-mapped on the rayon pool, never read into memory
+//! whole); symlinks are stored as they are; anything else is refused. Each
+//! directory is assembled when the walk leaves it, so directories are stored
+//! leaves first.
 //!
 //! Two modes: [`IngestMode::Copy`] leaves the host files untouched;
 //! [`IngestMode::Move`] hands the files' bytes to the blob store (for the
 //! embedded store, a rename: build outputs are ingested without copying).
 
 use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
+
+use crate::hostfs::walk::{walk, Event, Options};
+use crate::hostfs::{open_parent, Dir, Kind};
 
 use super::blob::{BlobError, StoredBlob};
 use super::directory::Directory;
@@ -28,6 +37,9 @@ use super::{B3Digest, Store};
 
 /// How many files are stored at once.
 const PARALLEL_FILES: usize = 8;
+
+/// How many opened files wait to be stored at most.
+const BATCH_FILES: usize = 64;
 
 /// What happens to the host files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,45 +107,26 @@ pub enum IngestError {
         #[source]
         source: Box<DirectoryError>,
     },
+    /// The ingest ran past its deadline and was stopped.
+    #[error("ingesting {path} ran past its deadline")]
+    Deadline {
+        /// The ingested root.
+        path: PathBuf,
+    },
     /// The scanning task died.
     #[error("scanning task failed")]
     Task(#[source] tokio::task::JoinError),
 }
 
-/// A scanned tree; files refer to their index in the list of files to store.
-#[derive(Debug)]
-enum Scanned {
-    Directory(Vec<(PathComponent, Scanned)>),
-    File { index: usize, executable: bool },
-    Symlink(SymlinkTarget),
-}
-
-/// Stores the tree at `path` and returns its root node (nameless: the
-/// caller names it).
+/// Stores the tree at `path` (a path the caller trusts up to its last
+/// component, which may be a symlink and is then stored as one) and returns
+/// its root node (nameless: the caller names it).
 pub async fn ingest(store: &Store, path: &Path, mode: IngestMode) -> Result<Node, IngestError> {
-    let root = path.to_owned();
-    let (tree, files) = tokio::task::spawn_blocking(move || {
-        let mut files = Vec::new();
-        scan(&root, &mut files).map(|tree| (tree, files))
-    })
-    .await
-    .map_err(IngestError::Task)??;
-
-    let blobs = store_files(store, files, mode).await?;
-
-    let mut directories = Vec::new();
-    let node = assemble(tree, path, &blobs, &mut directories, &mut HashSet::new())?;
-    if !directories.is_empty() {
-        store
-            .directories
-            .put_many(directories)
-            .await
-            .map_err(|source| IngestError::StoreDirectories {
-                path: path.to_owned(),
-                source: Box::new(source),
-            })?;
-    }
-    Ok(node)
+    let (parent, name) = open_parent(path).map_err(|source| IngestError::Inspect {
+        path: path.to_owned(),
+        source,
+    })?;
+    ingest_at(store, parent, name, path.to_owned(), mode, None).await
 }
 
 /// [`ingest`] in [`IngestMode::Copy`].
@@ -141,128 +134,339 @@ pub async fn ingest_path(store: &Store, path: &Path) -> Result<Node, IngestError
     ingest(store, path, IngestMode::Copy).await
 }
 
-/// [`ingest`] in [`IngestMode::Move`], for build outputs.
+/// [`ingest`] in [`IngestMode::Move`].
 pub async fn ingest_path_moving(store: &Store, path: &Path) -> Result<Node, IngestError> {
     ingest(store, path, IngestMode::Move).await
 }
 
-/// Walks the tree at `path`, listing regular files in `files`. Blocking.
-fn scan(path: &Path, files: &mut Vec<PathBuf>) -> Result<Scanned, IngestError> {
-    let inspect = |source| IngestError::Inspect {
-        path: path.to_owned(),
-        source,
-    };
-    let metadata = fs::symlink_metadata(path).map_err(inspect)?;
-    let kind = metadata.file_type();
-    if kind.is_file() {
-        files.push(path.to_owned());
-        let executable = metadata.permissions().mode() & 0o100 != 0;
-        return Ok(Scanned::File {
-            index: files.len() - 1,
-            executable,
-        });
-    }
-    if kind.is_symlink() {
-        let target = fs::read_link(path).map_err(inspect)?;
-        let target = SymlinkTarget::try_from(target.as_os_str().as_bytes()).map_err(|source| {
-            IngestError::Target {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-        return Ok(Scanned::Symlink(target));
-    }
-    if !kind.is_dir() {
-        return Err(IngestError::Unsupported {
-            path: path.to_owned(),
-            kind: kind_name(&kind),
-        });
-    }
-    let mut children = Vec::new();
-    for entry in fs::read_dir(path).map_err(inspect)? {
-        let entry = entry.map_err(inspect)?;
-        let child = entry.path();
-        let name = PathComponent::try_from(entry.file_name().as_bytes()).map_err(|source| {
-            IngestError::Name {
-                path: child.clone(),
-                source,
-            }
-        })?;
-        children.push((name, scan(&child, files)?));
-    }
-    Ok(Scanned::Directory(children))
-}
-
-fn kind_name(kind: &fs::FileType) -> &'static str {
-    if kind.is_fifo() {
-        "fifo"
-    } else if kind.is_socket() {
-        "socket"
-    } else if kind.is_block_device() {
-        "block device"
-    } else if kind.is_char_device() {
-        "character device"
-    } else {
-        "file of unknown type"
-    }
-}
-
-/// Stores the files' bytes, several at a time, in list order.
-async fn store_files(
+/// Stores the entry `name` of the directory `parent` and everything below
+/// it. `origin` is how messages name that entry (for build outputs, the path
+/// the guest saw). Past `deadline` the walk stops with
+/// [`IngestError::Deadline`].
+pub async fn ingest_at(
     store: &Store,
-    files: Vec<PathBuf>,
+    parent: Dir,
+    name: OsString,
+    origin: PathBuf,
     mode: IngestMode,
-) -> Result<Vec<StoredBlob>, IngestError> {
-    futures::stream::iter(files)
-        .map(|path| async move {
-            let stored = match mode {
-                IngestMode::Copy => store.blobs.put_file(&path).await,
-                IngestMode::Move => store.blobs.put_file_moving(&path).await,
-            };
-            stored.map_err(|source| IngestError::StoreFile { path, source })
+    deadline: Option<Instant>,
+) -> Result<Node, IngestError> {
+    let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
+    tokio::task::spawn_blocking(move || {
+        let mut walker = Walker {
+            store: &store,
+            runtime: &runtime,
+            mode,
+            origin: &origin,
+            deadline,
+            arena: Vec::new(),
+            open: Vec::new(),
+            batch: None,
+            directories: Vec::new(),
+            seen: HashSet::new(),
+            root: None,
+        };
+        walk(&parent, &name, Options::default(), |event| {
+            walker.event(event)
         })
-        .buffered(PARALLEL_FILES)
-        .try_collect()
-        .await
+        .map_err(|e| walker.into_error(e))?;
+        walker.finish()
+    })
+    .await
+    .map_err(IngestError::Task)?
 }
 
-/// Builds the nodes bottom-up, appending each new directory to
-/// `directories` after its children (leaves first).
-fn assemble(
-    tree: Scanned,
-    path: &Path,
-    blobs: &[StoredBlob],
-    directories: &mut Vec<Directory>,
-    seen: &mut HashSet<B3Digest>,
-) -> Result<Node, IngestError> {
-    Ok(match tree {
-        Scanned::File { index, executable } => Node::File {
-            digest: blobs[index].digest,
-            size: blobs[index].size,
-            executable,
-        },
-        Scanned::Symlink(target) => Node::Symlink { target },
-        Scanned::Directory(children) => {
-            let mut directory = Directory::new();
-            for (name, child) in children {
-                let child_path = path.join(name.to_os_str());
-                let node = assemble(child, &child_path, blobs, directories, seen)?;
-                // One directory listing never repeats a name; if it somehow
-                // did, say so rather than drop an entry.
-                directory
-                    .add(name, node)
-                    .map_err(|source| IngestError::Name {
-                        path: child_path,
-                        source,
-                    })?;
-            }
-            let node = directory.as_node();
-            if let Node::Directory { digest, .. } = &node {
-                if seen.insert(*digest) {
-                    directories.push(directory);
-                }
-            }
-            node
+/// A directory being assembled: its place in the tree and its entries so far.
+struct Assembling {
+    parent: Option<usize>,
+    name: OsString,
+    directory: Directory,
+}
+
+/// Opened files of one directory waiting to be stored.
+struct Batch {
+    dir: Dir,
+    at: usize,
+    files: Vec<(OsString, fs::File, bool)>,
+}
+
+/// The walk's state: directories on the path from the root (`open`, indexes
+/// into `arena`), the files waiting, the directories finished.
+struct Walker<'a> {
+    store: &'a Store,
+    runtime: &'a tokio::runtime::Handle,
+    mode: IngestMode,
+    origin: &'a Path,
+    deadline: Option<Instant>,
+    arena: Vec<Assembling>,
+    open: Vec<usize>,
+    batch: Option<Batch>,
+    directories: Vec<Directory>,
+    seen: HashSet<B3Digest>,
+    root: Option<Node>,
+}
+
+/// Errors raised inside the walk's callback travel as `io::Error`s carrying
+/// an [`IngestError`]; this unwraps them again.
+fn carry(e: IngestError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl Walker<'_> {
+    fn event(&mut self, event: Event<'_>) -> io::Result<()> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(carry(IngestError::Deadline {
+                path: self.origin.to_owned(),
+            }));
         }
-    })
+        match event {
+            Event::Enter { name, .. } => {
+                self.flush()?;
+                self.arena.push(Assembling {
+                    parent: self.open.last().copied(),
+                    name: name.to_owned(),
+                    directory: Directory::new(),
+                });
+                self.open.push(self.arena.len() - 1);
+            }
+            Event::Leaf { dir, name, kind } => self.leaf(dir, name, kind)?,
+            Event::Leave { .. } => {
+                self.flush()?;
+                let Some(done) = self.open.pop() else {
+                    return Ok(());
+                };
+                let directory = std::mem::take(&mut self.arena[done].directory);
+                let node = directory.as_node();
+                if let Node::Directory { digest, .. } = &node {
+                    if self.seen.insert(*digest) {
+                        self.directories.push(directory);
+                    }
+                }
+                self.place(done, node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A file, symlink or unsupported entry of the current directory (or
+    /// the root itself when it is not a directory).
+    fn leaf(&mut self, dir: &Dir, name: &OsStr, kind: Kind) -> io::Result<()> {
+        match kind {
+            Kind::File => {
+                let file = dir
+                    .open_file(name)
+                    .map_err(|source| self.inspect(name, source))?;
+                let mode = file
+                    .metadata()
+                    .map_err(|source| self.inspect(name, source))?
+                    .permissions()
+                    .mode();
+                if self.open.is_empty() {
+                    let stored = self.store_one(dir, name, file)?;
+                    self.root = Some(file_node(stored, mode));
+                    return Ok(());
+                }
+                let at = self.open[self.open.len() - 1];
+                if self.batch.as_ref().is_some_and(|b| b.at != at) {
+                    self.flush()?;
+                }
+                let batch = match self.batch.take() {
+                    Some(batch) => batch,
+                    None => Batch {
+                        dir: dir.try_clone()?,
+                        at,
+                        files: Vec::new(),
+                    },
+                };
+                let batch = self.batch.insert(batch);
+                batch.files.push((name.to_owned(), file, mode & 0o100 != 0));
+                if batch.files.len() >= BATCH_FILES {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+            Kind::Symlink => {
+                let target = dir
+                    .read_link(name)
+                    .map_err(|source| self.inspect(name, source))?;
+                let target = SymlinkTarget::try_from(target.as_bytes()).map_err(|source| {
+                    carry(IngestError::Target {
+                        path: self.path_of(name),
+                        source,
+                    })
+                })?;
+                self.place_leaf(name, Node::Symlink { target })
+            }
+            Kind::Dir => Ok(()),
+            Kind::Other(what) => Err(carry(IngestError::Unsupported {
+                path: self.path_of(name),
+                kind: what,
+            })),
+        }
+    }
+
+    /// Stores the waiting files and adds them to their directory.
+    fn flush(&mut self) -> io::Result<()> {
+        let Some(batch) = self.batch.take() else {
+            return Ok(());
+        };
+        let (store, mode, dir) = (self.store, self.mode, &batch.dir);
+        let stored: Vec<Result<StoredBlob, BlobError>> = self.runtime.block_on(
+            futures::stream::iter(batch.files.iter())
+                .map(|(name, file, _)| async move {
+                    let file = file.try_clone().map_err(BlobError::Write)?;
+                    let origin = Path::new(name);
+                    match mode {
+                        IngestMode::Copy => store.blobs.put_opened(file, origin).await,
+                        IngestMode::Move => store.blobs.put_taken(dir, name, file, origin).await,
+                    }
+                })
+                .buffered(PARALLEL_FILES)
+                .collect(),
+        );
+        for ((name, _, executable), stored) in batch.files.iter().zip(stored) {
+            let stored = stored.map_err(|source| {
+                carry(IngestError::StoreFile {
+                    path: self.path_in(batch.at, name),
+                    source,
+                })
+            })?;
+            let node = file_node(stored, if *executable { 0o755 } else { 0o644 });
+            self.add(batch.at, name, node)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a root that is a single file.
+    fn store_one(&self, dir: &Dir, name: &OsStr, file: fs::File) -> io::Result<StoredBlob> {
+        let origin = self.origin;
+        let stored = self.runtime.block_on(async {
+            match self.mode {
+                IngestMode::Copy => self.store.blobs.put_opened(file, origin).await,
+                IngestMode::Move => self.store.blobs.put_taken(dir, name, file, origin).await,
+            }
+        });
+        stored.map_err(|source| {
+            carry(IngestError::StoreFile {
+                path: origin.to_owned(),
+                source,
+            })
+        })
+    }
+
+    /// A symlink of the current directory, or the root symlink.
+    fn place_leaf(&mut self, name: &OsStr, node: Node) -> io::Result<()> {
+        match self.open.last() {
+            None => {
+                self.root = Some(node);
+                Ok(())
+            }
+            Some(&at) => self.add(at, name, node),
+        }
+    }
+
+    /// A finished directory goes into its parent, or becomes the root.
+    fn place(&mut self, done: usize, node: Node) -> io::Result<()> {
+        match self.arena[done].parent {
+            None => {
+                self.root = Some(node);
+                Ok(())
+            }
+            Some(parent) => {
+                let name = self.arena[done].name.clone();
+                self.add(parent, &name, node)
+            }
+        }
+    }
+
+    fn add(&mut self, at: usize, name: &OsStr, node: Node) -> io::Result<()> {
+        let component = PathComponent::try_from(name.as_bytes()).map_err(|source| {
+            carry(IngestError::Name {
+                path: self.path_in(at, name),
+                source,
+            })
+        })?;
+        // One directory listing never repeats a name; if it somehow did,
+        // say so rather than drop an entry.
+        self.arena[at]
+            .directory
+            .add(component, node)
+            .map_err(|source| {
+                carry(IngestError::Name {
+                    path: self.path_in(at, name),
+                    source,
+                })
+            })
+    }
+
+    /// The message path of `name` in the current directory.
+    fn path_of(&self, name: &OsStr) -> PathBuf {
+        match self.open.last() {
+            None => self.origin.to_owned(),
+            Some(&at) => self.path_in(at, name),
+        }
+    }
+
+    /// The message path of `name` in the directory `at`: built only for
+    /// errors (it is as long as the tree is deep).
+    fn path_in(&self, at: usize, name: &OsStr) -> PathBuf {
+        let mut names = vec![name];
+        let mut cur = Some(at);
+        while let Some(i) = cur {
+            if self.arena[i].parent.is_some() {
+                names.push(&self.arena[i].name);
+            }
+            cur = self.arena[i].parent;
+        }
+        let mut path = self.origin.to_owned();
+        for n in names.iter().rev() {
+            path.push(n);
+        }
+        path
+    }
+
+    fn inspect(&self, name: &OsStr, source: io::Error) -> io::Error {
+        carry(IngestError::Inspect {
+            path: self.path_of(name),
+            source,
+        })
+    }
+
+    /// The walk's own error, or the [`IngestError`] a callback carried out.
+    fn into_error(&self, e: io::Error) -> IngestError {
+        match e.downcast::<IngestError>() {
+            Ok(e) => e,
+            Err(e) => IngestError::Inspect {
+                path: self.origin.to_owned(),
+                source: e,
+            },
+        }
+    }
+
+    /// Stores the finished directories, leaves first; returns the root.
+    fn finish(mut self) -> Result<Node, IngestError> {
+        self.flush().map_err(|e| self.into_error(e))?;
+        let root = self.root.take().ok_or_else(|| IngestError::Inspect {
+            path: self.origin.to_owned(),
+            source: io::Error::other("the walk reported no root"),
+        })?;
+        if !self.directories.is_empty() {
+            let directories = std::mem::take(&mut self.directories);
+            self.runtime
+                .block_on(self.store.directories.put_many(directories))
+                .map_err(|source| IngestError::StoreDirectories {
+                    path: self.origin.to_owned(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(root)
+    }
+}
+
+fn file_node(stored: StoredBlob, mode: u32) -> Node {
+    Node::File {
+        digest: stored.digest,
+        size: stored.size,
+        executable: mode & 0o100 != 0,
+    }
 }

@@ -11,6 +11,7 @@
 //! a blob file is never visible half-written, and its name is always the
 //! digest of its contents.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -19,8 +20,12 @@ use std::path::{Path, PathBuf};
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{hash_file_blocking, BlobError, BlobReader, BlobService, StoredBlob, CHUNK_SIZE};
+use super::{
+    hash_file_blocking, hash_opened_blocking, BlobError, BlobReader, BlobService, StoredBlob,
+    CHUNK_SIZE,
+};
 use crate::castore::digest::B3Digest;
+use crate::hostfs::Dir;
 
 const BLOB_MODE: u32 = 0o444;
 const EXECUTABLE_MODE: u32 = 0o555;
@@ -83,19 +88,27 @@ impl EmbeddedBlobService {
         Ok(file.into_parts())
     }
 
-    /// Copies `path` to a temporary file, checks it still hashes to
-    /// `expected` and moves it into place. Blocking.
-    fn copy_in(&self, path: &Path, expected: StoredBlob) -> Result<StoredBlob, BlobError> {
-        let (file, tmp) = self.new_temp_file()?;
-        drop(file);
-        fs::copy(path, &tmp).map_err(|source| BlobError::HashFile {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Copies the opened `file` to a temporary file, checks the copy hashes
+    /// to `expected` and moves it into place. Blocking.
+    fn copy_in(
+        &self,
+        file: &fs::File,
+        origin: &Path,
+        expected: StoredBlob,
+    ) -> Result<StoredBlob, BlobError> {
+        let (mut copy, tmp) = self.new_temp_file()?;
+        let mut source = file;
+        io::Seek::seek(&mut source, io::SeekFrom::Start(0))
+            .and_then(|_| io::copy(&mut source, &mut copy))
+            .map_err(|source| BlobError::HashFile {
+                path: origin.to_owned(),
+                source,
+            })?;
+        drop(copy);
         let copied = hash_file_blocking(&tmp)?;
         if copied != expected {
             return Err(BlobError::Changed {
-                path: path.to_owned(),
+                path: origin.to_owned(),
                 first: expected.digest,
                 second: copied.digest,
             });
@@ -110,34 +123,63 @@ impl EmbeddedBlobService {
         Ok(copied)
     }
 
-    /// Takes `path` over: renames it into place when on the same filesystem,
-    /// copies otherwise. Blocking.
-    fn move_in(&self, path: &Path) -> Result<StoredBlob, BlobError> {
-        let hashed = hash_file_blocking(path)?;
+    /// Takes the file `name` of a build's tree over: renamed into the
+    /// store's temporary directory when on the same filesystem (then checked
+    /// to be the very inode that was hashed, made kiln's and read-only, and
+    /// renamed to its digest), copied otherwise; the name is gone from the
+    /// tree afterwards. Blocking.
+    fn take(
+        &self,
+        parent: &Dir,
+        name: &OsStr,
+        file: fs::File,
+        origin: &Path,
+    ) -> Result<StoredBlob, BlobError> {
+        let hashed = hash_opened_blocking(&file, origin)?;
         let target = self.blob_path(&hashed.digest);
-        let persist_err = |source| BlobError::Persist {
-            digest: hashed.digest,
+        let take_err = |source| BlobError::Take {
+            path: origin.to_owned(),
             source,
         };
         if target.exists() {
-            fs::remove_file(path).map_err(persist_err)?;
+            parent.unlink(name).map_err(take_err)?;
             return Ok(hashed);
         }
-        fs::set_permissions(path, fs::Permissions::from_mode(BLOB_MODE)).map_err(persist_err)?;
-        sync_file(path).map_err(persist_err)?;
-        create_shard(&target).map_err(persist_err)?;
-        match fs::rename(path, &target) {
-            Ok(()) => {
-                sync_parent(&target).map_err(persist_err)?;
-                Ok(hashed)
-            }
+        let tmp_dir = Dir::open(&self.tmp).map_err(BlobError::Write)?;
+        let tmp_name = format!(
+            "take-{}-{}",
+            hashed.digest.to_hex(),
+            uuid::Uuid::new_v4().simple()
+        );
+        match parent.rename(name, &tmp_dir, OsStr::new(&tmp_name)) {
+            Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let stored = self.copy_in(path, hashed)?;
-                fs::remove_file(path).map_err(persist_err)?;
-                Ok(stored)
+                let stored = self.copy_in(&file, origin, hashed)?;
+                parent.unlink(name).map_err(take_err)?;
+                return Ok(stored);
             }
-            Err(e) => Err(persist_err(e)),
+            Err(e) => return Err(take_err(e)),
         }
+        let tmp = TempPath::try_from_path(self.tmp.join(&tmp_name)).map_err(take_err)?;
+        let moved = tmp_dir.stat(OsStr::new(&tmp_name)).map_err(take_err)?;
+        let hashed_inode = rustix::fs::fstat(&file).map_err(|e| take_err(e.into()))?;
+        if (moved.st_dev, moved.st_ino) != (hashed_inode.st_dev, hashed_inode.st_ino) {
+            return Err(take_err(io::Error::other(
+                "the file was replaced while being stored",
+            )));
+        }
+        // The build's uid and group-writable bits must not survive into a
+        // blob later builds share.
+        rustix::fs::fchown(
+            &file,
+            Some(rustix::process::geteuid()),
+            Some(rustix::process::getegid()),
+        )
+        .and_then(|()| rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(BLOB_MODE)))
+        .map_err(|e| take_err(e.into()))?;
+        file.sync_all().map_err(take_err)?;
+        persist(tmp, &target, BLOB_MODE, &hashed.digest)?;
+        Ok(hashed)
     }
 
     /// Makes the executable variant by copying the blob. Blocking.
@@ -232,24 +274,31 @@ impl BlobService for EmbeddedBlobService {
             .map_err(BlobError::Task)?
     }
 
-    async fn put_file(&self, path: &Path) -> Result<StoredBlob, BlobError> {
+    async fn put_opened(&self, file: fs::File, origin: &Path) -> Result<StoredBlob, BlobError> {
         let store = self.clone();
-        let path = path.to_owned();
+        let origin = origin.to_owned();
         tokio::task::spawn_blocking(move || {
-            let hashed = hash_file_blocking(&path)?;
+            let hashed = hash_opened_blocking(&file, &origin)?;
             if store.blob_path(&hashed.digest).exists() {
                 return Ok(hashed);
             }
-            store.copy_in(&path, hashed)
+            store.copy_in(&file, &origin, hashed)
         })
         .await
         .map_err(BlobError::Task)?
     }
 
-    async fn put_file_moving(&self, path: &Path) -> Result<StoredBlob, BlobError> {
-        let store = self.clone();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || store.move_in(&path))
+    async fn put_taken(
+        &self,
+        parent: &Dir,
+        name: &OsStr,
+        file: fs::File,
+        origin: &Path,
+    ) -> Result<StoredBlob, BlobError> {
+        // The handle and name go to the blocking thread as owned values.
+        let parent = parent.try_clone().map_err(BlobError::Write)?;
+        let (store, name, origin) = (self.clone(), name.to_owned(), origin.to_owned());
+        tokio::task::spawn_blocking(move || store.take(&parent, &name, file, &origin))
             .await
             .map_err(BlobError::Task)?
     }

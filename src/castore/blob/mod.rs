@@ -6,11 +6,15 @@
 //! A blob is addressed by the BLAKE3 digest of its bytes. Backends never
 //! hold a whole blob in memory: puts stream, reads stream.
 
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncSeekExt};
+
+use crate::hostfs::Dir;
 
 use super::digest::B3Digest;
 use super::errors::ValidationError;
@@ -105,6 +109,15 @@ pub enum BlobError {
         /// What kiln computed.
         local: B3Digest,
     },
+    /// Taking a build's file out of its tree failed.
+    #[error("taking {path} out of the build tree")]
+    Take {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A background task (hashing, file IO) died.
     #[error("blob store task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -153,23 +166,25 @@ pub trait BlobService: Send + Sync {
         Ok(None)
     }
 
-    /// Stores a host file, leaving it untouched. The default hashes it
-    /// locally first and skips the upload when the store already has it.
-    async fn put_file(&self, path: &Path) -> Result<StoredBlob, BlobError> {
-        let hashed = hash_file(path.to_owned()).await?;
+    /// Stores the bytes of an opened host file, leaving it in place
+    /// (`origin` names it in messages). The default hashes it locally first
+    /// and skips the upload when the store already has it.
+    async fn put_opened(&self, file: File, origin: &Path) -> Result<StoredBlob, BlobError> {
+        let (file, hashed) = hash_opened(file, origin.to_owned()).await?;
         if self.has(&hashed.digest).await? {
             return Ok(hashed);
         }
-        let mut file = tokio::fs::File::open(path)
+        let mut file = tokio::fs::File::from_std(file);
+        file.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(|source| BlobError::HashFile {
-                path: path.to_owned(),
+                path: origin.to_owned(),
                 source,
             })?;
         let stored = self.put(&mut file).await?;
         if stored != hashed {
             return Err(BlobError::Changed {
-                path: path.to_owned(),
+                path: origin.to_owned(),
                 first: hashed.digest,
                 second: stored.digest,
             });
@@ -177,13 +192,65 @@ pub trait BlobService: Send + Sync {
         Ok(stored)
     }
 
-    /// Stores a host file the caller gives up (a build output). Backends that
-    /// can, take the file over without copying its bytes; afterwards the path
-    /// may or may not still exist. The default copies like
-    /// [`BlobService::put_file`].
-    async fn put_file_moving(&self, path: &Path) -> Result<StoredBlob, BlobError> {
-        self.put_file(path).await
+    /// Stores the regular file `name` of a build's tree, opened beneath
+    /// `parent` as `file`, and takes it out of the tree. Backends that can
+    /// take the file over without copying its bytes do (the embedded store
+    /// renames it); the default copies like [`BlobService::put_opened`] and
+    /// unlinks it.
+    async fn put_taken(
+        &self,
+        parent: &Dir,
+        name: &OsStr,
+        file: File,
+        origin: &Path,
+    ) -> Result<StoredBlob, BlobError> {
+        let stored = self.put_opened(file, origin).await?;
+        parent.unlink(name).map_err(|source| BlobError::Take {
+            path: origin.to_owned(),
+            source,
+        })?;
+        Ok(stored)
     }
+}
+
+/// Files at least this large are hashed memory-mapped on the rayon pool.
+const MMAP_THRESHOLD: u64 = 128 * 1024;
+
+/// Hashes an opened file from its start without reading it into memory
+/// whole, on a blocking thread; gives the file back.
+pub async fn hash_opened(file: File, origin: PathBuf) -> Result<(File, StoredBlob), BlobError> {
+    tokio::task::spawn_blocking(move || {
+        let hashed = hash_opened_blocking(&file, &origin)?;
+        Ok((file, hashed))
+    })
+    .await
+    .map_err(BlobError::Task)?
+}
+
+/// [`hash_opened`] for callers already on a blocking thread.
+pub fn hash_opened_blocking(file: &File, origin: &Path) -> Result<StoredBlob, BlobError> {
+    let err = |source| BlobError::HashFile {
+        path: origin.to_owned(),
+        source,
+    };
+    let mut hasher = blake3::Hasher::new();
+    let len = file.metadata().map_err(err)?.len();
+    if len >= MMAP_THRESHOLD {
+        // SAFETY: the map is only read while this function runs. Files
+        // hashed here are build outputs of a VM that is gone, or files the
+        // caller owns; a file truncated by someone else meanwhile would
+        // fault the reader, as with any mmap-based hasher (blake3's own).
+        let map = unsafe { memmap2::Mmap::map(file) }.map_err(err)?;
+        hasher.update_rayon(&map);
+    } else {
+        let mut reader = file;
+        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(err)?;
+        hasher.update_reader(reader).map_err(err)?;
+    }
+    Ok(StoredBlob {
+        digest: hasher.finalize().into(),
+        size: hasher.count(),
+    })
 }
 
 /// Hashes a host file without reading it into memory (memory-mapped and
