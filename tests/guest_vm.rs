@@ -321,3 +321,125 @@ async fn a_trivial_job_boots_and_reports_quickly() {
     }
     assert!(run.elapsed.as_secs() < 30);
 }
+
+/// The names in the scratch share's top directory: anything beyond the
+/// scratch paths' first components was written from outside the sandbox.
+fn scratch_top(run: &harness::VmRun) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&run.scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A symlink input pointing at the guest's view of the scratch share's top
+/// (outside the sandbox root, but on the host where the test can see it),
+/// and one pointing at `/proc/sys`.
+fn plant_escape_links(inputs: &std::path::Path) {
+    std::os::unix::fs::symlink("/kiln/shares/scratch", inputs.join("esc")).unwrap();
+    std::os::unix::fs::symlink("/proc/sys", inputs.join("sys")).unwrap();
+}
+
+/// An additional file through a symlink input is refused before anything
+/// is written: the agent refuses additional files among the inputs at all,
+/// so neither the decoy outside the root nor `/proc/sys` is touched.
+#[tokio::test]
+async fn an_additional_file_through_a_symlink_input_writes_nothing() {
+    require_vm!("an_additional_file_through_a_symlink_input_writes_nothing");
+    let mut job = harness::sh_job("cat /proc/sys/kernel/domainname");
+    job.additional_files = vec![
+        ("nix/store/esc/planted".into(), b"escaped\n".to_vec()),
+        (
+            "nix/store/sys/kernel/domainname".into(),
+            b"escaped\n".to_vec(),
+        ),
+    ];
+    let run = harness::run(&job, false, plant_escape_links).await;
+    assert_eq!(
+        scratch_top(&run),
+        ["build", "nix"],
+        "written outside the root"
+    );
+    match &run.report().outcome {
+        Outcome::AgentFailed { step, message } => {
+            assert_eq!(step, "job", "{message}");
+            assert!(
+                message.contains("nix/store/esc/planted") && message.contains("inputs_dir"),
+                "{message}"
+            );
+        }
+        other => panic!(
+            "expected the job to be refused, got {other:?}; stdout {:?}",
+            run.stdout()
+        ),
+    }
+}
+
+/// A read-only path reached through a symlink input fails the set-up
+/// naming the link, and no mount point appears outside the root.
+#[tokio::test]
+async fn a_mount_point_through_a_symlink_input_fails_the_setup() {
+    require_vm!("a_mount_point_through_a_symlink_input_fails_the_setup");
+    let host = tempfile::tempdir().unwrap();
+    let mut job = harness::sh_job("true");
+    job.ro_paths = vec![("kiln-ro-0".into(), "/nix/store/esc/mnt".into())];
+    let run = harness::run_with_ro_shares(
+        &job,
+        false,
+        plant_escape_links,
+        &[("kiln-ro-0", host.path())],
+    )
+    .await;
+    match &run.report().outcome {
+        Outcome::AgentFailed { step, message } => {
+            assert_eq!(step, "sandbox", "{message}");
+            assert!(
+                message.contains("/nix/store/esc/mnt")
+                    && message.contains("/nix/store/esc: it is a symbolic link"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a sandbox failure, got {other:?}"),
+    }
+    assert_eq!(
+        scratch_top(&run),
+        ["build", "nix"],
+        "written outside the root"
+    );
+}
+
+/// Modes as in a Nix sandbox: `/etc` 0555 with 0644 files (Nix 2.8 leaves
+/// `/etc` 0755; later Nix makes it 0555), the builder's umask 022, mount
+/// points and additional files with explicit modes rather than the umask's.
+#[tokio::test]
+async fn the_sandbox_has_nix_modes_and_umask() {
+    require_vm!("the_sandbox_has_nix_modes_and_umask");
+    let script = "stat -c '%n %a %u' /etc /etc/passwd /etc/group /etc/hosts /build/extra \
+                  /build/extra/file; umask; echo x > /build/made; mkdir /build/made-dir";
+    let mut job = harness::sh_job(script);
+    job.additional_files = vec![("build/extra/file".into(), b"f\n".to_vec())];
+    let run = harness::run(&job, false, |_| {}).await;
+    assert_eq!(
+        run.report().outcome,
+        Outcome::Exited { code: 0 },
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        run.stdout(),
+        "/etc 555 0\n/etc/passwd 644 0\n/etc/group 644 0\n/etc/hosts 644 0\n\
+         /build/extra 755 1000\n/build/extra/file 644 1000\n0022\n"
+    );
+    let mode = |rel: &str| {
+        std::fs::symlink_metadata(run.scratch.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("build/made"), 0o644);
+    assert_eq!(mode("build/made-dir"), 0o755);
+    // The input's mount point, left on the scratch share.
+    assert_eq!(mode("nix/store/busybox"), 0o755);
+}

@@ -157,15 +157,32 @@ pub fn mount_shares() -> Result<(), AgentError> {
     mount_virtiofs(SCRATCH_TAG, SCRATCH_MNT, nosuid)
 }
 
-/// Mounts the virtiofs share `tag` at `target`, waiting briefly for the tag to
-/// be registered (the device probe may still be running).
+/// Mounts the virtiofs share `tag` at `target` (an agent path, created if
+/// missing); see [`mount_virtiofs_on`].
 pub fn mount_virtiofs(tag: &str, target: &str, flags: MsFlags) -> Result<(), AgentError> {
-    let fail = |source: std::io::Error| AgentError::Share {
+    std::fs::create_dir_all(target).map_err(|source| AgentError::Share {
         tag: tag.into(),
         target: target.into(),
         source,
+    })?;
+    mount_virtiofs_on(tag, target, target, flags)
+}
+
+/// Mounts the virtiofs share `tag` on `target` (which must exist; inside
+/// the sandbox a `/proc/self/fd/N` path, shown in errors as `shown`),
+/// waiting briefly for the tag to be registered (the device probe may still
+/// be running).
+pub fn mount_virtiofs_on(
+    tag: &str,
+    target: &str,
+    shown: &str,
+    flags: MsFlags,
+) -> Result<(), AgentError> {
+    let fail = |source: std::io::Error| AgentError::Share {
+        tag: tag.into(),
+        target: shown.into(),
+        source,
     };
-    std::fs::create_dir_all(target).map_err(fail)?;
     let start = Instant::now();
     loop {
         match mount(Some(tag), target, Some("virtiofs"), flags, None::<&str>) {

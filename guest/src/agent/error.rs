@@ -72,6 +72,16 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// Creating something at a path in the sandbox root that cannot be used
+    /// as given (a symlink on the way, a file where a directory should be).
+    #[error("{what}")]
+    SandboxPath {
+        /// What was being created.
+        what: String,
+        /// The component that failed, and why.
+        #[source]
+        source: super::beneath::PathError,
+    },
     /// Starting the builder (fork, credentials, exec).
     #[error("{what}")]
     Exec {
@@ -102,7 +112,7 @@ impl AgentError {
             Self::Kvm { .. } => "kvm",
             Self::Channel { .. } => "channel",
             Self::Share { .. } => "share",
-            Self::Sandbox { .. } => "sandbox",
+            Self::Sandbox { .. } | Self::SandboxPath { .. } => "sandbox",
             Self::Exec { .. } => "exec",
             Self::Supervise { .. } => "supervise",
         }

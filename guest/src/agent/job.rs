@@ -28,12 +28,26 @@ pub fn validate(job: &Job) -> Result<(), String> {
         ));
     }
     check_relative("working_dir", &job.working_dir)?;
+    if job.working_dir.contains(['\n', ':']) {
+        // It is the home field of /etc/passwd, which has no escaping.
+        return Err(format!(
+            "working_dir {:?} contains a newline or ':', which /etc/passwd cannot hold",
+            job.working_dir
+        ));
+    }
     check_relative("inputs_dir", &job.inputs_dir)?;
     for p in &job.scratch_paths {
         check_relative("scratch path", p)?;
     }
     for (p, _) in &job.additional_files {
         check_relative("additional file", p)?;
+        if p == &job.inputs_dir || p.starts_with(&format!("{}/", job.inputs_dir)) {
+            // Where inputs (and symlinks of the request's making) live.
+            return Err(format!(
+                "additional file {p:?} is inside inputs_dir {:?}",
+                job.inputs_dir
+            ));
+        }
     }
     for (tag, p) in &job.ro_paths {
         if tag.is_empty() || !p.starts_with('/') {
@@ -131,6 +145,36 @@ mod tests {
         let mut j = job();
         j.additional_files = vec![("../x".into(), vec![])];
         assert!(validate(&j).is_err());
+    }
+
+    #[test]
+    fn rejects_a_working_dir_that_would_break_etc_passwd() {
+        for bad in ["build\nevil:x:0:0::/:/bin/sh", "build:0"] {
+            let mut j = job();
+            j.working_dir = bad.into();
+            j.scratch_paths = vec![bad.into()];
+            let e = validate(&j).unwrap_err();
+            assert!(
+                e.contains("working_dir") && e.contains("/etc/passwd"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_additional_files_among_the_inputs() {
+        for bad in ["nix/store/x", "nix/store/x/kernel/foo", "nix/store"] {
+            let mut j = job();
+            j.additional_files = vec![(bad.into(), vec![])];
+            let e = validate(&j).unwrap_err();
+            assert!(e.contains("inputs_dir"), "{e}");
+        }
+        let mut j = job();
+        j.additional_files = vec![
+            ("nix/storex".into(), vec![]),
+            ("build/.attrs.json".into(), vec![]),
+        ];
+        assert_eq!(validate(&j), Ok(()));
     }
 
     #[test]

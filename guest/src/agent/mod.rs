@@ -1,5 +1,6 @@
 //! The agent's steps, in order (see [`run`]).
 
+pub mod beneath;
 pub mod boot;
 pub mod builder;
 pub mod channel;
@@ -29,7 +30,9 @@ pub struct Timings {
 /// Boots the sandbox and runs the job. Everything that can fail returns an
 /// [`AgentError`]; the caller turns it into the report.
 pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError> {
-    umask(Mode::empty());
+    // Nix's umask, inherited by the builder (its files are 0644). The
+    // agent's own files get explicit modes whatever the umask.
+    umask(Mode::from_bits_truncate(0o022));
     boot::early_mounts()?;
     // The channel needs its modules, which the job names; so the job is
     // decoded first and validated only once a failure can be reported.

@@ -8,22 +8,42 @@
 //! - a minimal `/dev`, `/proc`, `/tmp`, `/etc/{passwd,group,hosts}`, `/bin/sh`
 //!   if asked, operator-allowed read-only shares, and the additional files.
 //!
-//! The root itself is a tmpfs owned by root, mode 0755.
+//! The root itself is a tmpfs owned by root, mode 0755. Everything in it is
+//! created through [`beneath`](super::beneath) handles, so a symlink the
+//! request put there (a symlink input) is never followed: a path through one
+//! fails the set-up, naming the path. Everything gets an explicit owner and
+//! mode: directories and mount points `root 0755`, `/etc` `0555` with its
+//! files `0644` (as Nix: 2.8 leaves `/etc` 0755, later versions make it 0555).
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use kiln_guest::contract::{Job, BUILD_GID, BUILD_UID, SHELL_PATH};
+use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, MsFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use nix::unistd::{chown, Gid, Uid};
+use nix::sys::stat::{fstat, Mode, SFlag};
 
-use super::boot::{mount_virtiofs, INPUTS_MNT, SCRATCH_MNT};
+use super::beneath::{proc_path, Dir, Meta, PathError};
+use super::boot::{mount_virtiofs_on, INPUTS_MNT, SCRATCH_MNT};
 use super::error::{sandbox, AgentError, Step};
 
 /// Where the sandbox root is built; the builder is chrooted into it.
 pub const ROOT: &str = "/kiln/root";
+
+/// Directories the agent creates, mount points included.
+const DIR: Meta = Meta::root(0o755);
+/// A mount point for a single file (an input that is a file, `/bin/sh`).
+const FILE_MOUNT_POINT: Meta = Meta::root(0o644);
+/// A directory or file the agent creates inside a scratch path, where the
+/// build user owns everything (as Nix's `passAsFile` files).
+const fn build_user(mode: u32) -> Meta {
+    Meta {
+        uid: BUILD_UID,
+        gid: BUILD_GID,
+        mode,
+    }
+}
 
 /// Character devices of the minimal /dev: (name, major, minor).
 const DEVICES: &[(&str, u64, u64)] = &[
@@ -37,163 +57,221 @@ const DEVICES: &[(&str, u64, u64)] = &[
 
 /// Builds the root. `kvm` is `/dev/kvm`'s device number when it was asked for.
 pub fn build(job: &Job, kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
-    mount_fs("tmpfs", ROOT, MsFlags::MS_NOSUID, "mode=0755")?;
-    scratch(job)?;
-    let workdir = at(&job.working_dir);
-    if !Path::new(&workdir).exists() {
-        // Not a scratch path: a private, build-user-owned directory in the root.
-        mkdir(&workdir)?;
-        own(&workdir, BUILD_UID, BUILD_GID, 0o700)?;
-    }
-    inputs(job)?;
-    dev(kvm)?;
-    mkdir(&at("proc"))?;
-    mount_fs(
-        "proc",
-        &at("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        "",
-    )?;
+    fs::create_dir_all(ROOT).step(sandbox, || format!("creating {ROOT}"))?;
+    mount(
+        Some("tmpfs"),
+        ROOT,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .step(sandbox, || format!("mounting tmpfs on {ROOT}"))?;
+    let root = Dir::open_trusted(ROOT, "/").map_err(placing(|| "opening the root".into()))?;
+    scratch(&root, job)?;
+    working_dir(&root, job)?;
+    inputs(&root, job)?;
+    dev(&root, kvm)?;
+    let noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs(&root, "proc", "proc", noexec, "")?;
     if !job.scratch_paths.iter().any(|p| p == "tmp") {
-        mount_fs(
-            "tmpfs",
-            &at("tmp"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        )?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount_fs(&root, "tmp", "tmpfs", flags, "mode=1777")?;
     }
-    etc(job)?;
+    etc(&root, job)?;
     if job.provide_bin_sh {
-        mkdir(&at("bin"))?;
-        bind_ro(Path::new(SHELL_PATH), &at("bin/sh"))?;
+        bin_sh(&root)?;
     }
     for (tag, path) in &job.ro_paths {
-        let target = at(&path[1..]);
-        mount_virtiofs(
-            tag,
-            &target,
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        )?;
+        let rel = &path[1..];
+        let point = root.mkdirs(rel, DIR).map_err(placing(|| {
+            format!("creating the mount point of read-only path {path}")
+        }))?;
+        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        mount_virtiofs_on(tag, &proc_path(point.fd()), path, flags)?;
     }
     for (path, contents) in &job.additional_files {
-        additional_file(job, path, contents)?;
+        additional_file(&root, job, path, contents)?;
     }
     Ok(())
 }
 
-/// `ROOT/rel`.
-fn at(rel: &str) -> String {
-    format!("{ROOT}/{rel}")
-}
-
-fn mkdir(path: &str) -> Result<(), AgentError> {
-    fs::create_dir_all(path).step(sandbox, || format!("creating {path}"))
-}
-
-fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: &str) -> Result<(), AgentError> {
-    mkdir(target)?;
-    let data = (!data.is_empty()).then_some(data);
-    mount(Some(fstype), target, Some(fstype), flags, data)
-        .step(sandbox, || format!("mounting {fstype} on {target}"))
-}
-
-fn own(path: &str, uid: u32, gid: u32, mode: u32) -> Result<(), AgentError> {
-    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-        .step(sandbox, || format!("chown {path}"))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .step(sandbox, || format!("chmod {path}"))
-}
-
-/// Bind-mounts `source` on `target` (created to match) and makes that mount
-/// read-only; a bind mount ignores `MS_RDONLY` until remounted.
-fn bind_ro(source: &Path, target: &str) -> Result<(), AgentError> {
-    let is_dir = source.is_dir();
-    if is_dir {
-        mkdir(target)?;
-    } else if !Path::new(target).exists() {
-        fs::File::create(target).step(sandbox, || format!("creating mount point {target}"))?;
+/// Maps a refused path to the set-up step it failed.
+fn placing(what: impl FnOnce() -> String) -> impl FnOnce(PathError) -> AgentError {
+    move |source| AgentError::SandboxPath {
+        what: what(),
+        source,
     }
+}
+
+/// Mounts `fstype` at `parent/rel` (created as [`DIR`]) and returns a handle
+/// on the new mount: the mount point's own handle still names the directory
+/// underneath.
+fn mount_fs(
+    parent: &Dir,
+    rel: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<Dir, AgentError> {
+    let shown = parent.show(rel);
+    let point = parent
+        .mkdirs(rel, DIR)
+        .map_err(placing(|| format!("creating the mount point for {fstype}")))?;
+    let data = (!data.is_empty()).then_some(data);
     mount(
-        Some(source),
-        target,
+        Some(fstype),
+        proc_path(point.fd()).as_str(),
+        Some(fstype),
+        flags,
+        data,
+    )
+    .step(sandbox, || format!("mounting {fstype} on {shown}"))?;
+    parent
+        .dir(rel)
+        .map_err(placing(|| format!("opening the new {fstype} mount")))
+}
+
+/// Bind-mounts `source` (a handle, shown as `shown`) on `parent/rel`,
+/// creating a mount point of the same kind if none is there, and makes that
+/// mount read-only; a bind mount ignores `MS_RDONLY` until remounted.
+fn bind_ro(parent: &Dir, rel: &str, source: &OwnedFd, shown: &str) -> Result<(), AgentError> {
+    let target = parent.show(rel);
+    let stat = fstat(source).step(sandbox, || format!("stat {shown}"))?;
+    let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+    let make_point = || -> Result<(), PathError> {
+        if is_dir {
+            parent.mkdirs(rel, DIR).map(drop)
+        } else if !parent.exists(rel)? {
+            parent.create_file(rel, b"", FILE_MOUNT_POINT)
+        } else {
+            Ok(())
+        }
+    };
+    make_point().map_err(placing(|| format!("creating the mount point for {shown}")))?;
+    let point = parent
+        .handle(rel)
+        .map_err(placing(|| format!("opening the mount point for {shown}")))?;
+    mount(
+        Some(proc_path(source).as_str()),
+        proc_path(&point).as_str(),
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .step(sandbox, || {
-        format!("bind-mounting {} on {target}", source.display())
-    })?;
+    .step(sandbox, || format!("bind-mounting {shown} on {target}"))?;
+    let mounted = parent
+        .handle(rel)
+        .map_err(placing(|| format!("opening the bind mount of {shown}")))?;
     let ro = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY
         | MsFlags::MS_NOSUID
         | MsFlags::MS_NODEV;
-    mount(None::<&str>, target, None::<&str>, ro, None::<&str>)
-        .step(sandbox, || format!("making {target} read-only"))
+    mount(
+        None::<&str>,
+        proc_path(&mounted).as_str(),
+        None::<&str>,
+        ro,
+        None::<&str>,
+    )
+    .step(sandbox, || format!("making {target} read-only"))
 }
 
 /// Binds every scratch path from the scratch share, parents first.
-fn scratch(job: &Job) -> Result<(), AgentError> {
+fn scratch(root: &Dir, job: &Job) -> Result<(), AgentError> {
+    let share = Dir::open_trusted(SCRATCH_MNT, SCRATCH_MNT)
+        .map_err(placing(|| "opening the scratch share".into()))?;
     let mut paths: Vec<&String> = job.scratch_paths.iter().collect();
     paths.sort_by_key(|p| p.matches('/').count());
     for p in paths {
-        let source = format!("{SCRATCH_MNT}/{p}");
-        let target = at(p);
-        mkdir(&source)?;
-        mkdir(&target)?;
+        let what = || format!("preparing scratch path /{p}");
+        let source = share.mkdirs(p, DIR).map_err(placing(what))?;
+        let point = root.mkdirs(p, DIR).map_err(placing(what))?;
         mount(
-            Some(source.as_str()),
-            target.as_str(),
+            Some(proc_path(source.fd()).as_str()),
+            proc_path(point.fd()).as_str(),
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .step(sandbox, || format!("bind-mounting scratch path {p}"))?;
-        if *p == job.inputs_dir {
-            own(&target, 0, BUILD_GID, 0o1775)?;
+        .step(sandbox, || format!("bind-mounting scratch path /{p}"))?;
+        let meta = if *p == job.inputs_dir {
+            Meta {
+                gid: BUILD_GID,
+                ..Meta::root(0o1775)
+            }
         } else if *p == job.working_dir {
-            own(&target, BUILD_UID, BUILD_GID, 0o700)?;
+            build_user(0o700)
         } else {
-            own(&target, BUILD_UID, BUILD_GID, 0o755)?;
-        }
+            build_user(0o755)
+        };
+        let mounted = root.dir(p).map_err(placing(what))?;
+        mounted.set_meta(meta).map_err(placing(what))?;
     }
     Ok(())
 }
 
+/// Unless it is a scratch path: a private, build-user-owned directory.
+fn working_dir(root: &Dir, job: &Job) -> Result<(), AgentError> {
+    let wd = &job.working_dir;
+    let what = || format!("creating the working dir /{wd}");
+    if root.exists(wd).map_err(placing(what))? {
+        return Ok(());
+    }
+    let (parent, leaf) = wd.rsplit_once('/').unwrap_or(("", wd));
+    root.mkdirs(parent, DIR)
+        .and_then(|p| p.mkdirs(leaf, build_user(0o700)))
+        .map(drop)
+        .map_err(placing(what))
+}
+
 /// Makes every input visible read-only at `/<inputs_dir>/<name>`.
-fn inputs(job: &Job) -> Result<(), AgentError> {
-    let dir = at(&job.inputs_dir);
+fn inputs(root: &Dir, job: &Job) -> Result<(), AgentError> {
+    let share = Dir::open_trusted(INPUTS_MNT, INPUTS_MNT)
+        .map_err(placing(|| "opening the inputs share".into()))?;
     if !job.scratch_paths.contains(&job.inputs_dir) {
         // Nothing else lives there: one read-only bind of the whole share.
-        return bind_ro(Path::new(INPUTS_MNT), &dir);
+        return bind_ro(root, &job.inputs_dir, share.fd(), INPUTS_MNT);
     }
-    mkdir(&dir)?;
+    let dir = root
+        .dir(&job.inputs_dir)
+        .map_err(placing(|| "opening the inputs dir".into()))?;
     let entries = fs::read_dir(INPUTS_MNT).step(sandbox, || format!("listing {INPUTS_MNT}"))?;
     for entry in entries {
         let entry = entry.step(sandbox, || format!("listing {INPUTS_MNT}"))?;
-        let name = entry.file_name();
         let source = entry.path();
-        let target = format!("{dir}/{}", name.to_string_lossy());
+        let name = entry.file_name();
+        let name = name.to_str().ok_or_else(|| {
+            sandbox(
+                format!("input {}", source.display()),
+                std::io::Error::other("its name is not UTF-8"),
+            )
+        })?;
         let kind = entry
             .file_type()
             .step(sandbox, || format!("stat {}", source.display()))?;
         if kind.is_symlink() {
+            // Recreated as it is; the agent itself never follows it.
             let dest = fs::read_link(&source)
                 .step(sandbox, || format!("readlink {}", source.display()))?;
-            symlink(&dest, &target).step(sandbox, || format!("creating symlink {target}"))?;
+            dir.symlink(name, &dest)
+                .map_err(placing(|| format!("recreating symlink input {name}")))?;
         } else {
-            bind_ro(&source, &target)?;
+            let handle = share
+                .handle(name)
+                .map_err(placing(|| format!("opening input {name}")))?;
+            bind_ro(&dir, name, &handle, &source.to_string_lossy())?;
         }
     }
     Ok(())
 }
 
 /// The minimal /dev of a Nix sandbox, plus `kvm` when asked.
-fn dev(kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
-    let dev = at("dev");
-    mount_fs(
+fn dev(root: &Dir, kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
+    let dev = mount_fs(
+        root,
+        "dev",
         "tmpfs",
-        &dev,
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         "mode=0755",
     )?;
@@ -202,29 +280,14 @@ fn dev(kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
         nodes.push(("kvm", major, minor));
     }
     for (name, major, minor) in nodes {
-        let path = format!("{dev}/{name}");
-        mknod(
-            path.as_str(),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .step(sandbox, || format!("mknod {path}"))?;
-        // mknod honours the umask; make the mode exact.
-        own(&path, 0, 0, 0o666)?;
+        dev.mknod(name, major, minor, 0o666)
+            .map_err(placing(|| format!("creating /dev/{name}")))?;
     }
-    mount_fs(
-        "devpts",
-        &format!("{dev}/pts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
-    )?;
-    mount_fs(
-        "tmpfs",
-        &format!("{dev}/shm"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
-    )?;
+    let noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let ptmx = "newinstance,ptmxmode=0666,mode=0620";
+    mount_fs(&dev, "pts", "devpts", noexec, ptmx)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_fs(&dev, "shm", "tmpfs", flags, "mode=1777")?;
     for (name, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -232,15 +295,19 @@ fn dev(kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        let path = format!("{dev}/{name}");
-        symlink(target, &path).step(sandbox, || format!("creating symlink {path}"))?;
+        dev.symlink(name, Path::new(target))
+            .map_err(placing(|| format!("creating /dev/{name}")))?;
     }
     Ok(())
 }
 
-/// `/etc/passwd`, `/etc/group`, `/etc/hosts` as in a Nix sandbox.
-fn etc(job: &Job) -> Result<(), AgentError> {
-    mkdir(&at("etc"))?;
+/// `/etc/passwd`, `/etc/group`, `/etc/hosts` as in a Nix sandbox. The home
+/// field is the working dir, which `job::validate` checked holds no `:` or
+/// newline.
+fn etc(root: &Dir, job: &Job) -> Result<(), AgentError> {
+    let etc = root
+        .mkdirs("etc", DIR)
+        .map_err(placing(|| "creating /etc".into()))?;
     let home = format!("/{}", job.working_dir);
     let passwd = format!(
         "root:x:0:0:Nix build user:{home}:/noshell\n\
@@ -254,26 +321,44 @@ fn etc(job: &Job) -> Result<(), AgentError> {
         ("group", group.as_str()),
         ("hosts", hosts),
     ] {
-        let path = at(&format!("etc/{name}"));
-        fs::write(&path, contents).step(sandbox, || format!("writing {path}"))?;
+        etc.create_file(name, contents.as_bytes(), Meta::root(0o644))
+            .map_err(placing(|| format!("writing /etc/{name}")))?;
     }
-    Ok(())
+    etc.set_meta(Meta::root(0o555))
+        .map_err(placing(|| "making /etc read-only".into()))
 }
 
-/// Writes one additional file; inside a scratch path it belongs to the build
-/// user, as Nix's `passAsFile` files do.
-fn additional_file(job: &Job, path: &str, contents: &[u8]) -> Result<(), AgentError> {
-    let target = PathBuf::from(at(path));
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).step(sandbox, || format!("creating {}", parent.display()))?;
-    }
-    fs::write(&target, contents).step(sandbox, || format!("writing additional file {path}"))?;
-    let in_scratch = job
+/// The agent's static shell at `/bin/sh`, read-only.
+fn bin_sh(root: &Dir) -> Result<(), AgentError> {
+    let bin = root
+        .mkdirs("bin", DIR)
+        .map_err(placing(|| "creating /bin".into()))?;
+    let shell = open(SHELL_PATH, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .step(sandbox, || format!("opening {SHELL_PATH}"))?;
+    bind_ro(&bin, "sh", &shell, SHELL_PATH)
+}
+
+/// Writes one additional file. Inside a scratch path it, and any directory
+/// made for it, belongs to the build user, as Nix's `passAsFile` files do.
+fn additional_file(root: &Dir, job: &Job, path: &str, contents: &[u8]) -> Result<(), AgentError> {
+    let what = || format!("creating additional file /{path}");
+    let scratch = job
         .scratch_paths
         .iter()
-        .any(|s| path.starts_with(&format!("{s}/")));
-    if in_scratch {
-        own(&at(path), BUILD_UID, BUILD_GID, 0o644)?;
-    }
-    Ok(())
+        .filter(|s| path.starts_with(&format!("{s}/")))
+        .max_by_key(|s| s.len());
+    let (base, rest, dirs, file) = match scratch {
+        Some(s) => (
+            s.as_str(),
+            &path[s.len() + 1..],
+            build_user(0o755),
+            build_user(0o644),
+        ),
+        None => ("", path, DIR, Meta::root(0o644)),
+    };
+    let base = root.dir(base).map_err(placing(what))?;
+    let (parent, name) = rest.rsplit_once('/').unwrap_or(("", rest));
+    base.mkdirs(parent, dirs)
+        .and_then(|d| d.create_file(name, contents, file))
+        .map_err(placing(what))
 }
