@@ -5,7 +5,9 @@
 //!
 //! The store is closed under references: a directory is only accepted when
 //! every child directory it names is already stored (or comes earlier in the
-//! same batch), so a stored root always has its whole tree.
+//! same batch), so a stored root always has its whole tree. The gRPC
+//! `Put` writes long streams in several batches
+//! ([`super::grpc_server::PUT_BATCH_BYTES`]), each closed in this sense.
 
 use std::path::PathBuf;
 

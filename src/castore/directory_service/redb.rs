@@ -1,6 +1,10 @@
 //! The embedded directory store: a `redb` database file mapping a digest to
 //! the directory's canonical encoding. Every put is one write transaction,
 //! so a batch is stored all or nothing.
+//!
+//! redb caches pages in memory, by default up to 1 GiB, keeping every page
+//! it writes while there is room; kiln bounds it to [`CACHE_BYTES`] so the
+//! directories streamed in do not stay resident.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
@@ -15,6 +19,11 @@ use super::{DirectoryError, DirectoryService};
 use crate::castore::digest::B3Digest;
 use crate::castore::directory::Directory;
 use crate::proto::tvix_castore;
+
+/// redb's page cache (nine tenths for reads, one tenth buffering writes):
+/// directories are small and read once per build, so a modest cache holds
+/// the hot ones.
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 const DIRECTORIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("directories");
 
@@ -31,7 +40,10 @@ impl RedbDirectoryService {
             path: path.to_owned(),
             source: Box::new(source),
         };
-        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_err(e.into()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         txn.open_table(DIRECTORIES)
             .map_err(|e| open_err(e.into()))?;
