@@ -80,6 +80,13 @@ struct ServeArgs {
     /// Free space kept on the data disk: builds are stopped below it, MiB.
     #[arg(long, default_value_t = 1024)]
     min_free_disk_mib: u64,
+    /// Entries the inputs of one build may expand to on disk (every copy of
+    /// a directory referenced twice counts); more is refused before a VM is taken.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_input_entries: u64,
+    /// File bytes the inputs of one build may expand to, MiB.
+    #[arg(long, default_value_t = 65536)]
+    max_input_mib: u64,
     /// A host path builds may ask for read-only (repeatable).
     #[arg(long = "allow-ro-path")]
     allow_ro_paths: Vec<PathBuf>,
@@ -240,9 +247,13 @@ fn parse_socket_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// How long open calls may finish after SIGINT/SIGTERM before kiln stops
-/// waiting for them: builds would run on for hours, so they are dropped.
+/// How long open calls may finish after SIGINT/SIGTERM before their
+/// connections are closed: builds would run on for hours, so they are
+/// cancelled instead.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long exiting waits for cancelled builds to stop their VMs and remove
+/// their directories.
+const BUILD_CLEANUP_GRACE: Duration = Duration::from_secs(20);
 /// How long exiting waits for blocking work (hashing, copying) to return.
 const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
 
@@ -263,8 +274,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(cli));
-    // Dropping the runtime drops every task still running, builds included:
-    // their guards kill VMs and virtiofsd and remove build directories.
+    // What still runs now is dropped; children left by then die with kiln
+    // (their parent-death signal).
     runtime.shutdown_timeout(BLOCKING_WORK_GRACE);
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -380,6 +391,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_bytes: args.max_scratch_mib << 20,
             min_free_bytes: args.min_free_disk_mib << 20,
         },
+        inputs: kiln::castore::materialise::Limits {
+            max_entries: args.max_input_entries,
+            max_bytes: args.max_input_mib << 20,
+            min_free_bytes: args.min_free_disk_mib << 20,
+            ..Default::default()
+        },
         data_dir: args.data_dir.clone(),
         cache_dir: args.vm.cache_dir.join("initramfs"),
         artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
@@ -396,28 +413,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the executor")?;
     let signalled = stop_signal()?;
     let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
+    let runs_dir = executor.runs_dir();
     let stop = tokio_util::sync::CancellationToken::new();
-    let stopper = stop.clone();
+    let cut = tokio_util::sync::CancellationToken::new();
+    let (stopper, cutter) = (stop.clone(), cut.clone());
     tokio::spawn(async move {
         let name = signalled.await;
-        tracing::info!(
-            signal = name,
-            "shutting down: no new calls, running builds are cancelled"
-        );
+        tracing::info!(signal = name, "shutting down: no new calls");
         stopper.cancel();
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::info!("closing the connections still open: their builds are cancelled");
+        cutter.cancel();
     });
-    let serving = kiln::server::serve_with(
+    kiln::server::serve_until(
         listener,
         store,
         std::sync::Arc::new(executor),
         security,
-        stop.clone().cancelled_owned(),
-    );
-    tokio::select! {
-        served = serving => served?,
-        _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::info!("calls still open after the grace period are dropped");
-        }
-    }
+        stop.cancelled_owned(),
+        cut,
+    )
+    .await?;
+    builds_cleaned_up(&runs_dir).await;
     Ok(())
+}
+
+/// Waits (at most [`BUILD_CLEANUP_GRACE`]) until cancelled builds have
+/// released what they held: a build's directory is the last thing its
+/// guards remove, after its VM and virtiofsd.
+async fn builds_cleaned_up(runs_dir: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + BUILD_CLEANUP_GRACE;
+    loop {
+        let left = std::fs::read_dir(runs_dir).map_or(0, |dir| dir.count());
+        if left == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                builds = left,
+                "builds still cleaning up at exit; the next start sweeps them"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

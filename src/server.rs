@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::auth::Security;
@@ -19,6 +21,13 @@ use crate::build::service::BuildService;
 use crate::build::Executor;
 use crate::castore::Store;
 use crate::proto::{self, kiln_v1, snix_build, tvix_build};
+
+mod cut;
+mod hpack;
+mod unix_authority;
+
+use cut::Cut;
+use unix_authority::AuthorityFix;
 
 /// Largest request a client may send (a build with many inputs is large).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -137,13 +146,27 @@ pub async fn serve(
 /// Serves every kiln service on `listener` until `shutdown` resolves, with
 /// `security`: TLS if configured, and, if client authentication is
 /// configured, one [`crate::auth::AuthLayer`] in front of every service
-/// (only `grpc.health.v1.Health` stays open).
+/// (only `grpc.health.v1.Health` stays open). Open calls may finish.
 pub async fn serve_with(
     listener: Bound,
     store: Store,
     executor: Arc<Executor>,
     security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let never_cut = CancellationToken::new();
+    serve_until(listener, store, executor, security, shutdown, never_cut).await
+}
+
+/// Like [`serve_with`]; cancelling `cut` then closes every connection, so
+/// the calls still open end (and the builds they run are cancelled).
+pub async fn serve_until(
+    listener: Bound,
+    store: Store,
+    executor: Arc<Executor>,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    cut: CancellationToken,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -158,6 +181,7 @@ pub async fn serve_with(
         .await;
 
     let mut server = Server::builder();
+    let plaintext = security.tls().is_none();
     if let Some(tls) = security.tls() {
         server = server.tls_config(tls.clone()).map_err(ServeError::Tls)?;
     }
@@ -188,15 +212,22 @@ pub async fn serve_with(
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving");
             }
+            let incoming = TcpListenerStream::new(listener)
+                .map(move |conn| conn.map(|c| Cut::new(c, cut.clone())));
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
                 .map_err(ServeError::Transport)
         }
         Bound::Unix(listener, path) => {
             tracing::info!(socket = %path.display(), "serving");
+            // Inside TLS the header frames cannot be seen: C-core clients
+            // then set an authority valid for the certificate anyway.
+            let incoming = UnixListenerStream::new(listener).map(move |conn| {
+                conn.map(|c| Cut::new(AuthorityFix::new(c, plaintext), cut.clone()))
+            });
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
                 .map_err(ServeError::Transport)
         }
