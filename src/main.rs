@@ -23,6 +23,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run; boxing buys nothing
 enum Command {
     /// Serve the castore, build (tvix.build.v1, snix.build.v1) and event services.
     Serve(ServeArgs),
