@@ -95,7 +95,7 @@ mod tests {
     /// thread, not the caller's). That it dies with kiln is tested from
     /// outside, in tests/security_server.rs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn children_outlive_the_thread_that_asked_and_carry_pdeathsig() {
+    async fn children_outlive_the_thread_that_asked_for_them() {
         let handle = tokio::runtime::Handle::current();
         let mut child = std::thread::spawn(move || {
             let _entered = handle.enter();
