@@ -77,6 +77,7 @@ impl Server {
             .unwrap();
         let config = ExecutorConfig {
             scratch: Default::default(),
+            inputs: Default::default(),
             data_dir: data.path().join("data"),
             cache_dir: data.path().join("cache"),
             artifacts: Artifacts::default(),

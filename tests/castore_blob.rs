@@ -12,6 +12,8 @@ use bytes::Bytes;
 use kiln::castore::blob::embedded::EmbeddedBlobService;
 use kiln::castore::blob::{BlobError, BlobService};
 use kiln::castore::{grpc_services, B3Digest, Store};
+use kiln::hostfs::Dir;
+use std::ffi::OsStr;
 use tokio::io::AsyncReadExt;
 
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -159,12 +161,16 @@ async fn executable_variant_is_made_once() {
 }
 
 #[tokio::test]
-async fn put_file_copies_and_put_file_moving_renames() {
+async fn put_opened_copies_and_put_taken_renames_the_hashed_inode() {
     let dir = tempfile::tempdir().unwrap();
     let blobs = EmbeddedBlobService::open(&dir.path().join("store")).unwrap();
-    let source = dir.path().join("a-file");
+    let work = dir.path().join("work");
+    fs::create_dir(&work).unwrap();
+    let handle = Dir::open(&work).unwrap();
+    let source = work.join("a-file");
     fs::write(&source, b"file contents").unwrap();
-    let copied = blobs.put_file(&source).await.unwrap();
+    let opened = handle.open_file(OsStr::new("a-file")).unwrap();
+    let copied = blobs.put_opened(opened, &source).await.unwrap();
     assert_eq!(copied.digest, B3Digest::of(b"file contents"));
     assert!(source.exists(), "copy leaves the source");
     assert_eq!(
@@ -172,30 +178,37 @@ async fn put_file_copies_and_put_file_moving_renames() {
         0o644
     );
 
-    let output = dir.path().join("an-output");
+    let output = work.join("an-output");
     fs::write(&output, b"output contents").unwrap();
+    fs::set_permissions(&output, fs::Permissions::from_mode(0o664)).unwrap();
     let inode = fs::metadata(&output).unwrap().ino();
-    let moved = blobs.put_file_moving(&output).await.unwrap();
-    assert!(!output.exists(), "move takes the file");
+    let name = OsStr::new("an-output");
+    let file = handle.open_file(name).unwrap();
+    let moved = blobs.put_taken(&handle, name, file, &output).await.unwrap();
+    assert!(!output.exists(), "taking removes the file from the tree");
     let stored = blobs.local_path(&moved.digest).unwrap();
+    let meta = fs::metadata(&stored).unwrap();
+    assert_eq!(meta.ino(), inode, "renamed, not copied");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o444);
     assert_eq!(
-        fs::metadata(&stored).unwrap().ino(),
-        inode,
-        "renamed, not copied"
-    );
-    assert_eq!(
-        fs::metadata(&stored).unwrap().permissions().mode() & 0o777,
-        0o444
+        (meta.uid(), meta.gid()),
+        (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw()
+        ),
+        "owned by kiln's user"
     );
 
-    // Moving content the store already has just drops the file.
+    // Taking content the store already has just drops the file.
     fs::write(&output, b"output contents").unwrap();
-    assert_eq!(blobs.put_file_moving(&output).await.unwrap(), moved);
+    let file = handle.open_file(name).unwrap();
+    assert_eq!(
+        blobs.put_taken(&handle, name, file, &output).await.unwrap(),
+        moved
+    );
     assert!(!output.exists());
 
-    let err = blobs
-        .put_file(&dir.path().join("absent"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, BlobError::HashFile { .. }), "{err:?}");
+    // A symlink is never opened as a file.
+    std::os::unix::fs::symlink(&stored, work.join("link")).unwrap();
+    assert!(handle.open_file(OsStr::new("link")).is_err());
 }

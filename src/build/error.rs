@@ -8,6 +8,7 @@
 //! | constraint this host cannot meet (system, memory, ro path, kvm, network) | FAILED_PRECONDITION |
 //! | builder exited non-zero or was killed by a signal | ABORTED |
 //! | a declared output is missing | ABORTED |
+//! | a declared output is invalid (reached through a symlink, a fifo/socket/device, unstorable name) | ABORTED |
 //! | build log over the limit | ABORTED |
 //! | scratch space over the limit, or the data disk below its reserve | ABORTED |
 //! | the guest agent failed (mount, module, exec) | INTERNAL |
@@ -83,6 +84,19 @@ pub enum BuildError {
     MissingOutput {
         /// The missing output.
         path: String,
+        /// Last lines of the log.
+        log_tail: Vec<u8>,
+    },
+    /// A declared output, or something inside it, is not what kiln can
+    /// store: a parent that is a symlink or not a directory, a fifo, socket
+    /// or device node, a name or link target castore cannot hold. The
+    /// builder's fault.
+    #[error("output {path} is invalid: {reason}")]
+    InvalidOutput {
+        /// The path as the guest saw it.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
         /// Last lines of the log.
         log_tail: Vec<u8>,
     },
@@ -170,6 +184,7 @@ impl BuildError {
             Self::BuilderExited { .. }
             | Self::BuilderSignaled { .. }
             | Self::MissingOutput { .. }
+            | Self::InvalidOutput { .. }
             | Self::LogLimit { .. }
             | Self::ScratchFull { .. } => Code::Aborted,
             Self::AgentFailed { .. } => Code::Internal,
@@ -188,6 +203,7 @@ impl BuildError {
             Self::QueueFull(_) => "queue_full",
             Self::BuilderExited { .. } | Self::BuilderSignaled { .. } => "builder_failed",
             Self::MissingOutput { .. } => "missing_output",
+            Self::InvalidOutput { .. } => "invalid_output",
             Self::LogLimit { .. } => "log_limit",
             Self::ScratchFull { .. } => "scratch_full",
             Self::AgentFailed { .. } => "agent_failed",
@@ -203,6 +219,7 @@ impl BuildError {
             Self::BuilderExited { log_tail, .. }
             | Self::BuilderSignaled { log_tail, .. }
             | Self::MissingOutput { log_tail, .. }
+            | Self::InvalidOutput { log_tail, .. }
             | Self::LogLimit { log_tail, .. }
             | Self::ScratchFull { log_tail, .. }
             | Self::AgentFailed { log_tail, .. }

@@ -26,14 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
 use crate::build::admission::Admission;
+use crate::build::collect;
 use crate::build::error::BuildError;
 use crate::build::events::{BuildLog, Registry};
 use crate::build::paths::RelPath;
 use crate::build::plan::{self, VmPlan};
-use crate::build::refscan::Scanner;
 use crate::build::request::BuildRequest;
 use crate::build::supervise::{self, supervise};
 use crate::build::workspace::Workspace;
+use crate::castore::materialise::{self, Control, Expansion, MaterialiseError};
 use crate::castore::{self, Node, Store};
 use crate::guest_image::{self, Artifacts};
 use crate::proto::kiln_v1::{self, build_event::Event};
@@ -57,6 +58,9 @@ pub struct ExecutorConfig {
     pub max_log_bytes: u64,
     /// Scratch space per build and the disk reserve.
     pub scratch: crate::build::scratch::ScratchLimits,
+    /// What the inputs of one build may expand to on disk (entries, bytes,
+    /// depth), checked before a VM slot is taken.
+    pub inputs: castore::materialise::Limits,
     /// Concurrent VMs.
     pub max_vms: usize,
     /// Total guest RAM of all running VMs, MiB.
@@ -188,10 +192,11 @@ impl Executor {
         cancel: &CancellationToken,
         timeout: Duration,
     ) -> Result<BuildOutcome, BuildError> {
-        let started = Instant::now();
+        let deadline = Instant::now() + timeout;
         let plan = plan::plan(req, &self.config.limits)?;
+        let trees = self.check_inputs(req).await?;
         log.phase("queued");
-        let _ticket = tokio::select! {
+        let ticket = tokio::select! {
             t = self.admission.admit(plan.memory_mib).instrument(info_span!("admit")) => t?,
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
@@ -208,17 +213,43 @@ impl Executor {
         );
         let ws = Workspace::create(&self.runs_dir(), log.id())
             .map_err(|e| BuildError::infra("create build directory", &e))?;
+        let steps = Steps {
+            req,
+            plan: &plan,
+            ws: &ws,
+            log,
+            cancel,
+            deadline,
+            timeout,
+        };
+        let result = self.run_steps(&steps, trees, ticket).await;
+        // Removing the build directory is timed on its own (it grows with
+        // the inputs); it runs off the async workers, on every path.
+        ws.remove().instrument(info_span!("cleanup")).await;
+        result
+    }
 
+    /// Steps 3 to 6, in the build's directory.
+    async fn run_steps(
+        &self,
+        steps: &Steps<'_>,
+        trees: Vec<InputTree>,
+        ticket: crate::build::admission::Ticket,
+    ) -> Result<BuildOutcome, BuildError> {
+        let Steps { log, deadline, .. } = *steps;
         log.phase("materialise");
-        self.materialise_inputs(req, &ws)
+        self.materialise_inputs(steps, trees)
             .instrument(info_span!("materialise"))
             .await?;
 
         log.phase("boot");
-        let remaining = timeout.saturating_sub(started.elapsed());
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let report = self
-            .boot_and_supervise(req, &plan, &ws, log, cancel, remaining)
+            .boot_and_supervise(steps.plan, steps.ws, log, steps.cancel, remaining)
             .await?;
+        // The VM and its daemons are gone: its slot and memory go back now,
+        // not after ingest.
+        drop(ticket);
         info!(
             boot_ms = report.boot_ms,
             setup_ms = report.setup_ms,
@@ -249,33 +280,82 @@ impl Executor {
         }
 
         log.phase("ingest");
-        let outputs = self
-            .collect_outputs(req, &ws, log)
+        let outputs = collect::collect_outputs(&self.store, steps, &self.config.scratch)
             .instrument(info_span!("ingest"))
             .await?;
-        // Removing the build directory is timed on its own (it grows with
-        // the inputs); on error paths the guard removes it as well.
-        info_span!("cleanup").in_scope(|| drop(ws));
         Ok(BuildOutcome { outputs, report })
     }
 
-    /// Step 3: inputs into the read-only share; scratch paths created.
+    /// Step 2a, before a VM slot is taken: every input's directories are
+    /// fetched and what they expand to on disk is checked against the
+    /// operator's limits (a few KB of directories can stand for millions
+    /// of entries).
+    async fn check_inputs(&self, req: &BuildRequest) -> Result<Vec<InputTree>, BuildError> {
+        let mut trees = Vec::with_capacity(req.inputs.len());
+        let mut total = Expansion::default();
+        for (index, (name, node)) in req.inputs.iter().enumerate() {
+            let tree = materialise::fetch_tree(&self.store, node)
+                .await
+                .map_err(|e| input_error(index, name, e))?;
+            let expansion =
+                materialise::expansion(node, &tree).map_err(|e| input_error(index, name, e))?;
+            total = total.plus(expansion);
+            trees.push(tree);
+        }
+        total.check(&self.config.inputs).map_err(|e| {
+            BuildError::Precondition(format!(
+                "inputs: {e} (set by --max-input-entries, --max-input-mib)"
+            ))
+        })?;
+        Ok(trees)
+    }
+
+    /// Step 3: inputs into the read-only share, scratch paths created, all
+    /// through directory handles, cancellably and under the deadline.
     async fn materialise_inputs(
         &self,
-        req: &BuildRequest,
-        ws: &Workspace,
+        steps: &Steps<'_>,
+        trees: Vec<InputTree>,
     ) -> Result<(), BuildError> {
-        for (name, node) in &req.inputs {
-            let dest = ws.inputs().join(name.to_os_str());
-            castore::materialise::materialise(&self.store, node, &dest)
-                .await
-                .map_err(|e| match e.missing() {
-                    Some((what, digest)) => BuildError::MissingInput { what, digest },
-                    None => BuildError::infra("materialise inputs", &e),
-                })?;
+        let Steps { req, ws, .. } = *steps;
+        let inputs = ws
+            .inputs_dir()
+            .map_err(|e| BuildError::infra("open the inputs share", &e))?;
+        let control = Control {
+            cancel: Some(steps.cancel.clone()),
+            deadline: Some(steps.deadline),
+            min_free_bytes: self.config.scratch.min_free_bytes,
+        };
+        for (index, ((name, node), tree)) in req.inputs.iter().zip(trees).enumerate() {
+            let dir = inputs
+                .try_clone()
+                .map_err(|e| BuildError::infra("open the inputs share", &e))?;
+            let origin = PathBuf::from(format!("/{}/{name}", req.inputs_dir));
+            materialise::materialise_at(
+                &self.store,
+                dir,
+                name.to_os_str().to_owned(),
+                node,
+                tree,
+                origin,
+                control.clone(),
+            )
+            .await
+            .map_err(|e| match e {
+                MaterialiseError::Cancelled => BuildError::Cancelled,
+                MaterialiseError::Deadline => BuildError::Timeout {
+                    secs: steps.timeout_secs(),
+                    log_tail: Vec::new(),
+                },
+                e => input_error(index, name, e),
+            })?;
         }
+        let scratch = ws
+            .scratch_dir()
+            .map_err(|e| BuildError::infra("open the scratch share", &e))?;
         for s in &req.scratch_paths {
-            std::fs::create_dir_all(ws.scratch().join(s.as_str()))
+            scratch
+                .create_dir_all(std::path::Path::new(s.as_str()), 0o755)
                 .map_err(|e| BuildError::infra("create scratch directories", &e))?;
         }
         Ok(())
@@ -284,14 +364,12 @@ impl Executor {
     /// Steps 4 and 5: virtiofsd, initramfs, VMM, supervision.
     async fn boot_and_supervise(
         &self,
-        req: &BuildRequest,
         plan: &VmPlan,
         ws: &Workspace,
         log: &BuildLog,
         cancel: &CancellationToken,
         timeout: Duration,
     ) -> Result<Report, BuildError> {
-        let _ = req;
         let vm_dir = ws.vm();
         let mut shares = vec![
             (contract::INPUTS_TAG.to_string(), ws.inputs(), true),
@@ -411,33 +489,39 @@ impl Executor {
         .await;
         result
     }
+}
 
-    /// Step 6: outputs checked, scanned and ingested, in request order.
-    async fn collect_outputs(
-        &self,
-        req: &BuildRequest,
-        ws: &Workspace,
-        log: &BuildLog,
-    ) -> Result<Vec<(RelPath, Node, Vec<u64>)>, BuildError> {
-        let scanner = Scanner::new(&req.refscan_needles)
-            .map_err(|e| BuildError::infra("compile refscan needles", &e))?;
-        let mut outputs = Vec::with_capacity(req.outputs.len());
-        for out in &req.outputs {
-            let host = ws.scratch().join(out.as_str());
-            if std::fs::symlink_metadata(&host).is_err() {
-                return Err(BuildError::MissingOutput {
-                    path: out.to_string(),
-                    log_tail: log.tail(),
-                });
+/// What one build's steps share.
+pub(crate) struct Steps<'a> {
+    pub(crate) req: &'a BuildRequest,
+    pub(crate) plan: &'a VmPlan,
+    pub(crate) ws: &'a Workspace,
+    pub(crate) log: &'a BuildLog,
+    pub(crate) cancel: &'a CancellationToken,
+    /// When the build's time is up (`timeout` after it started).
+    pub(crate) deadline: Instant,
+    pub(crate) timeout: Duration,
+}
+
+impl Steps<'_> {
+    /// The whole build's time limit, for messages.
+    pub(crate) fn timeout_secs(&self) -> u64 {
+        self.timeout.as_secs()
+    }
+}
+
+/// The fetched directories of one input.
+type InputTree = std::collections::HashMap<castore::B3Digest, castore::Directory>;
+
+/// A materialise failure of input `index`, naming it.
+fn input_error(index: usize, name: &castore::PathComponent, e: MaterialiseError) -> BuildError {
+    match e.missing() {
+        Some((what, digest)) => BuildError::MissingInput { what, digest },
+        None => match e {
+            MaterialiseError::TooLarge { .. } => {
+                BuildError::Precondition(format!("inputs[{index}] ({name}): {e}"))
             }
-            let needles = scanner
-                .scan_path(&host)
-                .map_err(|e| BuildError::infra("scan outputs for references", &e))?;
-            let node = castore::ingest::ingest_path_moving(&self.store, &host)
-                .await
-                .map_err(|e| BuildError::infra("ingest outputs", &e))?;
-            outputs.push((out.clone(), node, needles));
-        }
-        Ok(outputs)
+            e => BuildError::infra("materialise inputs", &e),
+        },
     }
 }

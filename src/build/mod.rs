@@ -2,6 +2,7 @@
 //! and the gRPC services in front of it.
 
 pub mod admission;
+pub mod collect;
 pub mod error;
 pub mod events;
 pub mod executor;

@@ -1,11 +1,14 @@
 //! Scratch space limits. A build's scratch share lives on the host disk
 //! under `--data-dir`; virtiofs has no quota of its own, so kiln watches it:
 //! the build is stopped when its scratch tree grows past the per-build limit
-//! or when the filesystem's free space falls below the reserve.
+//! or when the filesystem's free space falls below the reserve. The tree is
+//! measured through handles, never following a link the build made, and
+//! counted as ingest would process it (a sparse file by its apparent size,
+//! [`crate::hostfs::walk::usage`]); collect measures it once more after the
+//! VM is gone.
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::build::error::BuildError;
@@ -39,7 +42,11 @@ pub async fn watch(dir: PathBuf, limits: ScratchLimits, log: &BuildLog) -> Build
         tokio::time::sleep(INTERVAL).await;
         let d = dir.clone();
         let measured = tokio::task::spawn_blocking(move || {
-            Ok::<_, io::Error>((disk_usage(&d)?, free_bytes(&d)?))
+            let (parent, name) = crate::hostfs::open_parent(&d)?;
+            Ok::<_, io::Error>((
+                crate::hostfs::walk::usage(&parent, &name)?,
+                parent.free_bytes()?,
+            ))
         })
         .await;
         let Ok(Ok((used, free))) = measured else {
@@ -57,37 +64,19 @@ pub async fn watch(dir: PathBuf, limits: ScratchLimits, log: &BuildLog) -> Build
     }
 }
 
-/// Bytes a tree occupies on disk (allocated blocks), not following symlinks.
-/// Entries that vanish while it walks are skipped.
-pub fn disk_usage(path: &Path) -> io::Result<u64> {
-    let meta = std::fs::symlink_metadata(path)?;
-    let mut total = meta.blocks() * 512;
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)?.flatten() {
-            total += disk_usage(&entry.path()).unwrap_or(0);
-        }
-    }
-    Ok(total)
-}
-
-fn free_bytes(path: &Path) -> io::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
-    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
-    fn measures_allocated_bytes_of_a_tree() {
+    fn measures_a_tree_without_following_links() {
         let tmp = tempfile::tempdir().expect("tmp");
-        std::fs::create_dir(tmp.path().join("d")).expect("mkdir");
-        std::fs::write(tmp.path().join("d/f"), vec![1u8; 1 << 20]).expect("write");
-        std::os::unix::fs::symlink("/nonexistent", tmp.path().join("l")).expect("symlink");
-        let used = disk_usage(tmp.path()).expect("du");
+        let t = tmp.path().join("t");
+        std::fs::create_dir_all(t.join("d")).expect("mkdir");
+        std::fs::write(t.join("d/f"), vec![1u8; 1 << 20]).expect("write");
+        std::os::unix::fs::symlink("/usr", t.join("l")).expect("symlink");
+        let (parent, name) = crate::hostfs::open_parent(&t).expect("open");
+        let used = crate::hostfs::walk::usage(&parent, &name).expect("du");
         assert!(used >= 1 << 20, "{used}");
         assert!(used < 2 << 20, "{used}");
-        assert!(free_bytes(tmp.path()).expect("statvfs") > 0);
+        assert!(parent.free_bytes().expect("statvfs") > 0);
     }
 }

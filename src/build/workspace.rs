@@ -108,8 +108,10 @@ fn warn_left(path: &Path, e: &io::Error) {
 }
 
 impl Drop for Workspace {
-    /// The fallback when [`Workspace::remove`] was not reached: still off
-    /// the async workers when a runtime is there.
+    /// The fallback when [`Workspace::remove`] was not reached (a panic, a
+    /// runtime shutting down): off the async workers, on a plain thread,
+    /// which a runtime shutting down does not discard as it does queued
+    /// blocking tasks.
     fn drop(&mut self) {
         if self.removed {
             return;
@@ -120,9 +122,11 @@ impl Drop for Workspace {
                 warn_left(&root, &e);
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
-            Err(_) => remove(),
+        if let Err(e) = std::thread::Builder::new()
+            .name("kiln-remove".into())
+            .spawn(remove)
+        {
+            tracing::warn!(error = %e, "could not start a thread to remove a build directory");
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Options {
     pub memory_budget_mib: u64,
     /// Scratch limits (fault tests).
     pub scratch: kiln::build::scratch::ScratchLimits,
+    /// What a build's inputs may expand to.
+    pub inputs: kiln::castore::materialise::Limits,
     /// Replaces the default kernel/agent artifacts (fault tests).
     pub artifacts: Option<Artifacts>,
 }
@@ -50,6 +52,7 @@ impl Default for Options {
             memory_budget_mib: 8192,
             artifacts: None,
             scratch: Default::default(),
+            inputs: Default::default(),
         }
     }
 }
@@ -118,6 +121,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         timeout: opts.timeout,
         max_log_bytes: opts.max_log_bytes,
         scratch: opts.scratch,
+        inputs: opts.inputs,
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,

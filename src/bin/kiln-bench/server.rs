@@ -61,6 +61,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         .context("choosing a VMM")?;
     let config = ExecutorConfig {
         scratch: Default::default(),
+        inputs: Default::default(),
         data_dir,
         cache_dir: cache_dir.clone(),
         artifacts: artifacts.clone(),
