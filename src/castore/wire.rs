@@ -280,3 +280,52 @@ pub fn fuzz_entry(data: &[u8]) {
         let _ = e.try_into_anonymous();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn inside(message: &bytes::Bytes, field: &[u8]) -> bool {
+        message.as_ptr_range().contains(&field.as_ptr())
+    }
+
+    #[test]
+    fn validated_names_and_targets_do_not_point_into_the_message() {
+        let entry = snix_castore::Entry {
+            entry: Some(snix_castore::entry::Entry::Symlink(
+                snix_castore::SymlinkEntry {
+                    name: bytes::Bytes::from_static(b"name"),
+                    target: bytes::Bytes::from_static(b"target"),
+                },
+            )),
+        };
+        let message = bytes::Bytes::from(entry.encode_to_vec());
+        // Decoding from `Bytes`, as tonic does, slices `bytes` fields out of
+        // the message.
+        let decoded = snix_castore::Entry::decode(message.clone()).expect("decodes");
+        let (name, node) = decoded.try_into_named().expect("valid");
+        let Node::Symlink { target } = node else {
+            panic!("a symlink")
+        };
+        assert!(!inside(&message, name.as_bytes()));
+        assert!(!inside(&message, target.as_bytes()));
+
+        let directory = tvix_castore::Directory {
+            symlinks: vec![tvix_castore::SymlinkNode {
+                name: bytes::Bytes::from_static(b"link"),
+                target: bytes::Bytes::from_static(b"target"),
+            }],
+            ..Default::default()
+        };
+        let message = bytes::Bytes::from(directory.encode_to_vec());
+        let decoded = tvix_castore::Directory::decode(message.clone()).expect("decodes");
+        let directory = Directory::try_from(decoded).expect("valid");
+        for (name, node) in directory.nodes() {
+            assert!(!inside(&message, name.as_bytes()));
+            if let Node::Symlink { target } = node {
+                assert!(!inside(&message, target.as_bytes()));
+            }
+        }
+    }
+}

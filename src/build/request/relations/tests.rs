@@ -5,6 +5,8 @@ use super::super::{BuildRequest, MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES};
 use crate::proto::{snix_build, snix_castore};
 
 type Req = snix_build::BuildRequest;
+/// What a case breaks, how, and the field the error must name.
+type Case = (&'static str, Box<dyn Fn(&mut Req)>, &'static str);
 
 const INPUT: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
 
@@ -59,7 +61,7 @@ fn every_relation_broken_once() {
     let huge_needles: Vec<String> = (0..MAX_REFSCAN_NEEDLES + 1)
         .map(|i| format!("{i:032}"))
         .collect();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Req)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "nested outputs",
             Box::new(|r| r.outputs = vec!["nix/store/o".into(), "nix/store/o/sub".into()]),
