@@ -256,6 +256,23 @@ impl TestServer {
         }
     }
 
+    /// Whether the health service answers SERVING, within 5 s.
+    pub async fn healthy(&self) -> bool {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let mut client = HealthClient::new(self.channel().await);
+        let check = client.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(answer)) => {
+                answer.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            }
+            _ => false,
+        }
+    }
+
     /// Asserts no process or build directory of this server is left.
     pub async fn assert_nothing_left(&self) {
         let runs = self.data_dir.join("runs");
