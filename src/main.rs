@@ -66,6 +66,10 @@ struct ServeArgs {
     /// Builds allowed to wait for a VM before further ones are refused.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Memory all requests held (queued or running) may take together, MiB;
+    /// beyond it new builds get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_request_memory_mib: usize,
     /// vCPUs per VM.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -372,6 +376,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             token_file: args.castore_client.castore_token_file.clone(),
         })
         .context("loading the remote castore's TLS and token settings")?;
+    // Builds' directories and the blob store live here: root's alone,
+    // whatever the umask.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.data_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    }
     let store =
         kiln::castore::from_addr::from_addr_with(&args.castore, &args.data_dir, &castore_security)
             .await
@@ -407,6 +424,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_vms: args.max_vms,
         memory_budget_mib: args.memory_budget_mib,
         max_queue: args.max_queue,
+        request_budget_bytes: args.max_request_memory_mib << 20,
         kept_builds: 256,
         kept_log_bytes: 4 * 1024 * 1024,
     };

@@ -94,6 +94,7 @@ impl Server {
             max_vms: 1,
             memory_budget_mib: 4096,
             max_queue: 4,
+            request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
             kept_builds: 8,
             kept_log_bytes: 1 << 16,
         };

@@ -62,6 +62,7 @@ async fn start(budget: RequestBudget) -> Server {
         max_vms: 1,
         memory_budget_mib: 8192,
         max_queue: 4,
+        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 16,
         kept_log_bytes: 1 << 16,
     };

@@ -67,6 +67,9 @@ pub struct ExecutorConfig {
     pub memory_budget_mib: u64,
     /// Builds allowed to wait for a VM.
     pub max_queue: usize,
+    /// Bytes all requests this server holds (queued or running) may take
+    /// in memory together ([`crate::build::admission::RequestBudget`]).
+    pub request_budget_bytes: usize,
     /// Builds whose logs are kept.
     pub kept_builds: usize,
     /// Log bytes kept per build.
@@ -127,6 +130,11 @@ impl Executor {
     /// The build logs this server keeps.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The memory budget of held requests, bytes.
+    pub fn request_budget_bytes(&self) -> usize {
+        self.config.request_budget_bytes
     }
 
     /// The castore builds read from and write to.
@@ -245,7 +253,14 @@ impl Executor {
         log.phase("boot");
         let remaining = deadline.saturating_duration_since(Instant::now());
         let report = self
-            .boot_and_supervise(steps.plan, steps.ws, log, steps.cancel, remaining)
+            .boot_and_supervise(
+                steps.req,
+                steps.plan,
+                steps.ws,
+                log,
+                steps.cancel,
+                remaining,
+            )
             .await?;
         // The VM and its daemons are gone: its slot and memory go back now,
         // not after ingest.
@@ -364,6 +379,7 @@ impl Executor {
     /// Steps 4 and 5: virtiofsd, initramfs, VMM, supervision.
     async fn boot_and_supervise(
         &self,
+        req: &BuildRequest,
         plan: &VmPlan,
         ws: &Workspace,
         log: &BuildLog,
@@ -413,7 +429,7 @@ impl Executor {
             .instrument(initramfs_span.clone())
             .await?
             .clone();
-        let mut job = plan.job.clone();
+        let mut job = plan::job(req, plan);
         job.modules = self
             .runner
             .guest_modules()

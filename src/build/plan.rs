@@ -53,8 +53,6 @@ pub struct VmPlan {
     pub nested_virt: bool,
     /// Operator allow-listed read-only paths.
     pub ro_shares: Vec<RoShare>,
-    /// The agent's job, less the kernel modules (the backend decides those).
-    pub job: Job,
 }
 
 /// Checks the constraints and sizes the VM.
@@ -98,7 +96,19 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
             )));
         }
     }
-    let job = Job {
+    Ok(VmPlan {
+        memory_mib,
+        vcpus: limits.vcpus,
+        nested_virt,
+        ro_shares,
+    })
+}
+
+/// The agent's job for `req` on `plan`, less the kernel modules (the
+/// backend decides those). Built only when the VM boots, so a queued build
+/// holds its request once.
+pub fn job(req: &BuildRequest, plan: &VmPlan) -> Job {
+    Job {
         command_args: req.command_args.clone(),
         env: req
             .environment_vars
@@ -113,22 +123,16 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
             .iter()
             .map(|f| (f.path.to_string(), f.contents.clone()))
             .collect(),
-        provide_bin_sh: c.provide_bin_sh,
-        kvm: nested_virt,
-        ro_paths: ro_shares
+        provide_bin_sh: req.constraints.provide_bin_sh,
+        kvm: plan.nested_virt,
+        ro_paths: plan
+            .ro_shares
             .iter()
             .map(|s| (s.tag.clone(), s.path.display().to_string()))
             .collect(),
         modules: Vec::new(),
-        cores: limits.vcpus,
-    };
-    Ok(VmPlan {
-        memory_mib,
-        vcpus: limits.vcpus,
-        nested_virt,
-        ro_shares,
-        job,
-    })
+        cores: plan.vcpus,
+    }
 }
 
 /// Guest RAM: `min_memory` plus the guest's overhead, at least the minimum,

@@ -47,7 +47,8 @@ impl BuildService {
     /// Wraps an executor, with the default request memory budget
     /// ([`crate::build::admission::DEFAULT_REQUEST_BUDGET_BYTES`]).
     pub fn new(executor: Arc<Executor>) -> Self {
-        Self::with_request_budget(executor, RequestBudget::default())
+        let budget = RequestBudget::new(executor.request_budget_bytes());
+        Self::with_request_budget(executor, budget)
     }
 
     /// Wraps an executor; the requests it holds share `budget`.

@@ -224,18 +224,45 @@ fn processes_mentioning(needle: &[u8]) -> io::Result<Vec<i32>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn workspace_is_removed_on_drop_even_with_read_only_dirs() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let runs = tmp.path().join("runs");
-        let ws = Workspace::create(&runs, "b1").expect("create");
+    /// A workspace with a read-only directory and a link out of it.
+    fn workspace_with_traps(runs: &Path, id: &str, outside: &Path) -> Workspace {
+        let ws = Workspace::create(runs, id).expect("create");
         let ro = ws.scratch().join("out");
         fs::create_dir(&ro).expect("mkdir");
         fs::write(ro.join("f"), b"x").expect("write");
+        std::os::unix::fs::symlink(outside, ro.join("l")).expect("symlink");
         fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).expect("chmod");
+        ws
+    }
+
+    #[tokio::test]
+    async fn workspace_is_removed_with_read_only_dirs_and_links_out_of_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        fs::write(outside.join("keep"), b"decoy").expect("write");
+        let runs = tmp.path().join("runs");
+        let ws = workspace_with_traps(&runs, "b1", &outside);
+        assert_eq!(
+            fs::metadata(ws.root()).expect("root").permissions().mode() & 0o777,
+            0o700
+        );
+        let root = ws.root().to_path_buf();
+        ws.remove().await;
+        assert!(!root.exists());
+
+        // Dropped without remove(): the fallback thread removes it.
+        let ws = workspace_with_traps(&runs, "b2", &outside);
         let root = ws.root().to_path_buf();
         drop(ws);
+        for _ in 0..100 {
+            if !root.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert!(!root.exists());
+        assert_eq!(fs::read(outside.join("keep")).expect("decoy"), b"decoy");
     }
 
     #[test]
@@ -268,5 +295,48 @@ mod tests {
         assert!(!status.success());
         assert_eq!(report.removed, vec![runs.join("stale")]);
         assert!(!runs.join("stale").exists());
+    }
+
+    #[test]
+    fn sweep_removes_a_deep_tree_and_moves_aside_what_it_cannot_remove() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tmp.path().join("data");
+        let runs = data.join("runs");
+        fs::create_dir_all(&runs).expect("mkdir");
+        // Deeper than any path can name: a path-based removal fails on it.
+        let top = Dir::open(&runs).expect("open");
+        let mut dir = top
+            .create_or_open_dir(std::ffi::OsStr::new("deep"), 0o755)
+            .expect("deep");
+        for _ in 0..3000 {
+            dir = dir
+                .create_or_open_dir(std::ffi::OsStr::new("d"), 0o755)
+                .expect("d");
+        }
+        // A mount point cannot be removed (EBUSY) while mounted.
+        let busy = runs.join("busy");
+        fs::create_dir_all(busy.join("m")).expect("mkdir");
+        let mounted = nix::mount::mount(
+            Some("tmpfs"),
+            &busy.join("m"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+        let report = sweep(&runs).expect("sweep");
+        assert!(report.removed.contains(&runs.join("deep")), "{report:?}");
+        if let Err(e) = mounted {
+            eprintln!("SKIPPED: the moved-aside half needs to mount a tmpfs (root): {e}");
+            return;
+        }
+        assert_eq!(report.moved_aside.len(), 1, "{report:?}");
+        let aside = &report.moved_aside[0];
+        assert!(
+            aside.starts_with(data.join("runs-unremovable")),
+            "{aside:?}"
+        );
+        assert!(fs::read_dir(&runs).expect("runs").next().is_none());
+        nix::mount::umount(&aside.join("m")).expect("umount");
+        remove_tree(aside).expect("remove");
     }
 }

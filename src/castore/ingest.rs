@@ -169,7 +169,7 @@ pub async fn ingest_at(
         walk(&parent, &name, Options::default(), |event| {
             walker.event(event)
         })
-        .map_err(|e| walker.into_error(e))?;
+        .map_err(|e| walker.error_of(e))?;
         walker.finish()
     })
     .await
@@ -433,7 +433,7 @@ impl Walker<'_> {
     }
 
     /// The walk's own error, or the [`IngestError`] a callback carried out.
-    fn into_error(&self, e: io::Error) -> IngestError {
+    fn error_of(&self, e: io::Error) -> IngestError {
         match e.downcast::<IngestError>() {
             Ok(e) => e,
             Err(e) => IngestError::Inspect {
@@ -445,7 +445,7 @@ impl Walker<'_> {
 
     /// Stores the finished directories, leaves first; returns the root.
     fn finish(mut self) -> Result<Node, IngestError> {
-        self.flush().map_err(|e| self.into_error(e))?;
+        self.flush().map_err(|e| self.error_of(e))?;
         let root = self.root.take().ok_or_else(|| IngestError::Inspect {
             path: self.origin.to_owned(),
             source: io::Error::other("the walk reported no root"),

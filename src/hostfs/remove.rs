@@ -86,7 +86,7 @@ mod tests {
         let ro = tmp.path().join("ro");
         std::fs::create_dir(&ro).expect("mkdir");
         std::fs::write(ro.join("f"), b"x").expect("write");
-        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0)).expect("chmod");
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o000)).expect("chmod");
         remove_path(&ro).expect("remove unreadable dir");
         assert!(!ro.exists());
     }

@@ -125,6 +125,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
+        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 64,
         kept_log_bytes: 1 << 20,
     };

@@ -78,6 +78,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         max_vms,
         memory_budget_mib: 1024 * max_vms as u64,
         max_queue: 64,
+        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 256,
         kept_log_bytes: 1 << 20,
     };
