@@ -87,11 +87,15 @@ fn kind(status: &tonic::Status) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn outputs_through_symlinks_fifos_and_sparse_files_are_refused() {
+async fn outputs_through_symlinks_fifos_sparse_files_and_too_many_entries_are_refused() {
     let Some(server) = harness::start(Options {
         scratch: kiln::build::scratch::ScratchLimits {
             max_bytes: 64 << 20,
             min_free_bytes: 1 << 30,
+        },
+        inputs: Limits {
+            max_entries: 1000,
+            ..Limits::default()
         },
         ..Options::default()
     })
@@ -138,6 +142,14 @@ async fn outputs_through_symlinks_fifos_and_sparse_files_are_refused() {
     let status = build_err(&server, server.snix_request("truncate -s 16G $out", &[OUT])).await;
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert_eq!(kind(&status), "scratch_full", "{status:?}");
+
+    // Empty files take no space, but each is an entry ingest holds in
+    // memory: they count against the entry limit inputs have too.
+    let many = "mkdir $out; cd $out; for i in $(busybox seq 1500); do : > f$i; done";
+    let status = build_err(&server, server.snix_request(many, &[OUT])).await;
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert_eq!(kind(&status), "scratch_full", "{status:?}");
+    assert!(status.message().contains("entries"), "{}", status.message());
 
     assert!(server.healthy().await);
     decoy.assert_untouched(&server).await;

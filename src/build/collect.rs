@@ -30,6 +30,7 @@ pub(crate) async fn collect_outputs(
     store: &Store,
     steps: &Steps<'_>,
     limits: &ScratchLimits,
+    max_entries: u64,
 ) -> Result<Vec<(RelPath, Node, Vec<u64>)>, BuildError> {
     let Steps { req, ws, log, .. } = *steps;
     let scanner = Arc::new(
@@ -39,7 +40,7 @@ pub(crate) async fn collect_outputs(
     let scratch = ws
         .scratch_dir()
         .map_err(|e| BuildError::infra("open the scratch share", &e))?;
-    check_usage(ws.root(), limits, log).await?;
+    check_usage(ws.root(), limits, max_entries, log).await?;
     let mut outputs = Vec::with_capacity(req.outputs.len());
     for out in &req.outputs {
         let guest = format!("/{out}");
@@ -150,10 +151,12 @@ async fn scan(
 
 /// The scratch tree measured as ingest will process it, once the VM is
 /// gone: the watch during the build samples every few seconds and counts
-/// allocated blocks as they grow, this counts what would be hashed.
+/// allocated blocks as they grow, this counts what would be hashed, and
+/// the entries ingest would hold in memory (bounded like the inputs').
 async fn check_usage(
     root: &std::path::Path,
     limits: &ScratchLimits,
+    max_entries: u64,
     log: &crate::build::events::BuildLog,
 ) -> Result<(), BuildError> {
     let root = root.to_owned();
@@ -167,9 +170,16 @@ async fn check_usage(
     .await
     .map_err(|e| BuildError::infra("measure scratch space", &io::Error::other(e)))?
     .map_err(|e| BuildError::infra("measure scratch space", &e))?;
-    if used > limits.max_bytes {
+    if used.entries > max_entries {
+        return Err(BuildError::ScratchEntries {
+            entries: used.entries,
+            limit: max_entries,
+            log_tail: log.tail(),
+        });
+    }
+    if used.bytes > limits.max_bytes {
         return Err(BuildError::ScratchFull {
-            used,
+            used: used.bytes,
             limit: limits.max_bytes,
             free,
             reserve: limits.min_free_bytes,

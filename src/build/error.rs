@@ -123,6 +123,17 @@ pub enum BuildError {
         /// Last lines of the log.
         log_tail: Vec<u8>,
     },
+    /// The build left more entries in its scratch tree than ingest may
+    /// hold (the `--max-input-entries` bound, which inputs obey too).
+    #[error("the build left {entries} entries in its scratch directories, over the limit of {limit} (--max-input-entries)")]
+    ScratchEntries {
+        /// Entries found.
+        entries: u64,
+        /// The limit.
+        limit: u64,
+        /// Last lines of the log.
+        log_tail: Vec<u8>,
+    },
     /// The guest agent failed before or while running the builder.
     #[error("guest agent failed at step {step}: {message}")]
     AgentFailed {
@@ -186,7 +197,8 @@ impl BuildError {
             | Self::MissingOutput { .. }
             | Self::InvalidOutput { .. }
             | Self::LogLimit { .. }
-            | Self::ScratchFull { .. } => Code::Aborted,
+            | Self::ScratchFull { .. }
+            | Self::ScratchEntries { .. } => Code::Aborted,
             Self::AgentFailed { .. } => Code::Internal,
             Self::VmCrashed { .. } | Self::Infrastructure { .. } => Code::Unavailable,
             Self::Timeout { .. } => Code::DeadlineExceeded,
@@ -205,7 +217,7 @@ impl BuildError {
             Self::MissingOutput { .. } => "missing_output",
             Self::InvalidOutput { .. } => "invalid_output",
             Self::LogLimit { .. } => "log_limit",
-            Self::ScratchFull { .. } => "scratch_full",
+            Self::ScratchFull { .. } | Self::ScratchEntries { .. } => "scratch_full",
             Self::AgentFailed { .. } => "agent_failed",
             Self::VmCrashed { .. } => "vm_crashed",
             Self::Infrastructure { .. } => "infrastructure",
@@ -222,6 +234,7 @@ impl BuildError {
             | Self::InvalidOutput { log_tail, .. }
             | Self::LogLimit { log_tail, .. }
             | Self::ScratchFull { log_tail, .. }
+            | Self::ScratchEntries { log_tail, .. }
             | Self::AgentFailed { log_tail, .. }
             | Self::VmCrashed { log_tail, .. }
             | Self::Timeout { log_tail, .. } => log_tail,

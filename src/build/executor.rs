@@ -295,9 +295,14 @@ impl Executor {
         }
 
         log.phase("ingest");
-        let outputs = collect::collect_outputs(&self.store, steps, &self.config.scratch)
-            .instrument(info_span!("ingest"))
-            .await?;
+        let outputs = collect::collect_outputs(
+            &self.store,
+            steps,
+            &self.config.scratch,
+            self.config.inputs.max_entries,
+        )
+        .instrument(info_span!("ingest"))
+        .await?;
         Ok(BuildOutcome { outputs, report })
     }
 

@@ -44,7 +44,7 @@ pub async fn watch(dir: PathBuf, limits: ScratchLimits, log: &BuildLog) -> Build
         let measured = tokio::task::spawn_blocking(move || {
             let (parent, name) = crate::hostfs::open_parent(&d)?;
             Ok::<_, io::Error>((
-                crate::hostfs::walk::usage(&parent, &name)?,
+                crate::hostfs::walk::usage(&parent, &name)?.bytes,
                 parent.free_bytes()?,
             ))
         })
@@ -74,7 +74,9 @@ mod tests {
         std::fs::write(t.join("d/f"), vec![1u8; 1 << 20]).expect("write");
         std::os::unix::fs::symlink("/usr", t.join("l")).expect("symlink");
         let (parent, name) = crate::hostfs::open_parent(&t).expect("open");
-        let used = crate::hostfs::walk::usage(&parent, &name).expect("du");
+        let used = crate::hostfs::walk::usage(&parent, &name)
+            .expect("du")
+            .bytes;
         assert!(used >= 1 << 20, "{used}");
         assert!(used < 2 << 20, "{used}");
         assert!(parent.free_bytes().expect("statvfs") > 0);

@@ -163,13 +163,21 @@ fn enter(parent: &Dir, name: &OsStr, options: Options) -> io::Result<Dir> {
     }
 }
 
-/// Bytes the tree at `name` in `parent` stands for, counted as ingest will
-/// process it: for a regular file the larger of its allocated blocks and its
-/// apparent size (a sparse 16 GiB file counts 16 GiB: that is what would be
-/// hashed and stored), for everything else its blocks. Entries that vanish
+/// What a tree stands for, as ingest would process it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// For a regular file the larger of its allocated blocks and its
+    /// apparent size (a sparse 16 GiB file counts 16 GiB: that is what would
+    /// be hashed and stored), for everything else its blocks.
+    pub bytes: u64,
+    /// Entries, the root included.
+    pub entries: u64,
+}
+
+/// The [`Usage`] of the tree at `name` in `parent`. Entries that vanish
 /// during the walk are skipped.
-pub fn usage(parent: &Dir, name: &OsStr) -> io::Result<u64> {
-    let mut total = 0u64;
+pub fn usage(parent: &Dir, name: &OsStr) -> io::Result<Usage> {
+    let mut total = Usage::default();
     let count = |st: &rustix::fs::Stat, file: bool| {
         let blocks = (st.st_blocks as u64).saturating_mul(512);
         if file {
@@ -188,7 +196,8 @@ pub fn usage(parent: &Dir, name: &OsStr) -> io::Result<u64> {
             Event::Enter { dir, .. } => (dir.self_stat()?, false),
             Event::Leave { .. } => return Ok(()),
         };
-        total = total.saturating_add(count(&st, file));
+        total.bytes = total.bytes.saturating_add(count(&st, file));
+        total.entries = total.entries.saturating_add(1);
         Ok(())
     })?;
     Ok(total)
@@ -205,7 +214,9 @@ mod tests {
         f.set_len(16 << 30).expect("truncate");
         let root = Dir::open(tmp.path().parent().expect("parent")).expect("open");
         let name = tmp.path().file_name().expect("name");
-        assert!(usage(&root, name).expect("usage") >= 16 << 30);
+        let used = usage(&root, name).expect("usage");
+        assert!(used.bytes >= 16 << 30, "{used:?}");
+        assert_eq!(used.entries, 2, "{used:?}");
     }
 
     #[test]
