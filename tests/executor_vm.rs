@@ -33,14 +33,35 @@ async fn directory_file_and_symlink_outputs_in_request_order() {
         &[OUT, OUT3, OUT2],
     );
     // Outputs not sorted (output-name order, as newer snix clients send): accepted.
-    let resp = server
-        .snix()
-        .await
-        .do_build(req)
+    let answer = server.snix().await.do_build(req).await.unwrap();
+    let id = answer
+        .metadata()
+        .get("x-kiln-build-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let resp = answer.into_inner();
+    assert_eq!(resp.outputs.len(), 3);
+    // A Watch of a finished DoBuild ends, with the same answer.
+    let mut events = BuildEventsClient::new(server.channel().await)
+        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: id })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(resp.outputs.len(), 3);
+    let last = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut last = None;
+        while let Some(ev) = events.message().await.unwrap() {
+            last = ev.event;
+        }
+        last
+    })
+    .await
+    .expect("the watch of a finished DoBuild must end");
+    let Some(Event::Completed(done)) = last else {
+        panic!("the watch ended with {last:?}, not completed");
+    };
+    assert_eq!(done.snix.as_ref(), Some(&resp));
     let nodes: Vec<Node> = resp
         .outputs
         .iter()

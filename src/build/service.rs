@@ -75,7 +75,7 @@ impl BuildService {
         req: BuildRequest,
         deadline: Option<Duration>,
         _permit: RequestPermit,
-    ) -> (String, Result<BuildOutcome, BuildError>) {
+    ) -> (Arc<BuildLog>, Result<BuildOutcome, BuildError>) {
         let (log, cancel, handle) = self.executor.start(req, deadline);
         let _cancel_on_drop = cancel.drop_guard();
         let result = match handle.await {
@@ -85,7 +85,30 @@ impl BuildService {
                 message: e.to_string(),
             }),
         };
-        (log.id().to_owned(), result)
+        (log, result)
+    }
+}
+
+/// Ends a `DoBuild`'s event log the way `Submit`'s ends, so a `Watch` on
+/// its `x-kiln-build-id` finishes too: `Completed` with the answer, or
+/// `Failed` when the answer could not be made (the executor has already
+/// emitted `Failed` for a failed build).
+fn answer<T: Clone>(
+    log: &BuildLog,
+    result: Result<BuildOutcome, BuildError>,
+    respond: impl FnOnce(&BuildOutcome) -> Result<T, BuildError>,
+    event: impl FnOnce(T, &BuildOutcome) -> Event,
+) -> Result<T, Status> {
+    let outcome = result.map_err(|e| e.to_status())?;
+    match respond(&outcome) {
+        Ok(answer) => {
+            log.emit(event(answer.clone(), &outcome));
+            Ok(answer)
+        }
+        Err(e) => {
+            log.emit(Event::Failed(e.to_failed()));
+            Err(e.to_status())
+        }
     }
 }
 
@@ -228,13 +251,14 @@ impl tvix_build::build_service_server::BuildService for BuildService {
         let deadline = grpc_timeout(request.metadata());
         let (req, echo) = from_tvix(request.into_inner())?;
         let permit = self.reserve(&req, echo.len())?;
-        let (id, result) = self.run(req, deadline, permit).await;
-        with_id(
-            &id,
-            result
-                .and_then(|o| echo.response(&o))
-                .map_err(|e| e.to_status()),
-        )
+        let (log, result) = self.run(req, deadline, permit).await;
+        let answer = answer(
+            &log,
+            result,
+            |o| echo.response(o),
+            |tvix, o| completed(Some(tvix), None, o),
+        );
+        with_id(log.id(), answer)
     }
 }
 
@@ -247,11 +271,14 @@ impl snix_build::build_service_server::BuildService for BuildService {
         let deadline = grpc_timeout(request.metadata());
         let req = from_snix(request.into_inner())?;
         let permit = self.reserve(&req, 0)?;
-        let (id, result) = self.run(req, deadline, permit).await;
-        with_id(
-            &id,
-            result.map(|o| snix_response(&o)).map_err(|e| e.to_status()),
-        )
+        let (log, result) = self.run(req, deadline, permit).await;
+        let answer = answer(
+            &log,
+            result,
+            |o| Ok(snix_response(o)),
+            |snix, o| completed(None, Some(snix), o),
+        );
+        with_id(log.id(), answer)
     }
 }
 
