@@ -385,7 +385,7 @@ pub async fn materialise_at(
 /// One directory being filled: its identity and the subdirectories still to
 /// create.
 struct Level<'t> {
-    id: (u64, u64),
+    id: crate::hostfs::DirId,
     pending: Vec<(&'t PathComponent, B3Digest)>,
 }
 
@@ -396,11 +396,6 @@ struct Creator<'a> {
     tree: &'a HashMap<B3Digest, Directory>,
     origin: &'a Path,
     control: &'a Control,
-}
-
-fn dir_id(dir: &Dir) -> io::Result<(u64, u64)> {
-    let st = dir.self_stat()?;
-    Ok((st.st_dev, st.st_ino))
 }
 
 impl<'a> Creator<'a> {
@@ -424,10 +419,7 @@ impl<'a> Creator<'a> {
             }
             stack.pop();
             let Some(above) = stack.last() else { break };
-            cur = cur.open_dotdot().map_err(|e| self.err(e))?;
-            if dir_id(&cur).map_err(|e| self.err(e))? != above.id {
-                return Err(self.err(io::Error::other("the tree changed while being created")));
-            }
+            cur = cur.climb(above.id).map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -463,7 +455,7 @@ impl<'a> Creator<'a> {
         }
         self.place(dir, &leaves)?;
         Ok(Level {
-            id: dir_id(dir).map_err(|e| self.err(e))?,
+            id: dir.id().map_err(|e| self.err(e))?,
             pending,
         })
     }

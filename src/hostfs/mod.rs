@@ -61,6 +61,9 @@ impl Kind {
     }
 }
 
+/// (device, inode) of a directory.
+pub type DirId = (u64, u64);
+
 /// An open directory; everything below it is reached through it.
 #[derive(Debug)]
 pub struct Dir {
@@ -280,11 +283,25 @@ impl Dir {
         )?)
     }
 
-    /// Opens this directory's parent. Only for walks that check where they
-    /// arrive ([`remove`]).
-    pub(crate) fn open_dotdot(&self) -> io::Result<Dir> {
+    /// This directory's identity: (device, inode).
+    pub fn id(&self) -> io::Result<DirId> {
+        let st = self.self_stat()?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Opens this directory's parent through `..`, for loops that climb back
+    /// up a tree they descended by name; refused unless it is `expected`
+    /// (the identity recorded on the way down), so a tree changed meanwhile
+    /// cannot lead the loop anywhere else.
+    pub fn climb(&self, expected: DirId) -> io::Result<Dir> {
         let fd = rustix::fs::openat(&self.fd, "..", dir_flags(), Mode::empty())?;
-        Ok(Dir { fd })
+        let up = Dir { fd };
+        if up.id()? != expected {
+            return Err(io::Error::other(
+                "the tree changed while being walked: `..` is not the directory above",
+            ));
+        }
+        Ok(up)
     }
 
     /// Sets the mode of the child directory `name` without reading it first

@@ -12,7 +12,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 
-use super::{Dir, Kind};
+use super::{Dir, DirId, Kind};
 
 /// What the walk reports, in order: a directory is entered, its
 /// non-directory entries come as leaves, then its subdirectories, each
@@ -43,19 +43,11 @@ pub enum Event<'a> {
     },
 }
 
-/// (device, inode) of a directory.
-type Id = (u64, u64);
-
-fn id(dir: &Dir) -> io::Result<Id> {
-    let st = dir.self_stat()?;
-    Ok((st.st_dev, st.st_ino))
-}
-
 /// One directory being walked: its name, identity and the subdirectories
 /// still to visit.
 struct Level {
     name: OsString,
-    id: Id,
+    id: DirId,
     pending: Vec<OsString>,
 }
 
@@ -96,16 +88,7 @@ pub fn walk(
         let Some(done) = stack.pop() else { break };
         let up = match stack.last() {
             None => parent.try_clone()?,
-            Some(above) => {
-                let up = cur.open_dotdot()?;
-                if id(&up)? != above.id {
-                    return Err(io::Error::other(format!(
-                        "the tree changed while being walked (at {:?})",
-                        done.name
-                    )));
-                }
-                up
-            }
+            Some(above) => cur.climb(above.id)?,
         };
         f(Event::Leave {
             parent: &up,
@@ -139,7 +122,7 @@ fn open_level(
     pending.reverse();
     Ok(Level {
         name: name.to_owned(),
-        id: id(dir)?,
+        id: dir.id()?,
         pending,
     })
 }
