@@ -3,8 +3,11 @@
 //! Where a request goes, in order:
 //! - [`proto`]: the wire layer (tvix/snix build and castore, kiln's events).
 //! - [`server`]: one tonic server carrying every service.
-//! - [`build`]: validates a request into the domain type, then the executor
-//!   plans the VM, materialises inputs, boots, streams, collects and ingests.
+//! - [`grpc`]: the build faces (`DoBuild` in both layouts, `BuildEvents`);
+//!   wire requests become the domain [`executor::BuildRequest`] here, and
+//!   results, events and errors become wire messages here.
+//! - [`executor`]: plans the VM, admits it, materialises inputs, runs it
+//!   through a [`vmm::session`], collects and ingests the outputs.
 //! - [`vmm`]: VMM backends (QEMU microvm, cloud-hypervisor), host detection
 //!   and virtiofsd.
 //! - [`guest_image`]: kernel artifacts and the initramfs (agent + job).
@@ -20,10 +23,11 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod build;
 pub mod castore;
 pub mod cli;
 pub mod client;
+pub mod executor;
+pub mod grpc;
 pub mod guest_image;
 pub mod hostfs;
 pub mod nix;

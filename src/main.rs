@@ -396,7 +396,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let vm = kiln::vmm::choose::choose(args.vm.vmm, args.vm.accel, args.vm.pvm_kernel)
         .await
         .context("choosing the VMM")?;
-    let limits = kiln::build::plan::Limits {
+    let limits = kiln::executor::plan::Limits {
         min_guest_memory_mib: 512,
         guest_overhead_mib: 256,
         max_guest_memory_mib: args.max_guest_memory_mib,
@@ -404,8 +404,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         nested_virt_available: vm.nested_available,
         ro_path_allowlist: args.allow_ro_paths,
     };
-    let config = kiln::build::ExecutorConfig {
-        scratch: kiln::build::scratch::ScratchLimits {
+    let config = kiln::executor::ExecutorConfig {
+        scratch: kiln::executor::scratch::ScratchLimits {
             max_bytes: args.max_scratch_mib << 20,
             min_free_bytes: args.min_free_disk_mib << 20,
         },
@@ -428,7 +428,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kept_builds: 256,
         kept_log_bytes: 4 * 1024 * 1024,
     };
-    let executor = kiln::build::Executor::open(config, store.clone(), vm.runner)
+    let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
     let signalled = stop_signal()?;
     let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;

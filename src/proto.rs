@@ -2,7 +2,7 @@
 //! file descriptor set used by gRPC reflection and the JSON request mapping.
 //!
 //! Prost types stop at the gRPC edge: everything past the service wrappers
-//! works on the validated domain types in [`crate::castore`] and [`crate::build`].
+//! works on the validated domain types in [`crate::castore`] and [`crate::executor`].
 
 #![allow(missing_docs, clippy::all)]
 

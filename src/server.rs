@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::auth::Security;
-use crate::build::service::BuildService;
-use crate::build::Executor;
 use crate::castore::Store;
+use crate::executor::Executor;
+use crate::grpc::BuildService;
 use crate::proto::{self, kiln_v1, snix_build, tvix_build};
 
 mod cut;

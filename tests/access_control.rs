@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln::auth::{Security, SecurityOptions};
-use kiln::build::plan::Limits;
-use kiln::build::{Executor, ExecutorConfig};
 use kiln::castore::{B3Digest, Store};
 use kiln::client::{connect, ClientSecurity, ClientSecurityOptions, KilnChannel};
+use kiln::executor::plan::Limits;
+use kiln::executor::{Executor, ExecutorConfig};
 use kiln::guest_image::Artifacts;
 use kiln::proto::{kiln_v1, snix_build, snix_castore, tvix_build, tvix_castore};
 use kiln::server::Bound;
@@ -94,7 +94,7 @@ impl Server {
             max_vms: 1,
             memory_budget_mib: 4096,
             max_queue: 4,
-            request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+            request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
             kept_builds: 8,
             kept_log_bytes: 1 << 16,
         };

@@ -132,6 +132,7 @@ fn spec(env: &Env, run_dir: &Path, share: Option<&Path>, nested: bool) -> VmSpec
             .collect(),
         run_dir: run_dir.to_owned(),
         serial_log: run_dir.join("serial.log"),
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
     }
 }
 

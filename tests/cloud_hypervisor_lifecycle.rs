@@ -151,6 +151,7 @@ fn spec(run_dir: &Path) -> VmSpec {
         }],
         run_dir: run_dir.to_owned(),
         serial_log: run_dir.join("serial.log"),
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
     }
 }
 

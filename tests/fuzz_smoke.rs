@@ -70,7 +70,7 @@ fn seeds() -> Vec<Vec<u8>> {
 fn random_and_mutated_inputs_never_panic() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for seed in seeds() {
-        kiln::build::request::fuzz_entry(&seed);
+        kiln::grpc::request::fuzz_entry(&seed);
         kiln::castore::wire::fuzz_entry(&seed);
         for _ in 0..5000 {
             let mut data = seed.clone();
@@ -95,14 +95,14 @@ fn random_and_mutated_inputs_never_panic() {
                     }
                 }
             }
-            kiln::build::request::fuzz_entry(&data);
+            kiln::grpc::request::fuzz_entry(&data);
             kiln::castore::wire::fuzz_entry(&data);
         }
     }
     for _ in 0..5000 {
         let len = (rng.next() % 256) as usize;
         let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-        kiln::build::request::fuzz_entry(&data);
+        kiln::grpc::request::fuzz_entry(&data);
         kiln::castore::wire::fuzz_entry(&data);
     }
 }

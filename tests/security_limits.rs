@@ -18,12 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln::build::admission::RequestBudget;
-use kiln::build::plan::Limits;
-use kiln::build::request::{MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES, MAX_REFSCAN_NEEDLES_BYTES};
-use kiln::build::service::BuildService;
-use kiln::build::{Executor, ExecutorConfig};
 use kiln::castore::grpc_server::MAX_MESSAGE_SIZE;
+use kiln::executor::admission::RequestBudget;
+use kiln::executor::plan::Limits;
+use kiln::executor::request::{
+    MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES, MAX_REFSCAN_NEEDLES_BYTES,
+};
+use kiln::executor::{Executor, ExecutorConfig};
+use kiln::grpc::BuildService;
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};
 use kiln::vmm::qemu::{Accel, QemuRunner};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -62,7 +64,7 @@ async fn start(budget: RequestBudget) -> Server {
         max_vms: 1,
         memory_budget_mib: 8192,
         max_queue: 4,
-        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 16,
         kept_log_bytes: 1 << 16,
     };

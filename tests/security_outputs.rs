@@ -83,13 +83,13 @@ async fn build_err(server: &TestServer, req: snix_build::BuildRequest) -> tonic:
 }
 
 fn kind(status: &tonic::Status) -> String {
-    kiln::build::error::failed_detail(status).unwrap().kind
+    kiln::executor::error::failed_detail(status).unwrap().kind
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outputs_through_symlinks_fifos_sparse_files_and_too_many_entries_are_refused() {
     let Some(server) = harness::start(Options {
-        scratch: kiln::build::scratch::ScratchLimits {
+        scratch: kiln::executor::scratch::ScratchLimits {
             max_bytes: 64 << 20,
             min_free_bytes: 1 << 30,
         },

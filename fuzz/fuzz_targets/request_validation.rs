@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    kiln::build::request::fuzz_entry(data);
+    kiln::grpc::request::fuzz_entry(data);
 });

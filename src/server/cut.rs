@@ -5,7 +5,7 @@
 //! cancels the token given to [`Cut::new`]: every read and write of every
 //! connection then fails, hyper closes the connections, and the calls'
 //! futures are dropped, which cancels their builds (see
-//! `crate::build::service`), whose guards then stop their VMs.
+//! `crate::grpc`), whose guards then stop their VMs.
 
 use std::future::Future;
 use std::io;

@@ -54,6 +54,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// File the guest's serial console (kernel messages) is written to.
     pub serial_log: PathBuf,
+    /// When the build's time is up: a backend's own waits (boot, API
+    /// calls, the guest channel) end by then, not by a fixed limit.
+    pub deadline: std::time::Instant,
 }
 
 /// How the VMM process ended.

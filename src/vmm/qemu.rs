@@ -341,6 +341,7 @@ mod tests {
             ],
             run_dir: "/r".into(),
             serial_log: "/r/serial.log".into(),
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
         }
     }
 

@@ -232,6 +232,7 @@ async fn run_inner(
         .chain(extra)
         .collect(),
         serial_log: run_dir.join("serial.log"),
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
         run_dir: run_dir.clone(),
     };
     let started = Instant::now();

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln::build::plan::Limits;
-use kiln::build::{Executor, ExecutorConfig};
 use kiln::castore::{ingest, Node, Store, WireNode};
+use kiln::executor::plan::Limits;
+use kiln::executor::{Executor, ExecutorConfig};
 use kiln::guest_image::Artifacts;
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};
 use kiln::vmm::choose::choose;
@@ -35,7 +35,7 @@ pub struct Options {
     pub max_log_bytes: u64,
     pub memory_budget_mib: u64,
     /// Scratch limits (fault tests).
-    pub scratch: kiln::build::scratch::ScratchLimits,
+    pub scratch: kiln::executor::scratch::ScratchLimits,
     /// What a build's inputs may expand to.
     pub inputs: kiln::castore::materialise::Limits,
     /// Replaces the default kernel/agent artifacts (fault tests).
@@ -125,7 +125,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
-        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 64,
         kept_log_bytes: 1 << 20,
     };

@@ -139,6 +139,7 @@ impl Bare {
             shares: vec![],
             run_dir: run_dir.clone(),
             serial_log: run_dir.join("serial.log"),
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
         };
         let started = Instant::now();
         let mut vm = server.runner.start(&spec).await?;

@@ -87,7 +87,7 @@ async fn kiln_ingest(work: &Path, tree: &Path, moving: bool) -> anyhow::Result<D
     }
     let took = started.elapsed();
     drop(store);
-    let _ = kiln::build::workspace::remove_tree(&store_dir);
+    let _ = kiln::executor::workspace::remove_tree(&store_dir);
     Ok(took)
 }
 
@@ -174,12 +174,12 @@ pub async fn run(
                     .push_ms(kiln_ingest(work, tree, false).await?);
             }
             let clone = work.join("clone");
-            let _ = kiln::build::workspace::remove_tree(&clone);
+            let _ = kiln::executor::workspace::remove_tree(&clone);
             data::hardlink_clone(tree, &clone)?;
             contenders[3]
                 .ms
                 .push_ms(kiln_ingest(work, &clone, true).await?);
-            let _ = kiln::build::workspace::remove_tree(&clone);
+            let _ = kiln::executor::workspace::remove_tree(&clone);
             eprintln!("  ingestion ({label}) run {}/{shape_runs} done", run + 1);
         }
         let reference = if b3.is_some() { 0 } else { 1 };
@@ -222,7 +222,7 @@ pub async fn run(
             Some(moving.median().is_some_and(|m| m >= 0.8)),
         ));
     }
-    let _ = kiln::build::workspace::remove_tree(work);
+    let _ = kiln::executor::workspace::remove_tree(work);
 
     let mut body = String::new();
     let _ = writeln!(

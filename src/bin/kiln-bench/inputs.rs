@@ -46,7 +46,7 @@ async fn shape(
         .await
         .with_context(|| format!("ingesting {}", path.display()))?;
     let ingest_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let _ = kiln::build::workspace::remove_tree(path);
+    let _ = kiln::executor::workspace::remove_tree(path);
     Ok(Shape {
         label,
         input: Some((name.to_owned(), node)),

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use kiln::build::plan::Limits;
-use kiln::build::service::BUILD_ID_HEADER;
-use kiln::build::{Executor, ExecutorConfig};
 use kiln::castore::{ingest, Node, Store};
+use kiln::executor::plan::Limits;
+use kiln::executor::{Executor, ExecutorConfig};
+use kiln::grpc::BUILD_ID_HEADER;
 use kiln::guest_image::Artifacts;
 use kiln::proto::kiln_v1::build_event::Event;
 use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
@@ -78,7 +78,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         max_vms,
         memory_budget_mib: 1024 * max_vms as u64,
         max_queue: 64,
-        request_budget_bytes: kiln::build::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         kept_builds: 256,
         kept_log_bytes: 1 << 20,
     };

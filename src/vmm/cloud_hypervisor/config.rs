@@ -191,6 +191,7 @@ mod tests {
             ],
             run_dir: "/run/b1".into(),
             serial_log: "/run/b1/serial.log".into(),
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
         }
     }
 

@@ -16,13 +16,13 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::build::error::BuildError;
-use crate::build::executor::Steps;
-use crate::build::paths::RelPath;
-use crate::build::refscan::Scanner;
-use crate::build::scratch::ScratchLimits;
 use crate::castore::ingest::{self, IngestError, IngestMode};
 use crate::castore::{Node, Store};
+use crate::executor::error::BuildError;
+use crate::executor::executor::Steps;
+use crate::executor::paths::RelPath;
+use crate::executor::refscan::Scanner;
+use crate::executor::scratch::ScratchLimits;
 use crate::hostfs::{self, Dir, Kind};
 
 /// Every output as (path, node, indexes of the needles found).
@@ -157,7 +157,7 @@ async fn check_usage(
     root: &std::path::Path,
     limits: &ScratchLimits,
     max_entries: u64,
-    log: &crate::build::events::BuildLog,
+    log: &crate::executor::events::BuildLog,
 ) -> Result<(), BuildError> {
     let root = root.to_owned();
     let (used, free) = tokio::task::spawn_blocking(move || {
@@ -189,7 +189,7 @@ async fn check_usage(
     Ok(())
 }
 
-fn invalid(guest: &str, reason: String, log: &crate::build::events::BuildLog) -> BuildError {
+fn invalid(guest: &str, reason: String, log: &crate::executor::events::BuildLog) -> BuildError {
     BuildError::InvalidOutput {
         path: guest.to_owned(),
         reason,

@@ -10,10 +10,9 @@
 //! — newer snix clients send them in output-name order — but never twice;
 //! responses follow the request's order (snix) or are sorted by name (tvix).
 
-use crate::build::error::{invalid, InvalidRequest};
-use crate::build::paths::{AbsPath, PathError, RelPath};
 use crate::castore::{Node, PathComponent};
-use crate::proto::{snix_build, tvix_build};
+use crate::executor::error::{invalid, InvalidRequest};
+use crate::executor::paths::{AbsPath, PathError, RelPath};
 
 mod relations;
 
@@ -114,133 +113,9 @@ pub struct BuildRequest {
 }
 
 impl BuildRequest {
-    /// Validates a `snix.build.v1` request.
-    pub fn from_snix(req: &snix_build::BuildRequest) -> Result<Self, InvalidRequest> {
-        let inputs = validate_inputs(
-            req.inputs
-                .iter()
-                .map(|e| Node::try_from_snix_entry(e.clone())),
-        )?;
-        let working_dir = rel("working_dir", &req.working_dir)?;
-        let scratch_paths = sorted_rel_paths("scratch_paths", &req.scratch_paths)?;
-        let inputs_dir = rel("inputs_dir", &req.inputs_dir)?;
-        let outputs = req
-            .outputs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| rel(&format!("outputs[{i}]"), o))
-            .collect::<Result<Vec<_>, _>>()?;
-        let constraints = match &req.constraints {
-            None => Constraints::default(),
-            Some(c) => {
-                if c.system.is_empty() {
-                    return Err(invalid(
-                        "constraints.system",
-                        "must be set when constraints are present",
-                    ));
-                }
-                Constraints {
-                    system: c.system.clone(),
-                    min_memory: c.min_memory,
-                    available_ro_paths: sorted_abs_paths(
-                        "constraints.available_ro_paths",
-                        &c.available_ro_paths,
-                    )?,
-                    network_access: c.network_access,
-                    provide_bin_sh: c.provide_bin_sh,
-                }
-            }
-        };
-        let additional_files = req
-            .additional_files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                Ok(AdditionalFile {
-                    path: rel(&format!("additional_files[{i}].path"), &f.path)?,
-                    contents: f.contents.to_vec(),
-                })
-            })
-            .collect::<Result<Vec<_>, InvalidRequest>>()?;
-        let environment_vars = validate_env(
-            req.environment_vars
-                .iter()
-                .map(|e| (e.key.as_str(), &e.value[..])),
-        )?;
-        let request = Self {
-            inputs,
-            command_args: req.command_args.clone(),
-            working_dir,
-            scratch_paths,
-            inputs_dir,
-            outputs,
-            environment_vars,
-            constraints,
-            additional_files,
-            refscan_needles: req.refscan_needles.clone(),
-            layout: Layout::Snix,
-        };
-        request.check_relations()?;
-        Ok(request)
-    }
-
-    /// Validates a seed-layout `tvix.build.v1` request, applying Nix defaults.
-    pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<Self, InvalidRequest> {
-        let inputs = validate_inputs(
-            req.inputs
-                .iter()
-                .map(|n| Node::try_from_tvix_node(n.clone())),
-        )?;
-        let store = rel("inputs_dir", "nix/store")?;
-        let outputs = req
-            .outputs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| {
-                let field = format!("outputs[{i}]");
-                PathComponent::try_from(o.as_bytes())
-                    .map_err(|e| invalid(&field, format!("{o:?} is not a store basename: {e}")))?;
-                store.join(o).map_err(|e| invalid(&field, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let constraints = match &req.constraints {
-            None => Constraints::default(),
-            Some(c) => Constraints {
-                system: c.system.clone(),
-                min_memory: c.min_memory,
-                available_ro_paths: sorted_abs_paths(
-                    "constraints.available_ro_paths",
-                    &c.available_ro_paths,
-                )?,
-                network_access: false,
-                provide_bin_sh: false,
-            },
-        };
-        let environment_vars = validate_env(
-            req.environment_vars
-                .iter()
-                .map(|e| (e.key.as_str(), &e.value[..])),
-        )?;
-        let request = Self {
-            inputs,
-            command_args: req.command_args.clone(),
-            working_dir: rel("working_dir", "build")?,
-            scratch_paths: vec![rel("scratch_paths", "build")?, store.clone()],
-            inputs_dir: store,
-            outputs,
-            environment_vars,
-            constraints,
-            additional_files: Vec::new(),
-            refscan_needles: Vec::new(),
-            layout: Layout::Tvix,
-        };
-        request.check_relations()?;
-        Ok(request)
-    }
-
     /// Approximately how many bytes of heap this request holds: its strings,
     /// byte buffers and lists, with a flat overhead per element. What the
-    /// queued-request budget ([`crate::build::admission::RequestBudget`])
+    /// queued-request budget ([`crate::executor::admission::RequestBudget`])
     /// counts; an estimate, not an allocator measurement.
     pub fn heap_size(&self) -> usize {
         use std::mem::size_of;
@@ -291,11 +166,14 @@ impl BuildRequest {
     }
 }
 
-fn rel(field: &str, s: &str) -> Result<RelPath, InvalidRequest> {
+pub(crate) fn rel(field: &str, s: &str) -> Result<RelPath, InvalidRequest> {
     RelPath::parse(s).map_err(|e: PathError| invalid(field, e))
 }
 
-fn sorted_rel_paths(field: &str, items: &[String]) -> Result<Vec<RelPath>, InvalidRequest> {
+pub(crate) fn sorted_rel_paths(
+    field: &str,
+    items: &[String],
+) -> Result<Vec<RelPath>, InvalidRequest> {
     let paths = items
         .iter()
         .enumerate()
@@ -305,7 +183,10 @@ fn sorted_rel_paths(field: &str, items: &[String]) -> Result<Vec<RelPath>, Inval
     Ok(paths)
 }
 
-fn sorted_abs_paths(field: &str, items: &[String]) -> Result<Vec<AbsPath>, InvalidRequest> {
+pub(crate) fn sorted_abs_paths(
+    field: &str,
+    items: &[String],
+) -> Result<Vec<AbsPath>, InvalidRequest> {
     let paths = items
         .iter()
         .enumerate()
@@ -315,7 +196,7 @@ fn sorted_abs_paths(field: &str, items: &[String]) -> Result<Vec<AbsPath>, Inval
     Ok(paths)
 }
 
-fn check_strictly_sorted<T>(
+pub(crate) fn check_strictly_sorted<T>(
     field: &str,
     items: &[T],
     key: impl Fn(&T) -> &[u8],
@@ -342,7 +223,7 @@ fn check_strictly_sorted<T>(
     Ok(())
 }
 
-fn validate_inputs<E: std::fmt::Display>(
+pub(crate) fn validate_inputs<E: std::fmt::Display>(
     items: impl ExactSizeIterator<Item = Result<(PathComponent, Node), E>>,
 ) -> Result<Vec<(PathComponent, Node)>, InvalidRequest> {
     if items.len() > MAX_INPUTS {
@@ -359,7 +240,7 @@ fn validate_inputs<E: std::fmt::Display>(
     Ok(inputs)
 }
 
-fn validate_env<'a>(
+pub(crate) fn validate_env<'a>(
     items: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> Result<Vec<EnvVar>, InvalidRequest> {
     let vars = items
@@ -388,32 +269,4 @@ fn validate_env<'a>(
         .collect::<Result<Vec<_>, _>>()?;
     check_strictly_sorted("environment_vars", &vars, |v| v.key.as_bytes())?;
     Ok(vars)
-}
-
-/// Fuzzing entry point: arbitrary bytes decoded as either layout and
-/// validated. Must never panic (fuzz/ and tests/fuzz_smoke.rs drive it).
-#[doc(hidden)]
-pub fn fuzz_entry(data: &[u8]) {
-    use prost::Message;
-    if let Ok(req) = snix_build::BuildRequest::decode(data) {
-        if let Ok(valid) = BuildRequest::from_snix(&req) {
-            let _ = crate::build::plan::plan(&valid, &fuzz_limits());
-        }
-    }
-    if let Ok(req) = tvix_build::BuildRequest::decode(data) {
-        if let Ok(valid) = BuildRequest::from_tvix(&req) {
-            let _ = crate::build::plan::plan(&valid, &fuzz_limits());
-        }
-    }
-}
-
-fn fuzz_limits() -> crate::build::plan::Limits {
-    crate::build::plan::Limits {
-        min_guest_memory_mib: 512,
-        guest_overhead_mib: 256,
-        max_guest_memory_mib: 8192,
-        vcpus: 1,
-        nested_virt_available: true,
-        ro_path_allowlist: vec!["/opt".into()],
-    }
 }

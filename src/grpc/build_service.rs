@@ -23,11 +23,11 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use crate::build::admission::{RequestBudget, RequestPermit};
-use crate::build::error::BuildError;
-use crate::build::events::BuildLog;
-use crate::build::executor::{BuildOutcome, Executor};
-use crate::build::request::BuildRequest;
+use crate::executor::admission::{RequestBudget, RequestPermit};
+use crate::executor::error::BuildError;
+use crate::executor::events::BuildLog;
+use crate::executor::executor::{BuildOutcome, Executor};
+use crate::executor::request::BuildRequest;
 use crate::proto::kiln_v1::build_event::Event;
 use crate::proto::kiln_v1::build_events_server::BuildEvents;
 use crate::proto::kiln_v1::{self, submit_request, BuildEvent, SubmitRequest, WatchRequest};
@@ -45,7 +45,7 @@ pub struct BuildService {
 
 impl BuildService {
     /// Wraps an executor, with the default request memory budget
-    /// ([`crate::build::admission::DEFAULT_REQUEST_BUDGET_BYTES`]).
+    /// ([`crate::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES`]).
     pub fn new(executor: Arc<Executor>) -> Self {
         let budget = RequestBudget::new(executor.request_budget_bytes());
         Self::with_request_budget(executor, budget)
@@ -178,13 +178,14 @@ impl TvixEcho {
 
 /// Validates a `tvix.build.v1` request, keeping only its encoded echo.
 fn from_tvix(wire: tvix_build::BuildRequest) -> Result<(BuildRequest, TvixEcho), Status> {
-    let req = BuildRequest::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
+    let req =
+        crate::grpc::request::from_tvix(&wire).map_err(|e| BuildError::from(e).to_status())?;
     Ok((req, TvixEcho::keep(&wire)))
 }
 
 /// Validates a `snix.build.v1` request; the wire message is dropped here.
 fn from_snix(wire: snix_build::BuildRequest) -> Result<BuildRequest, Status> {
-    BuildRequest::from_snix(&wire).map_err(|e| BuildError::from(e).to_status())
+    crate::grpc::request::from_snix(&wire).map_err(|e| BuildError::from(e).to_status())
 }
 
 /// The `tvix.build.v1` answer: the request echoed, outputs named by

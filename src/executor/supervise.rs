@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::build::error::BuildError;
-use crate::build::events::BuildLog;
+use crate::executor::error::BuildError;
+use crate::executor::events::BuildLog;
 use crate::proto::kiln_v1::log_chunk::Stream;
 use crate::vmm::{GuestChannel, RunningVm, VmExit};
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::build::error::BuildError;
+use crate::executor::error::BuildError;
 
 /// Shared limits of one executor.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl Admission {
 /// thousands fit.
 pub const DEFAULT_REQUEST_BUDGET_BYTES: usize = 1 << 30;
 
-/// Bounds the summed [`crate::build::BuildRequest::heap_size`] of the
+/// Bounds the summed [`crate::executor::BuildRequest::heap_size`] of the
 /// requests this server holds.
 #[derive(Debug)]
 pub struct RequestBudget {

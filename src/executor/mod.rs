@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod collect;
+pub mod config;
 pub mod error;
 pub mod events;
 pub mod executor;
@@ -11,7 +12,6 @@ pub mod plan;
 pub mod refscan;
 pub mod request;
 pub mod scratch;
-pub mod service;
 pub mod supervise;
 pub mod workspace;
 

@@ -1,7 +1,7 @@
 //! The relation rules as a table: one good Nix-shaped request, each case
 //! breaks one rule and names the field the answer must name.
 
-use super::super::{BuildRequest, MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES};
+use super::super::{MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES};
 use crate::proto::{snix_build, snix_castore};
 
 type Req = snix_build::BuildRequest;
@@ -53,7 +53,7 @@ fn the_good_request_passes() {
     ];
     req.additional_files = vec![file("build/f"), file("build/f-g"), file("build/f.h")];
     req.working_dir = "build/my dir".into();
-    BuildRequest::from_snix(&req).expect("valid");
+    crate::grpc::request::from_snix(&req).expect("valid");
 }
 
 #[test]
@@ -178,17 +178,17 @@ fn every_relation_broken_once() {
     for (what, mutate, field) in &cases {
         let mut req = good();
         mutate(&mut req);
-        let err = BuildRequest::from_snix(&req).expect_err(what);
+        let err = crate::grpc::request::from_snix(&req).expect_err(what);
         assert_eq!(err.field, *field, "{what}: {err}");
     }
 }
 
 #[test]
 fn heap_size_counts_the_big_parts() {
-    let small = BuildRequest::from_snix(&good()).expect("valid");
+    let small = crate::grpc::request::from_snix(&good()).expect("valid");
     let mut req = good();
     req.additional_files[0].contents = vec![0; 1 << 20].into();
-    let big = BuildRequest::from_snix(&req).expect("valid");
+    let big = crate::grpc::request::from_snix(&req).expect("valid");
     assert!(small.heap_size() < 4096, "{}", small.heap_size());
     assert!(big.heap_size() >= 1 << 20);
     assert!(big.heap_size() < (1 << 20) + 4096);

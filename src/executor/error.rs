@@ -256,6 +256,7 @@ impl BuildError {
             exit_code,
             signal,
             log_tail: self.log_tail().to_vec().into(),
+            precondition: String::new(),
         }
     }
 

@@ -25,56 +25,23 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
-use crate::build::admission::Admission;
-use crate::build::collect;
-use crate::build::error::BuildError;
-use crate::build::events::{BuildLog, Registry};
-use crate::build::paths::RelPath;
-use crate::build::plan::{self, VmPlan};
-use crate::build::request::BuildRequest;
-use crate::build::supervise::{self, supervise};
-use crate::build::workspace::Workspace;
 use crate::castore::materialise::{self, Control, Expansion, MaterialiseError};
 use crate::castore::{self, Node, Store};
-use crate::guest_image::{self, Artifacts};
+use crate::executor::admission::Admission;
+use crate::executor::collect;
+use crate::executor::error::BuildError;
+use crate::executor::events::{BuildLog, Registry};
+use crate::executor::paths::RelPath;
+use crate::executor::plan::{self, VmPlan};
+use crate::executor::request::BuildRequest;
+use crate::executor::supervise::{self, supervise};
+use crate::executor::workspace::Workspace;
+use crate::guest_image;
 use crate::proto::kiln_v1::{self, build_event::Event};
 use crate::vmm::virtiofsd::Virtiofsd;
 use crate::vmm::{FsShare, VmRunner, VmSpec};
 
-/// Operator configuration of the executor.
-#[derive(Debug, Clone)]
-pub struct ExecutorConfig {
-    /// Build directories go to `<data_dir>/runs`.
-    pub data_dir: PathBuf,
-    /// Where base initramfs images are cached (`base-<hash>.cpio`).
-    pub cache_dir: PathBuf,
-    /// Kernel, modules, agent, shell.
-    pub artifacts: Artifacts,
-    /// VM sizing and what the host offers.
-    pub limits: plan::Limits,
-    /// Default wall-clock limit of one build (a client deadline can shorten it).
-    pub timeout: Duration,
-    /// Builder output allowed per build before it is stopped.
-    pub max_log_bytes: u64,
-    /// Scratch space per build and the disk reserve.
-    pub scratch: crate::build::scratch::ScratchLimits,
-    /// What the inputs of one build may expand to on disk (entries, bytes,
-    /// depth), checked before a VM slot is taken.
-    pub inputs: castore::materialise::Limits,
-    /// Concurrent VMs.
-    pub max_vms: usize,
-    /// Total guest RAM of all running VMs, MiB.
-    pub memory_budget_mib: u64,
-    /// Builds allowed to wait for a VM.
-    pub max_queue: usize,
-    /// Bytes all requests this server holds (queued or running) may take
-    /// in memory together ([`crate::build::admission::RequestBudget`]).
-    pub request_budget_bytes: usize,
-    /// Builds whose logs are kept.
-    pub kept_builds: usize,
-    /// Log bytes kept per build.
-    pub kept_log_bytes: usize,
-}
+pub use crate::executor::config::ExecutorConfig;
 
 /// A successful build: each output in request order, with its needles.
 #[derive(Debug, Clone)]
@@ -116,7 +83,7 @@ impl Executor {
         runner: Arc<dyn VmRunner>,
     ) -> std::io::Result<Self> {
         let runs = config.data_dir.join("runs");
-        let swept = crate::build::workspace::sweep(&runs)?;
+        let swept = crate::executor::workspace::sweep(&runs)?;
         if !swept.killed.is_empty() || !swept.removed.is_empty() {
             tracing::warn!(
                 killed = ?swept.killed,
@@ -242,7 +209,7 @@ impl Executor {
         &self,
         steps: &Steps<'_>,
         trees: Vec<InputTree>,
-        ticket: crate::build::admission::Ticket,
+        ticket: crate::executor::admission::Ticket,
     ) -> Result<BuildOutcome, BuildError> {
         let Steps { log, deadline, .. } = *steps;
         log.phase("materialise");
@@ -458,6 +425,7 @@ impl Executor {
             shares: fs_shares,
             run_dir: vm_dir.clone(),
             serial_log: vm_dir.join("serial.log"),
+            deadline: Instant::now() + timeout,
         };
         let mut vm = self
             .runner
@@ -498,7 +466,7 @@ impl Executor {
         let watched = async {
             tokio::select! {
                 r = supervised => r,
-                e = crate::build::scratch::watch(ws.scratch(), self.config.scratch, log) => Err(e),
+                e = crate::executor::scratch::watch(ws.scratch(), self.config.scratch, log) => Err(e),
             }
         };
         let result = watched.instrument(info_span!("supervise")).await;

@@ -25,12 +25,12 @@ use super::{
     BuildRequest, MAX_ADDITIONAL_FILES, MAX_ADDITIONAL_FILES_BYTES, MAX_ARGS_ENV_TOTAL,
     MAX_ARG_STRLEN, MAX_REFSCAN_NEEDLES, MAX_REFSCAN_NEEDLES_BYTES,
 };
-use crate::build::error::{invalid, InvalidRequest};
-use crate::build::paths::RelPath;
+use crate::executor::error::{invalid, InvalidRequest};
+use crate::executor::paths::RelPath;
 
 impl BuildRequest {
     /// Rules that relate several fields.
-    pub(super) fn check_relations(&self) -> Result<(), InvalidRequest> {
+    pub(crate) fn check_relations(&self) -> Result<(), InvalidRequest> {
         self.check_command()?;
         self.check_working_dir()?;
         let outputs = Sorted::new(&self.outputs);

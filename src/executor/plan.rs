@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use kiln_guest::contract::Job;
 
-use crate::build::error::BuildError;
-use crate::build::request::BuildRequest;
+use crate::executor::error::BuildError;
+use crate::executor::request::BuildRequest;
 
 /// The system this host builds for.
 pub const HOST_SYSTEM: &str = "x86_64-linux";

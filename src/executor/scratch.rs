@@ -11,8 +11,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::build::error::BuildError;
-use crate::build::events::BuildLog;
+use crate::executor::error::BuildError;
+use crate::executor::events::BuildLog;
 
 /// How often the scratch tree is measured.
 const INTERVAL: Duration = Duration::from_secs(2);

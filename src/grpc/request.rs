@@ -1,0 +1,168 @@
+//! Wire → domain: both request layouts validated into the one
+//! [`BuildRequest`] the executor runs.
+//!
+//! `snix.build.v1` carries every field; the seed's `tvix.build.v1` layout
+//! gets the Nix defaults (working dir `build`, inputs in `nix/store`, scratch
+//! paths `build` and `nix/store`, outputs at `nix/store/<basename>`). The
+//! rules themselves (paths, ordering, sizes, relations) live with the domain
+//! type in [`crate::executor::request`].
+
+use crate::castore::{Node, PathComponent};
+use crate::executor::error::{invalid, InvalidRequest};
+use crate::executor::request::{
+    rel, sorted_abs_paths, sorted_rel_paths, validate_env, validate_inputs, AdditionalFile,
+    BuildRequest, Constraints, Layout,
+};
+use crate::proto::{snix_build, tvix_build};
+
+/// Validates a `snix.build.v1` request.
+pub fn from_snix(req: &snix_build::BuildRequest) -> Result<BuildRequest, InvalidRequest> {
+    let inputs = validate_inputs(
+        req.inputs
+            .iter()
+            .map(|e| Node::try_from_snix_entry(e.clone())),
+    )?;
+    let working_dir = rel("working_dir", &req.working_dir)?;
+    let scratch_paths = sorted_rel_paths("scratch_paths", &req.scratch_paths)?;
+    let inputs_dir = rel("inputs_dir", &req.inputs_dir)?;
+    let outputs = req
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| rel(&format!("outputs[{i}]"), o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let constraints = match &req.constraints {
+        None => Constraints::default(),
+        Some(c) => {
+            if c.system.is_empty() {
+                return Err(invalid(
+                    "constraints.system",
+                    "must be set when constraints are present",
+                ));
+            }
+            Constraints {
+                system: c.system.clone(),
+                min_memory: c.min_memory,
+                available_ro_paths: sorted_abs_paths(
+                    "constraints.available_ro_paths",
+                    &c.available_ro_paths,
+                )?,
+                network_access: c.network_access,
+                provide_bin_sh: c.provide_bin_sh,
+            }
+        }
+    };
+    let additional_files = req
+        .additional_files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(AdditionalFile {
+                path: rel(&format!("additional_files[{i}].path"), &f.path)?,
+                contents: f.contents.to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>, InvalidRequest>>()?;
+    let environment_vars = validate_env(
+        req.environment_vars
+            .iter()
+            .map(|e| (e.key.as_str(), &e.value[..])),
+    )?;
+    let request = BuildRequest {
+        inputs,
+        command_args: req.command_args.clone(),
+        working_dir,
+        scratch_paths,
+        inputs_dir,
+        outputs,
+        environment_vars,
+        constraints,
+        additional_files,
+        refscan_needles: req.refscan_needles.clone(),
+        layout: Layout::Snix,
+    };
+    request.check_relations()?;
+    Ok(request)
+}
+
+/// Validates a seed-layout `tvix.build.v1` request, applying Nix defaults.
+pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<BuildRequest, InvalidRequest> {
+    let inputs = validate_inputs(
+        req.inputs
+            .iter()
+            .map(|n| Node::try_from_tvix_node(n.clone())),
+    )?;
+    let store = rel("inputs_dir", "nix/store")?;
+    let outputs = req
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let field = format!("outputs[{i}]");
+            PathComponent::try_from(o.as_bytes())
+                .map_err(|e| invalid(&field, format!("{o:?} is not a store basename: {e}")))?;
+            store.join(o).map_err(|e| invalid(&field, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let constraints = match &req.constraints {
+        None => Constraints::default(),
+        Some(c) => Constraints {
+            system: c.system.clone(),
+            min_memory: c.min_memory,
+            available_ro_paths: sorted_abs_paths(
+                "constraints.available_ro_paths",
+                &c.available_ro_paths,
+            )?,
+            network_access: false,
+            provide_bin_sh: false,
+        },
+    };
+    let environment_vars = validate_env(
+        req.environment_vars
+            .iter()
+            .map(|e| (e.key.as_str(), &e.value[..])),
+    )?;
+    let request = BuildRequest {
+        inputs,
+        command_args: req.command_args.clone(),
+        working_dir: rel("working_dir", "build")?,
+        scratch_paths: vec![rel("scratch_paths", "build")?, store.clone()],
+        inputs_dir: store,
+        outputs,
+        environment_vars,
+        constraints,
+        additional_files: Vec::new(),
+        refscan_needles: Vec::new(),
+        layout: Layout::Tvix,
+    };
+    request.check_relations()?;
+    Ok(request)
+}
+
+/// Fuzzing entry point: arbitrary bytes decoded as either layout and
+/// validated. Must never panic (fuzz/ and tests/fuzz_smoke.rs drive it).
+#[doc(hidden)]
+pub fn fuzz_entry(data: &[u8]) {
+    use prost::Message;
+    if let Ok(req) = snix_build::BuildRequest::decode(data) {
+        if let Ok(valid) = from_snix(&req) {
+            let _ = crate::executor::plan::plan(&valid, &fuzz_limits());
+        }
+    }
+    if let Ok(req) = tvix_build::BuildRequest::decode(data) {
+        if let Ok(valid) = from_tvix(&req) {
+            let _ = crate::executor::plan::plan(&valid, &fuzz_limits());
+        }
+    }
+}
+
+fn fuzz_limits() -> crate::executor::plan::Limits {
+    crate::executor::plan::Limits {
+        min_guest_memory_mib: 512,
+        guest_overhead_mib: 256,
+        max_guest_memory_mib: 8192,
+        vcpus: 1,
+        nested_virt_available: true,
+        ro_path_allowlist: vec!["/opt".into()],
+    }
+}
