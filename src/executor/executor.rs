@@ -377,7 +377,11 @@ impl Executor {
                     .await
                     .map_err(|e| BuildError::infra("start virtiofsd", &e))?;
                 daemons.push(daemon);
-                fs_shares.push(FsShare { tag, socket });
+                fs_shares.push(FsShare {
+                    tag,
+                    socket,
+                    source: dir.clone(),
+                });
             }
             Ok::<_, BuildError>((daemons, fs_shares))
         }
