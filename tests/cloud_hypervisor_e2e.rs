@@ -15,11 +15,14 @@ use std::time::Duration;
 
 use kiln::guest_image::cpio::CpioWriter;
 use kiln::guest_image::Artifacts;
-use kiln::vmm::cloud_hypervisor::{CloudHypervisorRunner, GUEST_MODULES};
+use kiln::vmm::cloud_hypervisor::CloudHypervisorRunner;
 use kiln::vmm::host::{kvm_usable, HostFacts};
 use kiln::vmm::virtiofsd::Virtiofsd;
-use kiln::vmm::{FsShare, RunningVm, VmExit, VmRunner, VmSpec};
+use kiln::vmm::{FsShare, RunningVm, Transport, VmExit, VmRunner, VmSpec};
 use tokio::io::AsyncReadExt;
+
+/// What cloud-hypervisor guests load, in load order (plain `insmod` below).
+const GUEST_MODULES: &[&str] = Transport::Pci.guest_modules();
 
 const SHARE_TAG: &str = "e2e";
 /// Generous: a real boot on KVM takes well under a second.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
-use super::{GuestChannel, RunningVm, VmExit, VmRunner, VmSpec, VmmError};
+use super::{GuestChannel, RunningVm, Transport, VmExit, VmRunner, VmSpec, VmmError};
 
 /// Name of the guest channel socket in the build's run directory.
 pub const CHANNEL_SOCKET: &str = "channel.sock";
@@ -179,6 +179,10 @@ impl VmRunner for QemuRunner {
 
     fn accel(&self) -> &'static str {
         self.accel.as_str()
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::Mmio
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {

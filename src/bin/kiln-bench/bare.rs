@@ -59,29 +59,6 @@ fn script(modules: &[&str]) -> String {
     s
 }
 
-/// `names` with each module's dependencies before it (the agent resolves
-/// these from modinfo; the script's `insmod` does not). Modules this table
-/// does not know keep their place at the end.
-fn dependency_order<'a>(names: &[&'a str]) -> Vec<&'a str> {
-    // The virtio core needs virtio_ring; everything else needs the core.
-    const ORDER: &[&str] = &[
-        "virtio_ring",
-        "virtio",
-        "virtio_mmio",
-        "virtio_pci_legacy_dev",
-        "virtio_pci_modern_dev",
-        "virtio_pci",
-        "virtio_console",
-        "fuse",
-        "virtiofs",
-    ];
-    let known = names.iter().copied().filter(|m| ORDER.contains(m));
-    let mut ordered: Vec<&'a str> = known.collect();
-    ordered.sort_by_key(|m| ORDER.iter().position(|o| o == m));
-    ordered.extend(names.iter().copied().filter(|m| !ORDER.contains(m)));
-    ordered
-}
-
 fn write_image(base: &Path, dest: &Path, init: &str) -> anyhow::Result<()> {
     std::fs::copy(base, dest).with_context(|| format!("copying {}", base.display()))?;
     let file = std::fs::OpenOptions::new().append(true).open(dest)?;
@@ -103,8 +80,10 @@ impl Bare {
         let plain = dir.join("bare.cpio");
         let with_modules = dir.join("bare-modules.cpio");
         write_image(&base, &plain, &script(&[]))?;
-        let modules = dependency_order(server.runner.guest_modules());
-        write_image(&base, &with_modules, &script(&modules))?;
+        // The transport's list is in load order, as the script's plain
+        // `insmod`s need (the agent resolves dependencies itself).
+        let modules = server.runner.transport().guest_modules();
+        write_image(&base, &with_modules, &script(modules))?;
         Ok(Self {
             dir: dir.to_owned(),
             plain,
@@ -176,20 +155,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modules_load_after_their_dependencies() {
-        let order = dependency_order(kiln::vmm::MMIO_GUEST_MODULES);
-        assert_eq!(
-            order,
-            [
-                "virtio_ring",
-                "virtio",
-                "virtio_mmio",
-                "virtio_console",
-                "fuse",
-                "virtiofs"
-            ]
-        );
-        assert!(script(&order).contains("insmod /kiln/modules/virtiofs.ko\nread up2"));
+    fn the_script_loads_the_transport_modules_in_order_before_the_mark() {
+        let modules = kiln::vmm::Transport::Mmio.guest_modules();
+        let init = script(modules);
+        let loads: Vec<&str> = init
+            .lines()
+            .filter_map(|l| l.strip_prefix("insmod /kiln/modules/"))
+            .collect();
+        let expected: Vec<String> = modules.iter().map(|m| format!("{m}.ko")).collect();
+        assert_eq!(loads, expected);
+        assert!(init.contains("insmod /kiln/modules/virtio_console.ko\nread up2"));
     }
 
     #[test]

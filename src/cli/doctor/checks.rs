@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use super::{Check, DoctorOptions, Status};
 use crate::guest_image::Artifacts;
-use crate::vmm::cloud_hypervisor;
 use crate::vmm::host::{
     kvm_usable, Accel, DevKvm, HostFacts, KvmKind, SelectError, Selection, Tool, Vmm,
 };
-use crate::vmm::MMIO_GUEST_MODULES;
+use crate::vmm::Transport;
 
 fn check(topic: &'static str, status: Status, finding: String, advice: Option<&str>) -> Check {
     Check {
@@ -143,25 +142,23 @@ pub(super) fn virtiofsd_check(facts: &HostFacts) -> Check {
     }
 }
 
+/// `transports`: those of the backends builds may use (the selected one's,
+/// or every one when nothing could be selected); the guest kernel must have
+/// the modules of each.
 pub(super) fn artifact_checks(
     artifacts: &Artifacts,
     cache_dir: Option<&Path>,
-    selection: Option<&Selection>,
+    transports: &[Transport],
 ) -> Vec<Check> {
     let mut checks = Vec::new();
     let vmlinux = artifacts.vmlinux();
     let modules = module_names(&artifacts.modules_dir());
-    // The modules the selected backend's guests load; without a selection,
-    // those of every backend.
-    let needed: Vec<&str> = match selection.map(|s| s.vmm) {
-        Some(Vmm::CloudHypervisor) => cloud_hypervisor::GUEST_MODULES.to_vec(),
-        Some(Vmm::Qemu) => MMIO_GUEST_MODULES.to_vec(),
-        None => cloud_hypervisor::GUEST_MODULES
-            .iter()
-            .chain(MMIO_GUEST_MODULES)
-            .copied()
-            .collect(),
-    };
+    let mut needed: Vec<&str> = Vec::new();
+    for module in transports.iter().flat_map(|t| t.guest_modules()) {
+        if !needed.contains(module) {
+            needed.push(module);
+        }
+    }
     let missing: Vec<&str> = match &modules {
         Some(names) => needed
             .iter()

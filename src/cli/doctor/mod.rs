@@ -11,7 +11,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::guest_image::Artifacts;
-use crate::vmm::host::{select, AccelChoice, HostFacts, SelectError, Selection, VmmChoice};
+use crate::vmm::host::{self, select, AccelChoice, HostFacts, SelectError, Selection, VmmChoice};
+use crate::vmm::Transport;
 
 mod checks;
 
@@ -145,10 +146,16 @@ pub fn assess(facts: HostFacts, opts: &DoctorOptions) -> DoctorReport {
         cloud_hypervisor_check(&facts, opts.kernel_is_pvm),
         virtiofsd_check(&facts),
     ];
+    // The modules the selected backend's guests load (the runner says which
+    // transport it uses); without a selection, those of every transport.
+    let transports = match &selection {
+        Ok(s) => vec![host::runner(s, &facts).transport()],
+        Err(_) => Transport::ALL.to_vec(),
+    };
     checks.extend(artifact_checks(
         &opts.artifacts,
         opts.image_cache_dir.as_deref(),
-        selection.as_ref().ok(),
+        &transports,
     ));
     checks.push(selection_check(opts, &selection));
     DoctorReport {
@@ -164,9 +171,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::vmm::cloud_hypervisor;
     use crate::vmm::host::{Accel, CpuVendor, DevKvm, KvmKind, Tool, Vmm};
-    use crate::vmm::MMIO_GUEST_MODULES;
 
     fn tool(name: &str) -> Option<Tool> {
         Some(Tool {
@@ -253,7 +258,7 @@ mod tests {
         std::fs::create_dir(&cache).unwrap();
         std::fs::write(cache.join("base-0123.cpio"), b"").unwrap();
         let opts = DoctorOptions {
-            artifacts: artifacts(dir.path(), cloud_hypervisor::GUEST_MODULES),
+            artifacts: artifacts(dir.path(), Transport::Pci.guest_modules()),
             image_cache_dir: Some(cache),
             ..DoctorOptions::default()
         };
@@ -291,7 +296,7 @@ mod tests {
         // needs virtio_pci.
         let opts = DoctorOptions {
             vmm: VmmChoice::CloudHypervisor,
-            artifacts: artifacts(dir.path(), MMIO_GUEST_MODULES),
+            artifacts: artifacts(dir.path(), Transport::Mmio.guest_modules()),
             ..DoctorOptions::default()
         };
         let facts = HostFacts {

@@ -20,7 +20,8 @@
 //! dropping a [`ChVm`] SIGKILLs it, so no VMM outlives its build.
 //!
 //! Guests on cloud-hypervisor find their devices over virtio-pci, so they
-//! load [`GUEST_MODULES`] rather than QEMU microvm's virtio-mmio set.
+//! load [`Transport::Pci`]'s modules rather than QEMU microvm's virtio-mmio
+//! set.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::info;
 
-use super::{RunningVm, VmRunner, VmSpec, VmmError};
+use super::{RunningVm, Transport, VmRunner, VmSpec, VmmError};
 use vm::{describe_exit, supervise, Supervision};
 
 pub mod config;
@@ -46,22 +47,6 @@ mod vm;
 
 pub use config::{vm_config, ConfigError};
 pub use vm::ChVm;
-
-/// Kernel modules a guest on cloud-hypervisor loads, in load order: virtio
-/// over PCI, virtiofs, and the virtio console the agent talks on. The order
-/// follows the modules' `depends=` (`virtio` needs `virtio_ring`; `virtio_pci`
-/// needs both `virtio_pci_*_dev`). Nested virtualisation adds `irqbypass`,
-/// `kvm` and `kvm_intel`/`kvm_amd`, as on every backend.
-pub const GUEST_MODULES: &[&str] = &[
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "fuse",
-    "virtiofs",
-    "virtio_console",
-];
 
 /// Name of the API socket inside the build's run directory.
 pub const API_SOCKET: &str = "ch.sock";
@@ -111,8 +96,8 @@ impl VmRunner for CloudHypervisorRunner {
         "kvm"
     }
 
-    fn guest_modules(&self) -> &'static [&'static str] {
-        GUEST_MODULES
+    fn transport(&self) -> Transport {
+        Transport::Pci
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {

@@ -354,6 +354,7 @@ mod tests {
         let qemu_kvm = select(VmmChoice::Auto, AccelChoice::Auto, &facts, false).unwrap();
         let r = runner(&qemu_kvm, &facts);
         assert_eq!((r.name(), r.accel()), ("qemu", "kvm"));
+        assert_eq!(r.transport(), crate::vmm::Transport::Mmio);
         let tcg = select(VmmChoice::Qemu, AccelChoice::Tcg, &facts, false).unwrap();
         assert_eq!(runner(&tcg, &facts).accel(), "tcg");
         let ch = Selection {
@@ -364,10 +365,7 @@ mod tests {
         };
         let r = runner(&ch, &facts);
         assert_eq!((r.name(), r.accel()), ("cloud-hypervisor", "kvm"));
-        assert_eq!(
-            r.guest_modules(),
-            crate::vmm::cloud_hypervisor::GUEST_MODULES
-        );
+        assert_eq!(r.transport(), crate::vmm::Transport::Pci);
     }
 
     #[tokio::test]
