@@ -1,0 +1,117 @@
+//! The server under test: kiln in-process on 127.0.0.1:0 or a unix socket,
+//! with the security it is given, an embedded castore in a temp dir and a VM
+//! runner that refuses to boot anything.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln::auth::Security;
+use kiln::castore::Store;
+use kiln::executor::plan::Limits;
+use kiln::executor::{Executor, ExecutorConfig};
+use kiln::guest_image::Artifacts;
+use kiln::server::Bound;
+use kiln::vmm::{RunningVm, VmRunner, VmSpec, VmmError};
+
+/// A VM runner that never boots anything: these tests must not need VMs.
+struct NoVms;
+
+#[async_trait::async_trait]
+impl VmRunner for NoVms {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn accel(&self) -> &'static str {
+        "none"
+    }
+    async fn start(&self, _spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
+        Err(VmmError::Unsupported(
+            "the access-control tests boot no VM".into(),
+        ))
+    }
+}
+
+/// A running in-process server.
+pub struct Server {
+    /// `HOST:PORT` (TCP) or the socket path.
+    pub addr: String,
+    /// The server's castore, to check what calls stored.
+    pub store: Store,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    pub async fn start(security: Security) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        Self::start_on(Bound::Tcp(listener), addr, security).await
+    }
+
+    pub async fn start_unix(socket: &Path, security: Security) -> Self {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let bound = Bound::Unix(listener, socket.to_owned());
+        Self::start_on(bound, socket.display().to_string(), security).await
+    }
+
+    async fn start_on(bound: Bound, addr: String, security: Security) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let store = kiln::castore::from_addr("", &data.path().join("data"))
+            .await
+            .unwrap();
+        let config = ExecutorConfig {
+            scratch: Default::default(),
+            inputs: Default::default(),
+            data_dir: data.path().join("data"),
+            cache_dir: data.path().join("cache"),
+            artifacts: Artifacts::default(),
+            limits: Limits {
+                min_guest_memory_mib: 512,
+                guest_overhead_mib: 256,
+                max_guest_memory_mib: 4096,
+                vcpus: 1,
+                nested_virt_available: false,
+                ro_path_allowlist: vec![],
+            },
+            timeout: Duration::from_secs(60),
+            max_log_bytes: 1 << 20,
+            max_vms: 1,
+            memory_budget_mib: 4096,
+            max_queue: 4,
+            request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+            kept_builds: 8,
+            kept_log_bytes: 1 << 16,
+        };
+        let executor = Arc::new(Executor::open(config, store.clone(), Arc::new(NoVms)).unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let serve_store = store.clone();
+        let task = tokio::spawn(async move {
+            kiln::server::serve_with(bound, serve_store, executor, security, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            store,
+            shutdown: Some(tx),
+            task: Some(task),
+            _data: data,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops")
+                .expect("server task");
+        }
+    }
+}
