@@ -23,8 +23,8 @@ use tokio::process::{Child, Command};
 /// Errors of starting a virtiofsd, named after the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
-    /// No virtiofsd binary in PATH or `~/.cargo/bin`.
-    #[error("virtiofsd not found in PATH or ~/.cargo/bin (run `make virtiofsd`)")]
+    /// No virtiofsd binary where [`find_binary`] looks.
+    #[error("virtiofsd not found {} (run `make virtiofsd`)", super::host::VIRTIOFSD_SEARCHED)]
     NotFound,
     /// The shared directory is not a directory.
     #[error("shared directory {0} does not exist or is not a directory")]
@@ -49,15 +49,10 @@ pub enum VirtiofsdError {
     },
 }
 
-/// Finds virtiofsd: `PATH` first, then `~/.cargo/bin` (where
-/// `cargo install virtiofsd` puts it).
+/// The virtiofsd builds run: what host detection finds on this host (see
+/// [`super::host::Probe::find`]), so `kiln doctor` reports this very binary.
 pub fn find_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let home = std::env::var_os("HOME").unwrap_or_else(|| OsString::from("/root"));
-    std::env::split_paths(&path)
-        .chain(std::iter::once(Path::new(&home).join(".cargo/bin")))
-        .map(|dir| dir.join("virtiofsd"))
-        .find(|candidate| candidate.is_file())
+    super::host::Probe::system().find(super::host::VIRTIOFSD_BINARY)
 }
 
 /// First host id of the range guest ids land on in writable shares: guest

@@ -7,6 +7,7 @@ use super::{Check, DoctorOptions, Status};
 use crate::guest_image::Artifacts;
 use crate::vmm::host::{
     kvm_usable, Accel, DevKvm, HostFacts, KvmKind, SelectError, Selection, Tool, Vmm,
+    MIN_VIRTIOFSD_VERSION, VIRTIOFSD_SEARCHED,
 };
 use crate::vmm::Transport;
 
@@ -131,15 +132,49 @@ pub(super) fn cloud_hypervisor_check(facts: &HostFacts, kernel_is_pvm: bool) -> 
 }
 
 pub(super) fn virtiofsd_check(facts: &HostFacts) -> Check {
-    match &facts.virtiofsd {
-        Some(tool) => check("virtiofsd", Status::Ok, describe_tool(tool), None),
-        None => check(
+    const INSTALL: &str = "apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd --locked (or `make virtiofsd`)";
+    let Some(tool) = &facts.virtiofsd else {
+        return check(
             "virtiofsd",
             Status::Fail,
-            "virtiofsd not found on PATH, in ~/.cargo/bin or /usr/libexec".to_owned(),
-            Some("apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd --locked (or `make deps`)"),
+            format!("virtiofsd not found {VIRTIOFSD_SEARCHED}"),
+            Some(INSTALL),
+        );
+    };
+    let (major, minor, patch) = MIN_VIRTIOFSD_VERSION;
+    let min = format!("{major}.{minor}.{patch}");
+    // This is the binary builds run (the same lookup), so its version decides.
+    match tool.version.as_deref().map(virtiofsd_version) {
+        Some(Some(version)) if version >= MIN_VIRTIOFSD_VERSION => {
+            check("virtiofsd", Status::Ok, describe_tool(tool), None)
+        }
+        Some(Some(_)) => check(
+            "virtiofsd",
+            Status::Fail,
+            format!(
+                "{}: builds need virtiofsd {min} or newer",
+                describe_tool(tool)
+            ),
+            Some(INSTALL),
+        ),
+        _ => check(
+            "virtiofsd",
+            Status::Warn,
+            format!(
+                "{}: not a version kiln recognises (builds need the Rust virtiofsd {min} or newer)",
+                describe_tool(tool)
+            ),
+            Some(INSTALL),
         ),
     }
+}
+
+/// `virtiofsd 1.14.0` (what the Rust virtiofsd's `--version` prints) as
+/// numbers; `None` for anything else, such as QEMU's old C daemon.
+fn virtiofsd_version(line: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = line.strip_prefix("virtiofsd ")?.trim().splitn(3, '.');
+    let mut next = || parts.next()?.parse::<u32>().ok();
+    Some((next()?, next()?, next()?))
 }
 
 /// `transports`: those of the backends builds may use (the selected one's,
@@ -333,4 +368,22 @@ fn module_names(dir: &Path) -> Option<Vec<String>> {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtiofsd_versions_are_read_from_the_rust_daemons_line_only() {
+        assert_eq!(virtiofsd_version("virtiofsd 1.14.0"), Some((1, 14, 0)));
+        assert_eq!(virtiofsd_version("virtiofsd 1.13.3"), Some((1, 13, 3)));
+        // QEMU's C daemon (/usr/lib/qemu/virtiofsd) has another command line.
+        assert_eq!(
+            virtiofsd_version("virtiofsd version 7.2.22 (Debian 1:7.2+dfsg-7)"),
+            None
+        );
+        assert_eq!(virtiofsd_version("virtiofsd 1.x"), None);
+    }
 }

@@ -176,7 +176,7 @@ mod tests {
     fn tool(name: &str) -> Option<Tool> {
         Some(Tool {
             path: format!("/usr/bin/{name}").into(),
-            version: Some(format!("{name} 1.0")),
+            version: Some(format!("{name} 1.14.0")),
         })
     }
 
@@ -316,6 +316,45 @@ mod tests {
         let nested = report.check("nested").unwrap();
         assert_eq!(nested.status, Status::Warn);
         assert!(nested.advice.as_deref().unwrap().contains("nested=1"));
+    }
+
+    #[test]
+    fn a_virtiofsd_too_old_for_the_command_line_builds_give_it_fails() {
+        let old = HostFacts {
+            virtiofsd: Some(Tool {
+                path: "/usr/libexec/virtiofsd".into(),
+                version: Some("virtiofsd 1.5.0".into()),
+            }),
+            ..pvm_host()
+        };
+        let line = assess(old, &DoctorOptions::default())
+            .check("virtiofsd")
+            .unwrap()
+            .clone();
+        assert_eq!(line.status, Status::Fail);
+        assert!(
+            line.finding.starts_with(
+                "/usr/libexec/virtiofsd (virtiofsd 1.5.0): builds need virtiofsd 1.13.0"
+            ),
+            "{}",
+            line.finding
+        );
+        assert!(line.advice.unwrap().contains("cargo install virtiofsd"));
+
+        let fine = assess(pvm_host(), &DoctorOptions::default());
+        assert_eq!(fine.check("virtiofsd").unwrap().status, Status::Ok);
+        let missing = HostFacts {
+            virtiofsd: None,
+            ..pvm_host()
+        };
+        let line = assess(missing, &DoctorOptions::default())
+            .check("virtiofsd")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            line.finding,
+            "virtiofsd not found on PATH, in ~/.cargo/bin or in /usr/libexec"
+        );
     }
 
     #[test]

@@ -116,7 +116,9 @@ pub struct HostFacts {
 }
 
 /// Where detection looks; [`Probe::system`] for the real host, a temp tree in
-/// tests.
+/// tests. Builds find their executables through the same [`Probe::find`]
+/// (see [`crate::vmm::virtiofsd::find_binary`]), so `kiln doctor` reports
+/// exactly the binaries builds run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     /// `/sys/module`.
@@ -125,14 +127,24 @@ pub struct Probe {
     pub dev_kvm: PathBuf,
     /// Directories searched for executables, in order.
     pub search_path: Vec<PathBuf>,
-    /// Extra directories searched for virtiofsd only (distributions install
-    /// it outside PATH).
+    /// Extra directories searched for virtiofsd only, after
+    /// [`Probe::search_path`] (distributions install it outside PATH).
     pub virtiofsd_dirs: Vec<PathBuf>,
 }
 
+/// Where [`Probe::system`] looks for virtiofsd, for messages.
+pub const VIRTIOFSD_SEARCHED: &str = "on PATH, in ~/.cargo/bin or in /usr/libexec";
+
+/// The oldest virtiofsd that accepts the command line kiln gives it
+/// (`--readonly` arrived in 1.13.0; see [`crate::vmm::virtiofsd::args`]).
+pub const MIN_VIRTIOFSD_VERSION: (u32, u32, u32) = (1, 13, 0);
+
 impl Probe {
     /// The real host: `/sys/module`, `/dev/kvm`, `$PATH` followed by
-    /// `~/.cargo/bin` (where `cargo install virtiofsd` puts it).
+    /// `~/.cargo/bin` (where `cargo install virtiofsd` puts it), and for
+    /// virtiofsd `/usr/libexec` (where Debian's and Fedora's packages put
+    /// it). Not `/usr/lib/qemu`: the virtiofsd there is QEMU's old C daemon,
+    /// whose command line is another one altogether.
     pub fn system() -> Self {
         let mut search_path: Vec<PathBuf> = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).collect())
@@ -144,8 +156,24 @@ impl Probe {
             sys_module: "/sys/module".into(),
             dev_kvm: "/dev/kvm".into(),
             search_path,
-            virtiofsd_dirs: vec!["/usr/libexec".into(), "/usr/lib/qemu".into()],
+            virtiofsd_dirs: vec!["/usr/libexec".into()],
         }
+    }
+
+    /// The directories `name` is looked for in, in order.
+    pub fn dirs_for(&self, name: &str) -> Vec<PathBuf> {
+        let mut dirs = self.search_path.clone();
+        if name == VIRTIOFSD_BINARY {
+            dirs.extend(self.virtiofsd_dirs.iter().cloned());
+        }
+        dirs
+    }
+
+    /// The executable called `name`: the first regular, executable file of
+    /// that name in [`Probe::dirs_for`]. The one lookup of builds and
+    /// `kiln doctor`.
+    pub fn find(&self, name: &str) -> Option<PathBuf> {
+        find_executable(name, &self.dirs_for(name))
     }
 }
 
@@ -163,12 +191,10 @@ impl HostFacts {
             KvmKind::Hardware { vendor } => nested_param(&probe.sys_module, vendor),
             KvmKind::Pvm | KvmKind::None => None,
         };
-        let mut virtiofsd_path = probe.search_path.clone();
-        virtiofsd_path.extend(probe.virtiofsd_dirs.iter().cloned());
         let (qemu, cloud_hypervisor, virtiofsd) = tokio::join!(
-            tool(QEMU_BINARY, &probe.search_path),
-            tool(CLOUD_HYPERVISOR_BINARY, &probe.search_path),
-            tool(VIRTIOFSD_BINARY, &virtiofsd_path),
+            tool(probe, QEMU_BINARY),
+            tool(probe, CLOUD_HYPERVISOR_BINARY),
+            tool(probe, VIRTIOFSD_BINARY),
         );
         Self {
             kvm,
@@ -247,15 +273,16 @@ fn dev_kvm(path: &Path) -> DevKvm {
     }
 }
 
-/// The first executable called `name` in `dirs`, with its version.
-async fn tool(name: &str, dirs: &[PathBuf]) -> Option<Tool> {
-    let path = find_executable(name, dirs)?;
+/// The executable `probe` finds for `name`, with its version.
+async fn tool(probe: &Probe, name: &str) -> Option<Tool> {
+    let path = probe.find(name)?;
     let version = version_of(&path).await;
     Some(Tool { path, version })
 }
 
-/// The first regular, executable file called `name` in `dirs`.
-pub fn find_executable(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+/// The first regular, executable file called `name` in `dirs` (a symlink
+/// counts by its target).
+fn find_executable(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     dirs.iter().map(|dir| dir.join(name)).find(|candidate| {
         std::fs::metadata(candidate)
@@ -443,18 +470,64 @@ mod tests {
     }
 
     #[test]
-    fn non_executable_files_are_not_tools() {
+    fn non_executable_files_and_directories_are_not_tools() {
         let host = FakeHost::new();
+        let probe = host.probe();
         let path = host.dir.path().join("bin/virtiofsd");
         std::fs::write(&path, b"").unwrap();
-        assert_eq!(
-            find_executable("virtiofsd", &host.probe().search_path),
-            None
-        );
+        assert_eq!(probe.find("virtiofsd"), None);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(probe.find("virtiofsd"), Some(path));
+        std::fs::create_dir(host.dir.path().join("bin/qemu-system-x86_64")).unwrap();
+        assert_eq!(probe.find("qemu-system-x86_64"), None);
+    }
+
+    /// virtiofsd is looked for on the search path first, then in its own
+    /// directories; other tools only on the search path.
+    #[test]
+    fn virtiofsd_is_found_on_the_path_before_its_own_dirs() {
+        let host = FakeHost::new();
+        let libexec = host.dir.path().join("libexec");
+        std::fs::create_dir(&libexec).unwrap();
+        let probe = Probe {
+            virtiofsd_dirs: vec![libexec.clone()],
+            ..host.probe()
+        };
+        let exe = |path: &Path| {
+            std::fs::write(path, b"#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        exe(&libexec.join("virtiofsd"));
+        exe(&libexec.join("cloud-hypervisor"));
+        assert_eq!(probe.find("virtiofsd"), Some(libexec.join("virtiofsd")));
         assert_eq!(
-            find_executable("virtiofsd", &host.probe().search_path),
-            Some(path)
+            probe.find("cloud-hypervisor"),
+            None,
+            "libexec is virtiofsd's only"
+        );
+        host.program("virtiofsd", "true");
+        assert_eq!(
+            probe.find("virtiofsd"),
+            Some(host.dir.path().join("bin/virtiofsd"))
+        );
+        assert_eq!(
+            probe.dirs_for("virtiofsd"),
+            [host.dir.path().join("bin"), libexec]
+        );
+    }
+
+    /// Builds and doctor agree: the binary the builds' lookup returns is the
+    /// one detection reports.
+    #[tokio::test]
+    async fn builds_and_detection_find_the_same_virtiofsd() {
+        let facts = HostFacts::detect().await;
+        assert_eq!(
+            crate::vmm::virtiofsd::find_binary(),
+            facts.virtiofsd.map(|t| t.path)
+        );
+        assert_eq!(
+            Probe::system().dirs_for(VIRTIOFSD_BINARY).last(),
+            Some(&PathBuf::from("/usr/libexec"))
         );
     }
 }
