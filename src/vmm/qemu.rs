@@ -33,24 +33,9 @@ pub const QEMU_LOG: &str = "qemu.log";
 /// How long QEMU may take to connect the guest channel after it started.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// CPU acceleration for QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualisation through /dev/kvm.
-    Kvm,
-    /// Software emulation (works everywhere, slower).
-    Tcg,
-}
-
-impl Accel {
-    /// The name QEMU and kiln's flags use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
-        }
-    }
-}
+/// QEMU's acceleration: host selection's [`Accel`](crate::vmm::host::Accel),
+/// re-exported for callers that only deal with QEMU.
+pub use super::host::Accel;
 
 /// Boots build VMs with QEMU's microvm machine.
 #[derive(Debug, Clone, PartialEq, Eq)]

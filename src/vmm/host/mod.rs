@@ -18,7 +18,7 @@ use std::time::Duration;
 pub mod select;
 
 use super::cloud_hypervisor::CloudHypervisorRunner;
-use super::qemu::{self, QemuRunner};
+use super::qemu::QemuRunner;
 use super::VmRunner;
 
 pub use select::{
@@ -220,10 +220,7 @@ pub fn runner(selection: &Selection, facts: &HostFacts) -> Box<dyn VmRunner> {
             CLOUD_HYPERVISOR_BINARY,
         ))),
         Vmm::Qemu => Box::new(QemuRunner {
-            accel: match selection.accel {
-                Accel::Kvm => qemu::Accel::Kvm,
-                Accel::Tcg => qemu::Accel::Tcg,
-            },
+            accel: selection.accel,
             binary: binary(&facts.qemu, QEMU_BINARY),
         }),
     }

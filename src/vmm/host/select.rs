@@ -52,21 +52,29 @@ impl fmt::Display for Vmm {
     }
 }
 
-/// An acceleration.
+/// How guest code runs: the one acceleration type, chosen here and used by
+/// the QEMU backend (`-accel`, `-cpu`); cloud-hypervisor is always KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
-    /// KVM.
+    /// Hardware virtualisation through /dev/kvm.
     Kvm,
-    /// TCG.
+    /// QEMU's software emulation (works everywhere, slower).
     Tcg,
+}
+
+impl Accel {
+    /// The name QEMU and kiln's flags use (`kvm`, `tcg`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
 }
 
 impl fmt::Display for Accel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
-        })
+        f.write_str(self.as_str())
     }
 }
 
