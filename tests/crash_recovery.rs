@@ -10,8 +10,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln::castore::{ingest, Node};
+use kiln::castore::Node;
 use kiln::proto::snix_build;
+
+use harness::BUSYBOX;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -46,30 +48,15 @@ async fn wait_ready(addr: &str) {
     }
 }
 
+const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
+
 fn request(busybox: &Node, script: &str) -> snix_build::BuildRequest {
-    let sh = format!("/nix/store/{}/bin/sh", harness::BUSYBOX);
-    let out = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
-    snix_build::BuildRequest {
-        inputs: vec![busybox.to_snix_entry(harness::BUSYBOX.as_bytes())],
-        command_args: vec![sh, "-c".into(), script.into()],
-        working_dir: "build".into(),
-        scratch_paths: vec!["build".into(), "nix/store".into()],
-        inputs_dir: "nix/store".into(),
-        outputs: vec![out.into()],
-        environment_vars: vec![snix_build::build_request::EnvVar {
-            key: "out".into(),
-            value: format!("/{out}").into_bytes().into(),
-        }],
-        constraints: None,
-        additional_files: vec![],
-        refscan_needles: vec![],
-    }
+    harness::nix_request(busybox.to_snix_entry(BUSYBOX.as_bytes()), script, &[OUT])
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kiln_killed_mid_build_sweeps_on_restart() {
-    if let Some(why) = harness::missing_prerequisites() {
-        eprintln!("SKIPPED: VM test cannot run on this host: {why}");
+    if !harness::vm_tests_can_run() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -79,13 +66,7 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     // The toolset goes in before kiln starts (the embedded store is single-owner).
     let busybox = {
         let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
-        let root = tmp.path().join("bb");
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        for a in ["sh", "sleep", "echo"] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
-        }
-        ingest::ingest_path(&store, &root).await.unwrap()
+        harness::server::ingest_busybox(&store, tmp.path()).await
     };
     // kiln looks for the kernel and agent under its cache dir.
     for d in ["kernel", "agent"] {

@@ -5,17 +5,19 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-#[path = "common/guest_harness.rs"]
 mod harness;
 
 use std::os::unix::fs::PermissionsExt;
 
+use harness::guest;
 use kiln_guest::contract::{FrameKind, Outcome};
 
 /// The sandbox as a Nix build sees it, in one VM.
 #[tokio::test]
 async fn the_build_sees_a_nix_like_sandbox() {
-    require_vm!("the_build_sees_a_nix_like_sandbox");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     let script = r#"
 echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2
 cat /proc/$$/environ > /build/environ
@@ -33,7 +35,7 @@ mkdir /nix/store/out-dir && echo hi > /nix/store/out-dir/f
 echo file > /nix/store/out-file && ln -s out-file /nix/store/out-link
 echo out-3; echo err-3 >&2
 "#;
-    let mut job = harness::sh_job(script);
+    let mut job = guest::sh_job(script);
     job.env = vec![
         (b"HOME".to_vec(), b"/homeless-shelter".to_vec()),
         (b"NIX_BUILD_TOP".to_vec(), b"/build".to_vec()),
@@ -41,7 +43,7 @@ echo out-3; echo err-3 >&2
         (b"WEIRD".to_vec(), vec![0xff, 0xfe, b'=', b' ', b'\n', 0x80]),
     ];
     job.additional_files = vec![("build/extra/file".into(), b"passed as file\n".to_vec())];
-    let run = harness::run(&job, false, |inputs| {
+    let run = guest::run(&job, false, |inputs| {
         // World-writable on the host: only the read-only mount can stop a write.
         let open = inputs.join("open");
         std::fs::create_dir(&open).unwrap();
@@ -146,15 +148,17 @@ echo out-3; echo err-3 >&2
 /// An operator-allowed host path is visible read-only at its own path.
 #[tokio::test]
 async fn read_only_host_paths_are_mounted_read_only() {
-    require_vm!("read_only_host_paths_are_mounted_read_only");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("hello"), "from the host\n").unwrap();
     std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut job = harness::sh_job(
+    let mut job = guest::sh_job(
         "cat /opt/shared/hello; if echo x 2>&1 > /opt/shared/new; then echo WRITABLE; fi",
     );
     job.ro_paths = vec![("kiln-ro-0".into(), "/opt/shared".into())];
-    let run = harness::run_with_ro_shares(&job, false, |_| {}, &[("kiln-ro-0", host.path())]).await;
+    let run = guest::run_with_ro_shares(&job, false, |_| {}, &[("kiln-ro-0", host.path())]).await;
     assert_eq!(
         run.report().outcome,
         Outcome::Exited { code: 0 },
@@ -174,8 +178,10 @@ async fn read_only_host_paths_are_mounted_read_only() {
 /// path, a working dir that is not a scratch path.
 #[tokio::test]
 async fn a_non_nix_layout_works() {
-    require_vm!("a_non_nix_layout_works");
-    let mut job = harness::sh_job(
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job(
         "pwd; touch here && echo wd-writable; \
          if echo x 2>/dev/null > /inputs/busybox/new; then echo INPUT-WRITABLE; fi; \
          echo data > /out/result",
@@ -185,7 +191,7 @@ async fn a_non_nix_layout_works() {
     job.inputs_dir = "inputs".into();
     job.scratch_paths = vec!["out".into()];
     job.working_dir = "work".into();
-    let run = harness::run(&job, false, |_| {}).await;
+    let run = guest::run(&job, false, |_| {}).await;
     assert_eq!(
         run.report().outcome,
         Outcome::Exited { code: 0 },
@@ -201,11 +207,13 @@ async fn a_non_nix_layout_works() {
 
 #[tokio::test]
 async fn exit_codes_are_reported_and_leftover_processes_killed() {
-    require_vm!("exit_codes_are_reported_and_leftover_processes_killed");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     // The background job keeps stdout open; unless the agent kills it, it
     // outlives the builder long enough to write its file.
-    let job = harness::sh_job("(sleep 1; echo alive > /build/leftover) & echo bye; exit 3");
-    let run = harness::run(&job, false, |_| {}).await;
+    let job = guest::sh_job("(sleep 1; echo alive > /build/leftover) & echo bye; exit 3");
+    let run = guest::run(&job, false, |_| {}).await;
     assert_eq!(run.report().outcome, Outcome::Exited { code: 3 });
     assert_eq!(run.stdout(), "bye\n");
     assert!(
@@ -221,15 +229,19 @@ async fn exit_codes_are_reported_and_leftover_processes_killed() {
 
 #[tokio::test]
 async fn signals_are_reported() {
-    require_vm!("signals_are_reported");
-    let run = harness::run(&harness::sh_job("kill -9 $$"), false, |_| {}).await;
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let run = guest::run(&guest::sh_job("kill -9 $$"), false, |_| {}).await;
     assert_eq!(run.report().outcome, Outcome::Signaled { signal: 9 });
 }
 
 #[tokio::test]
 async fn dev_kvm_opens_for_the_build_user_when_asked() {
-    require_vm!("dev_kvm_opens_for_the_build_user_when_asked");
-    let mut job = harness::sh_job("");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job("");
     job.kvm = true;
     job.provide_bin_sh = true;
     // /bin/sh is the agent's busybox; the applets come from the input.
@@ -238,7 +250,7 @@ async fn dev_kvm_opens_for_the_build_user_when_asked() {
         "-c".into(),
         "id -u; exec 3<>/dev/kvm && echo kvm-opened".into(),
     ];
-    let run = harness::run(&job, true, |_| {}).await;
+    let run = guest::run(&job, true, |_| {}).await;
     assert_eq!(
         run.report().outcome,
         Outcome::Exited { code: 0 },
@@ -250,7 +262,10 @@ async fn dev_kvm_opens_for_the_build_user_when_asked() {
 
 /// Agent failures come back as such, quickly, with the step that failed.
 async fn expect_agent_failure(job: kiln_guest::contract::Job, step: &str, needle: &str) {
-    let run = harness::run(&job, false, |_| {}).await;
+    assert_agent_failure(&guest::run(&job, false, |_| {}).await, step, needle);
+}
+
+fn assert_agent_failure(run: &guest::VmRun, step: &str, needle: &str) {
     match &run.report().outcome {
         Outcome::AgentFailed { step: s, message } => {
             assert_eq!(s, step, "{message}");
@@ -263,26 +278,35 @@ async fn expect_agent_failure(job: kiln_guest::contract::Job, step: &str, needle
 
 #[tokio::test]
 async fn a_missing_module_is_an_agent_failure() {
-    require_vm!("a_missing_module_is_an_agent_failure");
-    let mut job = harness::sh_job("true");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job("true");
+    job.modules = guest::qemu_guest_modules();
     job.modules.push("no_such_module".into());
-    expect_agent_failure(job, "module", "no_such_module").await;
+    // The session writes the transport's own list; this job file replaces it.
+    let run = guest::run_job_file(&guest::job_file(&job)).await;
+    assert_agent_failure(&run, "module", "no_such_module");
 }
 
 #[tokio::test]
 async fn a_broken_job_is_an_agent_failure() {
-    require_vm!("a_broken_job_is_an_agent_failure");
-    let mut job = harness::sh_job("true");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job("true");
     job.working_dir = "../escape".into();
     expect_agent_failure(job, "job", "working_dir").await;
 }
 
 #[tokio::test]
 async fn an_undecodable_job_is_an_agent_failure() {
-    require_vm!("an_undecodable_job_is_an_agent_failure");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     // Without a job there is no module list: the agent must still find its
     // channel to say so.
-    let run = harness::run_raw_job(b"{not json").await;
+    let run = guest::run_job_file(b"{not json").await;
     match &run.report().outcome {
         Outcome::AgentFailed { step, message } => {
             assert_eq!(step, "job");
@@ -294,8 +318,10 @@ async fn an_undecodable_job_is_an_agent_failure() {
 
 #[tokio::test]
 async fn a_builder_that_cannot_be_executed_is_an_agent_failure() {
-    require_vm!("a_builder_that_cannot_be_executed_is_an_agent_failure");
-    let mut job = harness::sh_job("true");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job("true");
     job.command_args = vec!["/nix/store/missing/bin/sh".into()];
     expect_agent_failure(job, "exec", "No such file").await;
 }
@@ -304,8 +330,10 @@ async fn a_builder_that_cannot_be_executed_is_an_agent_failure() {
 /// because TCG timing is noisy).
 #[tokio::test]
 async fn a_trivial_job_boots_and_reports_quickly() {
-    require_vm!("a_trivial_job_boots_and_reports_quickly");
-    let run = harness::run(&harness::sh_job("true"), false, |_| {}).await;
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let run = guest::run(&guest::sh_job("true"), false, |_| {}).await;
     let r = run.report();
     assert_eq!(r.outcome, Outcome::Exited { code: 0 });
     eprintln!(
@@ -324,7 +352,7 @@ async fn a_trivial_job_boots_and_reports_quickly() {
 
 /// The names in the scratch share's top directory: anything beyond the
 /// scratch paths' first components was written from outside the sandbox.
-fn scratch_top(run: &harness::VmRun) -> Vec<String> {
+fn scratch_top(run: &guest::VmRun) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(&run.scratch)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -346,8 +374,10 @@ fn plant_escape_links(inputs: &std::path::Path) {
 /// so neither the decoy outside the root nor `/proc/sys` is touched.
 #[tokio::test]
 async fn an_additional_file_through_a_symlink_input_writes_nothing() {
-    require_vm!("an_additional_file_through_a_symlink_input_writes_nothing");
-    let mut job = harness::sh_job("cat /proc/sys/kernel/domainname");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let mut job = guest::sh_job("cat /proc/sys/kernel/domainname");
     job.additional_files = vec![
         ("nix/store/esc/planted".into(), b"escaped\n".to_vec()),
         (
@@ -355,7 +385,7 @@ async fn an_additional_file_through_a_symlink_input_writes_nothing() {
             b"escaped\n".to_vec(),
         ),
     ];
-    let run = harness::run(&job, false, plant_escape_links).await;
+    let run = guest::run(&job, false, plant_escape_links).await;
     assert_eq!(
         scratch_top(&run),
         ["build", "nix"],
@@ -380,11 +410,13 @@ async fn an_additional_file_through_a_symlink_input_writes_nothing() {
 /// naming the link, and no mount point appears outside the root.
 #[tokio::test]
 async fn a_mount_point_through_a_symlink_input_fails_the_setup() {
-    require_vm!("a_mount_point_through_a_symlink_input_fails_the_setup");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     let host = tempfile::tempdir().unwrap();
-    let mut job = harness::sh_job("true");
+    let mut job = guest::sh_job("true");
     job.ro_paths = vec![("kiln-ro-0".into(), "/nix/store/esc/mnt".into())];
-    let run = harness::run_with_ro_shares(
+    let run = guest::run_with_ro_shares(
         &job,
         false,
         plant_escape_links,
@@ -414,12 +446,14 @@ async fn a_mount_point_through_a_symlink_input_fails_the_setup() {
 /// points and additional files with explicit modes rather than the umask's.
 #[tokio::test]
 async fn the_sandbox_has_nix_modes_and_umask() {
-    require_vm!("the_sandbox_has_nix_modes_and_umask");
+    if !harness::vm_tests_can_run() {
+        return;
+    }
     let script = "stat -c '%n %a %u' /etc /etc/passwd /etc/group /etc/hosts /build/extra \
                   /build/extra/file; umask; echo x > /build/made; mkdir /build/made-dir";
-    let mut job = harness::sh_job(script);
+    let mut job = guest::sh_job(script);
     job.additional_files = vec![("build/extra/file".into(), b"f\n".to_vec())];
-    let run = harness::run(&job, false, |_| {}).await;
+    let run = guest::run(&job, false, |_| {}).await;
     assert_eq!(
         run.report().outcome,
         Outcome::Exited { code: 0 },

@@ -12,21 +12,6 @@ use std::process::Command;
 
 use harness::Options;
 
-fn python_ready() -> Option<String> {
-    let out = Command::new("python3")
-        .args(["-c", "import grpc, blake3"])
-        .output()
-        .ok()?;
-    if out.status.success() {
-        None
-    } else {
-        Some(format!(
-            "python3 lacks grpcio/blake3 (run `make deps`): {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 async fn run_client(addr: &str, args: &[&str]) {
     let addr = addr.trim_start_matches("http://").to_owned();
     let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -55,9 +40,7 @@ async fn run_client(addr: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_independent_grpc_client_speaks_both_layouts() {
-    if let Some(why) = python_ready() {
-        eprintln!("SKIPPED: independent client test: {why}");
-        assert!(std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(), "{why}");
+    if !harness::can_run(harness::python_unavailable("grpc, blake3")) {
         return;
     }
     let Some(server) = harness::start(Options::default()).await else {

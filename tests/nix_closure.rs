@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod harness;
 #[path = "fixtures/nix/support.rs"]
 mod support;
 
@@ -15,7 +16,7 @@ use kiln::nix::nar;
 
 #[test]
 fn plan_builds_missing_inputs_first() {
-    if !support::nix_available("closure planning against Nix") {
+    if !support::nix_available() {
         return;
     }
     let dependent = support::instantiate("dependent");
@@ -30,9 +31,9 @@ fn plan_builds_missing_inputs_first() {
         .unwrap()
         .is_empty()
     {
-        eprintln!(
-            "SKIPPED: plan check, because {file_out} is still valid (something refers to it)"
-        );
+        harness::skip(format!(
+            "{file_out} is still valid (something refers to it), so no input is missing"
+        ));
         return;
     }
 
@@ -53,7 +54,7 @@ fn plan_builds_missing_inputs_first() {
 
 #[tokio::test]
 async fn imported_closure_has_nix_s_nar_hashes() {
-    if !support::nix_available("closure import against Nix") {
+    if !support::nix_available() {
         return;
     }
     let multi = support::instantiate("multi");
@@ -82,7 +83,7 @@ async fn imported_closure_has_nix_s_nar_hashes() {
 
 #[test]
 fn nix_store_errors_are_reported() {
-    if !support::nix_available("nix-store error reporting") {
+    if !support::nix_available() {
         return;
     }
     let bogus = "/nix/store/00000000000000000000000000000000-not-there"

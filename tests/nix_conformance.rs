@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod harness;
 #[path = "fixtures/nix/support.rs"]
 mod support;
 
@@ -22,21 +23,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln::nix::{closure, StorePath};
-
-/// Why kiln cannot boot build VMs here, if it cannot.
-fn missing_vm_prerequisite() -> Option<String> {
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-    if qemu.is_err() {
-        return Some("qemu-system-x86_64 is not installed (make apt)".into());
-    }
-    if kiln::vmm::virtiofsd::find_binary().is_none() {
-        return Some("virtiofsd is not installed (make virtiofsd)".into());
-    }
-    if let Err(e) = kiln::guest_image::Artifacts::default().locate() {
-        return Some(e.to_string());
-    }
-    None
-}
 
 /// A `kiln serve` process on a unix socket, killed on drop.
 struct Server {
@@ -156,11 +142,10 @@ const ATTRIBUTES: &[&str] = &[
 
 #[test]
 fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
-    if !support::nix_available("the Nix conformance suite") {
+    if !support::nix_available() {
         return;
     }
-    if let Some(why) = missing_vm_prerequisite() {
-        eprintln!("SKIPPED: the Nix conformance suite, because {why}");
+    if !harness::vm_tests_can_run() {
         return;
     }
     // So `dependent` finds one input missing and kiln builds it first.
@@ -211,11 +196,10 @@ fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
 
 #[test]
 fn out_materialises_what_nix_built() {
-    if !support::nix_available("kiln build --drv --out") {
+    if !support::nix_available() {
         return;
     }
-    if let Some(why) = missing_vm_prerequisite() {
-        eprintln!("SKIPPED: kiln build --drv --out, because {why}");
+    if !harness::vm_tests_can_run() {
         return;
     }
     let server = Server::start();

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+mod harness;
+
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -16,10 +18,14 @@ use async_trait::async_trait;
 use kiln::castore::{B3Digest, Directory, Node, PathComponent, SymlinkTarget};
 use kiln::nix::nar::{self, BlobRead, SourceError, TreeSource};
 
+/// Whether `nix-store` runs here; says `SKIPPED:` for the comparison with
+/// Nix when it does not.
 fn nix_available() -> bool {
     let found = Command::new("nix-store").arg("--version").output().is_ok();
     if !found {
-        eprintln!("SKIPPED: comparison with Nix, because `nix-store` is not installed (apt-get install nix-bin)");
+        harness::skip(
+            "the comparison with Nix: `nix-store` is not installed (apt-get install nix-bin)",
+        );
     }
     found
 }

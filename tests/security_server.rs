@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln::castore::ingest;
 use kiln::proto::{snix_build, snix_castore};
 use kiln::vmm::virtiofsd::GUEST_ID_HOST_BASE;
 
@@ -131,13 +130,7 @@ impl Served {
         )
         .await
         .unwrap();
-        let tools = self.tmp.path().join("busybox");
-        std::fs::create_dir_all(tools.join("bin")).unwrap();
-        std::fs::copy("/bin/busybox", tools.join("bin/busybox")).unwrap();
-        for applet in ["sh", "sleep", "touch", "mkdir", "echo"] {
-            std::os::unix::fs::symlink("busybox", tools.join("bin").join(applet)).unwrap();
-        }
-        let busybox = ingest::ingest_path(&store, &tools).await.unwrap();
+        let busybox = harness::server::ingest_busybox(&store, self.tmp.path()).await;
         let channel = kiln::cli::connect(&self.addr()).await.unwrap();
         let request = sleeper_request(busybox.to_snix_entry(harness::BUSYBOX.as_bytes()), script);
         harness::submit_until_log(channel, request, b"ready").await
@@ -164,44 +157,7 @@ impl Drop for Served {
 
 /// A Nix-shaped request running `script` (which never finishes by itself).
 fn sleeper_request(busybox: snix_castore::Entry, script: &str) -> snix_build::BuildRequest {
-    let bin = format!("/nix/store/{}/bin", harness::BUSYBOX);
-    let env = [
-        ("HOME", "/homeless-shelter".to_string()),
-        ("PATH", bin.clone()),
-        ("TMPDIR", "/build".to_string()),
-    ];
-    snix_build::BuildRequest {
-        inputs: vec![busybox],
-        command_args: vec![format!("{bin}/sh"), "-c".into(), script.into()],
-        working_dir: "build".into(),
-        scratch_paths: vec!["build".into(), "nix/store".into()],
-        inputs_dir: "nix/store".into(),
-        outputs: vec!["build/out".into()],
-        environment_vars: env
-            .into_iter()
-            .map(|(key, value)| snix_build::build_request::EnvVar {
-                key: key.into(),
-                value: value.into_bytes().into(),
-            })
-            .collect(),
-        constraints: Some(snix_build::build_request::BuildConstraints {
-            system: "x86_64-linux".into(),
-            ..Default::default()
-        }),
-        additional_files: vec![],
-        refscan_needles: vec![],
-    }
-}
-
-fn vm_tests_can_run() -> bool {
-    match harness::missing_prerequisites() {
-        None => true,
-        Some(why) => {
-            eprintln!("SKIPPED: VM test cannot run on this host: {why}");
-            assert!(std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(), "{why}");
-            false
-        }
-    }
+    harness::nix_request(busybox, script, &["build/out"])
 }
 
 /// Host uid/gid of `path`, with a message naming it.
@@ -213,7 +169,7 @@ fn owner(path: &Path) -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_vms_and_daemons_and_removes_the_build() {
-    if !vm_tests_can_run() {
+    if !harness::vm_tests_can_run() {
         return;
     }
     let mut served = Served::start().await;
@@ -256,7 +212,7 @@ async fn sigterm_stops_vms_and_daemons_and_removes_the_build() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_of_kiln_leaves_no_vm_or_daemon_running() {
-    if !vm_tests_can_run() {
+    if !harness::vm_tests_can_run() {
         return;
     }
     let mut served = Served::start().await;
@@ -285,14 +241,7 @@ async fn the_unix_socket_is_0600_under_umask_000() {
 
 #[tokio::test]
 async fn grpc_c_core_clients_can_use_the_unix_socket() {
-    let ready = Command::new("python3")
-        .args(["-c", "import grpc"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !ready {
-        let why = "python3 lacks grpcio (run `make deps`)";
-        eprintln!("SKIPPED: C-core client test: {why}");
-        assert!(std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(), "{why}");
+    if !harness::can_run(harness::python_unavailable("grpc")) {
         return;
     }
     let served = Served::start().await;
