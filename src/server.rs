@@ -29,8 +29,12 @@ mod unix_authority;
 use cut::Cut;
 use unix_authority::AuthorityFix;
 
-/// Largest request a client may send (a build with many inputs is large).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest message any service of this server accepts (a build with many
+/// inputs is large): the one limit, defined with the castore services.
+pub use crate::castore::grpc_server::MAX_MESSAGE_SIZE;
+/// [`MAX_MESSAGE_SIZE`] under its former name here, kept while `cli/drv.rs`,
+/// `cli/build.rs` and `tests/security_limits.rs` still use it.
+pub use crate::castore::grpc_server::MAX_MESSAGE_SIZE as MAX_MESSAGE_BYTES;
 
 /// Where to listen: `HOST:PORT`, or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,15 +200,15 @@ pub async fn serve_until(
         .add_service(castore.snix_directories)
         .add_service(
             tvix_build::build_service_server::BuildServiceServer::new(builds.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             snix_build::build_service_server::BuildServiceServer::new(builds.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
         .add_service(
             kiln_v1::build_events_server::BuildEventsServer::new(builds)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
         );
 
     match listener {

@@ -63,9 +63,11 @@ impl CastoreServices {
     }
 }
 
-/// Largest message the castore services accept or send: a directory with
-/// tens of thousands of entries exceeds tonic's default of 4 MiB. It is
-/// also what one blob chunk or one directory can cost a call in memory.
+/// Largest message kiln's gRPC services accept or send, and its clients
+/// too: the one limit (the server re-exports it for the build services). A
+/// directory with tens of thousands of entries, or a build request with many
+/// inputs, exceeds tonic's default of 4 MiB. It is also what one blob chunk
+/// or one directory can cost a castore call in memory.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
 /// Encoded bytes of directories a `DirectoryService.Put` call collects
