@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::executor::error::BuildError;
+use crate::executor::error::{BuildError, Precondition};
 
 /// Shared limits of one executor.
 #[derive(Debug)]
@@ -59,10 +59,11 @@ impl Admission {
     /// when the queue is full or the request can never fit.
     pub async fn admit(&self, memory_mib: u64) -> Result<Ticket, BuildError> {
         if memory_mib > self.memory_budget_mib {
-            return Err(BuildError::Precondition(format!(
-                "the VM needs {memory_mib} MiB, more than this server's total guest memory budget of {} MiB",
-                self.memory_budget_mib
-            )));
+            return Err(Precondition::Budget {
+                needed_mib: memory_mib,
+                budget_mib: self.memory_budget_mib,
+            }
+            .into());
         }
         // Fast path: capacity free right now, no queueing.
         if let (Ok(vm), Ok(mem)) = (
@@ -84,10 +85,7 @@ impl Admission {
                 previously, self.max_queue
             )));
         }
-        let closed = |_| BuildError::Infrastructure {
-            step: "admission",
-            message: "executor is shutting down".into(),
-        };
+        let closed = |e| BuildError::infra("admission: the executor is shutting down", e);
         let vm = self.vms.clone().acquire_owned().await.map_err(closed)?;
         let memory = self
             .memory
@@ -210,7 +208,7 @@ mod tests {
         assert!(adm.admit(600).await.is_ok());
         assert!(matches!(
             adm.admit(2000).await,
-            Err(BuildError::Precondition(_))
+            Err(BuildError::Precondition(Precondition::Budget { .. }))
         ));
     }
 
@@ -231,6 +229,6 @@ mod tests {
         drop((b, c));
         assert_eq!(budget.held(), 0);
         let too_big = budget.reserve(1001).expect_err("never fits");
-        assert_eq!(too_big.to_status().code(), tonic::Code::ResourceExhausted);
+        assert!(matches!(too_big, BuildError::QueueFull(_)), "{too_big}");
     }
 }

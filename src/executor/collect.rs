@@ -17,29 +17,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::castore::ingest::{self, IngestError, IngestMode};
-use crate::castore::{Node, Store};
+use crate::castore::Store;
 use crate::executor::error::BuildError;
-use crate::executor::executor::Steps;
+use crate::executor::executor::{BuiltOutput, Steps};
 use crate::executor::paths::RelPath;
 use crate::executor::refscan::Scanner;
 use crate::executor::scratch::ScratchLimits;
 use crate::hostfs::{self, Dir, Kind};
 
-/// Every output as (path, node, indexes of the needles found).
+/// Every output, in request order.
 pub(crate) async fn collect_outputs(
     store: &Store,
     steps: &Steps<'_>,
     limits: &ScratchLimits,
     max_entries: u64,
-) -> Result<Vec<(RelPath, Node, Vec<u64>)>, BuildError> {
+) -> Result<Vec<BuiltOutput>, BuildError> {
     let Steps { req, ws, log, .. } = *steps;
     let scanner = Arc::new(
         Scanner::new(&req.refscan_needles)
-            .map_err(|e| BuildError::infra("compile refscan needles", &e))?,
+            .map_err(|e| BuildError::infra("compile refscan needles", e))?,
     );
     let scratch = ws
         .scratch_dir()
-        .map_err(|e| BuildError::infra("open the scratch share", &e))?;
+        .map_err(|e| BuildError::infra("open the scratch share", e))?;
     check_usage(ws.root(), limits, max_entries, log).await?;
     let mut outputs = Vec::with_capacity(req.outputs.len());
     for out in &req.outputs {
@@ -50,11 +50,11 @@ pub(crate) async fn collect_outputs(
                 log_tail: log.tail(),
             },
             Resolve::Invalid(reason) => invalid(&guest, reason, log),
-            Resolve::Io(e) => BuildError::infra("find outputs", &e),
+            Resolve::Io(e) => BuildError::infra("find outputs", e),
         })?;
         let needles = scan(&scanner, &parent, &name, steps)
             .await
-            .map_err(|e| BuildError::infra("scan outputs for references", &e))?;
+            .map_err(|e| BuildError::infra("scan outputs for references", e))?;
         let node = ingest::ingest_at(
             store,
             parent,
@@ -65,7 +65,11 @@ pub(crate) async fn collect_outputs(
         )
         .await
         .map_err(|e| ingest_error(e, steps))?;
-        outputs.push((out.clone(), node, needles));
+        outputs.push(BuiltOutput {
+            path: out.clone(),
+            node,
+            needles,
+        });
     }
     Ok(outputs)
 }
@@ -168,8 +172,8 @@ async fn check_usage(
         ))
     })
     .await
-    .map_err(|e| BuildError::infra("measure scratch space", &io::Error::other(e)))?
-    .map_err(|e| BuildError::infra("measure scratch space", &e))?;
+    .map_err(|e| BuildError::infra("measure scratch space", io::Error::other(e)))?
+    .map_err(|e| BuildError::infra("measure scratch space", e))?;
     if used.entries > max_entries {
         return Err(BuildError::ScratchEntries {
             entries: used.entries,
@@ -214,6 +218,6 @@ fn ingest_error(e: IngestError, steps: &Steps<'_>) -> BuildError {
             secs: steps.timeout_secs(),
             log_tail: log.tail(),
         },
-        e => BuildError::infra("ingest outputs", &e),
+        e => BuildError::infra("ingest outputs", e),
     }
 }

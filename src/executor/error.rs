@@ -1,30 +1,9 @@
-//! Why a build did not produce its outputs, and the one deliberate mapping
-//! from those reasons to gRPC status codes (documented in README).
+//! Why a build did not produce its outputs: the executor's one error type.
 //!
-//! | failure | code |
-//! |---|---|
-//! | invalid request | INVALID_ARGUMENT |
-//! | unknown input blob or directory | FAILED_PRECONDITION |
-//! | constraint this host cannot meet (system, memory, ro path, kvm, network) | FAILED_PRECONDITION |
-//! | builder exited non-zero or was killed by a signal | ABORTED |
-//! | a declared output is missing | ABORTED |
-//! | a declared output is invalid (reached through a symlink, a fifo/socket/device, unstorable name) | ABORTED |
-//! | build log over the limit | ABORTED |
-//! | scratch space over the limit, or the data disk below its reserve | ABORTED |
-//! | the guest agent failed (mount, module, exec) | INTERNAL |
-//! | the VM died without a report (crash, kernel panic, VMM or virtiofsd killed) | UNAVAILABLE |
-//! | host-side infrastructure failed (spawning, store I/O) | UNAVAILABLE |
-//! | the build ran out of time | DEADLINE_EXCEEDED |
-//! | the client cancelled | CANCELLED |
-//! | the queue is full | RESOURCE_EXHAUSTED |
-//!
-//! Every status carries a `kiln.v1.Failed` message in its details (kind,
-//! exit code or signal, log tail), so clients need not parse messages.
-
-use prost::Message;
-use tonic::{Code, Status};
-
-use crate::proto::kiln_v1;
+//! Causes are kept as `#[source]` and not repeated in messages; the chain is
+//! printed once, by [`BuildError::report`], at the wire edge and in the log
+//! line of a failed build. The mapping to gRPC status codes is the wire
+//! side's (`crate::grpc::status`), in one table.
 
 /// A request that broke a rule: the field and the rule, for INVALID_ARGUMENT.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +22,76 @@ pub(crate) fn invalid(field: impl Into<String>, rule: impl ToString) -> InvalidR
     }
 }
 
+/// A constraint this server cannot meet. Clients match on
+/// [`Precondition::kind`] (`kiln.v1.Failed.precondition`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Precondition {
+    /// The request is for another system.
+    #[error("constraints.system {requested:?} cannot be built here: this host builds {host}")]
+    System {
+        /// What the request asked for.
+        requested: String,
+        /// What this host builds.
+        host: &'static str,
+    },
+    /// The VM the request needs is larger than the operator's maximum.
+    #[error("constraints.min_memory: {min_memory} bytes needs a {needed_mib} MiB VM, over this server's maximum of {max_mib} MiB (--max-guest-memory-mib)")]
+    Memory {
+        /// The request's `min_memory`, bytes.
+        min_memory: u64,
+        /// The VM it needs, MiB.
+        needed_mib: u64,
+        /// The maximum, MiB.
+        max_mib: u64,
+    },
+    /// `/dev/kvm` was asked for, and this host cannot give a guest nested
+    /// virtualisation.
+    #[error("constraints.available_ro_paths: /dev/kvm was asked for, but this host cannot give a guest nested virtualisation")]
+    NestedVirt,
+    /// A read-only path that is not on the operator's allow-list.
+    #[error("constraints.available_ro_paths: {path} is not on this server's allow-list (see --allow-ro-path)")]
+    RoPath {
+        /// The path asked for.
+        path: String,
+    },
+    /// The build asks for network access, which this server does not give.
+    #[error("constraints.network_access: kiln gives builds no network; this server cannot run builds that need one")]
+    Network,
+    /// The inputs expand to more than the operator allows on disk.
+    #[error("{detail} (set by --max-input-entries, --max-input-mib)")]
+    Inputs {
+        /// Which input (or all of them) and by how much.
+        detail: String,
+    },
+    /// The VM is larger than the whole guest memory budget: it could never
+    /// be admitted.
+    #[error("the VM needs {needed_mib} MiB, more than this server's total guest memory budget of {budget_mib} MiB (--memory-budget-mib)")]
+    Budget {
+        /// The VM's memory, MiB.
+        needed_mib: u64,
+        /// The budget, MiB.
+        budget_mib: u64,
+    },
+}
+
+impl Precondition {
+    /// Machine-readable name, as in `kiln.v1.Failed.precondition`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::System { .. } => "system",
+            Self::Memory { .. } => "memory",
+            Self::NestedVirt => "nested_virt",
+            Self::RoPath { .. } => "ro_path",
+            Self::Network => "network",
+            Self::Inputs { .. } => "inputs",
+            Self::Budget { .. } => "budget",
+        }
+    }
+}
+
+/// A host-side cause, kept whole until the wire edge prints it.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A build failure with its context.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -50,11 +99,15 @@ pub enum BuildError {
     #[error("invalid request: {0}")]
     Invalid(#[from] InvalidRequest),
     /// The host cannot give what the request needs.
-    #[error("{0}")]
-    Precondition(String),
+    #[error(transparent)]
+    Precondition(#[from] Precondition),
     /// An input blob or directory is not in the castore.
-    #[error("input {what} {digest} is not in the castore")]
+    #[error("inputs[{index}] ({name}): {what} {digest} is not in the castore")]
     MissingInput {
+        /// The input's index in the request.
+        index: usize,
+        /// The input's name.
+        name: String,
         /// `blob` or `directory`.
         what: &'static str,
         /// Hex digest.
@@ -153,12 +206,13 @@ pub enum BuildError {
         log_tail: Vec<u8>,
     },
     /// A host-side step failed.
-    #[error("{step}: {message}")]
+    #[error("{step}")]
     Infrastructure {
-        /// The step (`materialise inputs`, `start virtiofsd`, ...).
+        /// The step (`materialise inputs`, `boot the VM`, ...).
         step: &'static str,
-        /// The error chain, printed once.
-        message: String,
+        /// Why.
+        #[source]
+        source: Cause,
     },
     /// The build ran out of time.
     #[error("build timed out after {secs} s")]
@@ -174,36 +228,24 @@ pub enum BuildError {
 }
 
 impl BuildError {
-    /// Wraps a host-side error, printing its whole source chain once.
-    pub fn infra(step: &'static str, err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut message = err.to_string();
-        let mut source = err.source();
+    /// A host-side step failed because of `source`.
+    pub fn infra(step: &'static str, source: impl Into<Cause>) -> Self {
+        Self::Infrastructure {
+            step,
+            source: source.into(),
+        }
+    }
+
+    /// The message with its whole cause chain, each cause once.
+    pub fn report(&self) -> String {
+        let mut message = self.to_string();
+        let mut source = std::error::Error::source(self);
         while let Some(s) = source {
             message.push_str(": ");
             message.push_str(&s.to_string());
             source = s.source();
         }
-        Self::Infrastructure { step, message }
-    }
-
-    /// The gRPC code this failure maps to.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::Invalid(_) => Code::InvalidArgument,
-            Self::Precondition(_) | Self::MissingInput { .. } => Code::FailedPrecondition,
-            Self::QueueFull(_) => Code::ResourceExhausted,
-            Self::BuilderExited { .. }
-            | Self::BuilderSignaled { .. }
-            | Self::MissingOutput { .. }
-            | Self::InvalidOutput { .. }
-            | Self::LogLimit { .. }
-            | Self::ScratchFull { .. }
-            | Self::ScratchEntries { .. } => Code::Aborted,
-            Self::AgentFailed { .. } => Code::Internal,
-            Self::VmCrashed { .. } | Self::Infrastructure { .. } => Code::Unavailable,
-            Self::Timeout { .. } => Code::DeadlineExceeded,
-            Self::Cancelled => Code::Cancelled,
-        }
+        message
     }
 
     /// Machine-readable kind, as in `kiln.v1.Failed.kind`.
@@ -226,7 +268,8 @@ impl BuildError {
         }
     }
 
-    fn log_tail(&self) -> &[u8] {
+    /// The log tail this failure carries (empty if none).
+    pub fn log_tail(&self) -> &[u8] {
         match self {
             Self::BuilderExited { log_tail, .. }
             | Self::BuilderSignaled { log_tail, .. }
@@ -242,49 +285,22 @@ impl BuildError {
         }
     }
 
-    /// The `kiln.v1.Failed` event / status detail for this failure.
-    pub fn to_failed(&self) -> kiln_v1::Failed {
-        let (exit_code, signal) = match self {
+    /// The builder's exit status or signal, when it ended the build.
+    pub fn builder_status(&self) -> (Option<i32>, Option<i32>) {
+        match self {
             Self::BuilderExited { code, .. } => (Some(*code), None),
             Self::BuilderSignaled { signal, .. } => (None, Some(*signal)),
             _ => (None, None),
-        };
-        kiln_v1::Failed {
-            code: self.code() as i32,
-            message: self.to_string(),
-            kind: self.kind().to_owned(),
-            exit_code,
-            signal,
-            log_tail: self.log_tail().to_vec().into(),
-            precondition: String::new(),
         }
     }
 
-    /// The gRPC status: the message with the log tail appended, and the
-    /// `kiln.v1.Failed` detail.
-    pub fn to_status(&self) -> Status {
-        let mut message = self.to_string();
-        let tail = self.log_tail();
-        if !tail.is_empty() {
-            message.push_str("\n--- last lines of the build log ---\n");
-            message.push_str(&String::from_utf8_lossy(tail));
+    /// The precondition, when that is why.
+    pub fn precondition(&self) -> Option<&Precondition> {
+        match self {
+            Self::Precondition(p) => Some(p),
+            _ => None,
         }
-        // gRPC carries messages in a header: keep it printable.
-        let message: String = message
-            .chars()
-            .filter(|c| *c == '\n' || !c.is_control())
-            .collect();
-        Status::with_details(
-            self.code(),
-            message,
-            self.to_failed().encode_to_vec().into(),
-        )
     }
-}
-
-/// Decodes the `kiln.v1.Failed` detail from a status kiln returned.
-pub fn failed_detail(status: &Status) -> Option<kiln_v1::Failed> {
-    kiln_v1::Failed::decode(status.details()).ok()
 }
 
 #[cfg(test)]
@@ -292,62 +308,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_failure_class_has_its_own_code() {
-        let tail = b"line 1\nline 2\n".to_vec();
-        let cases = [
-            (
-                BuildError::BuilderExited {
-                    code: 3,
-                    log_tail: tail.clone(),
-                },
-                Code::Aborted,
-            ),
-            (
-                BuildError::AgentFailed {
-                    step: "mount".into(),
-                    message: "x".into(),
-                    log_tail: vec![],
-                },
-                Code::Internal,
-            ),
-            (
-                BuildError::VmCrashed {
-                    reason: "x".into(),
-                    log_tail: vec![],
-                },
-                Code::Unavailable,
-            ),
-            (
-                BuildError::Timeout {
-                    secs: 1,
-                    log_tail: vec![],
-                },
-                Code::DeadlineExceeded,
-            ),
-            (BuildError::Cancelled, Code::Cancelled),
-            (
-                BuildError::QueueFull("full".into()),
-                Code::ResourceExhausted,
-            ),
-        ];
-        for (err, code) in cases {
-            assert_eq!(err.code(), code, "{err}");
-        }
+    fn report_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = BuildError::infra("open the scratch share", io);
+        assert_eq!(err.to_string(), "open the scratch share");
+        assert_eq!(err.report(), "open the scratch share: no such file");
     }
 
     #[test]
-    fn status_carries_exit_code_and_log_tail() {
-        let err = BuildError::BuilderExited {
-            code: 3,
-            log_tail: b"oops\n".to_vec(),
-        };
-        let status = err.to_status();
-        assert_eq!(status.code(), Code::Aborted);
-        assert!(status.message().contains("status 3"));
-        assert!(status.message().contains("oops"));
-        let detail = failed_detail(&status).expect("detail decodes");
-        assert_eq!(detail.exit_code, Some(3));
-        assert_eq!(detail.kind, "builder_failed");
-        assert_eq!(&detail.log_tail[..], b"oops\n");
+    fn preconditions_name_their_kind() {
+        let err = BuildError::from(Precondition::Network);
+        assert_eq!(err.kind(), "precondition");
+        assert_eq!(err.precondition().map(Precondition::kind), Some("network"));
+        assert!(err.to_string().contains("network_access"), "{err}");
     }
 }

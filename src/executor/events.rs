@@ -1,24 +1,107 @@
-//! Build logs kept on the server and the live event streams behind
-//! `kiln.v1.BuildEvents`.
+//! Build logs kept on the server: the executor's events, in domain terms.
 //!
-//! Each build has a [`BuildLog`]: a bounded history of its events (old log
-//! chunks are dropped first, lifecycle events are kept) plus a broadcast
-//! channel for live watchers. The [`Registry`] keeps the most recent builds.
+//! Each build has a [`BuildLog`]: a bounded history of its [`Event`]s (old
+//! log chunks are dropped first, lifecycle events are kept) plus a broadcast
+//! channel for live watchers. The executor alone emits into it, and every
+//! build's log ends with [`Event::Completed`] or [`Event::Failed`]. The
+//! [`Registry`] keeps the most recent builds. Wire messages are made from
+//! these events at the edge (`crate::grpc::events`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::proto::kiln_v1::{self, build_event::Event, log_chunk::Stream, BuildEvent};
+use crate::executor::error::BuildError;
+use crate::executor::executor::{BuildOutcome, BuiltOutput};
 
 /// How many bytes of the log's end go into failure messages.
 pub const LOG_TAIL_BYTES: usize = 4096;
 /// How many lines of the log's end go into failure messages.
 pub const LOG_TAIL_LINES: usize = 25;
 
+/// Which of the builder's streams a log chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// The phases a build goes through, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for a VM slot and guest memory.
+    Queued,
+    /// Inputs going into the read-only share.
+    Materialise,
+    /// virtiofsd, initramfs, VMM.
+    Boot,
+    /// The builder is running (the agent says so).
+    Build,
+    /// Outputs being scanned and stored.
+    Ingest,
+}
+
+impl Phase {
+    /// The phase's name, as in `kiln.v1.Phase.name`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Materialise => "materialise",
+            Self::Boot => "boot",
+            Self::Build => "build",
+            Self::Ingest => "ingest",
+        }
+    }
+}
+
+/// The VM a build was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStarted {
+    /// The backend (`qemu`, `cloud-hypervisor`).
+    pub vmm: &'static str,
+    /// The acceleration (`kvm`, `tcg`).
+    pub accel: &'static str,
+    /// Guest RAM, bytes.
+    pub guest_memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+/// Something that happened to a build.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A new phase began.
+    Phase(Phase),
+    /// The build was admitted and its VM sized.
+    Started(VmStarted),
+    /// Builder output.
+    Log {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes, as written.
+        data: Bytes,
+    },
+    /// One output was stored.
+    Output(BuiltOutput),
+    /// The build succeeded; the last event.
+    Completed(Arc<BuildOutcome>),
+    /// The build failed; the last event.
+    Failed(Arc<BuildError>),
+}
+
+impl Event {
+    /// Whether this event ends a build's log.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Completed(_) | Self::Failed(_))
+    }
+}
+
 struct State {
-    history: VecDeque<BuildEvent>,
+    history: VecDeque<Event>,
     history_log_bytes: usize,
     log_bytes_total: u64,
     tail: VecDeque<u8>,
@@ -30,7 +113,7 @@ pub struct BuildLog {
     id: String,
     history_limit: usize,
     state: Mutex<State>,
-    live: broadcast::Sender<BuildEvent>,
+    live: broadcast::Sender<Event>,
 }
 
 impl BuildLog {
@@ -61,18 +144,18 @@ impl BuildLog {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records and broadcasts an event.
-    pub fn emit(&self, event: Event) {
-        let ev = BuildEvent {
-            build_id: self.id.clone(),
-            event: Some(event),
-        };
+    /// Records and broadcasts an event. Nothing is recorded after the final
+    /// event.
+    pub(crate) fn emit(&self, event: Event) {
         let mut st = self.lock();
-        if let Some(Event::Log(chunk)) = &ev.event {
-            let n = chunk.data.len();
+        if st.finished {
+            return;
+        }
+        if let Event::Log { data, .. } = &event {
+            let n = data.len();
             st.log_bytes_total += n as u64;
             st.history_log_bytes += n;
-            for b in chunk.data.iter() {
+            for b in data.iter() {
                 if st.tail.len() == LOG_TAIL_BYTES {
                     st.tail.pop_front();
                 }
@@ -83,40 +166,32 @@ impl BuildLog {
                 let Some(pos) = st
                     .history
                     .iter()
-                    .position(|e| matches!(e.event, Some(Event::Log(_))))
+                    .position(|e| matches!(e, Event::Log { .. }))
                 else {
                     break;
                 };
-                if let Some(BuildEvent {
-                    event: Some(Event::Log(old)),
-                    ..
-                }) = st.history.remove(pos)
-                {
-                    st.history_log_bytes -= old.data.len();
+                if let Some(Event::Log { data: old, .. }) = st.history.remove(pos) {
+                    st.history_log_bytes -= old.len();
                 }
             }
         }
-        if matches!(ev.event, Some(Event::Completed(_)) | Some(Event::Failed(_))) {
-            st.finished = true;
-        }
-        st.history.push_back(ev.clone());
+        st.finished = event.is_final();
+        st.history.push_back(event.clone());
         // No receivers is fine: nobody is watching live.
-        let _ = self.live.send(ev);
+        let _ = self.live.send(event);
     }
 
     /// Records a chunk of builder output.
-    pub fn log(&self, stream: Stream, data: &[u8]) {
-        self.emit(Event::Log(kiln_v1::LogChunk {
-            stream: stream as i32,
-            data: data.to_vec().into(),
-        }));
+    pub(crate) fn log(&self, stream: Stream, data: &[u8]) {
+        self.emit(Event::Log {
+            stream,
+            data: Bytes::copy_from_slice(data),
+        });
     }
 
     /// Records a lifecycle phase.
-    pub fn phase(&self, name: &str) {
-        self.emit(Event::Phase(kiln_v1::Phase {
-            name: name.to_owned(),
-        }));
+    pub(crate) fn phase(&self, phase: Phase) {
+        self.emit(Event::Phase(phase));
     }
 
     /// Total bytes of builder output so far.
@@ -139,8 +214,9 @@ impl BuildLog {
         bytes[start..].to_vec()
     }
 
-    /// The history so far and a receiver for what follows, without a gap.
-    pub fn subscribe(&self) -> (Vec<BuildEvent>, Option<broadcast::Receiver<BuildEvent>>) {
+    /// The history so far and a receiver for what follows, without a gap;
+    /// no receiver once the build has ended.
+    pub fn subscribe(&self) -> (Vec<Event>, Option<broadcast::Receiver<Event>>) {
         let st = self.lock();
         let history = st.history.iter().cloned().collect();
         let rx = (!st.finished).then(|| self.live.subscribe());
@@ -203,7 +279,7 @@ mod tests {
     fn history_is_bounded_but_keeps_lifecycle_events() {
         let reg = Registry::new(10, 100);
         let log = reg.create("b1".into());
-        log.phase("boot");
+        log.phase(Phase::Boot);
         for _ in 0..50 {
             log.log(Stream::Stdout, &[b'x'; 10]);
         }
@@ -211,13 +287,13 @@ mod tests {
         assert!(rx.is_some());
         let log_bytes: usize = history
             .iter()
-            .filter_map(|e| match &e.event {
-                Some(Event::Log(c)) => Some(c.data.len()),
+            .filter_map(|e| match e {
+                Event::Log { data, .. } => Some(data.len()),
                 _ => None,
             })
             .sum();
         assert!(log_bytes <= 100, "{log_bytes}");
-        assert!(matches!(history[0].event, Some(Event::Phase(_))));
+        assert!(matches!(history[0], Event::Phase(Phase::Boot)));
         assert_eq!(log.log_bytes(), 500);
     }
 
@@ -250,7 +326,9 @@ mod tests {
     fn finished_builds_have_no_live_stream() {
         let reg = Registry::new(2, 10);
         let log = reg.create("a".into());
-        log.emit(Event::Failed(kiln_v1::Failed::default()));
+        log.emit(Event::Failed(Arc::new(BuildError::Cancelled)));
         assert!(log.subscribe().1.is_none());
+        log.phase(Phase::Boot);
+        assert_eq!(log.subscribe().0.len(), 1, "nothing after the final event");
     }
 }

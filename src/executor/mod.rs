@@ -1,5 +1,13 @@
-//! Builds: the validated request, the executor that runs it in a fresh VM,
-//! and the gRPC services in front of it.
+//! The executor: a validated [`BuildRequest`] runs in a fresh VM and ends
+//! as a [`BuildOutcome`] or a [`BuildError`], with its [`events`] on the way.
+//! Nothing here knows the wire: `crate::grpc` converts in and out.
+//!
+//! The steps, in order, each in its module: [`plan`] (constraints, VM
+//! size), [`inputs`] (checked, then materialised), [`admission`] (VM slots,
+//! guest memory, the queue), the VM session (`crate::vmm::session`),
+//! [`supervise`] (the agent's frames into the build log), [`scratch`] (the
+//! space limit while the build runs), [`collect`] (outputs found, scanned
+//! by [`refscan`], ingested). [`workspace`] is the build's directory.
 
 pub mod admission;
 pub mod collect;
@@ -7,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod executor;
+pub mod inputs;
 pub mod paths;
 pub mod plan;
 pub mod refscan;
@@ -15,6 +24,9 @@ pub mod scratch;
 pub mod supervise;
 pub mod workspace;
 
-pub use error::BuildError;
-pub use executor::{BuildOutcome, Executor, ExecutorConfig};
+pub use error::{BuildError, Precondition};
+pub use executor::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
 pub use request::BuildRequest;
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use kiln_guest::contract::Job;
 
-use crate::executor::error::BuildError;
+use crate::executor::error::{BuildError, Precondition};
 use crate::executor::request::BuildRequest;
 
 /// The system this host builds for.
@@ -59,16 +59,14 @@ pub struct VmPlan {
 pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
     let c = &req.constraints;
     if !c.system.is_empty() && c.system != HOST_SYSTEM {
-        return Err(BuildError::Precondition(format!(
-            "constraints.system {:?} cannot be built here: this host builds {HOST_SYSTEM}",
-            c.system
-        )));
+        return Err(Precondition::System {
+            requested: c.system.clone(),
+            host: HOST_SYSTEM,
+        }
+        .into());
     }
     if c.network_access {
-        return Err(BuildError::Precondition(
-            "constraints.network_access: kiln gives builds no network; this server cannot run builds that need one"
-                .into(),
-        ));
+        return Err(Precondition::Network.into());
     }
     let memory_mib = guest_memory_mib(c.min_memory, limits)?;
     let mut nested_virt = false;
@@ -76,9 +74,7 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
     for p in &c.available_ro_paths {
         if p.as_str() == DEV_KVM {
             if !limits.nested_virt_available {
-                return Err(BuildError::Precondition(
-                    "constraints.available_ro_paths: /dev/kvm was asked for, but this host cannot give a guest nested virtualisation".into(),
-                ));
+                return Err(Precondition::NestedVirt.into());
             }
             nested_virt = true;
         } else if limits
@@ -91,9 +87,10 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
                 path: PathBuf::from(p.as_str()),
             });
         } else {
-            return Err(BuildError::Precondition(format!(
-                "constraints.available_ro_paths: {p} is not on this server's allow-list (see --allow-ro-path)"
-            )));
+            return Err(Precondition::RoPath {
+                path: p.to_string(),
+            }
+            .into());
         }
     }
     Ok(VmPlan {
@@ -146,10 +143,12 @@ pub fn guest_memory_mib(min_memory: u64, limits: &Limits) -> Result<u64, BuildEr
         .div_ceil(64)
         .saturating_mul(64);
     if mib > limits.max_guest_memory_mib {
-        return Err(BuildError::Precondition(format!(
-            "constraints.min_memory: {min_memory} bytes needs a {mib} MiB VM, over this server's maximum of {} MiB",
-            limits.max_guest_memory_mib
-        )));
+        return Err(Precondition::Memory {
+            min_memory,
+            needed_mib: mib,
+            max_mib: limits.max_guest_memory_mib,
+        }
+        .into());
     }
     Ok(mib)
 }

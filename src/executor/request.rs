@@ -110,6 +110,10 @@ pub struct BuildRequest {
     pub refscan_needles: Vec<String>,
     /// The layout it arrived in.
     pub layout: Layout,
+    /// The request as its client encoded it, for a layout whose answer
+    /// repeats it (`tvix.build.v1`'s `Build.build_request`); opaque to the
+    /// executor, which hands it back in the outcome.
+    pub wire_echo: Option<bytes::Bytes>,
 }
 
 impl BuildRequest {
@@ -158,6 +162,7 @@ impl BuildRequest {
                 .iter()
                 .map(|n| size_of::<String>() + n.len())
                 .sum::<usize>()
+            + self.wire_echo.as_ref().map_or(0, |e| e.len())
     }
 
     /// Guest path of a relative sandbox path, for messages.

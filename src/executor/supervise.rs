@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::error::BuildError;
-use crate::executor::events::BuildLog;
-use crate::proto::kiln_v1::log_chunk::Stream;
-use crate::vmm::{GuestChannel, RunningVm, VmExit};
+use crate::executor::events::{BuildLog, Phase, Stream};
+use crate::vmm::session::Parts;
+use crate::vmm::{GuestChannel, VmExit};
 
 /// How long the guest may take to power off after its report.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -35,18 +35,20 @@ enum Msg {
     Broken(String),
 }
 
-/// Runs the VM to its end and returns the agent's report.
-///
-/// `daemon_died` resolves with a description when a virtiofsd exits early.
+/// Runs the session's VM to its end and returns the agent's report.
 pub async fn supervise(
-    vm: &mut dyn RunningVm,
+    parts: Parts<'_>,
     channel: GuestChannel,
     log: &BuildLog,
     limits: &Limits,
     cancel: &CancellationToken,
-    daemon_died: impl std::future::Future<Output = String>,
-    serial_tail: impl Fn() -> String,
 ) -> Result<Report, BuildError> {
+    let Parts {
+        vm,
+        mut daemons,
+        console,
+    } = parts;
+    let daemon_died = daemons.first_exit();
     let (tx, mut rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_frames(channel, tx));
     let deadline = tokio::time::sleep(limits.timeout);
@@ -85,7 +87,7 @@ pub async fn supervise(
                             break Some(BuildError::LogLimit { limit: limits.max_log_bytes, log_tail: log.tail() });
                         }
                     }
-                    FrameKind::BuilderStarted => log.phase("build"),
+                    FrameKind::BuilderStarted => log.phase(Phase::Build),
                     FrameKind::AgentLog => {
                         tracing::debug!(build = log.id(), line = %String::from_utf8_lossy(&payload), "agent");
                     }
@@ -105,7 +107,7 @@ pub async fn supervise(
                     exited = Some(exit);
                     break None;
                 }
-                Err(e) => break Some(BuildError::infra("wait for the VMM", &e)),
+                Err(e) => break Some(BuildError::infra("wait for the VMM", e)),
             },
             _ = &mut deadline => break Some(BuildError::Timeout { secs: limits.timeout.as_secs(), log_tail: log.tail() }),
             _ = cancel.cancelled() => break Some(BuildError::Cancelled),
@@ -150,7 +152,7 @@ pub async fn supervise(
             reason: format!(
                 "the VMM exited ({}) before the agent reported; last guest console lines:\n{}",
                 describe_exit(exited.as_ref()),
-                serial_tail()
+                console.tail()
             ),
             log_tail: log.tail(),
         }),

@@ -80,6 +80,7 @@ pub fn from_snix(req: &snix_build::BuildRequest) -> Result<BuildRequest, Invalid
         additional_files,
         refscan_needles: req.refscan_needles.clone(),
         layout: Layout::Snix,
+        wire_echo: None,
     };
     request.check_relations()?;
     Ok(request)
@@ -134,6 +135,9 @@ pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<BuildRequest, Invalid
         additional_files: Vec::new(),
         refscan_needles: Vec::new(),
         layout: Layout::Tvix,
+        // Kept encoded: a byte string the size of the message, where the
+        // decoded message would keep the whole receive buffer alive.
+        wire_echo: Some(prost::Message::encode_to_vec(req).into()),
     };
     request.check_relations()?;
     Ok(request)
@@ -166,3 +170,6 @@ fn fuzz_limits() -> crate::executor::plan::Limits {
         ro_path_allowlist: vec!["/opt".into()],
     }
 }
+
+#[cfg(test)]
+mod tests;
