@@ -62,16 +62,47 @@ pub struct VmSpec {
     pub deadline: std::time::Instant,
 }
 
-/// How the VMM process ended.
+/// How the VMM process ended. Its `Display` is a phrase for error messages
+/// (`exit code 3`, `the guest rebooted after a kernel panic (...)`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The VMM exited by itself (the guest powered off, or the VMM failed).
+    /// The VMM exited by itself (the guest powered off, or the VMM failed),
+    /// or was killed.
     Exited {
         /// Exit code, if it exited normally.
         code: Option<i32>,
         /// Signal that ended it, if any.
         signal: Option<i32>,
     },
+    /// The guest reset itself (a reboot, or a kernel panic under `panic=-1`)
+    /// and the backend killed the VMM so the job could not run a second time.
+    GuestRebooted {
+        /// The guest kernel's `Kernel panic - not syncing: ...` line from
+        /// the serial console, if it printed one.
+        panic: Option<String>,
+    },
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited {
+                code: Some(code), ..
+            } => write!(f, "exit code {code}"),
+            Self::Exited {
+                signal: Some(signal),
+                ..
+            } => write!(f, "killed by signal {signal}"),
+            Self::Exited { .. } => f.write_str("unknown status"),
+            Self::GuestRebooted { panic: Some(line) } => write!(
+                f,
+                "the guest rebooted after a kernel panic ({line}), so the VMM was killed"
+            ),
+            Self::GuestRebooted { panic: None } => {
+                f.write_str("the guest rebooted, so the VMM was killed")
+            }
+        }
+    }
 }
 
 /// Errors of a VMM backend, named after the step that failed.
@@ -86,8 +117,11 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The guest channel was not connected in time.
-    #[error("the VMM did not connect the guest channel within {0:?}")]
+    /// The guest channel was not connected by the build's deadline
+    /// ([`VmSpec::deadline`]); how long was waited.
+    #[error(
+        "the VMM did not connect the guest channel by the build's deadline ({0:?} after start)"
+    )]
     ChannelTimeout(Duration),
     /// The guest channel failed.
     #[error("guest channel")]

@@ -12,8 +12,8 @@
 //! between QEMU starting and kiln listening.
 //!
 //! [`QemuRunner::start`] returns once QEMU has connected that channel (or
-//! failed with the end of its log); dropping the [`QemuVm`] SIGKILLs and
-//! reaps QEMU.
+//! failed with the end of its log, or the build's deadline passed first);
+//! dropping the [`QemuVm`] SIGKILLs and reaps QEMU.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -30,8 +30,6 @@ use super::{GuestChannel, RunningVm, Transport, VmExit, VmRunner, VmSpec, VmmErr
 pub const CHANNEL_SOCKET: &str = "channel.sock";
 /// Name of QEMU's own log (its stderr) in the build's run directory.
 pub const QEMU_LOG: &str = "qemu.log";
-/// How long QEMU may take to connect the guest channel after it started.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// QEMU's acceleration: host selection's [`Accel`](crate::vmm::host::Accel),
 /// re-exported for callers that only deal with QEMU.
@@ -176,6 +174,7 @@ impl VmRunner for QemuRunner {
         let log_path = spec.run_dir.join(QEMU_LOG);
         let log = std::fs::File::create(&log_path).map_err(VmmError::Channel)?;
         let program = self.binary.display().to_string();
+        let started = std::time::Instant::now();
         let tsc_khz = match self.accel {
             Accel::Tcg => tokio::task::spawn_blocking(host_tsc_khz)
                 .await
@@ -213,13 +212,13 @@ impl VmRunner for QemuRunner {
                         vm.log_tail()
                     ))));
                 }
-                _ = tokio::time::sleep(CONNECT_TIMEOUT) => None,
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(spec.deadline)) => None,
             }
         };
         let _ = std::fs::remove_file(&channel_socket);
         match accepted {
             Some(stream) => vm.channel = Some(stream),
-            None => return Err(VmmError::ChannelTimeout(CONNECT_TIMEOUT)),
+            None => return Err(VmmError::ChannelTimeout(started.elapsed())),
         }
         Ok(Box::new(vm))
     }
@@ -404,6 +403,55 @@ mod tests {
         let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, Path::new("/c"), None));
         assert_eq!(values(&kvm, "-cpu"), ["host,svm=off,vmx=off"]);
         assert_eq!(values(&kvm, "-accel"), ["kvm"]);
+    }
+
+    /// A QEMU that never connects the channel is given up on at the build's
+    /// deadline (not after a fixed limit), and killed.
+    #[tokio::test]
+    async fn the_channel_wait_ends_at_the_build_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("qemu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        let limit = Duration::from_millis(700);
+        let spec = VmSpec {
+            run_dir: run_dir.clone(),
+            serial_log: run_dir.join("serial.log"),
+            deadline: std::time::Instant::now() + limit,
+            ..spec(false)
+        };
+        let runner = QemuRunner {
+            accel: Accel::Kvm,
+            binary: fake,
+        };
+        let started = std::time::Instant::now();
+        let err = match runner.start(&spec).await {
+            Ok(_) => panic!("a QEMU that never connects must not start"),
+            Err(e) => e,
+        };
+        let took = started.elapsed();
+        match err {
+            VmmError::ChannelTimeout(waited) => assert!(waited >= limit, "{waited:?}"),
+            other => panic!("{other}"),
+        }
+        assert!(
+            took >= limit && took < limit + Duration::from_secs(3),
+            "{took:?}"
+        );
+        let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+        let proc = format!("/proc/{}", pid.trim());
+        let gone = std::time::Instant::now() + Duration::from_secs(2);
+        while Path::new(&proc).exists() && std::time::Instant::now() < gone {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!Path::new(&proc).exists(), "the fake QEMU survived");
     }
 
     #[test]

@@ -24,7 +24,10 @@ use tokio::process::{Child, Command};
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
     /// No virtiofsd binary where [`find_binary`] looks.
-    #[error("virtiofsd not found {} (run `make virtiofsd`)", super::host::VIRTIOFSD_SEARCHED)]
+    #[error(
+        "virtiofsd not found {} (run `make virtiofsd`)",
+        super::host::VIRTIOFSD_SEARCHED
+    )]
     NotFound,
     /// The shared directory is not a directory.
     #[error("shared directory {0} does not exist or is not a directory")]

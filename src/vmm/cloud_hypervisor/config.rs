@@ -4,13 +4,16 @@
 //! Every device that matters is set explicitly rather than left to
 //! cloud-hypervisor's defaults, because several defaults are wrong for a build
 //! VM: `cpus.nested` defaults to on, `memory.shared` to off (virtiofs needs
-//! shared memory), the serial port to off and the console to a tty.
+//! shared memory), the serial port to `Null` (the guest has a serial port
+//! whose output goes nowhere, so kernel messages would be lost) and the
+//! console to `Tty`.
 //!
 //! The guest channel is the virtio console (`hvc0`) in `Tty` mode, i.e. the
 //! VMM's stdout. cloud-hypervisor has a `Socket` mode for the serial port only:
-//! asking for it on the console fails at `vm.boot` with "No socket option
-//! support for console device". Its stdout is a pipe we own, which gives the
-//! same reliable byte stream, ending when the VMM exits.
+//! asking for it on the console fails already at `vm.create` (which sets up
+//! the console devices) with "No socket option support for console device".
+//! Its stdout is a pipe we own, which gives the same reliable byte stream,
+//! ending when the VMM exits.
 
 use std::path::Path;
 
@@ -126,8 +129,10 @@ fn vcpus(n: u32) -> Result<i32, ConfigError> {
     if n == 0 {
         return Err(ConfigError::Zero { field: "vcpus" });
     }
-    // cloud-hypervisor has long kept vCPU counts in a u8; refuse more here
-    // with a clear message instead of an opaque API error.
+    // Up to v47 cloud-hypervisor kept vCPU counts in a u8 (at most 255);
+    // v48 made them u32, with a limit of 8192 on KVM/x86_64 and still 255
+    // elsewhere. 255 is what every version takes: refuse more here with a
+    // clear message instead of an opaque API error.
     const MAX_VCPUS: u32 = u8::MAX as u32;
     if n > MAX_VCPUS {
         return Err(ConfigError::OutOfRange {

@@ -3,21 +3,30 @@
 //!
 //! Lifecycle of one VM, as [`CloudHypervisorRunner::start`] and [`ChVm`] run it:
 //! 1. spawn `cloud-hypervisor --api-socket path=<run_dir>/ch.sock
-//!    --event-monitor path=<run_dir>/ch-events.fifo` with no VM configured,
-//!    stdout piped (the guest channel, see [`config`]) and stderr appended to
-//!    `<run_dir>/cloud-hypervisor.log`; a supervisor task takes the process
-//!    (see `vm.rs`);
-//! 2. wait until the API answers `vmm.ping` (or the process dies, or the
-//!    deadline passes: each is its own error, with the end of the VMM's log);
-//! 3. `vm.create` with the body built by [`config::vm_config`], then `vm.boot`;
+//!    --event-monitor path=<run_dir>/ch-events.fifo -v` with no VM
+//!    configured, stdout piped (the guest channel, see [`config`]) and stderr
+//!    appended to `<run_dir>/cloud-hypervisor.log` (`-v`: info level, so the
+//!    log says what the VMM did when a boot fails); a supervisor task takes
+//!    the process (see `vm.rs`);
+//! 2. wait until the API answers `vmm.ping` (or the process dies);
+//! 3. `vm.create` with the body built by [`config::vm_config`], then `vm.boot`.
+//!    Each wait of 2–3 ends by the build's own deadline ([`VmSpec::deadline`]),
+//!    not by a fixed limit: on a slow host `vm.boot` alone can take longer
+//!    than any limit that is short enough to matter on a fast one;
 //! 4. the guest runs; when it powers off, cloud-hypervisor exits by itself and
 //!    [`RunningVm::wait`] returns. Should the guest reboot instead (a kernel
-//!    panic), the supervisor kills the VMM so the job cannot run twice;
+//!    panic: cloud-hypervisor has no "exit on reboot" option), the supervisor
+//!    kills the VMM so the job cannot run twice, and the exit says so
+//!    ([`VmExit::GuestRebooted`](crate::vmm::VmExit), with the panic line);
 //! 5. on timeout or cancellation [`RunningVm::kill`] asks for `vmm.shutdown`,
 //!    gives it a short grace period, then sends SIGKILL and reaps the process.
 //!
 //! Any failure during 1–3 kills and reaps the process before returning, and
-//! dropping a [`ChVm`] SIGKILLs it, so no VMM outlives its build.
+//! dropping a [`ChVm`] SIGKILLs it, so no VMM outlives its build. When the
+//! failure is an API call left unanswered (the deadline passed during
+//! `vmm.ping`, `vm.create` or `vm.boot`), the VMM is SIGKILLed at once: its
+//! API handles one request at a time, so a `vmm.shutdown` would queue behind
+//! the unanswered one and never be answered either.
 //!
 //! Guests on cloud-hypervisor find their devices over virtio-pci, so they
 //! load [`Transport::Pci`]'s modules rather than QEMU microvm's virtio-mmio
@@ -39,7 +48,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::{RunningVm, Transport, VmRunner, VmSpec, VmmError};
-use vm::{describe_exit, supervise, Supervision};
+use vm::{supervise, Stop, Supervision};
 
 pub mod config;
 pub mod events;
@@ -65,22 +74,16 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub struct CloudHypervisorRunner {
     /// The `cloud-hypervisor` executable (a path, or a name looked up in PATH).
     pub binary: PathBuf,
-    /// How long a fresh VMM may take to answer on its API socket.
-    pub api_timeout: Duration,
-    /// How long one API call (`vm.create`, `vm.boot`) may take.
-    pub call_timeout: Duration,
     /// How long [`RunningVm::kill`] waits after `vmm.shutdown` before SIGKILL.
     pub shutdown_grace: Duration,
 }
 
 impl CloudHypervisorRunner {
-    /// A runner for `binary` with the default timeouts (5 s for the API
-    /// socket, 10 s per call, 500 ms shutdown grace).
+    /// A runner for `binary`, with a 500 ms shutdown grace. Its waits while
+    /// starting a VM end by each [`VmSpec::deadline`].
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
-            api_timeout: Duration::from_secs(5),
-            call_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_millis(500),
         }
     }
@@ -104,17 +107,30 @@ impl VmRunner for CloudHypervisorRunner {
         let body = vm_config(spec).map_err(|e| VmmError::Unsupported(e.to_string()))?;
         let (mut vm, api) = self.spawn(spec)?;
         info!(build = %spec.id, pid = ?vm.pid, "cloud-hypervisor started");
-        match self.create_and_boot(&vm, &api, body).await {
+        let deadline = Instant::from_std(spec.deadline);
+        match self.create_and_boot(&vm, &api, body, deadline).await {
             Ok(()) => {
                 info!(build = %spec.id, "cloud-hypervisor booted the VM");
                 Ok(Box::new(vm))
             }
-            Err(e) => {
-                vm.kill().await;
-                Err(e)
+            Err(failed) => {
+                let how = if failed.api_answers {
+                    Stop::Polite
+                } else {
+                    Stop::Now
+                };
+                vm.stop(how).await;
+                Err(failed.error)
             }
         }
     }
+}
+
+/// Why starting a VM failed, and whether the VMM's API still answers (if
+/// not, a `vmm.shutdown` would never be answered either).
+struct StartFailed {
+    error: VmmError,
+    api_answers: bool,
 }
 
 impl CloudHypervisorRunner {
@@ -146,10 +162,7 @@ impl CloudHypervisorRunner {
 
         let mut command = Command::new(&self.binary);
         command
-            .arg("--api-socket")
-            .arg(path_arg(&socket))
-            .arg("--event-monitor")
-            .arg(path_arg(&fifo))
+            .args(vmm_args(&socket, &fifo))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -158,68 +171,88 @@ impl CloudHypervisorRunner {
         let channel = child.stdout.take();
         let pid = child.id();
         let client = Arc::new(socket_based_api_client(&socket));
-        let (kill_tx, kill_rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = mpsc::channel(1);
         let (exit_tx, exit_rx) = watch::channel(None);
         let how = Supervision {
             client: client.clone(),
             grace: self.shutdown_grace,
             events: Some(events),
             log: log_path.clone(),
+            serial_log: spec.serial_log.clone(),
         };
-        tokio::spawn(supervise(child, how, kill_rx, exit_tx));
+        tokio::spawn(supervise(child, how, stop_rx, exit_tx));
         let vm = ChVm {
             pid,
             channel,
-            kill: kill_tx,
+            stop: stop_tx,
             exit: exit_rx,
         };
         let api = Api {
             client,
             socket,
             log: log_path,
+            started: Instant::now(),
         };
         Ok((vm, api))
     }
 
-    /// Steps 2 and 3: wait for the API, then `vm.create` and `vm.boot`.
-    async fn create_and_boot(&self, vm: &ChVm, api: &Api, body: VmConfig) -> Result<(), VmmError> {
-        self.wait_for_api(vm, api).await?;
-        let created = tokio::time::timeout(self.call_timeout, api.client.create_vm(body)).await;
-        api.check_call("vm.create", self.call_timeout, created)?;
-        let booted = tokio::time::timeout(self.call_timeout, api.client.boot_vm()).await;
-        api.check_call("vm.boot", self.call_timeout, booted)?;
+    /// Steps 2 and 3: wait for the API, then `vm.create` and `vm.boot`, all
+    /// by `deadline`.
+    async fn create_and_boot(
+        &self,
+        vm: &ChVm,
+        api: &Api,
+        body: VmConfig,
+        deadline: Instant,
+    ) -> Result<(), StartFailed> {
+        self.wait_for_api(vm, api, deadline).await?;
+        let created = tokio::time::timeout_at(deadline, api.client.create_vm(body)).await;
+        api.check_call("vm.create", created)?;
+        let booted = tokio::time::timeout_at(deadline, api.client.boot_vm()).await;
+        api.check_call("vm.boot", booted)?;
         Ok(())
     }
 
     /// Polls `vmm.ping` until it answers, the process exits, or the deadline.
-    async fn wait_for_api(&self, vm: &ChVm, api: &Api) -> Result<(), VmmError> {
-        let deadline = Instant::now() + self.api_timeout;
+    async fn wait_for_api(
+        &self,
+        vm: &ChVm,
+        api: &Api,
+        deadline: Instant,
+    ) -> Result<(), StartFailed> {
         loop {
             if let Some(exit) = vm.exited() {
                 let how = match exit {
-                    Ok(exit) => describe_exit(&exit),
+                    Ok(exit) => exit.to_string(),
                     Err(e) => e,
                 };
-                return Err(VmmError::Api {
-                    call: "vmm.ping",
-                    detail: format!(
-                        "{} exited ({how}) before its API socket answered{}",
-                        self.binary.display(),
-                        log_tail(&api.log)
-                    ),
+                return Err(StartFailed {
+                    error: VmmError::Api {
+                        call: "vmm.ping",
+                        detail: format!(
+                            "{} exited ({how}) before its API socket answered{}",
+                            self.binary.display(),
+                            log_tail(&api.log)
+                        ),
+                    },
+                    api_answers: false,
                 });
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(VmmError::Api {
-                    call: "vmm.ping",
-                    detail: format!(
-                        "API socket {} did not answer within {:?} (is {} really cloud-hypervisor?){}",
-                        api.socket.display(),
-                        self.api_timeout,
-                        self.binary.display(),
-                        log_tail(&api.log)
-                    ),
+                return Err(StartFailed {
+                    error: VmmError::Api {
+                        call: "vmm.ping",
+                        detail: format!(
+                            "API socket {} did not answer by the build's deadline, {:?} after start \
+                             (is {} really cloud-hypervisor?){}",
+                            api.socket.display(),
+                            api.started.elapsed(),
+                            self.binary.display(),
+                            log_tail(&api.log)
+                        ),
+                    },
+                    api_answers: false,
                 });
             }
             if api.socket.exists() {
@@ -228,9 +261,21 @@ impl CloudHypervisorRunner {
                     return Ok(());
                 }
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
         }
     }
+}
+
+/// The arguments (after the binary) of one VMM: no VM yet, the API socket,
+/// the event monitor, and `-v` for an info-level log.
+pub fn vmm_args(api_socket: &Path, event_fifo: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--api-socket".into(),
+        path_arg(api_socket),
+        "--event-monitor".into(),
+        path_arg(event_fifo),
+        "-v".into(),
+    ]
 }
 
 /// The API side of one VMM, needed only while starting it.
@@ -238,26 +283,39 @@ struct Api {
     client: Arc<SocketBasedApiClient>,
     socket: PathBuf,
     log: PathBuf,
+    /// When the process was spawned, for messages.
+    started: Instant,
 }
 
 impl Api {
-    /// Turns the outcome of one timed API call into this module's error,
-    /// quoting the VMM's log so the reason cloud-hypervisor gave is visible.
+    /// Turns the outcome of one API call bounded by the build's deadline
+    /// into this module's error, quoting the VMM's log so the reason
+    /// cloud-hypervisor gave is visible.
     fn check_call<T>(
         &self,
         call: &'static str,
-        limit: Duration,
         outcome: Result<Result<T, ApiError>, tokio::time::error::Elapsed>,
-    ) -> Result<T, VmmError> {
-        let detail = match outcome {
+    ) -> Result<T, StartFailed> {
+        let (detail, api_answers) = match outcome {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(ApiError::Api(api))) => format!("HTTP {}: {}", api.code, api.body.trim()),
-            Ok(Err(other)) => other.to_string(),
-            Err(_) => format!("no answer within {limit:?}"),
+            Ok(Err(ApiError::Api(api))) => {
+                (format!("HTTP {}: {}", api.code, api.body.trim()), true)
+            }
+            Ok(Err(other)) => (other.to_string(), true),
+            Err(_) => (
+                format!(
+                    "no answer by the build's deadline, {:?} after start",
+                    self.started.elapsed()
+                ),
+                false,
+            ),
         };
-        Err(VmmError::Api {
-            call,
-            detail: format!("{detail}{}", log_tail(&self.log)),
+        Err(StartFailed {
+            error: VmmError::Api {
+                call,
+                detail: format!("{detail}{}", log_tail(&self.log)),
+            },
+            api_answers,
         })
     }
 }
