@@ -9,7 +9,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use kiln::castore::{Node, WireNode};
-use kiln::executor::error::failed_detail;
+use kiln::grpc::status::failed_detail;
 use kiln::proto::kiln_v1::build_event::Event;
 use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
 use kiln::proto::kiln_v1::{submit_request, SubmitRequest};

@@ -153,7 +153,7 @@ async fn endless_output_hits_the_log_limit_with_bounded_memory() {
     let req = server.snix_request("yes 'all work and no play'", &[OUT]);
     let status = server.snix().await.do_build(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    let detail = kiln::executor::error::failed_detail(&status).unwrap();
+    let detail = kiln::grpc::status::failed_detail(&status).unwrap();
     assert_eq!(detail.kind, "log_limit");
     assert!(String::from_utf8_lossy(&detail.log_tail).contains("all work and no play"));
     let grown = harness::rss_kib().saturating_sub(before);
@@ -184,7 +184,7 @@ async fn build_filling_its_scratch_space_is_stopped() {
     );
     let status = server.snix().await.do_build(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    let detail = kiln::executor::error::failed_detail(&status).unwrap();
+    let detail = kiln::grpc::status::failed_detail(&status).unwrap();
     assert_eq!(detail.kind, "scratch_full", "{status:?}");
     assert!(
         status.message().contains("scratch space exhausted"),

@@ -83,7 +83,7 @@ async fn build_err(server: &TestServer, req: snix_build::BuildRequest) -> tonic:
 }
 
 fn kind(status: &tonic::Status) -> String {
-    kiln::executor::error::failed_detail(status).unwrap().kind
+    kiln::grpc::status::failed_detail(status).unwrap().kind
 }
 
 #[tokio::test(flavor = "multi_thread")]

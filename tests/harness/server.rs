@@ -13,6 +13,7 @@ use kiln::guest_image::Artifacts;
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};
 use kiln::vmm::choose::choose;
 use kiln::vmm::host::{AccelChoice, VmmChoice};
+use kiln::vmm::{RunningVm, VmRunner, VmSpec, VmmError};
 use tonic::transport::Channel;
 
 use super::fixtures::{busybox_tree, nix_request, BUSYBOX};
@@ -33,6 +34,8 @@ pub struct Options {
     pub inputs: kiln::castore::materialise::Limits,
     /// Replaces the default kernel/agent artifacts (fault tests).
     pub artifacts: Option<Artifacts>,
+    /// Memory all held requests may take together.
+    pub request_budget_bytes: usize,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             artifacts: None,
             scratch: Default::default(),
             inputs: Default::default(),
+            request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
         }
     }
 }
@@ -69,12 +73,24 @@ pub async fn start(opts: Options) -> Option<TestServer> {
     if !vm_tests_can_run() {
         return None;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
     let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
         .await
         .unwrap();
+    Some(serve(opts, chosen.runner, chosen.nested_available).await)
+}
+
+/// Starts a server whose VMM boots nothing, for what is refused before a
+/// VM is taken (request rules over the wire, host preconditions, missing
+/// inputs, budgets): it runs on any host. A build that gets as far as
+/// booting fails with UNAVAILABLE.
+pub async fn start_without_vms(opts: Options) -> TestServer {
+    serve(opts, Arc::new(NoVms), false).await
+}
+
+async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> TestServer {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
     let config = ExecutorConfig {
         data_dir: data_dir.clone(),
         cache_dir: tmp.path().join("cache"),
@@ -84,7 +100,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
             guest_overhead_mib: 256,
             max_guest_memory_mib: 4096,
             vcpus: 1,
-            nested_virt_available: chosen.nested_available,
+            nested_virt_available: nested_virt,
             ro_path_allowlist: vec![],
         },
         timeout: opts.timeout,
@@ -94,11 +110,11 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
-        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+        request_budget_bytes: opts.request_budget_bytes,
         kept_builds: 64,
         kept_log_bytes: 1 << 20,
     };
-    let executor = Arc::new(Executor::open(config, store.clone(), chosen.runner).unwrap());
+    let executor = Arc::new(Executor::open(config, store.clone(), runner).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -116,7 +132,7 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         .unwrap();
     });
     let busybox = ingest_busybox(&store, tmp.path()).await;
-    Some(TestServer {
+    TestServer {
         addr,
         store,
         data_dir,
@@ -124,7 +140,25 @@ pub async fn start(opts: Options) -> Option<TestServer> {
         _tmp: tmp,
         shutdown: Some(tx),
         task: Some(task),
-    })
+    }
+}
+
+/// A VMM that boots nothing.
+struct NoVms;
+
+#[async_trait::async_trait]
+impl VmRunner for NoVms {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn accel(&self) -> &'static str {
+        "none"
+    }
+
+    async fn start(&self, _spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
+        Err(VmmError::Unsupported("this test server boots no VM".into()))
+    }
 }
 
 /// Ingests the toolset ([`busybox_tree`]) built under `tmp`.

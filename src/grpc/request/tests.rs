@@ -1,0 +1,366 @@
+//! Both wire layouts validated into the domain request, without a server:
+//! every rule broken once, each refused naming the field; the seed layout
+//! gets the Nix defaults. (Rules that need the castore or the host — an
+//! unknown digest, a system or memory the host lacks — are in
+//! `tests/bad_input.rs`; overlapping paths and caps over gRPC in
+//! `tests/security_limits.rs`.)
+
+use super::*;
+use crate::proto::{snix_castore, tvix_castore};
+
+/// The input's store basename.
+const INPUT: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
+const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
+
+/// One broken rule: what, how to break a good request, the field the error
+/// must name, and a word of its rule.
+type Case<R> = (&'static str, fn(&mut R), &'static str, &'static str);
+
+fn env(key: &str, value: &[u8]) -> snix_build::build_request::EnvVar {
+    snix_build::build_request::EnvVar {
+        key: key.into(),
+        value: value.to_vec().into(),
+    }
+}
+
+fn file_entry(name: &str, digest: Vec<u8>) -> snix_castore::Entry {
+    snix_castore::Entry {
+        entry: Some(snix_castore::entry::Entry::File(snix_castore::FileEntry {
+            name: name.as_bytes().to_vec().into(),
+            digest: digest.into(),
+            size: 1,
+            executable: true,
+        })),
+    }
+}
+
+/// A Nix-shaped request that passes validation.
+fn good_snix() -> snix_build::BuildRequest {
+    let bin = format!("/nix/store/{INPUT}/bin");
+    snix_build::BuildRequest {
+        inputs: vec![file_entry(INPUT, vec![1; 32])],
+        command_args: vec![format!("{bin}/sh"), "-c".into(), "true".into()],
+        working_dir: "build".into(),
+        scratch_paths: vec!["build".into(), "nix/store".into()],
+        inputs_dir: "nix/store".into(),
+        outputs: vec![OUT.into()],
+        environment_vars: vec![
+            env("HOME", b"/homeless-shelter"),
+            env("PATH", bin.as_bytes()),
+            env("TMPDIR", b"/build"),
+            env("out", format!("/{OUT}").as_bytes()),
+        ],
+        constraints: Some(snix_build::build_request::BuildConstraints {
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        }),
+        additional_files: vec![],
+        refscan_needles: vec![],
+    }
+}
+
+fn good_tvix() -> tvix_build::BuildRequest {
+    tvix_build::BuildRequest {
+        command_args: vec![format!("/nix/store/{INPUT}/bin/sh")],
+        outputs: vec!["x-out".into()],
+        environment_vars: vec![],
+        inputs: vec![tvix_castore::Node {
+            node: Some(tvix_castore::node::Node::File(tvix_castore::FileNode {
+                name: INPUT.as_bytes().to_vec().into(),
+                digest: vec![1; 32].into(),
+                size: 1,
+                executable: true,
+            })),
+        }],
+        constraints: None,
+    }
+}
+
+/// Breaks `good` once per case; each must be refused naming its field.
+fn check_cases<R: Clone>(
+    good: &R,
+    cases: &[Case<R>],
+    validate: impl Fn(&R) -> Result<BuildRequest, InvalidRequest>,
+) {
+    validate(good).expect("the unbroken request is valid");
+    let mut wrong = Vec::new();
+    for (what, break_it, field, word) in cases {
+        let mut req = good.clone();
+        break_it(&mut req);
+        match validate(&req) {
+            Ok(_) => wrong.push(format!("{what}: accepted")),
+            Err(e) if e.field != *field || !e.rule.contains(word) => wrong.push(format!(
+                "{what}: {e} (want field {field}, rule with {word:?})"
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn every_snix_rule_broken_once() {
+    let cases: &[Case<snix_build::BuildRequest>] = &[
+        (
+            "empty command",
+            |r| r.command_args.clear(),
+            "command_args",
+            "empty",
+        ),
+        (
+            "empty argv[0]",
+            |r| r.command_args[0].clear(),
+            "command_args",
+            "argv[0] is empty",
+        ),
+        (
+            "NUL in an argument",
+            |r| r.command_args.push("a\0b".into()),
+            "command_args[3]",
+            "NUL",
+        ),
+        (
+            "absolute working_dir",
+            |r| r.working_dir = "/build".into(),
+            "working_dir",
+            "",
+        ),
+        (
+            "working_dir with ..",
+            |r| r.working_dir = "build/../etc".into(),
+            "working_dir",
+            "",
+        ),
+        (
+            "empty inputs_dir",
+            |r| r.inputs_dir.clear(),
+            "inputs_dir",
+            "",
+        ),
+        (
+            "unsorted scratch paths",
+            |r| r.scratch_paths.reverse(),
+            "scratch_paths[1]",
+            "not sorted",
+        ),
+        (
+            "duplicate scratch path",
+            |r| r.scratch_paths = vec!["build".into(), "build".into()],
+            "scratch_paths[1]",
+            "duplicate",
+        ),
+        (
+            "output outside every scratch path",
+            |r| r.outputs = vec!["etc/out".into()],
+            "outputs[0]",
+            "scratch",
+        ),
+        (
+            "absolute output",
+            |r| r.outputs = vec!["/nix/store/x".into()],
+            "outputs[0]",
+            "",
+        ),
+        (
+            "duplicate output",
+            |r| r.outputs = vec!["nix/store/x".into(), "nix/store/x".into()],
+            "outputs[1]",
+            "twice",
+        ),
+        (
+            "unsorted environment",
+            |r| r.environment_vars.reverse(),
+            "environment_vars[1]",
+            "sorted",
+        ),
+        (
+            "duplicate env key",
+            |r| r.environment_vars.insert(0, r.environment_vars[0].clone()),
+            "environment_vars[1]",
+            "duplicate",
+        ),
+        (
+            "env key with =",
+            |r| r.environment_vars.insert(0, env("A=B", b"x")),
+            "environment_vars[0].key",
+            "=",
+        ),
+        (
+            "empty env key",
+            |r| r.environment_vars.insert(0, env("", b"x")),
+            "environment_vars[0].key",
+            "empty",
+        ),
+        (
+            "NUL in env value",
+            |r| r.environment_vars.insert(0, env("A", b"x\0y")),
+            "environment_vars[0].value",
+            "NUL",
+        ),
+        (
+            "10 MiB env value",
+            |r| {
+                r.environment_vars
+                    .insert(0, env("A", &vec![b'x'; 10 << 20]))
+            },
+            "environment_vars[0].value",
+            "limit",
+        ),
+        (
+            "unsorted inputs",
+            |r| r.inputs = vec![file_entry("b", vec![1; 32]), file_entry("a", vec![1; 32])],
+            "inputs[1]",
+            "not sorted",
+        ),
+        (
+            "duplicate inputs",
+            |r| r.inputs = vec![file_entry("a", vec![1; 32]), file_entry("a", vec![1; 32])],
+            "inputs[1]",
+            "duplicate",
+        ),
+        (
+            "bad input name",
+            |r| r.inputs = vec![file_entry("a/b", vec![1; 32])],
+            "inputs[0]",
+            "",
+        ),
+        (
+            "input named ..",
+            |r| r.inputs = vec![file_entry("..", vec![1; 32])],
+            "inputs[0]",
+            "",
+        ),
+        (
+            "31-byte digest",
+            |r| r.inputs = vec![file_entry("a", vec![1; 31])],
+            "inputs[0]",
+            "",
+        ),
+        (
+            "100 000 inputs",
+            |r| {
+                r.inputs = (0..100_000)
+                    .map(|i| file_entry(&format!("{i:08}"), vec![1; 32]))
+                    .collect()
+            },
+            "inputs",
+            "limit",
+        ),
+        (
+            "constraints without system",
+            |r| r.constraints.as_mut().unwrap().system.clear(),
+            "constraints.system",
+            "must be set",
+        ),
+        (
+            "relative ro path",
+            |r| r.constraints.as_mut().unwrap().available_ro_paths = vec!["dev/kvm".into()],
+            "constraints.available_ro_paths[0]",
+            "",
+        ),
+        (
+            "additional file outside scratch",
+            |r| {
+                r.additional_files = vec![snix_build::build_request::AdditionalFile {
+                    path: "etc/passwd".into(),
+                    contents: vec![].into(),
+                }]
+            },
+            "additional_files[0].path",
+            "",
+        ),
+        (
+            "empty refscan needle",
+            |r| r.refscan_needles = vec![String::new()],
+            "refscan_needles[0]",
+            "empty",
+        ),
+    ];
+    check_cases(&good_snix(), cases, from_snix);
+}
+
+#[test]
+fn every_seed_layout_rule_broken_once() {
+    let cases: &[Case<tvix_build::BuildRequest>] = &[
+        (
+            "output with a slash",
+            |r| r.outputs = vec!["a/b".into()],
+            "outputs[0]",
+            "basename",
+        ),
+        (
+            "empty command",
+            |r| r.command_args.clear(),
+            "command_args",
+            "empty",
+        ),
+        (
+            "empty input node",
+            |r| r.inputs = vec![tvix_castore::Node { node: None }],
+            "inputs[0]",
+            "",
+        ),
+        (
+            "NUL in env value",
+            |r| {
+                r.environment_vars = vec![tvix_build::build_request::EnvVar {
+                    key: "A".into(),
+                    value: b"x\0y".to_vec().into(),
+                }]
+            },
+            "environment_vars[0].value",
+            "NUL",
+        ),
+        (
+            "relative ro path",
+            |r| {
+                r.constraints = Some(tvix_build::build_request::BuildConstraints {
+                    system: "x86_64-linux".into(),
+                    available_ro_paths: vec!["dev/kvm".into()],
+                    ..Default::default()
+                })
+            },
+            "constraints.available_ro_paths[0]",
+            "",
+        ),
+    ];
+    check_cases(&good_tvix(), cases, from_tvix);
+}
+
+#[test]
+fn a_snix_request_keeps_its_fields() {
+    let valid = from_snix(&good_snix()).expect("valid");
+    assert_eq!(valid.layout, Layout::Snix);
+    assert_eq!(valid.working_dir.to_string(), "build");
+    assert_eq!(valid.inputs_dir.to_string(), "nix/store");
+    let outputs: Vec<String> = valid.outputs.iter().map(ToString::to_string).collect();
+    assert_eq!(outputs, [OUT]);
+    let keys: Vec<&str> = valid
+        .environment_vars
+        .iter()
+        .map(|e| e.key.as_str())
+        .collect();
+    assert_eq!(keys, ["HOME", "PATH", "TMPDIR", "out"]);
+    assert_eq!(valid.constraints.system, "x86_64-linux");
+    assert_eq!(valid.inputs.len(), 1);
+    assert_eq!(valid.inputs[0].0.as_bytes(), INPUT.as_bytes());
+}
+
+#[test]
+fn the_seed_layout_gets_the_nix_defaults() {
+    let valid = from_tvix(&good_tvix()).expect("valid");
+    assert_eq!(valid.layout, Layout::Tvix);
+    assert_eq!(valid.working_dir.to_string(), "build");
+    assert_eq!(valid.inputs_dir.to_string(), "nix/store");
+    let scratch: Vec<String> = valid
+        .scratch_paths
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(scratch, ["build", "nix/store"]);
+    let outputs: Vec<String> = valid.outputs.iter().map(ToString::to_string).collect();
+    assert_eq!(outputs, ["nix/store/x-out"]);
+    assert!(!valid.constraints.network_access);
+    assert!(!valid.constraints.provide_bin_sh);
+    assert!(valid.additional_files.is_empty() && valid.refscan_needles.is_empty());
+}
