@@ -252,3 +252,30 @@ async fn kill_stops_a_guest_that_never_powers_off() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
 }
+
+/// A guest whose init exits panics; with `panic=-1` it resets at once.
+/// cloud-hypervisor would boot it again, so kiln kills the VMM and says why,
+/// quoting the panic line from the serial console.
+#[tokio::test]
+async fn a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line() {
+    let env = env_or_skip!("a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = VmSpec {
+        cmdline: "console=ttyS0 rdinit=/init panic=-1".into(),
+        ..spec(&env, dir.path(), None, false)
+    };
+    write_initramfs(&env, &init_script("exit 1"), &spec.initramfs);
+    let mut vm = CloudHypervisorRunner::new(&env.ch)
+        .start(&spec)
+        .await
+        .expect("cloud-hypervisor boots");
+    let (console, exit) = console_until_exit(&mut *vm, dir.path()).await;
+    assert!(console.contains("kiln-e2e: up"), "{console}");
+    match exit {
+        VmExit::GuestRebooted { panic: Some(line) } => {
+            assert!(line.starts_with("Kernel panic - not syncing"), "{line}");
+            assert!(line.contains("kill init"), "{line}");
+        }
+        other => panic!("expected a reboot with the panic line, got {other:?}"),
+    }
+}
