@@ -178,10 +178,6 @@ impl<'a> dyn VmRunner + 'a {
     }
 }
 
-/// [`Transport::Mmio`]'s modules, under the name they had before
-/// [`Transport`] owned them (kept while `tests/common` still uses it).
-pub const MMIO_GUEST_MODULES: &[&str] = Transport::Mmio.guest_modules();
-
 /// A VM that has been started. Dropping it kills the VMM process.
 #[async_trait::async_trait]
 pub trait RunningVm: Send {
