@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kiln::cli::build::JsonLayout;
+use kiln::executor::config::{defaults, image_cache_dir};
 use kiln::server::Listen;
 use kiln::vmm::host::{AccelChoice, VmmChoice};
 
@@ -46,7 +47,7 @@ struct ServeArgs {
     #[arg(long, default_value = "0600", value_parser = parse_socket_mode)]
     unix_socket_mode: u32,
     /// Where the embedded castore and build directories live.
-    #[arg(long, default_value = "/var/lib/kiln")]
+    #[arg(long, default_value = defaults::DATA_DIR)]
     data_dir: PathBuf,
     /// Castore backend: empty for the embedded store in --data-dir, or
     /// grpc+http(s)://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
@@ -55,42 +56,42 @@ struct ServeArgs {
     #[command(flatten)]
     vm: VmArgs,
     /// Concurrent VMs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = defaults::MAX_VMS)]
     max_vms: usize,
     /// Total guest RAM of all running VMs, MiB.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = defaults::MEMORY_BUDGET_MIB)]
     memory_budget_mib: u64,
     /// Largest VM one build may get, MiB.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = defaults::MAX_GUEST_MEMORY_MIB)]
     max_guest_memory_mib: u64,
     /// Builds allowed to wait for a VM before further ones are refused.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::MAX_QUEUE)]
     max_queue: usize,
     /// Memory all requests held (queued or running) may take together, MiB;
     /// beyond it new builds get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::REQUEST_BUDGET_BYTES >> 20)]
     max_request_memory_mib: usize,
     /// vCPUs per VM.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::VCPUS)]
     vcpus: u32,
     /// Default wall-clock limit of a build, seconds (a client deadline can shorten it).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = defaults::TIMEOUT.as_secs())]
     timeout_secs: u64,
     /// Builder output allowed per build before it is stopped, bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, default_value_t = defaults::MAX_LOG_BYTES)]
     max_log_bytes: u64,
     /// Disk space one build's scratch directories may take, MiB.
-    #[arg(long, default_value_t = 20480)]
+    #[arg(long, default_value_t = defaults::MAX_SCRATCH_BYTES >> 20)]
     max_scratch_mib: u64,
     /// Free space kept on the data disk: builds are stopped below it, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults::MIN_FREE_DISK_BYTES >> 20)]
     min_free_disk_mib: u64,
     /// Entries the inputs of one build may expand to on disk (every copy of
     /// a directory referenced twice counts); more is refused before a VM is taken.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = defaults::MAX_INPUT_ENTRIES)]
     max_input_entries: u64,
     /// File bytes the inputs of one build may expand to, MiB.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = defaults::MAX_INPUT_BYTES >> 20)]
     max_input_mib: u64,
     /// A host path builds may ask for read-only (repeatable).
     #[arg(long = "allow-ro-path")]
@@ -173,7 +174,7 @@ struct VmArgs {
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
     /// Kiln's cache: kernel artifacts, agent, base initramfs images.
-    #[arg(long, default_value = "/var/cache/kiln")]
+    #[arg(long, default_value = defaults::CACHE_DIR)]
     cache_dir: PathBuf,
     /// The guest kernel is PVM-enabled (lets a PVM /dev/kvm count as KVM).
     #[arg(long)]
@@ -348,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 accel: args.vm.accel,
                 kernel_is_pvm: args.vm.pvm_kernel,
                 artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
-                image_cache_dir: Some(args.vm.cache_dir.join("initramfs")),
+                image_cache_dir: Some(image_cache_dir(&args.vm.cache_dir)),
             };
             let report = kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
             anyhow::ensure!(
@@ -397,12 +398,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("choosing the VMM")?;
     let limits = kiln::executor::plan::Limits {
-        min_guest_memory_mib: 512,
-        guest_overhead_mib: 256,
         max_guest_memory_mib: args.max_guest_memory_mib,
         vcpus: args.vcpus,
         nested_virt_available: vm.nested_available,
         ro_path_allowlist: args.allow_ro_paths,
+        ..Default::default()
     };
     let config = kiln::executor::ExecutorConfig {
         scratch: kiln::executor::scratch::ScratchLimits {
@@ -415,9 +415,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             min_free_bytes: args.min_free_disk_mib << 20,
             ..Default::default()
         },
-        data_dir: args.data_dir.clone(),
-        cache_dir: args.vm.cache_dir.join("initramfs"),
-        artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
         limits,
         timeout: Duration::from_secs(args.timeout_secs),
         max_log_bytes: args.max_log_bytes,
@@ -425,8 +422,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         memory_budget_mib: args.memory_budget_mib,
         max_queue: args.max_queue,
         request_budget_bytes: args.max_request_memory_mib << 20,
-        kept_builds: 256,
-        kept_log_bytes: 4 * 1024 * 1024,
+        ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
     let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use kiln::auth::Security;
 use kiln::castore::Store;
-use kiln::executor::plan::Limits;
 use kiln::executor::{Executor, ExecutorConfig};
-use kiln::guest_image::Artifacts;
 use kiln::server::Bound;
 use kiln::vmm::{RunningVm, VmRunner, VmSpec, VmmError};
 
@@ -62,27 +60,9 @@ impl Server {
             .await
             .unwrap();
         let config = ExecutorConfig {
-            scratch: Default::default(),
-            inputs: Default::default(),
             data_dir: data.path().join("data"),
             cache_dir: data.path().join("cache"),
-            artifacts: Artifacts::default(),
-            limits: Limits {
-                min_guest_memory_mib: 512,
-                guest_overhead_mib: 256,
-                max_guest_memory_mib: 4096,
-                vcpus: 1,
-                nested_virt_available: false,
-                ro_path_allowlist: vec![],
-            },
-            timeout: Duration::from_secs(60),
-            max_log_bytes: 1 << 20,
-            max_vms: 1,
-            memory_budget_mib: 4096,
-            max_queue: 4,
-            request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
-            kept_builds: 8,
-            kept_log_bytes: 1 << 16,
+            ..Default::default()
         };
         let executor = Arc::new(Executor::open(config, store.clone(), Arc::new(NoVms)).unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

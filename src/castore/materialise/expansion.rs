@@ -46,15 +46,16 @@ impl Expansion {
     }
 }
 
-/// Bounds on what one materialisation may create.
+/// Bounds on what one materialisation may create. Its `Default`, what
+/// `kiln serve` allows a build's inputs, is written with the executor's other
+/// defaults in [`crate::executor::config`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Entries in all.
     pub max_entries: u64,
     /// File bytes in all (hardlinked or copied).
     pub max_bytes: u64,
-    /// Directory levels: Linux cannot name a path deeper than 2048
-    /// components (PATH_MAX), and no tool can use one.
+    /// Directory levels (see [`crate::executor::config::defaults::MAX_INPUT_DEPTH`]).
     pub max_depth: u64,
     /// Free bytes the disk must keep while files are copied.
     pub min_free_bytes: u64,
@@ -68,19 +69,6 @@ impl Limits {
             max_bytes: u64::MAX,
             max_depth: u64::MAX,
             min_free_bytes: 0,
-        }
-    }
-}
-
-impl Default for Limits {
-    /// 1 000 000 entries, 64 GiB, 2048 levels, 1 GiB kept free (the
-    /// `kiln serve` defaults).
-    fn default() -> Self {
-        Self {
-            max_entries: 1_000_000,
-            max_bytes: 64 << 30,
-            max_depth: 2048,
-            min_free_bytes: 1 << 30,
         }
     }
 }
