@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::castore::ingest::{self, IngestError, IngestMode};
 use crate::castore::Store;
 use crate::executor::error::BuildError;
-use crate::executor::executor::{BuiltOutput, Steps};
+use crate::executor::run::{BuiltOutput, Steps};
 use crate::executor::paths::RelPath;
 use crate::executor::refscan::Scanner;
 use crate::executor::scratch::ScratchLimits;

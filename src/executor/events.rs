@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::executor::error::BuildError;
-use crate::executor::executor::{BuildOutcome, BuiltOutput};
+use crate::executor::run::{BuildOutcome, BuiltOutput};
 
 /// How many bytes of the log's end go into failure messages.
 pub const LOG_TAIL_BYTES: usize = 4096;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use crate::castore::materialise::{self, Control, Expansion, Limits, MaterialiseError};
 use crate::castore::{B3Digest, Directory, PathComponent, Store};
 use crate::executor::error::{BuildError, Precondition};
-use crate::executor::executor::Steps;
+use crate::executor::run::Steps;
 use crate::executor::request::BuildRequest;
 
 /// The fetched directories of one input.

@@ -2,7 +2,8 @@
 //! as a [`BuildOutcome`] or a [`BuildError`], with its [`events`] on the way.
 //! Nothing here knows the wire: `crate::grpc` converts in and out.
 //!
-//! The steps, in order, each in its module: [`plan`] (constraints, VM
+//! [`run`] is the [`Executor`] and its top-level steps. The steps, in
+//! order, each in its module: [`plan`] (constraints, VM
 //! size), [`inputs`] (checked, then materialised), [`admission`] (VM slots,
 //! guest memory, the queue), the VM session (`crate::vmm::session`),
 //! [`supervise`] (the agent's frames into the build log), [`scratch`] (the
@@ -14,18 +15,18 @@ pub mod collect;
 pub mod config;
 pub mod error;
 pub mod events;
-pub mod executor;
 pub mod inputs;
 pub mod paths;
 pub mod plan;
 pub mod refscan;
 pub mod request;
+pub mod run;
 pub mod scratch;
 pub mod supervise;
 pub mod workspace;
 
 pub use error::{BuildError, Precondition};
-pub use executor::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
+pub use run::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
 pub use request::BuildRequest;
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub const DEV_KVM: &str = "/dev/kvm";
 const MIB: u64 = 1024 * 1024;
 
 /// What the operator allows and the host can do; the inputs of planning.
+/// Its `Default` (the `kiln serve` defaults) is in [`crate::executor::config`].
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Guest RAM when the request asks for little or nothing, MiB.
@@ -159,12 +160,10 @@ mod tests {
 
     fn limits() -> Limits {
         Limits {
-            min_guest_memory_mib: 512,
-            guest_overhead_mib: 256,
             max_guest_memory_mib: 4096,
-            vcpus: 1,
             nested_virt_available: true,
             ro_path_allowlist: vec![PathBuf::from("/opt/tools")],
+            ..Limits::default()
         }
     }
 

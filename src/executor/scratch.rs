@@ -27,11 +27,12 @@ pub struct ScratchLimits {
 }
 
 impl Default for ScratchLimits {
-    /// 20 GiB per build, 1 GiB kept free (the `kiln serve` defaults).
+    /// The `kiln serve` defaults ([`crate::executor::config::defaults`]).
     fn default() -> Self {
+        use crate::executor::config::defaults;
         Self {
-            max_bytes: 20 << 30,
-            min_free_bytes: 1 << 30,
+            max_bytes: defaults::MAX_SCRATCH_BYTES,
+            min_free_bytes: defaults::MIN_FREE_DISK_BYTES,
         }
     }
 }

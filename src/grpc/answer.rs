@@ -4,7 +4,7 @@
 use prost::Message;
 use tonic::Status;
 
-use crate::executor::executor::BuildOutcome;
+use crate::executor::run::BuildOutcome;
 use crate::executor::request::Layout;
 use crate::proto::{kiln_v1, snix_build, tvix_build};
 

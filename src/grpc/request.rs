@@ -162,12 +162,9 @@ pub fn fuzz_entry(data: &[u8]) {
 
 fn fuzz_limits() -> crate::executor::plan::Limits {
     crate::executor::plan::Limits {
-        min_guest_memory_mib: 512,
-        guest_overhead_mib: 256,
-        max_guest_memory_mib: 8192,
-        vcpus: 1,
         nested_virt_available: true,
         ro_path_allowlist: vec!["/opt".into()],
+        ..Default::default()
     }
 }
 
