@@ -134,6 +134,7 @@ fn spec(env: &Env, run_dir: &Path, share: Option<&Path>, nested: bool) -> VmSpec
             .map(|socket| FsShare {
                 tag: SHARE_TAG.into(),
                 socket: socket.to_owned(),
+                source: std::path::PathBuf::new(),
             })
             .into_iter()
             .collect(),

@@ -155,6 +155,7 @@ fn spec(run_dir: &Path) -> VmSpec {
         shares: vec![FsShare {
             tag: "kiln-inputs".into(),
             socket: run_dir.join("inputs.sock"),
+            source: std::path::PathBuf::new(),
         }],
         run_dir: run_dir.to_owned(),
         serial_log: run_dir.join("serial.log"),

@@ -16,8 +16,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod child;
 pub mod choose;
 pub mod cloud_hypervisor;
+#[cfg(test)]
+pub mod fake;
 pub mod host;
 pub mod qemu;
+pub mod session;
 pub mod transport;
 pub mod virtiofsd;
 
@@ -30,6 +33,9 @@ pub struct FsShare {
     pub tag: String,
     /// vhost-user socket the virtiofsd for this share listens on.
     pub socket: PathBuf,
+    /// The host directory the virtiofsd serves (for messages, and for
+    /// runners that stand in for a guest in tests).
+    pub source: PathBuf,
 }
 
 /// Everything a backend needs to boot one build VM.

@@ -321,10 +321,12 @@ mod tests {
                 FsShare {
                     tag: "kiln-inputs".into(),
                     socket: "/r/in.sock".into(),
+                    source: std::path::PathBuf::new(),
                 },
                 FsShare {
                     tag: "kiln-scratch".into(),
                     socket: "/r/scratch,odd.sock".into(),
+                    source: std::path::PathBuf::new(),
                 },
             ],
             run_dir: "/r".into(),

@@ -188,10 +188,12 @@ mod tests {
                 FsShare {
                     tag: "kiln-inputs".into(),
                     socket: "/run/b1/in.sock".into(),
+                    source: std::path::PathBuf::new(),
                 },
                 FsShare {
                     tag: "kiln-scratch".into(),
                     socket: "/run/b1/scratch.sock".into(),
+                    source: std::path::PathBuf::new(),
                 },
             ],
             run_dir: "/run/b1".into(),
