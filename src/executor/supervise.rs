@@ -151,21 +151,11 @@ pub async fn supervise(
         None => Err(BuildError::VmCrashed {
             reason: format!(
                 "the VMM exited ({}) before the agent reported; last guest console lines:\n{}",
-                describe_exit(exited.as_ref()),
+                exited.map_or_else(|| "unknown status".to_owned(), |e| e.to_string()),
                 console.tail()
             ),
             log_tail: log.tail(),
         }),
-    }
-}
-
-fn describe_exit(exit: Option<&VmExit>) -> String {
-    match exit {
-        Some(VmExit::Exited { code: Some(c), .. }) => format!("status {c}"),
-        Some(VmExit::Exited {
-            signal: Some(s), ..
-        }) => format!("signal {s}"),
-        _ => "unknown status".into(),
     }
 }
 
