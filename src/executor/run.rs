@@ -36,7 +36,7 @@ use crate::executor::plan::{self, VmPlan};
 use crate::executor::request::{BuildRequest, Layout};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
-use crate::vmm::session::{GuestBoot, SessionSpec, Share, VmSession};
+use crate::vmm::session::{Guest, GuestBoot, SessionSpec, Share, VmSession};
 use crate::vmm::{GuestChannel, VmRunner};
 
 pub use crate::executor::config::ExecutorConfig;
@@ -281,7 +281,7 @@ impl Executor {
         let spec = SessionSpec {
             id: steps.log.id().to_owned(),
             shares,
-            job: plan::job(req, plan),
+            guest: Guest::Agent(plan::job(req, plan)),
             memory_mib: plan.memory_mib,
             vcpus: plan.vcpus,
             nested_virt: plan.nested_virt,

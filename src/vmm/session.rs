@@ -43,9 +43,8 @@ pub struct SessionSpec {
     pub id: String,
     /// Shares in the order the guest expects them.
     pub shares: Vec<Share>,
-    /// The agent's job; its module list is filled in from the runner's
-    /// transport.
-    pub job: Job,
+    /// What runs in the VM.
+    pub guest: Guest,
     /// Guest RAM, MiB.
     pub memory_mib: u64,
     /// vCPUs.
@@ -57,6 +56,23 @@ pub struct SessionSpec {
     pub run_dir: PathBuf,
     /// When the build's time is up.
     pub deadline: Instant,
+}
+
+/// What a session's VM runs.
+#[derive(Debug, Clone)]
+pub enum Guest {
+    /// kiln's agent running a build's job: the cached base image followed
+    /// by the job archive, on [`guest_image::kernel_cmdline`]. The job's
+    /// module list is filled in from the runner's transport.
+    Agent(Job),
+    /// A prepared initramfs on its own command line: a guest that is not
+    /// kiln's agent (the bench's bare boot, the VMM end-to-end tests).
+    Image {
+        /// The initramfs file.
+        initramfs: PathBuf,
+        /// The whole kernel command line.
+        cmdline: String,
+    },
 }
 
 /// The guest's boot files: the kernel artifacts and the base initramfs,
@@ -147,7 +163,7 @@ impl VmSession {
         let SessionSpec {
             id,
             shares,
-            mut job,
+            guest,
             memory_mib,
             vcpus,
             nested_virt,
@@ -158,24 +174,20 @@ impl VmSession {
             .instrument(info_span!("virtiofsd"))
             .await?;
 
-        let initramfs = run_dir.join("initramfs.cpio");
-        let span = info_span!("initramfs");
-        let base = boot.base_image().instrument(span.clone()).await?;
-        job.modules = runner
-            .guest_modules()
-            .iter()
-            .map(|m| m.to_string())
-            .collect();
-        span.in_scope(|| guest_image::build_initramfs(base, &job, &initramfs))
-            .map_err(SessionError::Initramfs)?;
-        drop(span);
+        let (initramfs, cmdline) = match guest {
+            Guest::Agent(job) => (
+                agent_initramfs(runner, boot, job, &run_dir).await?,
+                guest_image::kernel_cmdline(),
+            ),
+            Guest::Image { initramfs, cmdline } => (initramfs, cmdline),
+        };
 
         let serial_log = run_dir.join("serial.log");
         let vm_spec = VmSpec {
             id,
             kernel: boot.artifacts.vmlinux(),
             initramfs,
-            cmdline: guest_image::kernel_cmdline(),
+            cmdline,
             memory_mib,
             vcpus,
             nested_virt,
@@ -272,6 +284,27 @@ impl Console<'_> {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(SERIAL_TAIL_LINES)..].join("\n")
     }
+}
+
+/// `run_dir/initramfs.cpio`: the base image and `job`, with the modules of
+/// the runner's transport.
+async fn agent_initramfs(
+    runner: &dyn VmRunner,
+    boot: &GuestBoot,
+    mut job: Job,
+    run_dir: &Path,
+) -> Result<PathBuf, SessionError> {
+    let initramfs = run_dir.join("initramfs.cpio");
+    let span = info_span!("initramfs");
+    let base = boot.base_image().instrument(span.clone()).await?;
+    job.modules = runner
+        .guest_modules()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    span.in_scope(|| guest_image::build_initramfs(base, &job, &initramfs))
+        .map_err(SessionError::Initramfs)?;
+    Ok(initramfs)
 }
 
 /// One virtiofsd per share, with the vhost-user sockets in `run_dir`.
