@@ -13,14 +13,14 @@
 mod harness;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln::guest_image::cpio::CpioWriter;
 use kiln::guest_image::Artifacts;
 use kiln::vmm::cloud_hypervisor::CloudHypervisorRunner;
 use kiln::vmm::host::{kvm_usable, HostFacts};
-use kiln::vmm::virtiofsd::Virtiofsd;
-use kiln::vmm::{FsShare, RunningVm, Transport, VmExit, VmRunner, VmSpec};
+use kiln::vmm::session::{Guest, GuestBoot, SessionSpec, Share, VmSession};
+use kiln::vmm::{GuestChannel, Transport, VmExit};
 use tokio::io::AsyncReadExt;
 
 /// What cloud-hypervisor guests load, in load order (plain `insmod` below).
@@ -121,43 +121,53 @@ fn write_initramfs(env: &Env, init: &str, dest: &Path) {
     w.finish().unwrap();
 }
 
-fn spec(env: &Env, run_dir: &Path, share: Option<&Path>, nested: bool) -> VmSpec {
-    VmSpec {
+/// Boots `init` (a busybox initramfs written into `dir`) on
+/// cloud-hypervisor through a VM session, which serves `shares`.
+async fn boot(
+    env: &Env,
+    dir: &Path,
+    init: &str,
+    shares: Vec<Share>,
+    nested: bool,
+    extra_cmdline: &str,
+) -> (VmSession, GuestChannel) {
+    let initramfs = dir.join("initramfs.cpio");
+    write_initramfs(env, init, &initramfs);
+    let spec = SessionSpec {
         id: "ch-e2e".into(),
-        kernel: env.artifacts.vmlinux(),
-        initramfs: run_dir.join("initramfs.cpio"),
-        cmdline: "console=ttyS0 rdinit=/init".into(),
+        shares,
+        guest: Guest::Image {
+            initramfs,
+            cmdline: format!("console=ttyS0 rdinit=/init{extra_cmdline}"),
+        },
         memory_mib: 512,
         vcpus: 2,
         nested_virt: nested,
-        shares: share
-            .map(|socket| FsShare {
-                tag: SHARE_TAG.into(),
-                socket: socket.to_owned(),
-                source: std::path::PathBuf::new(),
-            })
-            .into_iter()
-            .collect(),
-        run_dir: run_dir.to_owned(),
-        serial_log: run_dir.join("serial.log"),
-        deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
-    }
+        run_dir: dir.to_owned(),
+        deadline: Instant::now() + BOOT_LIMIT,
+    };
+    let runner = CloudHypervisorRunner::new(&env.ch);
+    let images = GuestBoot::new(env.artifacts.clone(), dir.join("cache"));
+    VmSession::boot(&runner, &images, spec)
+        .await
+        .expect("cloud-hypervisor boots")
 }
 
 /// Reads the whole console until the VMM exits, bounded by [`BOOT_LIMIT`].
-async fn console_until_exit(vm: &mut dyn RunningVm, run_dir: &Path) -> (String, VmExit) {
-    let mut channel = vm.take_channel().await.unwrap();
+async fn console_until_exit(
+    session: &mut VmSession,
+    mut channel: GuestChannel,
+) -> (String, VmExit) {
     let mut bytes = Vec::new();
     let read = tokio::time::timeout(BOOT_LIMIT, channel.reader.read_to_end(&mut bytes)).await;
     if read.is_err() {
-        vm.kill().await;
-        let serial = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();
+        let serial = session.serial_tail();
         panic!(
             "the guest did not power off within {BOOT_LIMIT:?}; console so far:\n{}\nserial:\n{serial}",
             String::from_utf8_lossy(&bytes)
         );
     }
-    let exit = vm.wait().await.unwrap();
+    let exit = session.parts().vm.wait().await.unwrap();
     (String::from_utf8_lossy(&bytes).replace('\r', ""), exit)
 }
 
@@ -177,20 +187,20 @@ async fn boots_reports_on_the_console_writes_the_share_and_powers_off() {
     let shared = dir.path().join("shared");
     std::fs::create_dir_all(&run_dir).unwrap();
     std::fs::create_dir_all(&shared).unwrap();
-    let socket = run_dir.join("share.sock");
-    let mut daemon = Virtiofsd::spawn(&shared, &socket, false).await.unwrap();
 
     let body = r#"echo "cpus: $($B grep -c ^processor /proc/cpuinfo)"
 echo "virt: $($B grep -cwE 'vmx|svm' /proc/cpuinfo)"
 echo "mem: $($B awk '/MemTotal/ {print $2}' /proc/meminfo)"
 $B mount -t virtiofs e2e /mnt && echo "written by the guest" > /mnt/hello && echo "share: ok""#;
-    let spec = spec(&env, &run_dir, Some(&socket), false);
-    write_initramfs(&env, &init_script(body), &spec.initramfs);
-
-    let runner = CloudHypervisorRunner::new(&env.ch);
-    let mut vm = runner.start(&spec).await.expect("cloud-hypervisor boots");
-    let (console, exit) = console_until_exit(&mut *vm, &run_dir).await;
-    daemon.kill().await;
+    let share = Share {
+        tag: SHARE_TAG.into(),
+        source: shared.clone(),
+        read_only: false,
+    };
+    let (mut session, channel) =
+        boot(&env, &run_dir, &init_script(body), vec![share], false, "").await;
+    let (console, exit) = console_until_exit(&mut session, channel).await;
+    session.end().await;
 
     assert!(console.contains("kiln-e2e: up"), "{console}");
     assert_eq!(line(&console, "cpus:"), "2");
@@ -221,13 +231,9 @@ async fn nested_virt_exposes_vmx_or_svm() {
     }
     let dir = tempfile::tempdir().unwrap();
     let body = r#"echo "virt: $($B grep -cwE 'vmx|svm' /proc/cpuinfo)""#;
-    let spec = spec(&env, dir.path(), None, true);
-    write_initramfs(&env, &init_script(body), &spec.initramfs);
-    let mut vm = CloudHypervisorRunner::new(&env.ch)
-        .start(&spec)
-        .await
-        .expect("cloud-hypervisor boots");
-    let (console, _) = console_until_exit(&mut *vm, dir.path()).await;
+    let (mut session, channel) = boot(&env, dir.path(), &init_script(body), vec![], true, "").await;
+    let (console, _) = console_until_exit(&mut session, channel).await;
+    session.end().await;
     assert_eq!(line(&console, "virt:"), "2", "one flag line per vCPU");
 }
 
@@ -235,21 +241,23 @@ async fn nested_virt_exposes_vmx_or_svm() {
 async fn kill_stops_a_guest_that_never_powers_off() {
     let env = env_or_skip!("kill_stops_a_guest_that_never_powers_off");
     let dir = tempfile::tempdir().unwrap();
-    let spec = spec(&env, dir.path(), None, false);
-    write_initramfs(&env, &init_script("$B sleep 3600"), &spec.initramfs);
-    let mut vm = CloudHypervisorRunner::new(&env.ch)
-        .start(&spec)
-        .await
-        .expect("cloud-hypervisor boots");
-    let pid = vm.pid().unwrap();
-    let mut channel = vm.take_channel().await.unwrap();
+    let (session, mut channel) = boot(
+        &env,
+        dir.path(),
+        &init_script("$B sleep 3600"),
+        vec![],
+        false,
+        "",
+    )
+    .await;
+    let pid = session.pid().unwrap();
     let mut first = [0u8; 12];
     tokio::time::timeout(BOOT_LIMIT, channel.reader.read_exact(&mut first))
         .await
         .expect("the guest came up")
         .unwrap();
-    let started = std::time::Instant::now();
-    vm.kill().await;
+    let started = Instant::now();
+    session.end().await;
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
 }
@@ -261,16 +269,17 @@ async fn kill_stops_a_guest_that_never_powers_off() {
 async fn a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line() {
     let env = env_or_skip!("a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line");
     let dir = tempfile::tempdir().unwrap();
-    let spec = VmSpec {
-        cmdline: "console=ttyS0 rdinit=/init panic=-1".into(),
-        ..spec(&env, dir.path(), None, false)
-    };
-    write_initramfs(&env, &init_script("exit 1"), &spec.initramfs);
-    let mut vm = CloudHypervisorRunner::new(&env.ch)
-        .start(&spec)
-        .await
-        .expect("cloud-hypervisor boots");
-    let (console, exit) = console_until_exit(&mut *vm, dir.path()).await;
+    let (mut session, channel) = boot(
+        &env,
+        dir.path(),
+        &init_script("exit 1"),
+        vec![],
+        false,
+        " panic=-1",
+    )
+    .await;
+    let (console, exit) = console_until_exit(&mut session, channel).await;
+    session.end().await;
     assert!(console.contains("kiln-e2e: up"), "{console}");
     match exit {
         VmExit::GuestRebooted { panic: Some(line) } => {
