@@ -9,9 +9,8 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use kiln::castore::{Node, WireNode};
+use kiln::client::Follow;
 use kiln::grpc::status::failed_detail;
-use kiln::proto::kiln_v1::build_event::Event;
-use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
 use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
 use kiln::proto::{snix_build, tvix_build};
 use tonic::Code;
@@ -44,23 +43,12 @@ async fn directory_file_and_symlink_outputs_in_request_order() {
     let resp = answer.into_inner();
     assert_eq!(resp.outputs.len(), 3);
     // A Watch of a finished DoBuild ends, with the same answer.
-    let mut events = BuildEventsClient::new(server.channel().await)
-        .watch(kiln::proto::kiln_v1::WatchRequest { build_id: id })
+    let watch = Follow::watch(server.channel().await, &id).await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), watch.to_end(&mut ()))
         .await
-        .unwrap()
-        .into_inner();
-    let last = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut last = None;
-        while let Some(ev) = events.message().await.unwrap() {
-            last = ev.event;
-        }
-        last
-    })
-    .await
-    .expect("the watch of a finished DoBuild must end");
-    let Some(Event::Completed(done)) = last else {
-        panic!("the watch ended with {last:?}, not completed");
-    };
+        .expect("the watch of a finished DoBuild must end")
+        .unwrap_or_else(|e| panic!("the watch did not end with completed: {e}"))
+        .completed;
     assert_eq!(done.snix.as_ref(), Some(&resp));
     let nodes: Vec<Node> = resp
         .outputs
@@ -451,33 +439,18 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
         })
         .unwrap()
         .to_owned();
-    let mut client = BuildEventsClient::new(server.channel().await);
-    let mut events = client
-        .watch(kiln::proto::kiln_v1::WatchRequest {
-            build_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut saw_log = false;
-    let mut completed = false;
-    while let Some(ev) = events.message().await.unwrap() {
-        match ev.event {
-            Some(Event::Log(c)) if c.data.starts_with(b"from-the-builder") => saw_log = true,
-            Some(Event::Completed(_)) => completed = true,
-            _ => {}
-        }
-    }
+    let mut log = harness::LogBytes::default();
+    let watch = Follow::watch(server.channel().await, &id).await.unwrap();
+    let ended = harness::events::to_end(watch, &mut log).await;
+    let log = String::from_utf8_lossy(&log.0);
     assert!(
-        saw_log && completed,
-        "watch of {id}: log {saw_log}, completed {completed}"
+        ended.is_ok() && log.contains("from-the-builder"),
+        "watch of {id}: {ended:?}, log {log:?}"
     );
-    let unknown = client
-        .watch(kiln::proto::kiln_v1::WatchRequest {
-            build_id: "nope".into(),
-        })
+    let unknown = Follow::watch(server.channel().await, "nope")
         .await
-        .unwrap_err();
+        .err()
+        .expect("an unknown build id is refused");
     assert_eq!(unknown.code(), Code::NotFound);
     server.stop().await;
 }

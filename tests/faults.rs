@@ -10,8 +10,8 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
+use kiln::client::FollowError;
 use kiln::guest_image::Artifacts;
-use kiln::proto::kiln_v1::build_event::Event;
 use kiln::proto::kiln_v1::Failed;
 use kiln::proto::snix_build;
 use tonic::Code;
@@ -27,19 +27,12 @@ async fn fault_mid_build(
     req: snix_build::BuildRequest,
     fault: impl FnOnce(),
 ) -> Failed {
-    let mut stream = harness::submit_until_log(server.channel().await, req, b"running").await;
+    let follow = harness::submit_until_log(server.channel().await, req, b"running").await;
     fault();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        match ev.event {
-            Some(Event::Failed(f)) => return f,
-            Some(Event::Completed(_)) => panic!("the build should not complete"),
-            _ => {}
-        }
+    match harness::events::to_end(follow, &mut ()).await {
+        Err(FollowError::Failed { failed, .. }) => *failed,
+        Ok(_) => panic!("the build should not complete"),
+        Err(e) => panic!("the build should end in Failed: {e}"),
     }
 }
 

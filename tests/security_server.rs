@@ -120,10 +120,7 @@ impl Served {
 
     /// A build whose builder runs `script` with busybox, submitted over
     /// kiln's event service; returns once the builder printed `ready`.
-    async fn submit_until_ready(
-        &self,
-        script: &str,
-    ) -> tonic::Streaming<kiln::proto::kiln_v1::BuildEvent> {
+    async fn submit_until_ready(&self, script: &str) -> kiln::client::Follow {
         let store = kiln::castore::from_addr(
             &format!("grpc+unix:{}", self.socket.display()),
             self.tmp.path(),

@@ -13,10 +13,10 @@ use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::Code;
 
 use crate::cli::ClientError;
-use crate::client::{connect, ClientSecurity};
-use crate::proto::kiln_v1::build_event::Event;
-use crate::proto::kiln_v1::build_events_client::BuildEventsClient;
-use crate::proto::kiln_v1::{log_chunk::Stream, submit_request, SubmitRequest};
+use crate::client::{connect, submit_and_follow, ClientSecurity, EventSink, FollowError};
+use crate::proto::kiln_v1::{
+    log_chunk::Stream, submit_request, LogChunk, Output, Phase, Started, SubmitRequest,
+};
 use crate::proto::{self, snix_build, tvix_build};
 
 /// Which layout a bare JSON request is in.
@@ -111,7 +111,7 @@ pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, B
 }
 
 /// Submits to the server at `addr` (reached with `security`), streams the
-/// log, prints outputs. Returns the process exit code.
+/// log, prints outputs.
 pub async fn run(
     addr: &str,
     security: &ClientSecurity,
@@ -121,77 +121,61 @@ pub async fn run(
 ) -> Result<(), BuildCliError> {
     let request = parse_request(path, layout)?;
     let channel = connect(addr, security).await?;
-    let mut client =
-        BuildEventsClient::new(channel).max_decoding_message_size(crate::server::MAX_MESSAGE_BYTES);
-    let mut stream = client
-        .submit(request)
+    let done = submit_and_follow(channel, request, &mut Progress)
         .await
-        .map_err(|s| BuildCliError::Failed {
-            code: s.code(),
-            message: s.message().into(),
-        })?
-        .into_inner();
-    let mut stderr = std::io::stderr();
-    let mut stdout = std::io::stdout();
-    loop {
-        let ev = match stream.message().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => {
-                return Err(BuildCliError::Failed {
-                    code: Code::Unavailable,
-                    message: "event stream ended early".into(),
-                })
-            }
-            Err(s) => {
-                return Err(BuildCliError::Failed {
-                    code: s.code(),
-                    message: s.message().into(),
-                })
-            }
+        .map_err(|e| match e {
+            FollowError::Ended { .. } => BuildCliError::Failed {
+                code: Code::Unavailable,
+                message: "event stream ended early".into(),
+            },
+            FollowError::Refused { code, message, .. }
+            | FollowError::Stream { code, message, .. } => BuildCliError::Failed { code, message },
+            FollowError::Failed { failed, .. } => BuildCliError::Failed {
+                code: Code::from_i32(failed.code),
+                message: failed.message,
+            },
+        })?;
+    print_outputs(&done.completed, json_out);
+    let _ = writeln!(std::io::stderr(), "kiln: build {} succeeded", done.build_id);
+    Ok(())
+}
+
+/// The progress of a build on stderr, the builder's stdout on stdout. A
+/// closed stream must not fail the build: writes are best effort.
+struct Progress;
+
+impl EventSink for Progress {
+    fn started(&mut self, build_id: &str, s: &Started) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "kiln: build {build_id} on {} ({}), {} MiB, {} vCPU",
+            s.vmm,
+            s.accel,
+            s.guest_memory_bytes >> 20,
+            s.vcpus
+        );
+    }
+
+    fn phase(&mut self, build_id: &str, p: &Phase) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "kiln: [{}] {}",
+            build_id.get(..8).unwrap_or(build_id),
+            p.name
+        );
+    }
+
+    fn log(&mut self, _build_id: &str, chunk: &LogChunk) {
+        let _ = if chunk.stream == Stream::Stdout as i32 {
+            let mut stdout = std::io::stdout();
+            stdout.write_all(&chunk.data).and_then(|_| stdout.flush())
+        } else {
+            std::io::stderr().write_all(&chunk.data)
         };
-        match ev.event {
-            Some(Event::Started(s)) => {
-                let _ = writeln!(
-                    stderr,
-                    "kiln: build {} on {} ({}), {} MiB, {} vCPU",
-                    ev.build_id,
-                    s.vmm,
-                    s.accel,
-                    s.guest_memory_bytes >> 20,
-                    s.vcpus
-                );
-            }
-            Some(Event::Phase(p)) => {
-                let _ = writeln!(
-                    stderr,
-                    "kiln: [{}] {}",
-                    ev.build_id.get(..8).unwrap_or(&ev.build_id),
-                    p.name
-                );
-            }
-            Some(Event::Log(chunk)) => {
-                let _ = if chunk.stream == Stream::Stdout as i32 {
-                    stdout.write_all(&chunk.data).and_then(|_| stdout.flush())
-                } else {
-                    stderr.write_all(&chunk.data)
-                };
-            }
-            Some(Event::Output(o)) => {
-                let _ = writeln!(stderr, "kiln: output /{}", o.path);
-            }
-            Some(Event::Completed(c)) => {
-                print_outputs(&c, json_out);
-                let _ = writeln!(stderr, "kiln: build {} succeeded", ev.build_id);
-                return Ok(());
-            }
-            Some(Event::Failed(f)) => {
-                return Err(BuildCliError::Failed {
-                    code: Code::from_i32(f.code),
-                    message: f.message,
-                });
-            }
-            None => {}
-        }
+    }
+
+    fn output(&mut self, _build_id: &str, o: &Output) {
+        let _ = writeln!(std::io::stderr(), "kiln: output /{}", o.path);
     }
 }
 

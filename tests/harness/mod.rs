@@ -19,7 +19,7 @@ pub mod guest;
 pub mod procs;
 pub mod server;
 
-pub use events::submit_until_log;
+pub use events::{submit_until_log, LogBytes};
 pub use fixtures::{busybox_tree, nix_request, BUSYBOX};
 pub use gate::{can_run, python_unavailable, skip, vm_tests_can_run, vm_unavailable};
 pub use procs::{build_processes, leftovers, processes_mentioning, rss_kib};

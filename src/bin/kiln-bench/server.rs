@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use kiln::castore::{ingest, Node, Store};
+use kiln::client::{submit_and_follow, EventSink, FollowError};
 use kiln::executor::plan::Limits;
 use kiln::executor::{Executor, ExecutorConfig};
 use kiln::grpc::BUILD_ID_HEADER;
 use kiln::guest_image::Artifacts;
-use kiln::proto::kiln_v1::build_event::Event;
-use kiln::proto::kiln_v1::build_events_client::BuildEventsClient;
-use kiln::proto::kiln_v1::{submit_request, SubmitRequest};
+use kiln::proto::kiln_v1::{submit_request, Phase, Started, SubmitRequest};
 use kiln::proto::snix_build::build_request::{BuildConstraints, EnvVar};
 use kiln::proto::snix_build::build_service_client::BuildServiceClient;
 use kiln::proto::{snix_build, snix_castore};
@@ -119,6 +118,23 @@ async fn ingest_busybox(store: &Store, work: &Path) -> anyhow::Result<Node> {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     Ok(ingest::ingest_path(store, &root).await?)
+}
+
+/// When each phase of a submitted build was seen, and its guest RAM.
+struct Timing {
+    started: Instant,
+    phases: Vec<(String, Duration)>,
+    memory_mib: Option<u64>,
+}
+
+impl EventSink for Timing {
+    fn phase(&mut self, _build_id: &str, p: &Phase) {
+        self.phases.push((p.name.clone(), self.started.elapsed()));
+    }
+
+    fn started(&mut self, _build_id: &str, s: &Started) {
+        self.memory_mib = Some(s.guest_memory_bytes >> 20);
+    }
 }
 
 /// How one build went, seen from the client.
@@ -263,40 +279,29 @@ impl BenchServer {
 
     async fn submit_once(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
         let channel = self.channel().await?;
-        let started = Instant::now();
-        let mut stream = BuildEventsClient::new(channel)
-            .submit(SubmitRequest {
-                request: Some(submit_request::Request::Snix(req)),
-            })
-            .await
-            .context("Submit failed")?
-            .into_inner();
-        let mut phases = Vec::new();
-        let mut memory_mib = None;
-        let mut id = String::new();
-        while let Some(ev) = stream.message().await? {
-            id = ev.build_id;
-            match ev.event {
-                Some(Event::Phase(p)) => phases.push((p.name, started.elapsed())),
-                Some(Event::Started(s)) => memory_mib = Some(s.guest_memory_bytes >> 20),
-                Some(Event::Completed(_)) => {
-                    return Ok(Finished {
-                        id,
-                        wall: started.elapsed(),
-                        phases,
-                        memory_mib,
-                    })
-                }
-                Some(Event::Failed(f)) => bail!(
-                    "build {id} failed ({}): {}; log tail: {}",
-                    f.kind,
-                    f.message,
-                    String::from_utf8_lossy(&f.log_tail)
-                ),
-                _ => {}
-            }
+        let request = SubmitRequest {
+            request: Some(submit_request::Request::Snix(req)),
+        };
+        let mut timing = Timing {
+            started: Instant::now(),
+            phases: Vec::new(),
+            memory_mib: None,
+        };
+        match submit_and_follow(channel, request, &mut timing).await {
+            Ok(done) => Ok(Finished {
+                id: done.build_id,
+                wall: timing.started.elapsed(),
+                phases: timing.phases,
+                memory_mib: timing.memory_mib,
+            }),
+            Err(FollowError::Failed { build_id, failed }) => bail!(
+                "build {build_id} failed ({}): {}; log tail: {}",
+                failed.kind,
+                failed.message,
+                String::from_utf8_lossy(&failed.log_tail)
+            ),
+            Err(e) => Err(e.into()),
         }
-        bail!("the event stream of build {id} ended without an outcome")
     }
 
     /// Stops serving.

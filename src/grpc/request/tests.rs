@@ -5,6 +5,8 @@
 //! `tests/bad_input.rs`; overlapping paths and caps over gRPC in
 //! `tests/security_limits.rs`.)
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 use super::*;
 use crate::proto::{snix_castore, tvix_castore};
 

@@ -1,6 +1,8 @@
-//! Connecting to a kiln server — its build services or its castore — with
-//! the client's TLS and bearer-token settings. The CLI and the remote
-//! castore backend both connect through here.
+//! The client side of kiln: connecting to a kiln server — its build
+//! services or its castore — with the client's TLS and bearer-token
+//! settings (here), and following a build's events to its end
+//! ([`follow`]). The CLI, the remote castore backend, the bench and the
+//! tests all connect and follow through here.
 //!
 //! Addresses: `http://HOST:PORT`, `https://HOST:PORT`, the same with a
 //! `grpc+` prefix, a bare `HOST:PORT`, or a unix socket as `unix:/PATH` or
@@ -17,6 +19,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tower::Service;
 
 use crate::tls::{self, TlsError};
+
+pub mod follow;
+
+pub use follow::{submit_and_follow, Completion, EventSink, Follow, FollowError};
 
 /// Connecting failed, or the client's settings are unusable.
 #[derive(Debug, thiserror::Error)]
