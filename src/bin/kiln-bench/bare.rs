@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use kiln::guest_image::cpio::CpioWriter;
-use kiln::vmm::VmSpec;
+use kiln::vmm::session::{Guest, GuestBoot, SessionSpec, VmSession};
 
 use crate::server::BenchServer;
 
@@ -103,34 +103,34 @@ impl Bare {
             .dir
             .join(format!("run-{run}-{}", if modules { "m" } else { "p" }));
         std::fs::create_dir_all(&run_dir)?;
-        let spec = VmSpec {
+        let spec = SessionSpec {
             id: format!("bare-{run}"),
-            kernel: server.artifacts.vmlinux(),
-            initramfs: if modules {
-                self.with_modules.clone()
-            } else {
-                self.plain.clone()
+            shares: vec![],
+            guest: Guest::Image {
+                initramfs: if modules {
+                    self.with_modules.clone()
+                } else {
+                    self.plain.clone()
+                },
+                cmdline: format!("{} rdinit=/{INIT}", kiln::guest_image::kernel_cmdline()),
             },
-            cmdline: format!("{} rdinit=/{INIT}", kiln::guest_image::kernel_cmdline()),
             memory_mib,
             vcpus: 1,
             nested_virt: false,
-            shares: vec![],
             run_dir: run_dir.clone(),
-            serial_log: run_dir.join("serial.log"),
-            deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
+            deadline: Instant::now() + Duration::from_secs(120),
         };
+        let boot = GuestBoot::new(server.artifacts.clone(), server.cache_dir.clone());
         let started = Instant::now();
-        let mut vm = server.runner.start(&spec).await?;
+        let (mut session, _channel) = VmSession::boot(server.runner.as_ref(), &boot, spec).await?;
         let vmm_up = started.elapsed();
-        let _channel = vm.take_channel().await?;
-        let exit = tokio::time::timeout(Duration::from_secs(120), vm.wait()).await;
+        let exit = tokio::time::timeout(Duration::from_secs(120), session.parts().vm.wait()).await;
         let wall = started.elapsed();
-        vm.kill().await;
+        let serial = std::fs::read_to_string(run_dir.join("serial.log")).unwrap_or_default();
+        session.end().await;
         if exit.is_err() {
             bail!("the bare VM did not power off within 120 s");
         }
-        let serial = std::fs::read_to_string(&spec.serial_log).unwrap_or_default();
         let Some((up, up2)) = parse_mark(&serial) else {
             bail!("the bare VM's init did not run; serial console:\n{serial}");
         };
