@@ -8,87 +8,45 @@
 //! - a long `DirectoryService.Put` stream is written in batches: the
 //!   server's peak memory grows by far less than the stream.
 //!
-//! The executor's QEMU binary does not exist, so a request these rules fail
-//! to refuse cannot boot anything; it fails fast with another code.
+//! The server's VMM boots nothing, so a request these rules fail to refuse
+//! cannot boot anything; it fails fast with another code.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+mod harness;
 
 use futures::StreamExt;
 use kiln::castore::grpc_server::MAX_MESSAGE_SIZE;
-use kiln::executor::admission::RequestBudget;
-use kiln::executor::plan::Limits;
+use kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES;
 use kiln::executor::request::{
     MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES, MAX_REFSCAN_NEEDLES_BYTES,
 };
-use kiln::executor::{Executor, ExecutorConfig};
-use kiln::grpc::BuildService;
 use kiln::proto::{snix_build, snix_castore, tvix_build, tvix_castore};
-use kiln::vmm::qemu::{Accel, QemuRunner};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::Code;
+
+use harness::{Options, TestServer};
 
 const INPUT: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
 const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
 
-/// A kiln build and castore server on 127.0.0.1 whose executor cannot boot.
-struct Server {
-    channel: Channel,
-    _tmp: tempfile::TempDir,
+/// The harness's server whose VMM boots nothing, with `budget` bytes for
+/// all held requests.
+async fn start(budget: usize) -> Server {
+    let server = harness::server::start_without_vms(Options {
+        request_budget_bytes: budget,
+        ..Options::default()
+    })
+    .await;
+    Server {
+        channel: server.channel().await,
+        _server: server,
+    }
 }
 
-async fn start(budget: RequestBudget) -> Server {
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
-    let config = ExecutorConfig {
-        data_dir,
-        cache_dir: tmp.path().join("cache"),
-        artifacts: Default::default(),
-        limits: Limits {
-            min_guest_memory_mib: 512,
-            guest_overhead_mib: 256,
-            max_guest_memory_mib: 4096,
-            vcpus: 1,
-            nested_virt_available: false,
-            ro_path_allowlist: vec![],
-        },
-        timeout: Duration::from_secs(30),
-        max_log_bytes: 1 << 20,
-        scratch: Default::default(),
-        inputs: Default::default(),
-        max_vms: 1,
-        memory_budget_mib: 8192,
-        max_queue: 4,
-        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
-        kept_builds: 16,
-        kept_log_bytes: 1 << 16,
-    };
-    let runner = QemuRunner {
-        accel: Accel::Tcg,
-        binary: PathBuf::from("/nonexistent/qemu-system-x86_64"),
-    };
-    let executor = Arc::new(Executor::open(config, store.clone(), Arc::new(runner)).unwrap());
-    let builds = BuildService::with_request_budget(executor, budget);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let router = kiln::castore::grpc_services(store)
-        .into_router(&mut tonic::transport::Server::builder())
-        .add_service(
-            snix_build::build_service_server::BuildServiceServer::new(builds.clone())
-                .max_decoding_message_size(kiln::server::MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            tvix_build::build_service_server::BuildServiceServer::new(builds)
-                .max_decoding_message_size(kiln::server::MAX_MESSAGE_BYTES),
-        );
-    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
-    let channel = kiln::cli::connect(&addr).await.unwrap();
-    Server { channel, _tmp: tmp }
+struct Server {
+    channel: Channel,
+    _server: TestServer,
 }
 
 impl Server {
@@ -141,7 +99,7 @@ type Case<R> = (&'static str, Box<dyn Fn(&mut R)>, &'static str);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overlapping_paths_and_needle_caps_are_invalid_over_snix() {
-    let server = start(RequestBudget::default()).await;
+    let server = start(DEFAULT_REQUEST_BUDGET_BYTES).await;
     let cases: Vec<Case<snix_build::BuildRequest>> = vec![
         (
             "nested outputs",
@@ -228,7 +186,7 @@ async fn overlapping_paths_and_needle_caps_are_invalid_over_snix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_output_at_an_input_is_invalid_over_tvix() {
-    let server = start(RequestBudget::default()).await;
+    let server = start(DEFAULT_REQUEST_BUDGET_BYTES).await;
     let input = tvix_castore::Node {
         node: Some(tvix_castore::node::Node::File(tvix_castore::FileNode {
             name: INPUT.as_bytes().to_vec().into(),
@@ -252,7 +210,7 @@ async fn an_output_at_an_input_is_invalid_over_tvix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_over_the_memory_budget_are_refused() {
-    let server = start(RequestBudget::new(64 * 1024)).await;
+    let server = start(64 * 1024).await;
     let mut req = snix_request();
     req.additional_files = vec![file("build/.attr-big", 100 * 1024)];
     let status = server.snix().do_build(req).await.expect_err("over budget");
@@ -307,7 +265,7 @@ async fn a_long_directory_put_is_written_in_batches() {
     use snix_castore::directory_service_client::DirectoryServiceClient;
     const STREAM_MIB: usize = 160;
     const ENTRIES: usize = 1000;
-    let server = start(RequestBudget::default()).await;
+    let server = start(DEFAULT_REQUEST_BUDGET_BYTES).await;
     let per_dir = prost::Message::encoded_len(&leaf(0, ENTRIES));
     let count = STREAM_MIB * 1024 * 1024 / per_dir;
     let mut client = DirectoryServiceClient::new(server.channel.clone())
