@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use kiln::guest_image::cpio::CpioWriter;
 use kiln::guest_image::Artifacts;
 use kiln::vmm::qemu::{Accel, QemuRunner};
-use kiln::vmm::session::{GuestBoot, SessionSpec, Share, VmSession};
+use kiln::vmm::session::{Guest, GuestBoot, SessionSpec, Share, VmSession};
 use kiln::vmm::{RunningVm, Transport, VmRunner, VmSpec, VmmError};
 use kiln_guest::contract::{
     Decoder, FrameKind, Job, Report, ACK, INPUTS_TAG, JOB_PATH, SCRATCH_TAG,
@@ -178,7 +178,7 @@ async fn run_inner(
     let spec = SessionSpec {
         id: "test".into(),
         shares,
-        job: job.clone(),
+        guest: Guest::Agent(job.clone()),
         memory_mib: 1024,
         vcpus: 1,
         nested_virt: nested,
