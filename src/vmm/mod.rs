@@ -1,12 +1,13 @@
 //! VMM backends: boot one short-lived microVM for one build.
 //!
-//! The executor describes the VM it wants as a [`VmSpec`] and hands it to a
-//! [`VmRunner`]; the runner starts the VMM process and returns a
-//! [`RunningVm`] that yields the guest channel (the agent's byte stream, see
-//! `kiln_guest::contract`) and waits for the VMM to exit.
-//!
-//! virtiofsd is not the runner's business: the executor starts one daemon per
-//! share (see [`virtiofsd`]) and passes the vhost-user socket paths in.
+//! A build VM's whole life is a [`session::VmSession`]: it starts one
+//! virtiofsd per share ([`virtiofsd`]), writes the initramfs, describes the
+//! VM as a [`VmSpec`] and hands it to a [`VmRunner`] (the backend), which
+//! starts the VMM process and returns a [`RunningVm`] that yields the guest
+//! channel (the agent's byte stream, see `kiln_guest::contract`) and waits
+//! for the VMM to exit. Backends see only socket paths, never share daemons.
+//! [`host`] detects what this host offers and picks the backend;
+//! [`transport`] owns the guest modules each backend's devices need.
 
 use std::path::PathBuf;
 use std::time::Duration;
