@@ -3,8 +3,8 @@
 //! base initramfs plus the job, QEMU microvm under TCG), and everything the
 //! agent sent. `tests/guest_vm.rs` checks the sandbox from inside with it.
 //!
-//! Two things a build never does go through [`TestRunner`], which wraps the
-//! QEMU runner: a job file other than the one the session writes (an
+//! Two things a build never does boot a prepared image instead
+//! (`Guest::Image`): a job file other than the one the session writes (an
 //! undecodable one, a module list the transport does not have), and extra
 //! kernel arguments (`KILN_TEST_KERNEL_ARGS`, e.g. `loglevel=7`, when
 //! debugging a boot).
@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln::guest_image::cpio::CpioWriter;
-use kiln::guest_image::Artifacts;
+use kiln::guest_image::{self, Artifacts};
 use kiln::vmm::qemu::{Accel, QemuRunner};
 use kiln::vmm::session::{Guest, GuestBoot, SessionSpec, Share, VmSession};
-use kiln::vmm::{RunningVm, Transport, VmRunner, VmSpec, VmmError};
+use kiln::vmm::Transport;
 use kiln_guest::contract::{
     Decoder, FrameKind, Job, Report, ACK, INPUTS_TAG, JOB_PATH, SCRATCH_TAG,
 };
@@ -175,23 +175,20 @@ async fn run_inner(
         share(SCRATCH_TAG, &scratch, false),
     ];
     shares.extend(ro_shares.iter().map(|(tag, dir)| share(tag, dir, true)));
+    let cache = std::env::temp_dir().join("kiln-guest-vm-test-images");
+    let boot = GuestBoot::new(artifacts, cache);
+    let guest = guest(&boot, job, job_file, &run_dir).await;
     let spec = SessionSpec {
         id: "test".into(),
         shares,
-        guest: Guest::Agent(job.clone()),
+        guest,
         memory_mib: 1024,
         vcpus: 1,
         nested_virt: nested,
         run_dir: run_dir.clone(),
         deadline: Instant::now() + Duration::from_secs(600),
     };
-    let runner = TestRunner {
-        qemu: QemuRunner::new(Accel::Tcg),
-        job_file: job_file.map(<[u8]>::to_vec),
-        kernel_args: std::env::var("KILN_TEST_KERNEL_ARGS").ok(),
-    };
-    let cache = std::env::temp_dir().join("kiln-guest-vm-test-images");
-    let boot = GuestBoot::new(artifacts, cache);
+    let runner = QemuRunner::new(Accel::Tcg);
 
     let started = Instant::now();
     let (mut session, channel) = VmSession::boot(&runner, &boot, spec).await.unwrap();
@@ -248,44 +245,29 @@ async fn run_inner(
     }
 }
 
-/// QEMU/TCG, with the two things only tests change: the job file and
-/// extra kernel arguments.
-struct TestRunner {
-    qemu: QemuRunner,
-    /// Replaces the job file the session wrote: a later archive entry of
-    /// the same name overwrites it when the kernel unpacks the initramfs.
-    job_file: Option<Vec<u8>>,
-    kernel_args: Option<String>,
-}
-
-#[async_trait::async_trait]
-impl VmRunner for TestRunner {
-    fn name(&self) -> &'static str {
-        self.qemu.name()
+/// What the VM runs: kiln's agent with `job`, as the session writes it;
+/// or, for a job file the session would not write (`raw`) or extra
+/// kernel arguments (`KILN_TEST_KERNEL_ARGS`), an initramfs made here the
+/// same way: the base image, then an archive holding the job file.
+async fn guest(boot: &GuestBoot, job: &Job, raw: Option<&[u8]>, run_dir: &Path) -> Guest {
+    let kernel_args = std::env::var("KILN_TEST_KERNEL_ARGS").ok();
+    if raw.is_none() && kernel_args.is_none() {
+        return Guest::Agent(job.clone());
     }
-
-    fn accel(&self) -> &'static str {
-        self.qemu.accel()
-    }
-
-    fn transport(&self) -> Transport {
-        self.qemu.transport()
-    }
-
-    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
-        let mut spec = spec.clone();
-        if let Some(raw) = &self.job_file {
-            let mut archive = CpioWriter::new(Vec::new());
-            archive.file(JOB_PATH, 0o644, raw).unwrap();
-            let mut image = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&spec.initramfs)
-                .unwrap();
-            std::io::Write::write_all(&mut image, &archive.finish().unwrap()).unwrap();
-        }
-        if let Some(args) = &self.kernel_args {
-            spec.cmdline = format!("{} {args}", spec.cmdline);
-        }
-        self.qemu.start(&spec).await
-    }
+    let file = raw.map(<[u8]>::to_vec).unwrap_or_else(|| {
+        let mut job = job.clone();
+        job.modules = qemu_guest_modules();
+        job_file(&job)
+    });
+    let mut image = std::fs::read(boot.base_image().await.unwrap()).unwrap();
+    let mut archive = CpioWriter::new(Vec::new());
+    archive.file(JOB_PATH, 0o644, &file).unwrap();
+    image.extend(archive.finish().unwrap());
+    let initramfs = run_dir.join("initramfs.cpio");
+    std::fs::write(&initramfs, image).unwrap();
+    let cmdline = match kernel_args {
+        Some(args) => format!("{} {args}", guest_image::kernel_cmdline()),
+        None => guest_image::kernel_cmdline(),
+    };
+    Guest::Image { initramfs, cmdline }
 }
