@@ -337,7 +337,7 @@ async fn a_trivial_job_boots_and_reports_quickly() {
     let r = run.report();
     assert_eq!(r.outcome, Outcome::Exited { code: 0 });
     eprintln!(
-        "trivial job: QEMU start to report {:?}, to power-off {:?} (kernel boot {} ms, agent setup {} ms, build {} ms)",
+        "trivial job: session boot (virtiofsd, initramfs, QEMU) to report {:?}, to power-off {:?} (kernel boot {} ms, agent setup {} ms, build {} ms)",
         run.to_report, run.elapsed, r.boot_ms, r.setup_ms, r.build_ms
     );
     eprintln!(
