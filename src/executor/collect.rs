@@ -19,9 +19,9 @@ use std::sync::Arc;
 use crate::castore::ingest::{self, IngestError, IngestMode};
 use crate::castore::Store;
 use crate::executor::error::BuildError;
-use crate::executor::run::{BuiltOutput, Steps};
 use crate::executor::paths::RelPath;
 use crate::executor::refscan::Scanner;
+use crate::executor::run::{BuiltOutput, Steps};
 use crate::executor::scratch::ScratchLimits;
 use crate::hostfs::{self, Dir, Kind};
 

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use crate::castore::materialise::{self, Control, Expansion, Limits, MaterialiseError};
 use crate::castore::{B3Digest, Directory, PathComponent, Store};
 use crate::executor::error::{BuildError, Precondition};
-use crate::executor::run::Steps;
 use crate::executor::request::BuildRequest;
+use crate::executor::run::Steps;
 
 /// The fetched directories of one input.
 pub(crate) type InputTree = HashMap<B3Digest, Directory>;

@@ -26,8 +26,8 @@ pub mod supervise;
 pub mod workspace;
 
 pub use error::{BuildError, Precondition};
-pub use run::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
 pub use request::BuildRequest;
+pub use run::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
 
 #[cfg(test)]
 mod tests;

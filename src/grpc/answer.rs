@@ -4,8 +4,8 @@
 use prost::Message;
 use tonic::Status;
 
-use crate::executor::run::BuildOutcome;
 use crate::executor::request::Layout;
+use crate::executor::run::BuildOutcome;
 use crate::proto::{kiln_v1, snix_build, tvix_build};
 
 /// The `tvix.build.v1` answer: the request echoed, outputs named by

@@ -21,8 +21,8 @@ use tonic::{Request, Response, Status};
 
 use crate::executor::admission::{RequestBudget, RequestPermit};
 use crate::executor::error::{BuildError, InvalidRequest};
-use crate::executor::run::{BuildOutcome, Executor};
 use crate::executor::request::BuildRequest;
+use crate::executor::run::{BuildOutcome, Executor};
 use crate::grpc::{answer, request, status};
 use crate::proto::{snix_build, tvix_build};
 

@@ -149,7 +149,6 @@ impl Derivation {
     }
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
