@@ -22,6 +22,16 @@
 
 #![warn(missing_docs)]
 
+/// Says that a unit test skipped and why, as `SKIPPED: …` written straight
+/// to stderr, past libtest's capture, so `make test` shows it.
+#[cfg(test)]
+macro_rules! test_skip {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {}", format_args!($($arg)*));
+    }};
+}
+
 pub mod auth;
 pub mod castore;
 pub mod cli;

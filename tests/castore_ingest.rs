@@ -4,6 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// `SKIPPED: …` straight to stderr, past libtest's capture, so `make test`
+/// shows it.
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {}", format_args!($($arg)*));
+    }};
+}
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -367,11 +376,13 @@ async fn large_files_are_streamed_not_held_in_memory() {
 async fn move_mode_across_filesystems_falls_back_to_copying() {
     let work = tempfile::tempdir().unwrap();
     let Ok(other_fs) = tempfile::tempdir_in("/dev/shm") else {
-        eprintln!("SKIPPED: move across filesystems, because /dev/shm is not usable here");
+        skip!("move across filesystems, because /dev/shm is not usable here");
         return;
     };
     if fs::metadata(other_fs.path()).unwrap().dev() == fs::metadata(work.path()).unwrap().dev() {
-        eprintln!("SKIPPED: move across filesystems, because /dev/shm is on the same filesystem as the temp dir");
+        skip!(
+            "move across filesystems, because /dev/shm is on the same filesystem as the temp dir"
+        );
         return;
     }
     let store = embedded(&work.path().join("store")).await;

@@ -67,13 +67,13 @@ async fn env() -> Result<Env, String> {
 }
 
 macro_rules! env_or_skip {
-    ($test:literal) => {
+    () => {
         match env().await {
             Ok(env) => env,
             Err(why) => {
                 // Not a failure under KILN_REQUIRE_VM_TESTS: hardware KVM
                 // and cloud-hypervisor are not part of `make deps`.
-                harness::skip(format!("cloud-hypervisor e2e `{}`: {why}", $test));
+                harness::skip(format!("cloud-hypervisor e2e: {why}"));
                 return;
             }
         }
@@ -181,7 +181,7 @@ fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
 
 #[tokio::test]
 async fn boots_reports_on_the_console_writes_the_share_and_powers_off() {
-    let env = env_or_skip!("boots_reports_on_the_console_writes_the_share_and_powers_off");
+    let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let shared = dir.path().join("shared");
@@ -224,7 +224,7 @@ $B mount -t virtiofs e2e /mnt && echo "written by the guest" > /mnt/hello && ech
 
 #[tokio::test]
 async fn nested_virt_exposes_vmx_or_svm() {
-    let env = env_or_skip!("nested_virt_exposes_vmx_or_svm");
+    let env = env_or_skip!();
     if !env.nested {
         harness::skip("the host KVM module has nested=0");
         return;
@@ -239,7 +239,7 @@ async fn nested_virt_exposes_vmx_or_svm() {
 
 #[tokio::test]
 async fn kill_stops_a_guest_that_never_powers_off() {
-    let env = env_or_skip!("kill_stops_a_guest_that_never_powers_off");
+    let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let (session, mut channel) = boot(
         &env,
@@ -267,7 +267,7 @@ async fn kill_stops_a_guest_that_never_powers_off() {
 /// quoting the panic line from the serial console.
 #[tokio::test]
 async fn a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line() {
-    let env = env_or_skip!("a_kernel_panic_ends_the_vm_as_a_reboot_with_the_panic_line");
+    let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let (mut session, channel) = boot(
         &env,

@@ -8,6 +8,15 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+/// `SKIPPED: …` straight to stderr, past libtest's capture, so `make test`
+/// shows it.
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {}", format_args!($($arg)*));
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -120,9 +129,7 @@ fn fixture(mode: &str) -> Option<Fixture> {
     let python = match python() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!(
-                "SKIPPED: cloud-hypervisor lifecycle test, because {why} (the fake VMM is Python)"
-            );
+            skip!("cloud-hypervisor lifecycle test, because {why} (the fake VMM is Python)");
             return None;
         }
     };

@@ -3,7 +3,6 @@
 //! of the VMM and everything else real (the embedded castore, virtiofsd,
 //! the channel framing, hostfs, ingest, the gRPC faces).
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +38,7 @@ async fn rig(guest: impl Fn(&FakeGuest) -> Ending + Send + Sync + 'static) -> Op
             std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(),
             "KILN_REQUIRE_VM_TESTS is set but {why}"
         );
-        // Written past libtest's capture, so `make test` shows it.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: executor fake-VM test: {why}");
+        test_skip!("executor fake-VM test: {why}");
         return None;
     }
     let tmp = tempfile::tempdir().expect("tmp");

@@ -82,8 +82,12 @@ pub fn status(e: &BuildError) -> Status {
     Status::with_details(code(e), message, failed(e).encode_to_vec().into())
 }
 
-/// Decodes the `kiln.v1.Failed` detail from a status kiln returned.
+/// Decodes the `kiln.v1.Failed` detail from a status kiln returned; `None`
+/// for a status without one (empty bytes would decode as an empty message).
 pub fn failed_detail(status: &Status) -> Option<kiln_v1::Failed> {
+    if status.details().is_empty() {
+        return None;
+    }
     kiln_v1::Failed::decode(status.details()).ok()
 }
 
@@ -177,6 +181,11 @@ mod tests {
         assert_eq!(detail.kind, "precondition");
         assert_eq!(detail.precondition, "ro_path");
         assert!(status.message().contains("/opt/x"), "{}", status.message());
+    }
+
+    #[test]
+    fn a_status_without_a_detail_has_none() {
+        assert!(failed_detail(&Status::internal("plain")).is_none());
     }
 
     fn status_of_precondition() -> Status {

@@ -226,7 +226,7 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn()
         else {
-            eprintln!("SKIPPED: gnu_cpio_agrees_when_installed because `cpio` is not installed");
+            test_skip!("gnu_cpio_agrees_when_installed because `cpio` is not installed");
             return;
         };
         let mut stdin = child.stdin.take().unwrap();

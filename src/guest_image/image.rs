@@ -212,7 +212,7 @@ mod tests {
             .windows(json.len())
             .any(|w| w == json.as_slice()));
         let Some(list) = listing(&base) else {
-            eprintln!("SKIPPED: the cpio listing check because `cpio` is not installed");
+            test_skip!("the cpio listing check because `cpio` is not installed");
             return;
         };
         for name in ["init", "kiln/modules/virtio.ko", "kiln/sh"] {
@@ -240,7 +240,7 @@ mod tests {
     fn real_modules_lose_exactly_their_signature() {
         let dir = Artifacts::default().modules_dir();
         let Ok(ko) = fs::read(dir.join("virtio.ko")) else {
-            eprintln!("SKIPPED: real_modules_lose_exactly_their_signature because {} has no virtio.ko (make kernel)", dir.display());
+            test_skip!("real_modules_lose_exactly_their_signature because {} has no virtio.ko (make kernel)", dir.display());
             return;
         };
         let stripped = strip_module_signature(&ko);

@@ -172,8 +172,8 @@ mod tests {
     fn each_module_comes_after_its_dependencies_in_the_installed_kernel() {
         let dir = Path::new(crate::guest_image::DEFAULT_KERNEL_DIR).join("modules");
         if !dir.is_dir() {
-            eprintln!(
-                "SKIPPED: each_module_comes_after_its_dependencies_in_the_installed_kernel, \
+            test_skip!(
+                "each_module_comes_after_its_dependencies_in_the_installed_kernel, \
                  because {} does not exist (make kernel)",
                 dir.display()
             );

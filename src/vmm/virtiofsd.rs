@@ -319,7 +319,7 @@ mod tests {
     #[tokio::test]
     async fn socket_accepts_at_once_and_drop_kills_the_daemon() {
         let Some(binary) = find_binary() else {
-            eprintln!("SKIPPED: socket_accepts_at_once_and_drop_kills_the_daemon because virtiofsd is not installed");
+            test_skip!("socket_accepts_at_once_and_drop_kills_the_daemon because virtiofsd is not installed");
             return;
         };
         let dir = tempfile::tempdir().unwrap();

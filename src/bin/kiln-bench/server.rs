@@ -58,28 +58,22 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
     let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
         .await
         .context("choosing a VMM")?;
+    // `kiln serve`'s defaults, but for the VMs the bench may run at once,
+    // a shorter timeout and smaller logs.
     let config = ExecutorConfig {
-        scratch: Default::default(),
-        inputs: Default::default(),
         data_dir,
         cache_dir: cache_dir.clone(),
         artifacts: artifacts.clone(),
         limits: Limits {
-            min_guest_memory_mib: 512,
-            guest_overhead_mib: 256,
-            max_guest_memory_mib: 8192,
-            vcpus: 1,
             nested_virt_available: chosen.nested_available,
-            ro_path_allowlist: vec![],
+            ..Limits::default()
         },
         timeout: Duration::from_secs(600),
         max_log_bytes: 8 << 20,
         max_vms,
         memory_budget_mib: 1024 * max_vms as u64,
-        max_queue: 64,
-        request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
-        kept_builds: 256,
         kept_log_bytes: 1 << 20,
+        ..ExecutorConfig::default()
     };
     let runner = chosen.runner.clone();
     let executor = Arc::new(Executor::open(config, store.clone(), chosen.runner)?);

@@ -388,8 +388,8 @@ mod tests {
             report.checks.len() + report.checks.iter().filter(|c| c.advice.is_some()).count() + 1
         );
         if report.facts.kvm != KvmKind::Pvm {
-            eprintln!(
-                "SKIPPED: the PVM assertions of this_host, because this host's KVM is {}",
+            test_skip!(
+                "the PVM assertions of this_host, because this host's KVM is {}",
                 report.facts.kvm
             );
             return;
