@@ -39,8 +39,9 @@ virtiofsd:
 kernel:
 	./kernels/debian-cloud.sh $(KERNEL_DIR)
 
+# Static like the rest of the agent: libseccomp.a from libseccomp-dev.
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p kiln-guest --bin kiln-agent --target x86_64-unknown-linux-gnu
+	RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu $(CARGO) build --release -p kiln-guest --bin kiln-agent --target x86_64-unknown-linux-gnu
 	install -D -m 0755 target/x86_64-unknown-linux-gnu/release/kiln-agent $(AGENT)
 
 build: agent

@@ -106,3 +106,61 @@ async fn concurrent_builds_cannot_see_each_other() {
     drop(stream);
     server.stop().await;
 }
+
+/// Nix's syscall filter, inside a real VM through the real agent: setuid
+/// and setgid modes are refused with EPERM on all three x86 ABIs and leave
+/// the mode alone, xattrs are refused with ENOTSUP, an ordinary chmod works,
+/// and the filter and `no_new_privs` hold for what the builder spawns.
+#[tokio::test(flavor = "multi_thread")]
+async fn syscall_filter_as_nix_has_it() {
+    use kiln::castore::ingest;
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    harness::syscall_probe(tmp.path());
+    let probe = ingest::ingest_path(&server.store, tmp.path())
+        .await
+        .unwrap();
+    let mut req = server.snix_request(
+        &format!(
+            "exec > $out 2>&1; /nix/store/{}/bin/syscall-probe /build/probe \
+               chmod-setuid chmod-setgid chmod-plain fchmod-setuid fchmodat-setgid \
+               fchmodat2-setuid i386-chmod-setuid x32-chmod-setuid setxattr lsetxattr fsetxattr status; \
+             touch /build/f; chmod 4755 /build/f; echo \"busybox chmod 4755: $?\"; ls -l /build/f; \
+             sh -c 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status'",
+            harness::PROBE
+        ),
+        &[OUT],
+    );
+    req.inputs
+        .push(probe.to_snix_entry(harness::PROBE.as_bytes()));
+    let text = String::from_utf8(server.build_first_file(req).await).unwrap();
+    for check in [
+        "chmod-setuid",
+        "chmod-setgid",
+        "fchmod-setuid",
+        "fchmodat-setgid",
+        "fchmodat2-setuid",
+        "i386-chmod-setuid",
+        "x32-chmod-setuid",
+    ] {
+        assert!(
+            text.contains(&format!("{check}: EPERM, mode 0644\n")),
+            "{check}:\n{text}"
+        );
+    }
+    assert!(text.contains("chmod-plain: ok, mode 0755\n"), "{text}");
+    for check in ["setxattr", "lsetxattr", "fsetxattr"] {
+        assert!(
+            text.contains(&format!("{check}: ENOTSUP, mode 0644\n")),
+            "{check}:\n{text}"
+        );
+    }
+    assert!(text.contains("no_new_privs: 1\n"), "{text}");
+    // busybox's chmod fails, the file keeps 0644, in a grandchild too.
+    assert!(text.contains("busybox chmod 4755: 1\n"), "{text}");
+    assert!(text.contains("-rw-r--r--"), "{text}");
+    assert!(text.contains("NoNewPrivs:\t1\nSeccomp:\t2\n"), "{text}");
+    server.stop().await;
+}

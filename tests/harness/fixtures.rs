@@ -91,3 +91,32 @@ pub fn nix_request(
         refscan_needles: vec![],
     }
 }
+
+/// The store basename the syscall probe gets in test requests (sorts after
+/// [`BUSYBOX`]).
+pub const PROBE: &str = "2bcdfghijklmnpqrsvwxyz0123456789-syscall-probe";
+
+/// `tests/fixtures/syscall-probe.c` compiled statically to
+/// `root/bin/syscall-probe`, so it runs in a VM or a Nix sandbox with no
+/// libc; returns the binary's path.
+pub fn syscall_probe(root: &Path) -> std::path::PathBuf {
+    let source = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/syscall-probe.c"
+    );
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let binary = bin.join("syscall-probe");
+    let out = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .output()
+        .expect("gcc, which building kiln needs anyway");
+    assert!(
+        out.status.success(),
+        "compiling {source}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}

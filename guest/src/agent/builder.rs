@@ -1,9 +1,13 @@
 //! Runs the builder inside the sandbox and forwards its output.
 //!
-//! The agent forks; the child chroots into the sandbox, enters the working
-//! dir, starts a new session, drops to the build user with no supplementary
-//! groups (so no capabilities remain), points stdin at `/dev/null` and execs
-//! with exactly the job's environment. A close-on-exec pipe tells the agent
+//! The agent compiles the builder's syscall filter
+//! ([`syscall_filter`](super::syscall_filter)) and forks; the child chroots
+//! into the sandbox, enters the working dir, starts a new session, drops to
+//! the build user with no supplementary groups (so no capabilities remain),
+//! points stdin at `/dev/null`, installs the filter and execs
+//! `command_args[0]` with the job's argv ([`job::argv`]: argv[0] may differ
+//! from the path, as Nix passes the builder's basename) and exactly the job's
+//! environment. A close-on-exec pipe tells the agent
 //! whether the exec happened, so a failed exec is the agent's failure and not
 //! an exit status. stdout and stderr are two pipes, each forwarded as frames
 //! in the order its bytes were written. When the builder exits, whatever it
@@ -30,6 +34,7 @@ use super::channel;
 use super::error::{exec, supervise, AgentError, Step};
 use super::job;
 use super::sandbox::ROOT;
+use super::syscall_filter::SyscallFilter;
 
 /// How long to wait for the pipes to close after the build user's processes
 /// were killed.
@@ -54,12 +59,19 @@ const STAGES: &[&str] = &[
     "redirecting stdio",
     "setsid",
     "dropping privileges",
+    "installing the syscall filter",
     "exec",
 ];
 
+/// The stage whose failure is the filter's, reported as step `seccomp`.
+const FILTER_STAGE: u8 = 6;
+
 /// Runs the builder to completion.
 pub fn run(job: &Job) -> Result<Finished, AgentError> {
+    let path = CString::new(job.command_args[0].as_bytes())
+        .map_err(|_| AgentError::Job("the builder path contains NUL".into()))?;
     let argv = job::argv(job)?;
+    let filter = SyscallFilter::compile()?;
     let env = job::environment(job)?;
     let workdir = format!("/{}", job.working_dir);
     let (out_r, out_w) =
@@ -72,15 +84,27 @@ pub fn run(job: &Job) -> Result<Finished, AgentError> {
     // SAFETY: the agent is single-threaded, so the child inherits no lock held
     // by another thread; it only makes syscalls and then execs or _exits.
     let child = match unsafe { fork() }.step(exec, || "forking the builder".into())? {
-        ForkResult::Child => child_exec(&argv, &env, &workdir, out_w, err_w, status_w),
+        ForkResult::Child => {
+            let exec = Exec {
+                path: &path,
+                argv: &argv,
+                env: &env,
+                workdir: &workdir,
+                filter: &filter,
+            };
+            child_exec(exec, out_w, err_w, status_w)
+        }
         ForkResult::Parent { child } => child,
     };
     drop((out_w, err_w, status_w));
-    if let Some(msg) = exec_failure(status_r) {
+    if let Some((stage, msg)) = exec_failure(status_r) {
         let _ = waitpid(child, None);
-        return Err(AgentError::Exec {
-            what: format!("starting {}", job.command_args[0]),
-            source: std::io::Error::other(msg),
+        let what = format!("starting {}", job.command_args[0]);
+        let source = std::io::Error::other(msg);
+        return Err(if stage == FILTER_STAGE {
+            AgentError::Seccomp { what, source }
+        } else {
+            AgentError::Exec { what, source }
         });
     }
     let started = Instant::now();
@@ -100,21 +124,29 @@ pub fn run(job: &Job) -> Result<Finished, AgentError> {
     Ok(Finished { outcome, build_ms })
 }
 
-/// In the forked child: enter the sandbox, become the build user, exec. On
-/// failure, reports `[stage, errno]` on the status pipe and exits.
-fn child_exec(
-    argv: &[CString],
-    env: &[CString],
-    workdir: &str,
-    out: OwnedFd,
-    err: OwnedFd,
-    status: OwnedFd,
-) -> ! {
+/// What the forked child execs, prepared before the fork.
+struct Exec<'a> {
+    /// The builder's path (`command_args[0]`).
+    path: &'a CString,
+    /// Its argv, argv[0] included.
+    argv: &'a [CString],
+    /// Its whole environment.
+    env: &'a [CString],
+    /// Absolute working dir inside the sandbox.
+    workdir: &'a str,
+    /// Installed just before exec.
+    filter: &'a SyscallFilter,
+}
+
+/// In the forked child: enter the sandbox, become the build user, install
+/// the syscall filter, exec. On failure, reports `[stage, errno]` on the
+/// status pipe and exits.
+fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! {
     let mut stage = 0u8;
     let result = (|| -> Result<std::convert::Infallible, Errno> {
         chroot(ROOT)?;
         stage = 1;
-        chdir(workdir)?;
+        chdir(exec.workdir)?;
         stage = 2;
         let null = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty())?;
         stage = 3;
@@ -131,8 +163,10 @@ fn child_exec(
         // exec: give the builder the default, as any shell would expect.
         // SAFETY: installing SIG_DFL runs no handler code.
         unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }?;
-        stage = 6;
-        execve(&argv[0], argv, env)
+        stage = FILTER_STAGE;
+        exec.filter.install()?;
+        stage = 7;
+        execve(exec.path, exec.argv, exec.env)
     })();
     let errno = match result {
         Err(e) => e as i32,
@@ -146,8 +180,9 @@ fn child_exec(
     unsafe { libc::_exit(127) }
 }
 
-/// Reads the status pipe: EOF means the exec happened.
-fn exec_failure(status: OwnedFd) -> Option<String> {
+/// Reads the status pipe: EOF means the exec happened; otherwise the stage
+/// that failed and a message naming it and the error.
+fn exec_failure(status: OwnedFd) -> Option<(u8, String)> {
     let mut buf = Vec::new();
     let _ = File::from(status).read_to_end(&mut buf);
     if buf.len() < 5 {
@@ -155,7 +190,7 @@ fn exec_failure(status: OwnedFd) -> Option<String> {
     }
     let stage = STAGES.get(buf[0] as usize).copied().unwrap_or("?");
     let errno = Errno::from_raw(i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]));
-    Some(format!("{stage}: {}", errno.desc()))
+    Some((buf[0], format!("{stage}: {}", errno.desc())))
 }
 
 /// Forwards both pipes until the builder exits, then kills the build user's

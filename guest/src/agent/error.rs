@@ -91,6 +91,15 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// Compiling or installing the builder's syscall filter.
+    #[error("{what}")]
+    Seccomp {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
     /// Watching the builder and forwarding its output.
     #[error("{what}")]
     Supervise {
@@ -114,6 +123,7 @@ impl AgentError {
             Self::Share { .. } => "share",
             Self::Sandbox { .. } | Self::SandboxPath { .. } => "sandbox",
             Self::Exec { .. } => "exec",
+            Self::Seccomp { .. } => "seccomp",
             Self::Supervise { .. } => "supervise",
         }
     }

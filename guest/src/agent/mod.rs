@@ -8,6 +8,7 @@ pub mod error;
 pub mod job;
 pub mod net;
 pub mod sandbox;
+pub mod syscall_filter;
 
 use std::time::Instant;
 
