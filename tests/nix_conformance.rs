@@ -6,7 +6,8 @@
 //! executable bits, nested directories, the environment and cwd the builder
 //! sees, `$TMPDIR`, outputs referring to inputs, a derivation depending on
 //! others (one of them missing locally, so kiln builds it first), passAsFile,
-//! structured attributes and a fixed-output derivation.
+//! structured attributes, a fixed-output derivation, Nix's syscall filter
+//! (setuid/setgid modes and xattrs refused) and the builder's argv[0].
 //!
 //! Needs Nix, QEMU, virtiofsd and kiln's guest artifacts (`make deps agent`);
 //! skips loudly without them.
@@ -138,6 +139,8 @@ const ATTRIBUTES: &[&str] = &[
     "fixed",
     "structured",
     "dependent",
+    "syscallFilter",
+    "argv0",
 ];
 
 #[test]
