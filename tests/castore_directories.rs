@@ -121,23 +121,36 @@ async fn both_size_conventions_are_accepted_and_kept() {
     let store = RedbDirectoryService::open(&dir.path().join("d.redb")).unwrap();
     let leaf = with_file("a");
     store.put(leaf.clone()).await.unwrap();
-    // Current snix computes 2 x entries + child sizes: 2 for the leaf.
-    let wire = tvix_castore::Directory {
-        directories: vec![tvix_castore::DirectoryNode {
-            name: "leaf".into(),
-            digest: leaf.digest().to_bytes(),
-            size: 2,
-        }],
-        ..Default::default()
-    };
-    let snix_style = Directory::try_from(wire).unwrap();
-    let digest = store.put(snix_style.clone()).await.unwrap();
-    let back = store.get(&digest).await.unwrap().unwrap();
-    assert_eq!(back, snix_style);
-    assert!(matches!(
-        back.nodes().next(),
-        Some((_, Node::Directory { size: 2, .. }))
-    ));
+    // kiln writes snix's 2 x entries + child sizes: 2 for the one-file leaf.
+    assert_eq!(leaf.size(), 2);
+    // The proto comment's entries + child sizes gives 1; a client may send
+    // either (or anything else) and gets it back as sent, under its digest.
+    let mut digests = Vec::new();
+    for size in [1, 2] {
+        let wire = tvix_castore::Directory {
+            directories: vec![tvix_castore::DirectoryNode {
+                name: "leaf".into(),
+                digest: leaf.digest().to_bytes(),
+                size,
+            }],
+            ..Default::default()
+        };
+        let sent = Directory::try_from(wire).unwrap();
+        let digest = store.put(sent.clone()).await.unwrap();
+        let back = store.get(&digest).await.unwrap().unwrap();
+        assert_eq!(back, sent);
+        assert!(matches!(
+            back.nodes().next(),
+            Some((_, Node::Directory { size: got, .. })) if *got == size
+        ));
+        digests.push(digest);
+    }
+    assert_ne!(digests[0], digests[1], "the size is part of the digest");
+    assert_eq!(
+        digests[1],
+        with_children(&[("leaf", &leaf)]).digest(),
+        "snix's size is the one kiln itself writes"
+    );
 }
 
 #[tokio::test]

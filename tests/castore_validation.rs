@@ -286,18 +286,51 @@ fn node_messages_of_both_packages() {
 }
 
 #[test]
-fn size_kiln_produces_is_entries_plus_child_sizes() {
+fn size_kiln_produces_is_snix_twice_entries_plus_child_sizes() {
+    assert_eq!(Directory::new().size(), 0);
+
     let mut leaf = Directory::new();
     leaf.add(name("x"), file_node()).unwrap();
     leaf.add(name("y"), file_node()).unwrap();
-    assert_eq!(leaf.size(), 2);
+    // 2 per entry, no child directories.
+    assert_eq!(leaf.size(), 4);
 
     let mut root = Directory::new();
     root.add(name("sub"), leaf.as_node()).unwrap();
     root.add(name("f"), file_node()).unwrap();
-    // 2 entries + the child's 2.
-    assert_eq!(root.size(), 4);
-    assert_eq!(Directory::new().size(), 0);
+    root.add(
+        name("l"),
+        Node::Symlink {
+            target: b"f"[..].try_into().unwrap(),
+        },
+    )
+    .unwrap();
+    root.add(name("e"), Directory::new().as_node()).unwrap();
+    // 2 per entry (4 of them) + the children's 4 and 0.
+    assert_eq!(root.size(), 2 * 4 + 4);
+    assert!(matches!(
+        root.get(&name("sub")),
+        Some(Node::Directory { size: 4, .. })
+    ));
+
+    let mut top = Directory::new();
+    top.add(name("root"), root.as_node()).unwrap();
+    assert_eq!(top.size(), 2 + 12);
+}
+
+#[test]
+fn size_saturates_instead_of_overflowing() {
+    // Only a client can send such a child size; kiln still answers a size.
+    for huge in [u64::MAX, u64::MAX - 1, u64::MAX - 2] {
+        let mut directory = Directory::new();
+        let node = Node::Directory {
+            digest: B3Digest::of(b"child"),
+            size: huge,
+        };
+        directory.add(name("child"), node).unwrap();
+        directory.add(name("f"), file_node()).unwrap();
+        assert_eq!(directory.size(), u64::MAX, "child size {huge}");
+    }
 }
 
 #[test]

@@ -11,14 +11,34 @@
 //!
 //! # The `DirectoryNode.size` convention
 //!
-//! Two conventions exist upstream: the proto comment and the seed-era code
-//! define a directory's size as *(number of entries) + (sum of the sizes of
-//! its child directories)*; current snix code uses *2 × entries + sum of child
-//! sizes* and rejects other values. kiln **produces** the first (the proto
-//! comment / seed convention, see [`Directory::size`]) and **accepts** any
-//! value sent by clients, as long as the message is structurally valid: the
-//! size is metadata, it is not part of what the digest protects beyond being
-//! encoded, and kiln never relies on it.
+//! A `DirectoryNode` records a `size` for the directory it points at, and
+//! since the node is encoded in its parent, the size is part of every
+//! ancestor's digest. Two conventions exist upstream. The proto comment (and
+//! the seed-era code) says *(number of entries) + (sum of the sizes of the
+//! child directories)*. snix's castore code (tvix before the rename, since
+//! 2024-08) counts every entry twice: *2 × entries + sum of child sizes*,
+//! i.e. each file or symlink adds 2 and each directory adds 2 plus its own
+//! size, and its validating `DirectoryService` rejects a tree fetched
+//! recursively whose sizes differ from that ("wrong size").
+//!
+//! kiln **writes** snix's value (see [`Directory::size`]) for every
+//! directory it creates, all of which get their node from
+//! [`Directory::as_node`]: ingest (build outputs, `kiln castore import`, the
+//! Nix closure import). So trees kiln writes are accepted by snix's
+//! validating clients and services, and the same tree gets the same root
+//! digest whether kiln or snix ingested it, so the two stores deduplicate.
+//! Both wire packages (`tvix.castore.v1`, `snix.castore.v1`) carry the same
+//! value.
+//!
+//! kiln **accepts** any size a client sends, as long as the message is
+//! otherwise valid: the proto calls a larger size harmless, kiln never
+//! relies on the value, and it keeps the size as sent, so the digest stays
+//! the client's. For the same reason directories stored before kiln changed
+//! convention stay readable under their digests: they are stored by digest
+//! as received and nothing re-encodes them or recomputes their sizes. (A
+//! stored tree with the older sizes is still served as stored, so a
+//! validating snix client would refuse that one tree; re-ingesting it gives
+//! the snix-convention digest.)
 
 use std::collections::BTreeMap;
 
@@ -80,16 +100,18 @@ impl Directory {
         })
     }
 
-    /// The size kiln puts in a `DirectoryNode` pointing here: number of
-    /// entries plus the sizes of the child directories (the proto comment's
-    /// convention; see the module docs).
+    /// The size kiln puts in a `DirectoryNode` pointing here, by snix's
+    /// rule: 2 for each file or symlink, 2 plus its recorded size for each
+    /// child directory (see the module docs). Saturates at `u64::MAX` rather
+    /// than overflowing, which only a client-sent child size can cause.
     pub fn size(&self) -> u64 {
-        self.nodes
-            .values()
-            .fold(self.len() as u64, |sum, node| match node {
-                Node::Directory { size, .. } => sum.saturating_add(*size),
-                _ => sum,
-            })
+        self.nodes.values().fold(0u64, |sum, node| {
+            let entry = match node {
+                Node::Directory { size, .. } => size.saturating_add(2),
+                Node::File { .. } | Node::Symlink { .. } => 2,
+            };
+            sum.saturating_add(entry)
+        })
     }
 
     /// The canonical protobuf encoding.

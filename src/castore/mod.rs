@@ -3,7 +3,9 @@
 //! Where things are:
 //! - Domain types, validated at the edge: [`B3Digest`], [`PathComponent`],
 //!   [`SymlinkTarget`], [`Node`], [`Directory`] (whose docs state the
-//!   `DirectoryNode.size` convention kiln produces and accepts); conversions
+//!   `DirectoryNode.size` convention: kiln writes snix's, 2 × entries + child
+//!   sizes, for interop with snix's validating services, and accepts any
+//!   size a client sends); conversions
 //!   from and to both wire packages (`tvix.castore.v1`, `snix.castore.v1`)
 //!   in [`wire`].
 //! - Storage behind two narrow traits, one file per backend:
