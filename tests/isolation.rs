@@ -110,7 +110,8 @@ async fn concurrent_builds_cannot_see_each_other() {
 /// Nix's syscall filter, inside a real VM through the real agent: setuid
 /// and setgid modes are refused with EPERM on all three x86 ABIs and leave
 /// the mode alone, xattrs are refused with ENOTSUP, an ordinary chmod works,
-/// and the filter and `no_new_privs` hold for what the builder spawns.
+/// and the filter and `no_new_privs` hold for what the builder spawns; and
+/// as in Nix's sandbox, no address-space randomisation and no core dumps.
 #[tokio::test(flavor = "multi_thread")]
 async fn syscall_filter_as_nix_has_it() {
     use kiln::castore::ingest;
@@ -128,7 +129,8 @@ async fn syscall_filter_as_nix_has_it() {
                chmod-setuid chmod-setgid chmod-plain fchmod-setuid fchmodat-setgid \
                fchmodat2-setuid i386-chmod-setuid x32-chmod-setuid setxattr lsetxattr fsetxattr status; \
              touch /build/f; chmod 4755 /build/f; echo \"busybox chmod 4755: $?\"; ls -l /build/f; \
-             sh -c 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status'",
+             sh -c 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status'; \
+             echo \"personality $(cat /proc/self/personality), core $(ulimit -c)\"",
             harness::PROBE
         ),
         &[OUT],
@@ -162,5 +164,7 @@ async fn syscall_filter_as_nix_has_it() {
     assert!(text.contains("busybox chmod 4755: 1\n"), "{text}");
     assert!(text.contains("-rw-r--r--"), "{text}");
     assert!(text.contains("NoNewPrivs:\t1\nSeccomp:\t2\n"), "{text}");
+    // As Nix: ADDR_NO_RANDOMIZE (0x0040000) and no core dumps.
+    assert!(text.contains("personality 00040000, core 0\n"), "{text}");
     server.stop().await;
 }

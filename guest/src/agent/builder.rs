@@ -4,7 +4,8 @@
 //! ([`syscall_filter`](super::syscall_filter)) and forks; the child chroots
 //! into the sandbox, enters the working dir, starts a new session, drops to
 //! the build user with no supplementary groups (so no capabilities remain),
-//! points stdin at `/dev/null`, installs the filter and execs
+//! points stdin at `/dev/null`, turns off address-space randomisation and
+//! core dumps (as Nix does), installs the filter and execs
 //! `command_args[0]` with the job's argv ([`job::argv`]: argv[0] may differ
 //! from the path, as Nix passes the builder's basename) and exactly the job's
 //! environment. A close-on-exec pipe tells the agent
@@ -23,6 +24,8 @@ use kiln_guest::contract::{FrameKind, Job, Outcome, BUILD_GID, BUILD_UID, MAX_FR
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::personality::{self, Persona};
+use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, signal, SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{
@@ -58,13 +61,14 @@ const STAGES: &[&str] = &[
     "opening /dev/null",
     "redirecting stdio",
     "setsid",
+    "disabling address-space randomisation and core dumps",
     "dropping privileges",
     "installing the syscall filter",
     "exec",
 ];
 
 /// The stage whose failure is the filter's, reported as step `seccomp`.
-const FILTER_STAGE: u8 = 6;
+const FILTER_STAGE: u8 = 7;
 
 /// Runs the builder to completion.
 pub fn run(job: &Job) -> Result<Finished, AgentError> {
@@ -156,6 +160,12 @@ fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! 
         stage = 4;
         setsid()?;
         stage = 5;
+        // As Nix: no address-space randomisation, for deterministic
+        // builds, and no core dumps (soft limit 0, hard unlimited).
+        let persona = personality::get()?;
+        personality::set(persona | Persona::ADDR_NO_RANDOMIZE)?;
+        setrlimit(Resource::RLIMIT_CORE, 0, libc::RLIM_INFINITY)?;
+        stage = 6;
         setgroups(&[])?;
         setgid(Gid::from_raw(BUILD_GID))?;
         setuid(Uid::from_raw(BUILD_UID))?;
@@ -165,7 +175,7 @@ fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! 
         unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }?;
         stage = FILTER_STAGE;
         exec.filter.install()?;
-        stage = 7;
+        stage = 8;
         execve(exec.path, exec.argv, exec.env)
     })();
     let errno = match result {
