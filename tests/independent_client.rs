@@ -2,7 +2,10 @@
 //! protobuf bytes assembled by hand, no code shared with kiln) against a
 //! kiln server: castore under both package names, a seed-layout
 //! `tvix.build.v1` and a `snix.build.v1` build in real VMs, and malformed
-//! and oversized messages.
+//! and oversized messages. Nested trees, one a client put and one kiln
+//! built, are read back recursively and validated the way snix's
+//! validating `DirectoryService` does (order, and every `DirectoryNode.size`
+//! by snix's rule, computed by the client).
 
 #![allow(clippy::unwrap_used)]
 

@@ -3,7 +3,11 @@
 
 It shares no generated code with kiln: every message is encoded and decoded
 here from the field numbers of shared/PROTOCOL.md, so a passing run proves
-kiln's wire layout, not just agreement of kiln with itself.
+kiln's wire layout, not just agreement of kiln with itself. Trees read back
+recursively (one this client puts, one a build writes) are also checked the
+way snix's validating DirectoryService checks them: root first, each
+directory referenced by an earlier one, each DirectoryNode.size equal to the
+snix size (2 per entry plus child sizes) this client computes.
 
 Usage: kiln_client.py ADDR castore            castore checks, both package names
        kiln_client.py ADDR build BUSYBOX      a tvix (seed layout) and a snix build
@@ -100,6 +104,39 @@ def node(kind, body):
     return field_bytes({"directory": 1, "file": 2, "symlink": 3}[kind], body)
 
 
+def snix_size(dir_bytes):
+    """DirectoryNode.size by snix's rule, from a Directory message alone:
+    2 per entry (directory, file or symlink) plus each child directory's size."""
+    fields = parse(dir_bytes)
+    entries = sum(len(fields.get(num, [])) for num in (1, 2, 3))
+    return 2 * entries + sum(one(parse(d), 3, 0) for d in fields.get(1, []))
+
+
+def sized_dir_node(name, child):
+    """A DirectoryNode for `child` (its bytes) as a client following snix's rule writes it."""
+    return dir_node(name, blake3.blake3(child).digest(), snix_size(child))
+
+
+def validate_like_snix(root_digest, received, what):
+    """What snix's validating DirectoryService checks on a recursive Get: the
+    root comes first, every later directory is referenced by one already
+    received, and every DirectoryNode.size equals the snix size of the
+    directory it names (computed here, from the received bytes)."""
+    check(len(received) > 0 and blake3.blake3(received[0]).digest() == root_digest,
+          f"{what}: recursive Get starts with the root")
+    referenced = {}
+    for index, dir_bytes in enumerate(received):
+        digest = blake3.blake3(dir_bytes).digest()
+        if index:
+            check(digest in referenced, f"{what}: directory #{index} referenced by an earlier one")
+            check(referenced[digest] == snix_size(dir_bytes),
+                  f"{what}: directory #{index} has snix size {snix_size(dir_bytes)}, "
+                  f"its DirectoryNode says {referenced[digest]}")
+        for child in parse(dir_bytes).get(1, []):
+            child = parse(child)
+            referenced[one(child, 2)] = one(child, 3, 0)
+
+
 IDENTITY = dict(request_serializer=None, response_deserializer=None)
 
 
@@ -156,11 +193,13 @@ def castore_checks(kiln):
         leaf = directory(files=[file_node(b"greeting", digest, len(data), True)])
         leaf_digest = kiln.put_dirs(pkg, [leaf])
         check(leaf_digest == blake3.blake3(leaf).digest(), f"{pkg} directory digest is BLAKE3 of its encoding")
+        # Size 1 is the proto comment's convention, not snix's (2): kiln accepts it as sent.
         root = directory(dirs=[dir_node(b"sub", leaf_digest, 1)], symlinks=[symlink_node(b"link", b"sub/greeting")])
         root_digest = kiln.put_dirs(pkg, [leaf, root])
         check(root_digest == blake3.blake3(root).digest(), f"{pkg} Put leaves-first answers the root digest")
         got = kiln.get_dirs(pkg, root_digest, True)
         check(got == [root, leaf], f"{pkg} recursive Get is root first, byte-identical")
+        snix_tree_checks(kiln, pkg, digest, len(data))
         empty = kiln.put_dirs(pkg, [b""])
         check(empty.hex() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
               f"{pkg} empty directory digest")
@@ -178,6 +217,24 @@ def castore_checks(kiln):
     check(kiln.read_blob("tvix.castore.v1", digest) == data, "server still serves after bad input")
 
 
+def snix_tree_checks(kiln, pkg, blob, blob_len):
+    """A nested tree (root -> sub -> subsub, with files) sized by snix's rule
+    round-trips through kiln the way snix's validating client reads it."""
+    subsub = directory(files=[file_node(b"deepest", blob, blob_len)])
+    sub = directory(dirs=[sized_dir_node(b"subsub", subsub)],
+                    files=[file_node(b"a", blob, blob_len), file_node(b"b", blob, blob_len, True)])
+    root = directory(dirs=[sized_dir_node(b"sub", sub)], files=[file_node(b"top", blob, blob_len)],
+                     symlinks=[symlink_node(b"up", b"sub/a")])
+    check((snix_size(subsub), snix_size(sub), snix_size(root)) == (2, 8, 14),
+          f"{pkg} snix sizes of the nested tree: 2, 8, 14")
+    root_digest = kiln.put_dirs(pkg, [subsub, sub, root])
+    check(root_digest == blake3.blake3(root).digest(), f"{pkg} nested tree: kiln's root digest is the client's")
+    got = kiln.get_dirs(pkg, root_digest, True)
+    check([blake3.blake3(d).digest() for d in got] == [blake3.blake3(d).digest() for d in (root, sub, subsub)],
+          f"{pkg} nested tree: recursive Get answers root, sub, subsub with the client's digests")
+    validate_like_snix(root_digest, got, f"{pkg} nested tree")
+
+
 def upload_busybox(kiln, busybox_path):
     data = open(busybox_path, "rb").read()
     digest = kiln.put_blob("tvix.castore.v1", data)
@@ -185,13 +242,22 @@ def upload_busybox(kiln, busybox_path):
         files=[file_node(b"busybox", digest, len(data), True)],
         symlinks=[symlink_node(name, b"busybox") for name in (b"cat", b"echo", b"ln", b"mkdir", b"sh")],
     )
-    bin_digest = kiln.put_dirs("tvix.castore.v1", [bin_dir])
-    root = directory(dirs=[dir_node(b"bin", bin_digest, 6)])
-    return kiln.put_dirs("tvix.castore.v1", [bin_dir, root]), 7
+    root = directory(dirs=[sized_dir_node(b"bin", bin_dir)])
+    return kiln.put_dirs("tvix.castore.v1", [bin_dir, root]), snix_size(root)
 
 
-SCRIPT = (b"set -e; mkdir -p $out/sub; echo built-by-kiln > $out/sub/file; "
-          b"ln -s sub/file $out/link; echo log line on stderr >&2")
+SCRIPT = (b"set -e; mkdir -p $out/sub/deeper; echo built-by-kiln > $out/sub/file; "
+          b"echo deep > $out/sub/deeper/leaf; ln -s sub/file $out/link; echo log line on stderr >&2")
+
+
+def expected_output_tree():
+    """The tree SCRIPT leaves in $out, encoded here with snix's sizes: root, sub, sub/deeper."""
+    built, deep = b"built-by-kiln\n", b"deep\n"
+    deeper = directory(files=[file_node(b"leaf", blake3.blake3(deep).digest(), len(deep))])
+    sub = directory(dirs=[sized_dir_node(b"deeper", deeper)],
+                    files=[file_node(b"file", blake3.blake3(built).digest(), len(built))])
+    root = directory(dirs=[sized_dir_node(b"sub", sub)], symlinks=[symlink_node(b"link", b"sub/file")])
+    return [root, sub, deeper]
 
 
 def build_checks(kiln, busybox_path):
@@ -214,6 +280,11 @@ def build_checks(kiln, busybox_path):
     out = parse(one(outputs[0], 1))
     check(one(out, 1) == out_name.encode(), "tvix output is named by its basename")
     dirs = kiln.get_dirs("tvix.castore.v1", one(out, 2), True)
+    validate_like_snix(one(out, 2), dirs, "kiln-built output tree")
+    check(one(out, 3, 0) == snix_size(dirs[0]), f"output node size {one(out, 3, 0)} is snix's")
+    expected = expected_output_tree()
+    check(dirs == expected and one(out, 2) == blake3.blake3(expected[0]).digest(),
+          "kiln-built output tree has the digests this client computes with snix's sizes")
     root = parse(dirs[0])
     link = parse(one(root, 3))
     check(one(link, 1) == b"link" and one(link, 2) == b"sub/file", "symlink output kept")
