@@ -12,7 +12,7 @@ pub const BUSYBOX: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
 pub const APPLETS: &[&str] = &[
     "cat", "echo", "env", "ln", "ls", "mkdir", "sh", "sleep", "test", "touch", "grep", "id",
     "hostname", "pwd", "true", "false", "kill", "dd", "head", "wc", "rm", "chmod", "yes", "sort",
-    "ip",
+    "ip", "wget", "nslookup", "timeout",
 ];
 
 /// Puts a copy of `busybox` into `bin` with a symlink per applet.

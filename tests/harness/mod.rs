@@ -16,6 +16,7 @@ pub mod events;
 pub mod fixtures;
 pub mod gate;
 pub mod guest;
+pub mod netns;
 pub mod procs;
 pub mod server;
 
