@@ -7,12 +7,14 @@
 //! - [`build_request`]: a derivation as a `snix.build.v1.BuildRequest`, with
 //!   [`structured_attrs`] for `__structuredAttrs` derivations.
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
-//! - [`fixed_output`]: checking a fixed-output derivation's declared hash.
+//! - [`hash`]: hash algorithms and the forms Nix writes hashes in;
+//!   [`fixed_output`]: checking a fixed-output derivation's declared hash.
 
 pub mod build_request;
 pub mod closure;
 pub mod derivation;
 pub mod fixed_output;
+pub mod hash;
 pub mod nar;
 pub mod nixbase32;
 pub mod store_path;

@@ -13,6 +13,7 @@ use super::{
     NarHasher, SourceError, MAGIC,
 };
 use crate::castore::{B3Digest, Directory, Node, PathComponent, Store};
+use crate::nix::hash::HashAlgorithm;
 
 /// A blob being read, as a [`TreeSource`] hands it out.
 pub type BlobRead = Pin<Box<dyn AsyncRead + Send>>;
@@ -77,9 +78,21 @@ where
     out.flush().await.map_err(NarError::Write)
 }
 
-/// SHA-256 and length of the NAR of the tree rooted at `root`.
+/// SHA-256 and length of the NAR of the tree rooted at `root`: the store's
+/// NAR hash.
 pub async fn nar_hash(source: &dyn TreeSource, root: &Node) -> Result<NarHash, NarError> {
-    let mut hasher = NarHasher::new();
+    nar_hash_with(source, root, HashAlgorithm::Sha256).await
+}
+
+/// The `algorithm` digest and length of the NAR of the tree rooted at
+/// `root`, the NAR streamed once into the hasher (a recursive fixed output
+/// may declare any of Nix's algorithms).
+pub async fn nar_hash_with(
+    source: &dyn TreeSource,
+    root: &Node,
+    algorithm: HashAlgorithm,
+) -> Result<NarHash, NarError> {
+    let mut hasher = NarHasher::with_algorithm(algorithm);
     write_nar(source, root, &mut hasher).await?;
     Ok(hasher.finish())
 }

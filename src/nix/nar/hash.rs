@@ -1,20 +1,20 @@
-//! [`NarHash`] and [`NarHasher`]: SHA-256 and length of a NAR, computed on
-//! the fly by writing the NAR into the hasher instead of into memory.
+//! [`NarHash`] and [`NarHasher`]: digest and length of a NAR, computed on
+//! the fly by writing the NAR into the hasher instead of into memory. The
+//! store's NAR hashes are SHA-256; a recursive fixed output may declare any
+//! of Nix's algorithms, so the hasher takes one.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use sha2::{Digest, Sha256};
+use crate::nix::hash::{Hash, HashAlgorithm, Hasher};
 
-use crate::nix::nixbase32;
-
-/// The SHA-256 digest and byte length of a NAR.
+/// The digest and byte length of a NAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NarHash {
-    /// SHA-256 of the NAR bytes.
-    pub sha256: [u8; 32],
+    /// Digest of the NAR bytes; SHA-256 unless asked otherwise.
+    pub hash: Hash,
     /// Length of the NAR in bytes.
     pub size: u64,
 }
@@ -22,46 +22,61 @@ pub struct NarHash {
 impl NarHash {
     /// The digest in nixbase32, as `nix-hash --type sha256 --base32` prints it.
     pub fn to_nixbase32(&self) -> String {
-        nixbase32::encode(&self.sha256)
+        self.hash.to_nixbase32()
     }
 
     /// The digest in lowercase hex, as `nix-store --dump | sha256sum` prints it.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.sha256)
+        self.hash.to_base16()
     }
 }
 
-/// `sha256:<nixbase32>`, the form `nix-store --query --hash` prints.
+/// `<algorithm>:<nixbase32>`, the form `nix-store --query --hash` prints
+/// (`sha256:…`).
 impl fmt::Display for NarHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.to_nixbase32())
+        write!(f, "{}:{}", self.hash.algorithm(), self.to_nixbase32())
     }
 }
 
 /// A sink that hashes and counts what is written to it. Implements both
 /// [`std::io::Write`] and [`tokio::io::AsyncWrite`]; it never blocks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NarHasher {
-    sha256: Sha256,
+    hasher: Hasher,
     size: u64,
 }
 
+impl Default for NarHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl NarHasher {
-    /// A hasher that has seen nothing.
+    /// A SHA-256 hasher that has seen nothing, for the store's NAR hash.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_algorithm(HashAlgorithm::Sha256)
+    }
+
+    /// A hasher for `algorithm` that has seen nothing.
+    pub fn with_algorithm(algorithm: HashAlgorithm) -> Self {
+        Self {
+            hasher: Hasher::new(algorithm),
+            size: 0,
+        }
     }
 
     /// Feeds bytes.
     pub fn update(&mut self, data: &[u8]) {
-        self.sha256.update(data);
+        self.hasher.update(data);
         self.size += data.len() as u64;
     }
 
     /// The hash and length of everything fed so far.
     pub fn finish(self) -> NarHash {
         NarHash {
-            sha256: self.sha256.finalize().into(),
+            hash: self.hasher.finish(),
             size: self.size,
         }
     }

@@ -19,7 +19,7 @@
 //! never sits in memory) and [`host`] walks a host path (for tests, and to
 //! compare with `nix-store --dump`). Both can write into a [`NarHasher`],
 //! which gives the `sha256:<nixbase32>` form `nix-store --query --hash`
-//! prints.
+//! prints, or hashes with another algorithm for a recursive fixed output.
 
 pub mod castore;
 pub mod hash;
@@ -29,7 +29,7 @@ use std::path::PathBuf;
 
 use crate::castore::B3Digest;
 
-pub use castore::{nar_hash, write_nar, BlobRead, TreeSource};
+pub use castore::{nar_hash, nar_hash_with, write_nar, BlobRead, TreeSource};
 pub use hash::{NarHash, NarHasher};
 pub use host::{nar_hash_path, write_path_nar};
 
