@@ -141,6 +141,47 @@ async fn seed_layout_request_builds_and_answers_sorted_basenames() {
     server.stop().await;
 }
 
+/// `kiln.v1.SubmitRequest.argv0`: the guest execs `command_args[0]` with
+/// that argv[0], as Nix execs a builder with its basename. busybox picks its
+/// applet by argv[0], so `busybox -c …` only runs as a shell when argv[0] is
+/// `sh`. A plain `DoBuild` (snix clients) keeps argv == command_args.
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_with_argv0_runs_the_builder_under_that_name() {
+    let Some(server) = harness::start(Options::default()).await else {
+        return;
+    };
+    // The last command would replace the shell (busybox execs it), so the
+    // shell's argv is read from a command that is not last.
+    let script = "echo $0 > $out; cat /proc/$$/cmdline >> $out; echo >> $out";
+    let mut req = server.snix_request(script, &[OUT]);
+    req.command_args[0] = format!("/nix/store/{BUSYBOX}/bin/busybox");
+    let submit = SubmitRequest {
+        request: Some(submit_request::Request::Snix(req)),
+        argv0: "sh".into(),
+    };
+    let follow = Follow::submit(server.channel().await, submit)
+        .await
+        .unwrap();
+    let done = harness::events::to_end(follow, &mut ())
+        .await
+        .unwrap_or_else(|e| panic!("the build with argv0 failed: {e}"));
+    let resp = done.completed.snix.unwrap();
+    let seen = server
+        .read_file_entry(resp.outputs[0].output.as_ref().unwrap())
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        format!("sh\nsh\0-c\0{script}\0\n"),
+        "$0, then the shell's whole argv"
+    );
+
+    let plain = server.snix_request("echo $0 > $out", &[OUT]);
+    let sh = plain.command_args[0].clone();
+    let seen = server.build_first_file(plain).await;
+    assert_eq!(String::from_utf8_lossy(&seen), format!("{sh}\n"));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sandbox_facts_seen_by_the_builder() {
     let Some(server) = harness::start(Options::default()).await else {
@@ -397,6 +438,7 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
     let desc = pool.get_message_by_name("kiln.v1.SubmitRequest").unwrap();
     let submit = SubmitRequest {
         request: Some(submit_request::Request::Snix(req)),
+        argv0: String::new(),
     };
     let dynamic =
         prost_reflect::DynamicMessage::decode(desc, submit.encode_to_vec().as_slice()).unwrap();

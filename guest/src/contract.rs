@@ -70,8 +70,14 @@ pub const BUILD_GID: u32 = 100;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Job {
     /// argv of the builder; `command_args[0]` is an absolute path or resolved
-    /// against nothing (no PATH lookup, as in Nix).
+    /// against nothing (no PATH lookup, as in Nix). It is the program
+    /// executed, and also its `argv[0]` unless [`Job::argv0`] is set.
     pub command_args: Vec<String>,
+    /// The builder's `argv[0]` when it differs from `command_args[0]` (Nix
+    /// passes the builder's basename); no NUL. Absent in jobs from hosts
+    /// that predate it, which means `command_args[0]`.
+    #[serde(default)]
+    pub argv0: Option<String>,
     /// The builder's whole environment, as raw bytes (`KEY`, `VALUE`).
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Working directory, relative to `/` (e.g. `build`).
@@ -349,6 +355,16 @@ mod tests {
     }
 
     #[test]
+    fn a_job_without_argv0_runs_with_command_args_0() {
+        let json = br#"{"command_args":["/bin/sh"],"env":[],"working_dir":"build",
+            "scratch_paths":["build"],"inputs_dir":"nix/store","additional_files":[],
+            "provide_bin_sh":false,"kvm":false,"ro_paths":[],"modules":[],"cores":1}"#;
+        let job: Job = serde_json::from_slice(json).expect("a job of an older host decodes");
+        assert_eq!(job.argv0, None);
+        assert_eq!(job.command_args, ["/bin/sh"]);
+    }
+
+    #[test]
     fn job_and_report_round_trip_through_json_with_non_utf8_bytes() {
         let job = Job {
             command_args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
@@ -361,6 +377,13 @@ mod tests {
         let back: Job =
             serde_json::from_slice(&serde_json::to_vec(&job).expect("encode")).expect("decode");
         assert_eq!(back, job);
+        let with_argv0 = Job {
+            argv0: Some("sh".into()),
+            ..job.clone()
+        };
+        let json = serde_json::to_vec(&with_argv0).expect("encode");
+        let back: Job = serde_json::from_slice(&json).expect("decode");
+        assert_eq!(back.argv0.as_deref(), Some("sh"));
         let report = Report {
             outcome: Outcome::Signaled { signal: 9 },
             boot_ms: 1,

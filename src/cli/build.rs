@@ -3,7 +3,8 @@
 //! stderr, and prints the outputs on stdout.
 //!
 //! The file holds either a `kiln.v1.SubmitRequest` (`{"snix": {...}}` or
-//! `{"tvix": {...}}`), or a bare build request whose layout `--layout` names.
+//! `{"tvix": {...}}`, optionally with `"argv0"`), or a bare build request
+//! whose layout `--layout` names.
 
 use std::io::Write;
 use std::path::Path;
@@ -87,9 +88,13 @@ pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, B
             message: "JSON".into(),
             detail: e.to_string(),
         })?;
-    let is_submit = value
-        .as_object()
-        .is_some_and(|o| o.len() == 1 && (o.contains_key("snix") || o.contains_key("tvix")));
+    // A wrapper has one of `snix`/`tvix`, maybe `argv0`, and nothing else;
+    // no bare request has fields of those names.
+    let is_submit = value.as_object().is_some_and(|o| {
+        (o.contains_key("snix") || o.contains_key("tvix"))
+            && o.keys()
+                .all(|k| ["snix", "tvix", "argv0"].contains(&k.as_str()))
+    });
     if is_submit {
         return decode_json(&p, &json, "kiln.v1.SubmitRequest");
     }
@@ -107,6 +112,7 @@ pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, B
     };
     Ok(SubmitRequest {
         request: Some(request),
+        argv0: String::new(),
     })
 }
 
@@ -269,6 +275,15 @@ mod tests {
         .expect("write");
         let r = parse_request(&p, JsonLayout::Snix).expect("wrapper");
         assert!(matches!(r.request, Some(submit_request::Request::Tvix(_))));
+        assert_eq!(r.argv0, "");
+        std::fs::write(
+            &p,
+            r#"{"snix":{"commandArgs":["/bin/busybox","-c","echo $0"]},"argv0":"sh"}"#,
+        )
+        .expect("write");
+        let r = parse_request(&p, JsonLayout::Tvix).expect("wrapper with argv0");
+        assert!(matches!(r.request, Some(submit_request::Request::Snix(_))));
+        assert_eq!(r.argv0, "sh");
         std::fs::write(&p, r#"{"commandArgs":7}"#).expect("write");
         let err = parse_request(&p, JsonLayout::Snix).expect_err("bad");
         assert!(

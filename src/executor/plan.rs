@@ -108,6 +108,7 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
 pub fn job(req: &BuildRequest, plan: &VmPlan) -> Job {
     Job {
         command_args: req.command_args.clone(),
+        argv0: req.argv0.clone(),
         env: req
             .environment_vars
             .iter()

@@ -89,8 +89,19 @@ pub struct Constraints {
 pub struct BuildRequest {
     /// Root nodes visible at `/<inputs_dir>/<name>`, strictly sorted by name.
     pub inputs: Vec<(PathComponent, Node)>,
-    /// argv of the builder; non-empty, no NUL.
+    /// argv of the builder; non-empty, no NUL. `command_args[0]` is the
+    /// program executed, and also its `argv[0]` unless [`Self::argv0`] says
+    /// otherwise.
     pub command_args: Vec<String>,
+    /// The builder's `argv[0]` when it must differ from `command_args[0]`:
+    /// Nix passes the basename of the derivation's builder (`sh` for
+    /// `/nix/store/…-bash/bin/sh`), and a builder that looks at `$0` sees
+    /// it. `None`: argv is `command_args` as sent (what `tvix.build.v1` and
+    /// `snix.build.v1` clients expect). When set: non-empty, no NUL, shorter
+    /// than [`MAX_ARG_STRLEN`], and counted in [`MAX_ARGS_ENV_TOTAL`]. Any
+    /// other string is allowed, `/` included: the kernel does not care what
+    /// argv[0] says, and neither does the executor.
+    pub argv0: Option<String>,
     /// The builder's working directory.
     pub working_dir: RelPath,
     /// Writable directories, strictly sorted.
@@ -136,6 +147,7 @@ impl BuildRequest {
             + self
                 .command_args
                 .iter()
+                .chain(&self.argv0)
                 .map(|a| size_of::<String>() + a.len())
                 .sum::<usize>()
             + path(&self.working_dir)
@@ -163,6 +175,16 @@ impl BuildRequest {
                 .map(|n| size_of::<String>() + n.len())
                 .sum::<usize>()
             + self.wire_echo.as_ref().map_or(0, |e| e.len())
+    }
+
+    /// The same request with the builder's `argv[0]` set to `argv0` (see
+    /// [`Self::argv0`]), checked by the same rules as the command itself.
+    /// How `kiln.v1.SubmitRequest.argv0` and in-process fronts (a derivation
+    /// built the way Nix runs it) set it.
+    pub fn with_argv0(mut self, argv0: String) -> Result<Self, InvalidRequest> {
+        self.argv0 = Some(argv0);
+        self.check_command()?;
+        Ok(self)
     }
 
     /// Guest path of a relative sandbox path, for messages.

@@ -17,7 +17,7 @@ use crate::grpc::build_service::{grpc_timeout, with_id, BuildService};
 use crate::grpc::{answer, request, status};
 use crate::proto::kiln_v1::build_event::Event as WireEvent;
 use crate::proto::kiln_v1::build_events_server::BuildEvents;
-use crate::proto::kiln_v1::{self, submit_request, BuildEvent, SubmitRequest, WatchRequest};
+use crate::proto::kiln_v1::{self, BuildEvent, SubmitRequest, WatchRequest};
 
 /// A build event as `kiln.v1.BuildEvent`.
 pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
@@ -97,15 +97,7 @@ impl BuildEvents for BuildService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let req = match request.into_inner().request {
-            Some(submit_request::Request::Tvix(w)) => request::from_tvix(&w),
-            Some(submit_request::Request::Snix(w)) => request::from_snix(&w),
-            None => {
-                let why = "request: neither a tvix nor a snix build request";
-                tracing::info!(face = "Submit", reason = why, "request rejected");
-                return Err(Status::invalid_argument(why));
-            }
-        };
+        let req = request::from_submit(&request.into_inner());
         let (permit, req) = self.admit_request("Submit", req)?;
         let started = self.executor().start(req, deadline);
         // The request's budget is held until the build has ended.

@@ -6,6 +6,12 @@
 //! paths `build` and `nix/store`, outputs at `nix/store/<basename>`). The
 //! rules themselves (paths, ordering, sizes, relations) live with the domain
 //! type in [`crate::executor::request`].
+//!
+//! `kiln.v1.SubmitRequest` wraps either layout and may add `argv0`, the
+//! builder's `argv[0]` when it must differ from `command_args[0]` (Nix
+//! passes the builder's basename). The plain `DoBuild` faces have no such
+//! field: their builders get argv = `command_args`, as upstream clients
+//! expect.
 
 use crate::castore::{Node, PathComponent};
 use crate::executor::error::{invalid, InvalidRequest};
@@ -13,7 +19,27 @@ use crate::executor::request::{
     rel, sorted_abs_paths, sorted_rel_paths, validate_env, validate_inputs, AdditionalFile,
     BuildRequest, Constraints, Layout,
 };
+use crate::proto::kiln_v1::{submit_request, SubmitRequest};
 use crate::proto::{snix_build, tvix_build};
+
+/// Validates a `kiln.v1.SubmitRequest`: the build request it wraps (either
+/// layout) and its `argv0` (empty: argv[0] is `command_args[0]`).
+pub fn from_submit(req: &SubmitRequest) -> Result<BuildRequest, InvalidRequest> {
+    let request = match &req.request {
+        Some(submit_request::Request::Tvix(w)) => from_tvix(w)?,
+        Some(submit_request::Request::Snix(w)) => from_snix(w)?,
+        None => {
+            return Err(invalid(
+                "request",
+                "neither a tvix nor a snix build request",
+            ))
+        }
+    };
+    if req.argv0.is_empty() {
+        return Ok(request);
+    }
+    request.with_argv0(req.argv0.clone())
+}
 
 /// Validates a `snix.build.v1` request.
 pub fn from_snix(req: &snix_build::BuildRequest) -> Result<BuildRequest, InvalidRequest> {
@@ -71,6 +97,7 @@ pub fn from_snix(req: &snix_build::BuildRequest) -> Result<BuildRequest, Invalid
     let request = BuildRequest {
         inputs,
         command_args: req.command_args.clone(),
+        argv0: None,
         working_dir,
         scratch_paths,
         inputs_dir,
@@ -126,6 +153,7 @@ pub fn from_tvix(req: &tvix_build::BuildRequest) -> Result<BuildRequest, Invalid
     let request = BuildRequest {
         inputs,
         command_args: req.command_args.clone(),
+        argv0: None,
         working_dir: rel("working_dir", "build")?,
         scratch_paths: vec![rel("scratch_paths", "build")?, store.clone()],
         inputs_dir: store,

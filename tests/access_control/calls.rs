@@ -77,6 +77,7 @@ pub async fn call_every_service(channel: &KilnChannel) -> Vec<(&'static str, Res
             request: Some(kiln_v1::submit_request::Request::Snix(
                 snix_build::BuildRequest::default(),
             )),
+            argv0: String::new(),
         })
         .await
         .map(drop);

@@ -21,6 +21,7 @@ pub async fn submit_until_log(
 ) -> Follow {
     let request = SubmitRequest {
         request: Some(submit_request::Request::Snix(req)),
+        argv0: String::new(),
     };
     let mut follow = Follow::submit(channel, request).await.unwrap();
     let mut seen = Marker {

@@ -67,6 +67,9 @@ pub fn validate(job: &Job) -> Result<(), String> {
             return Err(format!("argument {a:?} contains NUL"));
         }
     }
+    if let Some(a) = job.argv0.as_ref().filter(|a| a.contains('\0')) {
+        return Err(format!("argv0 {a:?} contains NUL"));
+    }
     Ok(())
 }
 
@@ -104,10 +107,17 @@ pub fn environment(job: &Job) -> Result<Vec<CString>, AgentError> {
         .collect()
 }
 
-/// The builder's argv as C strings (NUL was rejected by [`validate`]).
+/// The argv the builder sees, as C strings (NUL was rejected by
+/// [`validate`]): `command_args`, with `argv[0]` replaced by [`Job::argv0`]
+/// when that is set. The program executed is `command_args[0]` either way.
 pub fn argv(job: &Job) -> Result<Vec<CString>, AgentError> {
-    job.command_args
-        .iter()
+    let (first, rest) = job
+        .command_args
+        .split_first()
+        .ok_or_else(|| AgentError::Job("command_args is empty".into()))?;
+    let argv0 = job.argv0.as_ref().unwrap_or(first);
+    std::iter::once(argv0)
+        .chain(rest)
         .map(|a| {
             CString::new(a.as_bytes())
                 .map_err(|_| AgentError::Job(format!("argument {a:?} contains NUL")))
@@ -184,6 +194,42 @@ mod tests {
         assert!(validate(&j).unwrap_err().contains("absolute"));
         j.command_args.clear();
         assert!(validate(&j).is_err());
+    }
+
+    fn strings(argv: &[CString]) -> Vec<&str> {
+        argv.iter().map(|a| a.to_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn argv_is_command_args_unless_argv0_is_set() {
+        let mut j = job();
+        j.command_args = vec![
+            "/nix/store/x/bin/busybox".into(),
+            "-c".into(),
+            "echo $0".into(),
+        ];
+        assert_eq!(
+            strings(&argv(&j).unwrap()),
+            ["/nix/store/x/bin/busybox", "-c", "echo $0"]
+        );
+        j.argv0 = Some("sh".into());
+        assert_eq!(strings(&argv(&j).unwrap()), ["sh", "-c", "echo $0"]);
+        // The program executed is still command_args[0].
+        assert_eq!(j.command_args[0], "/nix/store/x/bin/busybox");
+        j.command_args.truncate(1);
+        assert_eq!(strings(&argv(&j).unwrap()), ["sh"]);
+        j.command_args.clear();
+        assert!(argv(&j).is_err());
+    }
+
+    #[test]
+    fn rejects_an_argv0_with_nul() {
+        let mut j = job();
+        j.argv0 = Some("sh".into());
+        assert_eq!(validate(&j), Ok(()));
+        j.argv0 = Some("s\0h".into());
+        assert!(validate(&j).unwrap_err().contains("argv0"));
+        assert!(argv(&j).is_err());
     }
 
     #[test]

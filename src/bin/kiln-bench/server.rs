@@ -275,6 +275,7 @@ impl BenchServer {
         let channel = self.channel().await?;
         let request = SubmitRequest {
             request: Some(submit_request::Request::Snix(req)),
+            argv0: String::new(),
         };
         let mut timing = Timing {
             started: Instant::now(),

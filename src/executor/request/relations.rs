@@ -39,7 +39,10 @@ impl BuildRequest {
         self.check_needles()
     }
 
-    fn check_command(&self) -> Result<(), InvalidRequest> {
+    /// The command, `argv0` and the environment: what `execve` copies onto
+    /// the builder's stack. With `argv0` set, `command_args[0]` still counts:
+    /// the kernel copies the executed path there too (`AT_EXECFN`).
+    pub(super) fn check_command(&self) -> Result<(), InvalidRequest> {
         if self.command_args.is_empty() || self.command_args[0].is_empty() {
             return Err(invalid(
                 "command_args",
@@ -47,17 +50,29 @@ impl BuildRequest {
             ));
         }
         let mut total = 0usize;
-        for (i, a) in self.command_args.iter().enumerate() {
+        let argv0 = self.argv0.iter().map(|a| ("argv0".to_owned(), a));
+        let args = self
+            .command_args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("command_args[{i}]"), a));
+        for (field, a) in args.chain(argv0) {
             if a.contains('\0') {
-                return Err(invalid(format!("command_args[{i}]"), "contains a NUL byte"));
+                return Err(invalid(field, "contains a NUL byte"));
             }
             if a.len() >= MAX_ARG_STRLEN {
                 return Err(invalid(
-                    format!("command_args[{i}]"),
+                    field,
                     format!("{} bytes, over the {MAX_ARG_STRLEN}-byte limit Linux sets for one argument", a.len()),
                 ));
             }
             total += a.len() + 1;
+        }
+        if self.argv0.as_ref().is_some_and(String::is_empty) {
+            return Err(invalid(
+                "argv0",
+                "is empty; leave it unset to run with argv[0] = command_args[0]",
+            ));
         }
         total += self
             .environment_vars

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use super::*;
+use crate::executor::request::{MAX_ARGS_ENV_TOTAL, MAX_ARG_STRLEN};
 use crate::proto::{snix_castore, tvix_castore};
 
 /// The input's store basename.
@@ -365,4 +366,104 @@ fn the_seed_layout_gets_the_nix_defaults() {
     assert!(!valid.constraints.network_access);
     assert!(!valid.constraints.provide_bin_sh);
     assert!(valid.additional_files.is_empty() && valid.refscan_needles.is_empty());
+}
+
+fn submit(argv0: &str) -> SubmitRequest {
+    SubmitRequest {
+        request: Some(submit_request::Request::Snix(good_snix())),
+        argv0: argv0.into(),
+    }
+}
+
+#[test]
+fn a_submit_request_sets_argv0_and_plain_requests_do_not() {
+    let plain = from_snix(&good_snix()).expect("valid");
+    assert_eq!(plain.argv0, None, "snix clients get argv == command_args");
+    assert_eq!(from_tvix(&good_tvix()).expect("valid").argv0, None);
+    assert_eq!(from_submit(&submit("")).expect("valid"), plain);
+
+    let valid = from_submit(&submit("sh")).expect("valid");
+    assert_eq!(valid.argv0.as_deref(), Some("sh"));
+    assert_eq!(
+        valid.command_args, plain.command_args,
+        "the executed path stays"
+    );
+    assert!(valid.heap_size() > plain.heap_size());
+    // Any string without NUL: Nix's is a basename, but nothing relies on it.
+    let slashed = from_submit(&submit("/not/a/basename")).expect("valid");
+    assert_eq!(slashed.argv0.as_deref(), Some("/not/a/basename"));
+
+    let tvix = SubmitRequest {
+        request: Some(submit_request::Request::Tvix(good_tvix())),
+        argv0: "sh".into(),
+    };
+    let valid = from_submit(&tvix).expect("valid");
+    assert_eq!(
+        (valid.layout, valid.argv0.as_deref()),
+        (Layout::Tvix, Some("sh"))
+    );
+}
+
+#[test]
+fn a_bad_submit_request_is_refused_naming_the_field() {
+    let cases: &[Case<SubmitRequest>] = &[
+        ("NUL in argv0", |r| r.argv0 = "s\0h".into(), "argv0", "NUL"),
+        (
+            "argv0 over MAX_ARG_STRLEN",
+            |r| r.argv0 = "x".repeat(MAX_ARG_STRLEN),
+            "argv0",
+            "limit",
+        ),
+        (
+            "argv0 past the argv + environment bound",
+            |r| {
+                let Some(submit_request::Request::Snix(s)) = r.request.as_mut() else {
+                    unreachable!()
+                };
+                fill_to_args_env_limit(s);
+                r.argv0 = "sh".into();
+            },
+            "environment_vars",
+            "arguments and environment",
+        ),
+        (
+            "no request",
+            |r| r.request = None,
+            "request",
+            "neither a tvix nor a snix",
+        ),
+        (
+            "the wrapped request broken",
+            |r| {
+                let Some(submit_request::Request::Snix(s)) = r.request.as_mut() else {
+                    unreachable!()
+                };
+                s.command_args.push("a\0b".into());
+            },
+            "command_args[3]",
+            "NUL",
+        ),
+    ];
+    check_cases(&submit("sh"), cases, from_submit);
+    // The bound is exact: the filled request passes without argv0.
+    let mut full = good_snix();
+    fill_to_args_env_limit(&mut full);
+    from_snix(&full).expect("at the bound");
+}
+
+/// Adds arguments until argv + environment take exactly
+/// [`MAX_ARGS_ENV_TOTAL`] bytes (each string with its NUL).
+fn fill_to_args_env_limit(r: &mut snix_build::BuildRequest) {
+    let used = |r: &snix_build::BuildRequest| {
+        r.command_args.iter().map(|a| a.len() + 1).sum::<usize>()
+            + r.environment_vars
+                .iter()
+                .map(|e| e.key.len() + e.value.len() + 2)
+                .sum::<usize>()
+    };
+    while used(r) < MAX_ARGS_ENV_TOTAL {
+        let len = (MAX_ARGS_ENV_TOTAL - used(r)).min(MAX_ARG_STRLEN - 1) - 1;
+        r.command_args.push("x".repeat(len));
+    }
+    assert_eq!(used(r), MAX_ARGS_ENV_TOTAL);
 }

@@ -1,7 +1,7 @@
 //! The relation rules as a table: one good Nix-shaped request, each case
 //! breaks one rule and names the field the answer must name.
 
-use super::super::{MAX_ADDITIONAL_FILES, MAX_REFSCAN_NEEDLES};
+use super::super::{MAX_ADDITIONAL_FILES, MAX_ARGS_ENV_TOTAL, MAX_ARG_STRLEN, MAX_REFSCAN_NEEDLES};
 use crate::proto::{snix_build, snix_castore};
 
 type Req = snix_build::BuildRequest;
@@ -192,4 +192,32 @@ fn heap_size_counts_the_big_parts() {
     assert!(small.heap_size() < 4096, "{}", small.heap_size());
     assert!(big.heap_size() >= 1 << 20);
     assert!(big.heap_size() < (1 << 20) + 4096);
+}
+
+#[test]
+fn argv0_is_checked_like_an_argument() {
+    let valid = crate::grpc::request::from_snix(&good()).expect("valid");
+    let with = |argv0: &str| valid.clone().with_argv0(argv0.to_owned());
+    assert_eq!(with("sh").expect("valid").argv0.as_deref(), Some("sh"));
+    // Not only basenames: any string the kernel can pass.
+    assert!(with("/bin/sh").is_ok() && with("-sh").is_ok());
+    for (what, argv0, rule) in [
+        ("empty", String::new(), "empty"),
+        ("NUL", "s\0h".to_owned(), "NUL"),
+        ("too long", "x".repeat(MAX_ARG_STRLEN), "limit"),
+    ] {
+        let err = with(&argv0).expect_err(what);
+        assert_eq!(err.field, "argv0", "{what}: {err}");
+        assert!(err.rule.contains(rule), "{what}: {err}");
+    }
+    // It counts towards argv + environment, next to command_args[0].
+    let mut big = valid.clone();
+    let room = MAX_ARGS_ENV_TOTAL - (big.command_args[0].len() + 1);
+    big.command_args
+        .extend((0..room / (MAX_ARG_STRLEN - 1)).map(|_| "x".repeat(MAX_ARG_STRLEN - 2)));
+    let left = MAX_ARGS_ENV_TOTAL - big.command_args.iter().map(|a| a.len() + 1).sum::<usize>();
+    let fits = big.clone().with_argv0("y".repeat(left - 1));
+    assert!(fits.is_ok(), "{fits:?}");
+    let err = big.with_argv0("y".repeat(left)).expect_err("one byte over");
+    assert_eq!(err.field, "environment_vars", "{err}");
 }
