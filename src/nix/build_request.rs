@@ -23,6 +23,14 @@
 //! current snix clients send; kiln's executor accepts both orders
 //! (PROTOCOL.md §2).
 //!
+//! argv: Nix runs `builder` with `argv[0]` = the builder's basename and the
+//! derivation's `args` after it. `snix.build.v1` has no field for an
+//! `argv[0]` that differs from the executed path, so [`build_request`]'s
+//! `command_args` are `[builder, args…]` and [`builder_argv0`] gives the
+//! basename; [`submit_request`] carries both as kiln's
+//! `kiln.v1.SubmitRequest` (`argv0`), and an in-process front turns that
+//! into the domain request with [`crate::grpc::request::from_submit`].
+//!
 //! `/bin/sh`: Nix provides only what its `sandbox-paths` setting lists.
 //! Debian's `nix-bin` (2.8) is built without a sandbox shell, so that list
 //! is empty and builds see no `/bin` at all; [`RequestOptions::default`]
@@ -38,6 +46,7 @@ use super::store_path::StorePath;
 use super::structured_attrs::{attrs_files, StructuredAttrsError};
 use crate::castore::wire::WireNode;
 use crate::castore::{Node, PathComponent};
+use crate::proto::kiln_v1::{submit_request, SubmitRequest};
 use crate::proto::snix_build::build_request::AdditionalFile;
 use crate::proto::{snix_build, snix_castore};
 
@@ -139,6 +148,27 @@ pub fn build_request(
         additional_files,
         refscan_needles: needles(&outputs, inputs.keys()),
     })
+}
+
+/// The `argv[0]` Nix gives `builder`: its basename, the part after the last
+/// `/` once trailing slashes are dropped (Nix's `baseNameOf`), so `sh` for
+/// `/nix/store/…-bash/bin/sh`. `None` when that is `builder` itself (no `/`,
+/// e.g. `builtin:fetchurl`, whose handling this leaves as it is) or empty
+/// (`/`): `command_args[0]` then stands as `argv[0]`.
+pub fn builder_argv0(builder: &str) -> Option<String> {
+    let trimmed = builder.trim_end_matches('/');
+    let base = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    (!base.is_empty() && base != builder).then(|| base.to_owned())
+}
+
+/// `request` (made by [`build_request`] for `drv`) as kiln's
+/// `kiln.v1.SubmitRequest`, with the builder's `argv[0]` set the way Nix
+/// sets it ([`builder_argv0`]).
+pub fn submit_request(drv: &Derivation, request: snix_build::BuildRequest) -> SubmitRequest {
+    SubmitRequest {
+        request: Some(submit_request::Request::Snix(request)),
+        argv0: builder_argv0(&drv.builder).unwrap_or_default(),
+    }
 }
 
 /// The derivation's output paths, in output-name order.
@@ -357,4 +387,66 @@ fn needles<'a>(
         .map(StorePath::hash_part)
         .filter(|h| seen.insert(h.clone()))
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv0_is_the_basename_of_the_builder_as_in_nix() {
+        let cases = [
+            (
+                "/nix/store/0bcdfghijklmnpqrsvwxyz0123456789-bash/bin/sh",
+                Some("sh"),
+            ),
+            (
+                "/nix/store/0bcdfghijklmnpqrsvwxyz0123456789-builder.sh",
+                Some("0bcdfghijklmnpqrsvwxyz0123456789-builder.sh"),
+            ),
+            ("/bin/sh", Some("sh")),
+            ("./build.sh", Some("build.sh")),
+            ("/nix/store/x/bin/sh/", Some("sh")),
+            ("/nix/store/x/bin//sh", Some("sh")),
+            // No `/`: argv[0] already is the basename (builtins stay as they are).
+            ("builtin:fetchurl", None),
+            ("sh", None),
+            ("/", None),
+            ("", None),
+        ];
+        for (builder, want) in cases {
+            assert_eq!(builder_argv0(builder).as_deref(), want, "{builder:?}");
+        }
+    }
+
+    #[test]
+    fn the_submit_request_carries_the_basename_into_the_domain_request() {
+        let drv = Derivation {
+            outputs: BTreeMap::new(),
+            input_derivations: BTreeMap::new(),
+            input_sources: BTreeSet::new(),
+            system: "x86_64-linux".into(),
+            builder: "/nix/store/0bcdfghijklmnpqrsvwxyz0123456789-busybox/bin/busybox".into(),
+            arguments: vec!["sh".into(), "-c".into(), "echo $0".into()],
+            environment: BTreeMap::new(),
+        };
+        let request = snix_build::BuildRequest {
+            command_args: vec![
+                drv.builder.clone(),
+                "sh".into(),
+                "-c".into(),
+                "echo $0".into(),
+            ],
+            working_dir: "build".into(),
+            scratch_paths: vec!["build".into(), "nix/store".into()],
+            inputs_dir: "nix/store".into(),
+            ..Default::default()
+        };
+        let submit = submit_request(&drv, request);
+        assert_eq!(submit.argv0, "busybox");
+        let domain = crate::grpc::request::from_submit(&submit).unwrap();
+        assert_eq!(domain.argv0.as_deref(), Some("busybox"));
+        assert_eq!(domain.command_args[0], drv.builder);
+    }
 }

@@ -53,7 +53,8 @@ impl Run<'_> {
             },
         )?;
         eprintln!("kiln: building {drv_path}");
-        let (request, response) = match submit(&self.channel, drv_path, request.clone()).await {
+        let (request, response) = match submit(&self.channel, drv_path, drv, request.clone()).await
+        {
             Err(e) if drv.is_fixed_output() && refuses_network(&e) => {
                 // Nix gives fixed-output builds the network; a kiln server
                 // has none. The declared hash is checked below either way.
@@ -62,7 +63,7 @@ impl Run<'_> {
                 if let Some(c) = offline.constraints.as_mut() {
                     c.network_access = false;
                 }
-                let response = submit(&self.channel, drv_path, offline.clone()).await?;
+                let response = submit(&self.channel, drv_path, drv, offline.clone()).await?;
                 (offline, response)
             }
             result => (request, result?),

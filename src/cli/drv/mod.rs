@@ -10,9 +10,10 @@
 //! 2. import the local paths into the server's castore;
 //! 3. turn the derivation into a `snix.build.v1.BuildRequest`
 //!    ([`crate::nix::build_request`]);
-//! 4. submit it through `kiln.v1.BuildEvents/Submit`, streaming the builder's
+//! 4. submit it through `kiln.v1.BuildEvents/Submit` with the builder's
+//!    basename as its `argv[0]`, as Nix runs it, streaming the builder's
 //!    log to stderr (or, against a server without kiln's events, plain
-//!    `snix.build.v1.BuildService/DoBuild`);
+//!    `snix.build.v1.BuildService/DoBuild`, which cannot carry `argv[0]`);
 //! 5. record the outputs and their references.
 //!
 //! Finally the requested derivation's outputs are NAR-hashed by streaming

@@ -1,6 +1,12 @@
 //! Step 4: one build request to the server, through kiln's event stream
 //! with the builder's log on stderr, or plain `snix.build.v1` `DoBuild`
 //! where the server does not offer the events.
+//!
+//! Only the event stream's `kiln.v1.SubmitRequest` carries `argv0`, the
+//! builder's basename that Nix passes as `argv[0]`. Plain `DoBuild` cannot:
+//! there the builder sees its full path as `argv[0]`, and a builder that
+//! looks at `$0` may produce other bytes than under Nix (a line on stderr
+//! says so).
 
 use std::io::Write;
 
@@ -8,8 +14,9 @@ use tonic::Code;
 
 use crate::client::{submit_and_follow, EventSink, FollowError, KilnChannel};
 use crate::grpc::status::failed_detail;
-use crate::nix::StorePath;
-use crate::proto::kiln_v1::{submit_request, LogChunk, SubmitRequest};
+use crate::nix::build_request::submit_request;
+use crate::nix::{Derivation, StorePath};
+use crate::proto::kiln_v1::LogChunk;
 use crate::proto::snix_build;
 use crate::proto::snix_build::build_service_client::BuildServiceClient;
 use crate::server::MAX_MESSAGE_BYTES;
@@ -26,16 +33,17 @@ pub(super) fn refuses_network(error: &DrvError) -> bool {
     }
 }
 
-/// Submits through kiln's event stream (log to stderr); falls back to plain
-/// `DoBuild` when the server does not offer it.
+/// Submits `request`, made for `derivation`, through kiln's event stream
+/// (log to stderr), with the builder's `argv[0]` as Nix sets it; falls back
+/// to plain `DoBuild` when the server does not offer the stream.
 pub(super) async fn submit(
     channel: &KilnChannel,
     drv: &StorePath,
+    derivation: &Derivation,
     request: snix_build::BuildRequest,
 ) -> Result<snix_build::BuildResponse, DrvError> {
-    let submit = SubmitRequest {
-        request: Some(submit_request::Request::Snix(request.clone())),
-    };
+    let submit = submit_request(derivation, request.clone());
+    let argv0 = submit.argv0.clone();
     let error = match submit_and_follow(channel.clone(), submit, &mut LogToStderr).await {
         Ok(done) => {
             return done
@@ -50,7 +58,15 @@ pub(super) async fn submit(
         FollowError::Refused {
             code: Code::Unimplemented,
             ..
-        } => do_build(channel, drv, request).await,
+        } => {
+            if !argv0.is_empty() {
+                eprintln!(
+                    "kiln: the server has no kiln.v1 events; {drv} runs through plain DoBuild, \
+                     where the builder's argv[0] is its full path, not {argv0:?} as under Nix"
+                );
+            }
+            do_build(channel, drv, request).await
+        }
         FollowError::Refused { code, message, .. } | FollowError::Stream { code, message, .. } => {
             Err(DrvError::Submit {
                 drv: drv.clone(),
@@ -71,7 +87,8 @@ pub(super) async fn submit(
 }
 
 /// `snix.build.v1.BuildService/DoBuild`, for a server without kiln's
-/// events.
+/// events. The request has no `argv0` (see the module docs): the builder
+/// gets argv = `command_args`.
 async fn do_build(
     channel: &KilnChannel,
     drv: &StorePath,
