@@ -7,7 +7,7 @@ CACHE_DIR ?= /var/cache/kiln
 KERNEL_DIR := $(CACHE_DIR)/kernel
 AGENT := $(CACHE_DIR)/agent/kiln-agent
 CARGO ?= cargo
-DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin
+DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base
 VIRTIOFSD_VERSION := 1.14.0
 
 .PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache

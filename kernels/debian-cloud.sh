@@ -17,9 +17,11 @@ META=linux-image-cloud-amd64
 
 # Modules the guest may need, in a valid load order. virtio over mmio for QEMU
 # microvm and over pci for cloud-hypervisor; fuse + virtiofs for the shares;
-# virtio_console for the host<->guest channel; kvm for nested virtualisation.
+# virtio_console for the host<->guest channel; kvm for nested virtualisation;
+# virtio_net (with its failover dependencies) for builds given network.
 MODULES=(virtio_ring virtio virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         fuse virtiofs virtio_console irqbypass kvm kvm_intel kvm_amd)
+         fuse virtiofs virtio_console irqbypass kvm kvm_intel kvm_amd
+         failover net_failover virtio_net)
 
 die() { echo "debian-cloud.sh: $*" >&2; exit 1; }
 

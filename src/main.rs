@@ -97,9 +97,40 @@ struct ServeArgs {
     #[arg(long = "allow-ro-path")]
     allow_ro_paths: Vec<PathBuf>,
     #[command(flatten)]
+    network: NetworkArgs,
+    #[command(flatten)]
     security: ServeSecurityArgs,
     #[command(flatten)]
     castore_client: CastoreClientArgs,
+}
+
+/// Network for the builds that ask for it (`network_access`, fixed-output
+/// derivations): egress to public addresses only, through a NAT helper per
+/// build (passt) policed by an nftables table.
+#[derive(Args)]
+struct NetworkArgs {
+    /// Refuse every build that asks for network (FAILED_PRECONDITION).
+    #[arg(long)]
+    no_network: bool,
+    /// A destination builds may reach although it is in a denied range
+    /// (private, shared, link-local, loopback, the host's own addresses),
+    /// e.g. a site mirror or proxy: an address or CIDR (repeatable).
+    #[arg(long = "network-allow", value_name = "CIDR", value_parser = parse_cidr)]
+    network_allow: Vec<ipnet::IpNet>,
+    /// The resolver the builds' DNS queries are forwarded to (default: the
+    /// first nameserver of the host's /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    network_dns: Option<std::net::IpAddr>,
+}
+
+/// An address (a /32 or /128) or a CIDR network.
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(addr) = text.parse::<std::net::IpAddr>() {
+        return Ok(addr.into());
+    }
+    text.parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR network"))
 }
 
 /// How `kiln serve` reaches a remote `--castore` that uses TLS or authentication.
@@ -240,6 +271,8 @@ enum CastoreCommand {
 struct DoctorArgs {
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    network: NetworkArgs,
 }
 
 /// Parses an octal permission mode such as `0600` or `660`.
@@ -350,6 +383,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kernel_is_pvm: args.vm.pvm_kernel,
                 artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
                 image_cache_dir: Some(image_cache_dir(&args.vm.cache_dir)),
+                network: Some(kiln::vmm::net::NetworkFlags {
+                    disabled: args.network.no_network,
+                    allow: args.network.network_allow.clone(),
+                    dns: args.network.network_dns,
+                }),
             };
             let report = kiln::cli::doctor::doctor(&opts, &mut std::io::stdout()).await?;
             anyhow::ensure!(
@@ -397,11 +435,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let vm = kiln::vmm::choose::choose(args.vm.vmm, args.vm.accel, args.vm.pvm_kernel)
         .await
         .context("choosing the VMM")?;
+    let network = kiln::vmm::net::NetworkSetup::from_flags(&kiln::vmm::net::NetworkFlags {
+        disabled: args.network.no_network,
+        allow: args.network.network_allow.clone(),
+        dns: args.network.network_dns,
+    });
+    let (network_config, network_unavailable, _firewall) = match network {
+        kiln::vmm::net::NetworkSetup::Ready { config, firewall } => {
+            tracing::info!(
+                allow = ?config.policy.allow,
+                dns = ?config.policy.dns,
+                "builds that ask get network: public addresses only"
+            );
+            (Some(config), None, Some(firewall))
+        }
+        kiln::vmm::net::NetworkSetup::Unavailable(why) => {
+            tracing::warn!(%why, "builds that ask for network are refused");
+            (None, Some(why), None)
+        }
+    };
     let limits = kiln::executor::plan::Limits {
         max_guest_memory_mib: args.max_guest_memory_mib,
         vcpus: args.vcpus,
         nested_virt_available: vm.nested_available,
         ro_path_allowlist: args.allow_ro_paths,
+        network_unavailable,
         ..Default::default()
     };
     let config = kiln::executor::ExecutorConfig {
@@ -422,6 +480,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         memory_budget_mib: args.memory_budget_mib,
         max_queue: args.max_queue,
         request_budget_bytes: args.max_request_memory_mib << 20,
+        network: network_config,
         ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
     let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)

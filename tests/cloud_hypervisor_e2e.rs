@@ -145,6 +145,7 @@ async fn boot(
         nested_virt: nested,
         run_dir: dir.to_owned(),
         deadline: Instant::now() + BOOT_LIMIT,
+        network: None,
     };
     let runner = CloudHypervisorRunner::new(&env.ch);
     let images = GuestBoot::new(env.artifacts.clone(), dir.join("cache"));

@@ -164,6 +164,7 @@ fn spec(run_dir: &Path) -> VmSpec {
             socket: run_dir.join("inputs.sock"),
             source: std::path::PathBuf::new(),
         }],
+        net: None,
         run_dir: run_dir.to_owned(),
         serial_log: run_dir.join("serial.log"),
         deadline: Instant::now() + Duration::from_secs(60),

@@ -105,6 +105,29 @@ pub struct Job {
     pub modules: Vec<String>,
     /// Number of CPUs (informational).
     pub cores: u32,
+    /// The network of a build that asked for one: the VM then has one
+    /// virtio-net device (`virtio_net` is among [`Job::modules`]), which the
+    /// agent configures before the builder starts. `None` (and in jobs from
+    /// hosts that predate it): no network but `lo`.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// A networked build's view of its network, as Nix gives a fixed-output
+/// derivation: one interface, a resolver, `/etc/services`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GuestNetwork {
+    /// The guest's IPv4 address on `eth0`.
+    pub address: String,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: String,
+    /// The resolver written to `/etc/resolv.conf`.
+    pub dns: String,
+    /// `/etc/services` for the build (the host's, which Nix bind-mounts into
+    /// a fixed-output derivation's sandbox); empty: no such file.
+    pub services: String,
 }
 
 /// Kinds of frames on the channel.

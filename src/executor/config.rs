@@ -13,6 +13,7 @@ use crate::castore;
 use crate::executor::plan;
 use crate::executor::scratch::ScratchLimits;
 use crate::guest_image::Artifacts;
+use crate::vmm::net::NetworkConfig;
 
 /// The defaults of `kiln serve`. Each constant names the flag that
 /// overrides it.
@@ -109,7 +110,14 @@ pub struct ExecutorConfig {
     pub kept_builds: usize,
     /// Log bytes kept per build.
     pub kept_log_bytes: usize,
+    /// How builds that ask for network get it; `None`: they are refused
+    /// (and `limits.network_unavailable` says why).
+    pub network: Option<NetworkConfig>,
 }
+
+/// Why an executor configured without [`ExecutorConfig::network`] refuses
+/// networked builds.
+pub const NO_NETWORK_CONFIGURED: &str = "no network is configured";
 
 impl ExecutorConfig {
     /// The [`defaults`] with the data directory at `data_dir` and kiln's
@@ -134,6 +142,7 @@ impl ExecutorConfig {
             request_budget_bytes: defaults::REQUEST_BUDGET_BYTES,
             kept_builds: defaults::KEPT_BUILDS,
             kept_log_bytes: defaults::KEPT_LOG_BYTES,
+            network: None,
         }
     }
 }
@@ -154,7 +163,8 @@ impl Default for plan::Limits {
     /// [`defaults::MIN_GUEST_MEMORY_MIB`] (512) plus
     /// [`defaults::GUEST_OVERHEAD_MIB`] (256) up to
     /// [`defaults::MAX_GUEST_MEMORY_MIB`] (8192), [`defaults::VCPUS`] (1)
-    /// vCPU, no nested virtualisation, no read-only paths allowed.
+    /// vCPU, no nested virtualisation, no read-only paths allowed, no
+    /// network (`kiln serve` sets one up unless `--no-network`).
     fn default() -> Self {
         Self {
             min_guest_memory_mib: defaults::MIN_GUEST_MEMORY_MIB,
@@ -163,6 +173,7 @@ impl Default for plan::Limits {
             vcpus: defaults::VCPUS,
             nested_virt_available: false,
             ro_path_allowlist: Vec::new(),
+            network_unavailable: Some(NO_NETWORK_CONFIGURED.into()),
         }
     }
 }

@@ -55,8 +55,11 @@ pub enum Precondition {
         path: String,
     },
     /// The build asks for network access, which this server does not give.
-    #[error("constraints.network_access: kiln gives builds no network; this server cannot run builds that need one")]
-    Network,
+    #[error("constraints.network_access: this server gives builds no network ({why})")]
+    Network {
+        /// Why not (the operator's `--no-network`, or what the host lacks).
+        why: String,
+    },
     /// The inputs expand to more than the operator allows on disk.
     #[error("{detail} (set by --max-input-entries, --max-input-mib)")]
     Inputs {
@@ -82,7 +85,7 @@ impl Precondition {
             Self::Memory { .. } => "memory",
             Self::NestedVirt => "nested_virt",
             Self::RoPath { .. } => "ro_path",
-            Self::Network => "network",
+            Self::Network { .. } => "network",
             Self::Inputs { .. } => "inputs",
             Self::Budget { .. } => "budget",
         }
@@ -317,7 +320,9 @@ mod tests {
 
     #[test]
     fn preconditions_name_their_kind() {
-        let err = BuildError::from(Precondition::Network);
+        let err = BuildError::from(Precondition::Network {
+            why: "--no-network".into(),
+        });
         assert_eq!(err.kind(), "precondition");
         assert_eq!(err.precondition().map(Precondition::kind), Some("network"));
         assert!(err.to_string().contains("network_access"), "{err}");

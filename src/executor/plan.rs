@@ -32,6 +32,9 @@ pub struct Limits {
     pub nested_virt_available: bool,
     /// Host paths a request may ask for read-only (besides `/dev/kvm`).
     pub ro_path_allowlist: Vec<PathBuf>,
+    /// Why this server gives builds no network, when it does not
+    /// (`--no-network`, no passt, no nft); `None`: it does.
+    pub network_unavailable: Option<String>,
 }
 
 /// An extra read-only share: a host path visible at the same guest path.
@@ -54,6 +57,8 @@ pub struct VmPlan {
     pub nested_virt: bool,
     /// Operator allow-listed read-only paths.
     pub ro_shares: Vec<RoShare>,
+    /// One network device behind the egress policy (the request asked).
+    pub network: bool,
 }
 
 /// Checks the constraints and sizes the VM.
@@ -67,7 +72,9 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
         .into());
     }
     if c.network_access {
-        return Err(Precondition::Network.into());
+        if let Some(why) = &limits.network_unavailable {
+            return Err(Precondition::Network { why: why.clone() }.into());
+        }
     }
     let memory_mib = guest_memory_mib(c.min_memory, limits)?;
     let mut nested_virt = false;
@@ -99,6 +106,7 @@ pub fn plan(req: &BuildRequest, limits: &Limits) -> Result<VmPlan, BuildError> {
         vcpus: limits.vcpus,
         nested_virt,
         ro_shares,
+        network: c.network_access,
     })
 }
 
@@ -131,6 +139,8 @@ pub fn job(req: &BuildRequest, plan: &VmPlan) -> Job {
             .collect(),
         modules: Vec::new(),
         cores: plan.vcpus,
+        // Filled in with the server's network when the VM boots.
+        network: None,
     }
 }
 

@@ -36,7 +36,7 @@ use crate::executor::plan::{self, VmPlan};
 use crate::executor::request::{BuildRequest, Layout};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
-use crate::vmm::session::{Guest, GuestBoot, SessionSpec, Share, VmSession};
+use crate::vmm::session::{Guest, GuestBoot, SessionNetwork, SessionSpec, Share, VmSession};
 use crate::vmm::{GuestChannel, VmRunner};
 
 pub use crate::executor::config::ExecutorConfig;
@@ -278,15 +278,35 @@ impl Executor {
             source: s.path.clone(),
             read_only: true,
         }));
+        let mut job = plan::job(req, plan);
+        let network = match (&self.config.network, plan.network) {
+            (Some(config), true) => {
+                job.network = Some(config.guest());
+                let id = config.ids.acquire().ok_or_else(|| {
+                    BuildError::infra(
+                        "take a NAT helper id",
+                        std::io::Error::other("all helper ids are in use"),
+                    )
+                })?;
+                Some(SessionNetwork {
+                    passt: config.passt.clone(),
+                    id,
+                    dns: config.dns,
+                })
+            }
+            // plan() refused the request when the server has no network.
+            _ => None,
+        };
         let spec = SessionSpec {
             id: steps.log.id().to_owned(),
             shares,
-            guest: Guest::Agent(plan::job(req, plan)),
+            guest: Guest::Agent(Box::new(job)),
             memory_mib: plan.memory_mib,
             vcpus: plan.vcpus,
             nested_virt: plan.nested_virt,
             run_dir: ws.vm(),
             deadline: steps.deadline,
+            network,
         };
         VmSession::boot(self.runner.as_ref(), &self.guest, spec)
             .instrument(info_span!("boot"))

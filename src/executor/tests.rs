@@ -289,7 +289,7 @@ async fn a_precondition_is_typed_on_the_wire() {
     });
     let err = build(&rig, req).await.expect_err("refused");
     assert!(
-        matches!(err.precondition(), Some(Precondition::Network)),
+        matches!(err.precondition(), Some(Precondition::Network { .. })),
         "{err}"
     );
     let detail = status::failed_detail(&status::status(&err)).expect("detail");

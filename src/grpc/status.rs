@@ -146,7 +146,13 @@ mod tests {
                 BuildError::QueueFull("full".into()),
                 Code::ResourceExhausted,
             ),
-            (Precondition::Network.into(), Code::FailedPrecondition),
+            (
+                Precondition::Network {
+                    why: "--no-network".into(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
         ];
         for (err, code_wanted) in cases {
             assert_eq!(code(&err), code_wanted, "{err}");

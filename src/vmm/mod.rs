@@ -20,6 +20,7 @@ pub mod cloud_hypervisor;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
+pub mod net;
 pub mod qemu;
 pub mod session;
 pub mod transport;
@@ -59,6 +60,9 @@ pub struct VmSpec {
     pub nested_virt: bool,
     /// virtiofs shares, in the order the guest expects them.
     pub shares: Vec<FsShare>,
+    /// The guest's one network device, for a build that asked for network;
+    /// `None`: the VM has no network device at all.
+    pub net: Option<net::NetDevice>,
     /// Directory owned by this build for VMM sockets and logs; removed by the
     /// executor when the build ends.
     pub run_dir: PathBuf,
@@ -174,6 +178,11 @@ pub trait VmRunner: Send + Sync {
     /// says which; the default only serves runners that never boot one.
     fn transport(&self) -> Transport {
         Transport::Mmio
+    }
+    /// Whether the NAT helper must serve vhost-user (cloud-hypervisor)
+    /// rather than QEMU's stream socket.
+    fn vhost_user_net(&self) -> bool {
+        false
     }
 }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
+use super::net::NetEndpoint;
 use super::{GuestChannel, RunningVm, Transport, VmExit, VmRunner, VmSpec, VmmError};
 
 /// Name of the guest channel socket in the build's run directory.
@@ -108,6 +109,21 @@ pub fn qemu_args(
         a.push("-device".into());
         a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
     }
+    if let Some(net) = &spec.net {
+        // The guest's Ethernet to the NAT helper, as a stream socket: an
+        // inherited descriptor, or a socket path.
+        let netdev = match &net.endpoint {
+            NetEndpoint::Fd(fd) => format!("stream,id=net0,addr.type=fd,addr.str={fd}"),
+            NetEndpoint::Socket(path) => {
+                let path = path.to_string_lossy().replace(',', ",,");
+                format!("stream,id=net0,server=off,addr.type=unix,addr.path={path}")
+            }
+        };
+        a.push("-netdev".into());
+        a.push(netdev.into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
     a
 }
 
@@ -189,6 +205,20 @@ impl VmRunner for QemuRunner {
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
+        if let Some(NetEndpoint::Fd(fd)) = spec.net.as_ref().map(|n| &n.endpoint) {
+            let fd = *fd;
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls fcntl, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    // QEMU inherits the helper socket (kiln opens it CLOEXEC).
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child =
             super::child::spawn(command).map_err(|source| VmmError::Spawn { program, source })?;
         let mut vm = QemuVm {
@@ -329,6 +359,7 @@ mod tests {
                     source: std::path::PathBuf::new(),
                 },
             ],
+            net: None,
             run_dir: "/r".into(),
             serial_log: "/r/serial.log".into(),
             deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
@@ -454,6 +485,47 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!Path::new(&proc).exists(), "the fake QEMU survived");
+    }
+
+    #[test]
+    fn a_networked_build_gets_one_virtio_net_device_on_the_helper_socket() {
+        let net = |endpoint| {
+            Some(crate::vmm::net::NetDevice {
+                endpoint,
+                mac: "52:54:00:6b:69:6c".into(),
+            })
+        };
+        let by_path = VmSpec {
+            net: net(NetEndpoint::Socket("/r/net,1.sock".into())),
+            ..spec(false)
+        };
+        let a = strings(&qemu_args(
+            &by_path,
+            Accel::Tcg,
+            Path::new("/r/c.sock"),
+            None,
+        ));
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["stream,id=net0,server=off,addr.type=unix,addr.path=/r/net,,1.sock"]
+        );
+        let spec = VmSpec {
+            net: net(NetEndpoint::Fd(7)),
+            ..spec(false)
+        };
+        let a = strings(&qemu_args(&spec, Accel::Tcg, Path::new("/r/c.sock"), None));
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["stream,id=net0,addr.type=fd,addr.str=7"]
+        );
+        let devices = values(&a, "-device");
+        assert_eq!(
+            devices
+                .iter()
+                .filter(|d| d.starts_with("virtio-net"))
+                .collect::<Vec<_>>(),
+            ["virtio-net-device,netdev=net0,mac=52:54:00:6b:69:6c"]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! One build VM's whole life, owned by one value.
 //!
 //! A [`VmSession`] is everything a booted build VM holds on the host: one
-//! virtiofsd per share, the initramfs (the cached base image followed by
+//! virtiofsd per share, the NAT helper of a networked build
+//! ([`crate::vmm::net`]), the initramfs (the cached base image followed by
 //! this build's job), the VMM process with its serial log, and the guest
 //! channel. [`VmSession::boot`] starts them in that order and undoes what it
 //! started when a later step fails; [`VmSession::end`] stops them; dropping
@@ -19,6 +20,7 @@ use tokio::sync::OnceCell;
 use tracing::{info_span, Instrument};
 
 use crate::guest_image::{self, Artifacts, GuestImageError};
+use crate::vmm::net::{HelperId, NetDevice, Passt, PasstError, PasstSpec, GUEST_MAC};
 use crate::vmm::virtiofsd::{Virtiofsd, VirtiofsdError};
 use crate::vmm::{FsShare, GuestChannel, RunningVm, VmRunner, VmSpec, VmmError};
 
@@ -37,7 +39,7 @@ pub struct Share {
 }
 
 /// What one session boots.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SessionSpec {
     /// Build id, for process names and log lines.
     pub id: String,
@@ -56,6 +58,21 @@ pub struct SessionSpec {
     pub run_dir: PathBuf,
     /// When the build's time is up.
     pub deadline: Instant,
+    /// The NAT helper of a build that asked for network; `None`: the VM
+    /// gets no network device.
+    pub network: Option<SessionNetwork>,
+}
+
+/// How a networked build's NAT helper is started.
+#[derive(Debug)]
+pub struct SessionNetwork {
+    /// The passt binary.
+    pub passt: PathBuf,
+    /// The helper's own uid (and gid), which the egress policy polices;
+    /// held by the session until the helper is gone.
+    pub id: HelperId,
+    /// Upstream resolver (`None`: the host's `/etc/resolv.conf`).
+    pub dns: Option<std::net::IpAddr>,
 }
 
 /// What a session's VM runs.
@@ -64,7 +81,7 @@ pub enum Guest {
     /// kiln's agent running a build's job: the cached base image followed
     /// by the job archive, on [`guest_image::kernel_cmdline`]. The job's
     /// module list is filled in from the runner's transport.
-    Agent(Job),
+    Agent(Box<Job>),
     /// A prepared initramfs on its own command line: a guest that is not
     /// kiln's agent (the bench's bare boot, the VMM end-to-end tests).
     Image {
@@ -136,6 +153,9 @@ pub enum SessionError {
     /// This build's initramfs could not be written.
     #[error("write the initramfs")]
     Initramfs(#[source] GuestImageError),
+    /// The NAT helper did not start.
+    #[error("start the NAT helper")]
+    Network(#[source] PasstError),
     /// The VMM did not start.
     #[error("start the VMM")]
     Vmm(#[source] VmmError),
@@ -148,6 +168,9 @@ pub enum SessionError {
 pub struct VmSession {
     vm: Box<dyn RunningVm>,
     daemons: Vec<Virtiofsd>,
+    nat: Option<Passt>,
+    /// Released after `nat` is gone (fields drop in order).
+    _nat_id: Option<HelperId>,
     serial_log: PathBuf,
 }
 
@@ -169,14 +192,28 @@ impl VmSession {
             nested_virt,
             run_dir,
             deadline,
+            network,
         } = spec;
         let (daemons, fs_shares) = serve_shares(&run_dir, shares)
             .instrument(info_span!("virtiofsd"))
             .await?;
+        let (nat, nat_id) = match network {
+            Some(network) => {
+                let passt = start_nat(runner, &run_dir, &network)
+                    .instrument(info_span!("network"))
+                    .await?;
+                (Some(passt), Some(network.id))
+            }
+            None => (None, None),
+        };
+        let net = nat.as_ref().map(|nat| NetDevice {
+            endpoint: nat.endpoint(),
+            mac: GUEST_MAC.into(),
+        });
 
         let (initramfs, cmdline) = match guest {
             Guest::Agent(job) => (
-                agent_initramfs(runner, boot, job, &run_dir).await?,
+                agent_initramfs(runner, boot, *job, &run_dir).await?,
                 guest_image::kernel_cmdline(),
             ),
             Guest::Image { initramfs, cmdline } => (initramfs, cmdline),
@@ -192,6 +229,7 @@ impl VmSession {
             vcpus,
             nested_virt,
             shares: fs_shares,
+            net,
             run_dir,
             serial_log: serial_log.clone(),
             deadline,
@@ -207,20 +245,30 @@ impl VmSession {
             Self {
                 vm,
                 daemons,
+                nat,
+                _nat_id: nat_id,
                 serial_log,
             },
             channel,
         ))
     }
 
-    /// The VM, its share daemons and its console, borrowed apart so one
-    /// can wait on the VM while watching the daemons.
+    /// The VM, its daemons and its console, borrowed apart so one can wait
+    /// on the VM while watching the daemons.
     pub fn parts(&mut self) -> Parts<'_> {
         Parts {
             vm: self.vm.as_mut(),
-            daemons: Daemons(&mut self.daemons),
+            daemons: Daemons {
+                shares: &mut self.daemons,
+                nat: self.nat.as_mut(),
+            },
             console: Console(&self.serial_log),
         }
+    }
+
+    /// The NAT helper's PID, for a networked build while it runs.
+    pub fn nat_pid(&self) -> Option<u32> {
+        self.nat.as_ref().and_then(Passt::pid)
     }
 
     /// The PID of the VMM process, while it runs.
@@ -240,6 +288,9 @@ impl VmSession {
             for d in &mut self.daemons {
                 d.kill().await;
             }
+            if let Some(nat) = &mut self.nat {
+                nat.kill().await;
+            }
         }
         .instrument(info_span!("teardown"))
         .await;
@@ -250,25 +301,33 @@ impl VmSession {
 pub struct Parts<'a> {
     /// The VMM process.
     pub vm: &'a mut dyn RunningVm,
-    /// The share daemons.
+    /// The share daemons and the NAT helper.
     pub daemons: Daemons<'a>,
     /// The serial console.
     pub console: Console<'a>,
 }
 
-/// The share daemons of a session.
-pub struct Daemons<'a>(&'a mut Vec<Virtiofsd>);
+/// The daemons of a session: one virtiofsd per share, and the NAT helper
+/// of a networked build.
+pub struct Daemons<'a> {
+    shares: &'a mut Vec<Virtiofsd>,
+    nat: Option<&'a mut Passt>,
+}
 
 impl Daemons<'_> {
     /// Resolves when any daemon exits, with a sentence saying which and how.
-    /// Never resolves for a session without shares.
+    /// Never resolves for a session without daemons.
     pub async fn first_exit(&mut self) -> String {
-        if self.0.is_empty() {
+        use futures::future::{select_all, BoxFuture, FutureExt};
+        let mut exits: Vec<BoxFuture<'_, String>> =
+            self.shares.iter_mut().map(|d| d.exited().boxed()).collect();
+        if let Some(nat) = self.nat.as_mut() {
+            exits.push(nat.exited().boxed());
+        }
+        if exits.is_empty() {
             return std::future::pending().await;
         }
-        let (why, _, _) =
-            futures::future::select_all(self.0.iter_mut().map(|d| Box::pin(d.exited()))).await;
-        why
+        select_all(exits).await.0
     }
 }
 
@@ -287,7 +346,7 @@ impl Console<'_> {
 }
 
 /// `run_dir/initramfs.cpio`: the base image and `job`, with the modules of
-/// the runner's transport.
+/// the runner's transport (and virtio-net's for a networked job).
 async fn agent_initramfs(
     runner: &dyn VmRunner,
     boot: &GuestBoot,
@@ -302,9 +361,30 @@ async fn agent_initramfs(
         .iter()
         .map(|m| m.to_string())
         .collect();
+    if job.network.is_some() {
+        // The agent loads its dependencies (failover, net_failover) first.
+        job.modules.push("virtio_net".into());
+    }
     span.in_scope(|| guest_image::build_initramfs(base, &job, &initramfs))
         .map_err(SessionError::Initramfs)?;
     Ok(initramfs)
+}
+
+/// The NAT helper, on `run_dir/net.sock`, in the mode the runner's VMM
+/// speaks.
+async fn start_nat(
+    runner: &dyn VmRunner,
+    run_dir: &Path,
+    network: &SessionNetwork,
+) -> Result<Passt, SessionError> {
+    let spec = PasstSpec {
+        binary: network.passt.clone(),
+        socket: run_dir.join("net.sock"),
+        uid: network.id.uid(),
+        dns: network.dns,
+        vhost_user: runner.vhost_user_net(),
+    };
+    Passt::spawn(&spec).await.map_err(SessionError::Network)
 }
 
 /// One virtiofsd per share, with the vhost-user sockets in `run_dir`.

@@ -187,6 +187,7 @@ async fn run_inner(
         nested_virt: nested,
         run_dir: run_dir.clone(),
         deadline: Instant::now() + Duration::from_secs(600),
+        network: None,
     };
     let runner = QemuRunner::new(Accel::Tcg);
 
@@ -252,7 +253,7 @@ async fn run_inner(
 async fn guest(boot: &GuestBoot, job: &Job, raw: Option<&[u8]>, run_dir: &Path) -> Guest {
     let kernel_args = std::env::var("KILN_TEST_KERNEL_ARGS").ok();
     if raw.is_none() && kernel_args.is_none() {
-        return Guest::Agent(job.clone());
+        return Guest::Agent(Box::new(job.clone()));
     }
     let file = raw.map(<[u8]>::to_vec).unwrap_or_else(|| {
         let mut job = job.clone();

@@ -102,6 +102,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
             vcpus: 1,
             nested_virt_available: nested_virt,
             ro_path_allowlist: vec![],
+            network_unavailable: Some(kiln::executor::config::NO_NETWORK_CONFIGURED.into()),
         },
         timeout: opts.timeout,
         max_log_bytes: opts.max_log_bytes,
@@ -113,6 +114,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         request_budget_bytes: opts.request_budget_bytes,
         kept_builds: 64,
         kept_log_bytes: 1 << 20,
+        network: None,
     };
     let executor = Arc::new(Executor::open(config, store.clone(), runner).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -63,6 +63,15 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// Configuring the network device of a networked build.
+    #[error("{what}")]
+    Network {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
     /// Building the sandbox root.
     #[error("{what}")]
     Sandbox {
@@ -121,6 +130,7 @@ impl AgentError {
             Self::Kvm { .. } => "kvm",
             Self::Channel { .. } => "channel",
             Self::Share { .. } => "share",
+            Self::Network { .. } => "network",
             Self::Sandbox { .. } | Self::SandboxPath { .. } => "sandbox",
             Self::Exec { .. } => "exec",
             Self::Seccomp { .. } => "seccomp",

@@ -67,10 +67,22 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
     let shares_ms = start.elapsed().as_millis();
     nix::unistd::sethostname("localhost").step(sandbox_err, || "setting the hostname".into())?;
     net::loopback_up().step(sandbox_err, || "bringing up lo".into())?;
+    if let Some(network) = &job.network {
+        net::configure(network).map_err(|source| AgentError::Network {
+            what: format!(
+                "configuring {} as {}/{}",
+                net::INTERFACE,
+                network.address,
+                network.prefix
+            ),
+            source,
+        })?;
+    }
+    let network_ms = start.elapsed().as_millis();
     sandbox::build(&job, kvm)?;
     timings.setup_ms = start.elapsed().as_millis() as u64;
     channel::log(&format!(
-        "set-up timeline (ms since the agent started): modules {modules_ms}, kvm {kvm_ms}, shares {shares_ms}, sandbox {}",
+        "set-up timeline (ms since the agent started): modules {modules_ms}, kvm {kvm_ms}, shares {shares_ms}, network {network_ms}, sandbox {}",
         timings.setup_ms
     ));
     let finished = builder::run(&job)?;

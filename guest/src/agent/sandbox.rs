@@ -301,7 +301,8 @@ fn dev(root: &Dir, kvm: Option<(u64, u64)>) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// `/etc/passwd`, `/etc/group`, `/etc/hosts` as in a Nix sandbox. The home
+/// `/etc/passwd`, `/etc/group`, `/etc/hosts` as in a Nix sandbox, and for a
+/// networked build `resolv.conf`, `nsswitch.conf` and `services`. The home
 /// field is the working dir, which `job::validate` checked holds no `:` or
 /// newline.
 fn etc(root: &Dir, job: &Job) -> Result<(), AgentError> {
@@ -316,11 +317,24 @@ fn etc(root: &Dir, job: &Job) -> Result<(), AgentError> {
     );
     let group = format!("root:x:0:\nnixbld:!:{BUILD_GID}:\nnogroup:x:65534:\n");
     let hosts = "127.0.0.1 localhost\n::1 localhost\n";
-    for (name, contents) in [
-        ("passwd", passwd.as_str()),
-        ("group", group.as_str()),
-        ("hosts", hosts),
-    ] {
+    let mut files = vec![
+        ("passwd", passwd),
+        ("group", group),
+        ("hosts", hosts.to_owned()),
+    ];
+    if let Some(network) = &job.network {
+        // What Nix gives a fixed-output derivation: a resolver, name
+        // service limited to files and DNS, and the host's services list.
+        files.push(("resolv.conf", format!("nameserver {}\n", network.dns)));
+        files.push((
+            "nsswitch.conf",
+            "hosts: files dns\nservices: files\n".into(),
+        ));
+        if !network.services.is_empty() {
+            files.push(("services", network.services.clone()));
+        }
+    }
+    for (name, contents) in &files {
         etc.create_file(name, contents.as_bytes(), Meta::root(0o644))
             .map_err(placing(|| format!("writing /etc/{name}")))?;
     }

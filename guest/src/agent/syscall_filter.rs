@@ -148,7 +148,7 @@ fn export(ctx: ScmpFilterContext) -> Result<Vec<u8>, AgentError> {
 fn decode(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, AgentError> {
     const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
     let count = bytes.len() / SIZE;
-    if bytes.len() % SIZE != 0 || count == 0 || count > MAX_INSTRUCTIONS {
+    if !bytes.len().is_multiple_of(SIZE) || count == 0 || count > MAX_INSTRUCTIONS {
         return Err(AgentError::Seccomp {
             what: "checking the exported seccomp program".into(),
             source: std::io::Error::other(format!(

@@ -119,6 +119,7 @@ impl Bare {
             nested_virt: false,
             run_dir: run_dir.clone(),
             deadline: Instant::now() + Duration::from_secs(120),
+            network: None,
         };
         let boot = GuestBoot::new(server.artifacts.clone(), server.cache_dir.clone());
         let started = Instant::now();

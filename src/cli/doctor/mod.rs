@@ -15,6 +15,7 @@ use crate::vmm::host::{self, select, AccelChoice, HostFacts, SelectError, Select
 use crate::vmm::Transport;
 
 mod checks;
+mod network;
 
 use checks::{
     artifact_checks, cloud_hypervisor_check, kvm_check, nested_check, qemu_check, selection_check,
@@ -42,6 +43,9 @@ pub struct DoctorOptions {
     pub artifacts: Artifacts,
     /// Where the server caches base initramfs images (`base-*.cpio`).
     pub image_cache_dir: Option<PathBuf>,
+    /// `--no-network`, `--network-allow`, `--network-dns`; `None`: leave the
+    /// network line out (the unit tests of the other lines).
+    pub network: Option<crate::vmm::net::NetworkFlags>,
 }
 
 /// How one fact bears on running builds.
@@ -157,6 +161,13 @@ pub fn assess(facts: HostFacts, opts: &DoctorOptions) -> DoctorReport {
         opts.image_cache_dir.as_deref(),
         &transports,
     ));
+    if let Some(flags) = &opts.network {
+        let vhost_user = match &selection {
+            Ok(s) => host::runner(s, &facts).vhost_user_net(),
+            Err(_) => false,
+        };
+        checks.push(network::network_check(flags, vhost_user));
+    }
     checks.push(selection_check(opts, &selection));
     DoctorReport {
         facts,

@@ -18,16 +18,22 @@
 use std::path::Path;
 
 use cloud_hypervisor_client::models::{
-    ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, PayloadConfig, SerialConfig,
-    VmConfig,
+    ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig,
+    SerialConfig, VmConfig,
 };
 
+use crate::vmm::net::NetEndpoint;
 use crate::vmm::VmSpec;
 
 /// virtqueues per virtiofs device; virtiofsd serves one request queue.
 pub const FS_NUM_QUEUES: i32 = 1;
 /// Descriptors per virtiofs queue (cloud-hypervisor's own default).
 pub const FS_QUEUE_SIZE: i32 = 1024;
+
+/// virtqueues of the network device: one receive, one transmit.
+pub const NET_NUM_QUEUES: i32 = 2;
+/// Descriptors per network queue (cloud-hypervisor's own default).
+pub const NET_QUEUE_SIZE: i32 = 256;
 
 const MIB: i64 = 1024 * 1024;
 
@@ -54,6 +60,9 @@ pub enum ConfigError {
         /// The largest accepted value.
         max: u64,
     },
+    /// cloud-hypervisor reaches its network device by vhost-user socket.
+    #[error("cloud-hypervisor takes a network device as a vhost-user socket, not an inherited descriptor")]
+    NetEndpoint,
     /// A VM needs at least one vCPU and some memory.
     #[error("{field} must be at least 1")]
     Zero {
@@ -68,7 +77,9 @@ pub enum ConfigError {
 /// `vmlinux`). CPUs: `boot_vcpus = max_vcpus = spec.vcpus`, `nested` exactly
 /// `spec.nested_virt`. Memory: `spec.memory_mib` MiB, `shared = true`. One `fs`
 /// device per share, in order. Serial: `File` at `spec.serial_log`. Console:
-/// `Tty` (the VMM's stdout, see the module docs). No disks, no network.
+/// `Tty` (the VMM's stdout, see the module docs). No disks; a network
+/// device only for a networked build: vhost-user on the NAT helper's
+/// socket (passt `--vhost-user`), cloud-hypervisor connecting as client.
 pub fn vm_config(spec: &VmSpec) -> Result<VmConfig, ConfigError> {
     let payload = PayloadConfig {
         kernel: Some(utf8("kernel", &spec.kernel)?),
@@ -101,6 +112,25 @@ pub fn vm_config(spec: &VmSpec) -> Result<VmConfig, ConfigError> {
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
 
+    let net = spec
+        .net
+        .as_ref()
+        .map(|device| {
+            let NetEndpoint::Socket(socket) = &device.endpoint else {
+                return Err(ConfigError::NetEndpoint);
+            };
+            Ok(vec![NetConfig {
+                vhost_user: Some(true),
+                vhost_socket: Some(utf8("net socket", socket)?),
+                vhost_mode: Some("client".into()),
+                mac: Some(device.mac.clone()),
+                num_queues: Some(NET_NUM_QUEUES),
+                queue_size: Some(NET_QUEUE_SIZE),
+                ..NetConfig::new()
+            }])
+        })
+        .transpose()?;
+
     let serial = SerialConfig {
         file: Some(utf8("serial_log", &spec.serial_log)?),
         ..SerialConfig::new(ConsoleMode::File)
@@ -110,6 +140,7 @@ pub fn vm_config(spec: &VmSpec) -> Result<VmConfig, ConfigError> {
         cpus: Some(cpus),
         memory: Some(memory),
         fs: (!fs.is_empty()).then_some(fs),
+        net,
         serial: Some(serial),
         console: Some(ConsoleConfig::new(ConsoleMode::Tty)),
         ..VmConfig::new(payload)
@@ -196,6 +227,7 @@ mod tests {
                     source: std::path::PathBuf::new(),
                 },
             ],
+            net: None,
             run_dir: "/run/b1".into(),
             serial_log: "/run/b1/serial.log".into(),
             deadline: std::time::Instant::now() + std::time::Duration::from_secs(600),
@@ -287,6 +319,26 @@ mod tests {
         assert_eq!(c.vdpa, None);
         assert_eq!(c.generic_vhost_user, None);
         assert_eq!(c.balloon, None);
+    }
+
+    #[test]
+    fn a_networked_build_gets_one_vhost_user_net_device() {
+        let spec = VmSpec {
+            net: Some(crate::vmm::net::NetDevice {
+                endpoint: NetEndpoint::Socket("/run/b1/net.sock".into()),
+                mac: "52:54:00:6b:69:6c".into(),
+            }),
+            ..spec()
+        };
+        let json = serde_json::to_value(vm_config(&spec).unwrap()).unwrap();
+        let net = json["net"].as_array().unwrap();
+        assert_eq!(net.len(), 1, "{json}");
+        assert_eq!(net[0]["vhost_user"], true);
+        assert_eq!(net[0]["vhost_socket"], "/run/b1/net.sock");
+        assert_eq!(net[0]["vhost_mode"], "client");
+        assert_eq!(net[0]["mac"], "52:54:00:6b:69:6c");
+        assert_eq!(net[0]["num_queues"], NET_NUM_QUEUES);
+        assert!(net[0].get("tap").is_none(), "{json}");
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl VmRunner for CloudHypervisorRunner {
         Transport::Pci
     }
 
+    fn vhost_user_net(&self) -> bool {
+        true
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmmError> {
         let body = vm_config(spec).map_err(|e| VmmError::Unsupported(e.to_string()))?;
         let (mut vm, api) = self.spawn(spec)?;
