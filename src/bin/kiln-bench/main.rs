@@ -18,6 +18,7 @@ mod data;
 mod ingestion;
 mod inputs;
 mod machine;
+mod network;
 mod overhead;
 mod server;
 mod spans;
@@ -57,7 +58,7 @@ struct Args {
     /// Small data and 2 runs: checks the bench itself in a few minutes.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (overhead, inputs, ingestion, concurrency).
+    /// Only these sections (overhead, inputs, ingestion, concurrency, network).
     #[arg(long = "only")]
     only: Vec<String>,
     /// Scratch directory for stores and data (default: a temp dir).
@@ -136,6 +137,11 @@ async fn main() -> anyhow::Result<()> {
     if args.wants("concurrency") {
         eprintln!("kiln-bench: concurrency");
         sections.push(concurrency::run(&server, runs, runs.min(3)).await?);
+    }
+    if args.wants("network") {
+        eprintln!("kiln-bench: network");
+        let why_not = server.network_unavailable.clone();
+        sections.push(network::run(&server, &times, runs, why_not.as_deref()).await?);
     }
     let failures = server.failures();
     server.stop();

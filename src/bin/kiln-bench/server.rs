@@ -39,6 +39,10 @@ pub struct BenchServer {
     pub artifacts: Artifacts,
     /// Where the cached base initramfs is written.
     pub cache_dir: PathBuf,
+    /// Why builds get no network here, when they do not.
+    pub network_unavailable: Option<String>,
+    /// The egress table, kept for as long as the server runs.
+    _firewall: Option<kiln::vmm::net::Firewall>,
     busybox: Node,
     failures: std::sync::Mutex<Vec<String>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -58,6 +62,14 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
     let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
         .await
         .context("choosing a VMM")?;
+    // As `kiln serve` sets it up by default: egress to public addresses.
+    let (network, network_unavailable, firewall) =
+        match kiln::vmm::net::NetworkSetup::from_flags(&Default::default()) {
+            kiln::vmm::net::NetworkSetup::Ready { config, firewall } => {
+                (Some(config), None, Some(firewall))
+            }
+            kiln::vmm::net::NetworkSetup::Unavailable(why) => (None, Some(why), None),
+        };
     // `kiln serve`'s defaults, but for the VMs the bench may run at once,
     // a shorter timeout and smaller logs.
     let config = ExecutorConfig {
@@ -66,6 +78,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         artifacts: artifacts.clone(),
         limits: Limits {
             nested_virt_available: chosen.nested_available,
+            network_unavailable: network_unavailable.clone(),
             ..Limits::default()
         },
         timeout: Duration::from_secs(600),
@@ -73,6 +86,7 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         max_vms,
         memory_budget_mib: 1024 * max_vms as u64,
         kept_log_bytes: 1 << 20,
+        network,
         ..ExecutorConfig::default()
     };
     let runner = chosen.runner.clone();
@@ -97,6 +111,8 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         runner,
         artifacts,
         cache_dir,
+        network_unavailable,
+        _firewall: firewall,
         busybox,
         failures: Default::default(),
         shutdown: Some(tx),
