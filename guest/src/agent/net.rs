@@ -48,16 +48,12 @@ pub fn configure(net: &GuestNetwork) -> io::Result<()> {
     req.ifr_ifru.ifru_addr = sockaddr(address);
     // SAFETY: SIOCSIFADDR reads `req` (name and address), which lives for
     // the whole call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) },
-        "setting the address",
-    )?;
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) };
+    check(rc, "setting the address")?;
     req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
     // SAFETY: as above, for the netmask.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) },
-        "setting the netmask",
-    )?;
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) };
+    check(rc, "setting the netmask")?;
     set_up(&sock, INTERFACE)?;
     // SAFETY: rtentry is plain old data; all-zero is a valid value.
     let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
@@ -67,10 +63,8 @@ pub fn configure(net: &GuestNetwork) -> io::Result<()> {
     route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     // SAFETY: SIOCADDRT reads `route` (rt_dev is null: any interface that
     // reaches the gateway), which lives for the whole call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) },
-        "adding the default route",
-    )
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) };
+    check(rc, "adding the default route")
 }
 
 /// Waits, bounded, for the kernel to register the device.
@@ -108,17 +102,13 @@ fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = ifreq(name);
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`,
     // which lives for the whole call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) },
-        "reading the flags",
-    )?;
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    check(rc, "reading the flags")?;
     // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads `req`, which lives for the whole call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) },
-        "bringing it up",
-    )
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    check(rc, "bringing it up")
 }
 
 /// An `ifreq` naming `name` (shorter than `IFNAMSIZ`, as every name here).
