@@ -6,8 +6,11 @@
 //! executable bits, nested directories, the environment and cwd the builder
 //! sees, `$TMPDIR`, outputs referring to inputs, a derivation depending on
 //! others (one of them missing locally, so kiln builds it first), passAsFile,
-//! structured attributes, a fixed-output derivation, Nix's syscall filter
-//! (setuid/setgid modes and xattrs refused) and the builder's argv[0].
+//! structured attributes, fixed-output derivations (flat sha256, flat sha1,
+//! recursive sha512, an SRI `outputHash`), Nix's syscall filter
+//! (setuid/setgid modes and xattrs refused) and the builder's argv[0]. A
+//! fixed-output derivation whose output differs from its declared hash must
+//! fail in both, kiln naming the two hashes as Nix does.
 //!
 //! Needs Nix, QEMU, virtiofsd and kiln's guest artifacts (`make deps agent`);
 //! skips loudly without them.
@@ -137,6 +140,9 @@ const ATTRIBUTES: &[&str] = &[
     "tmpdir",
     "passAsFile",
     "fixed",
+    "fixedSha1",
+    "fixedSha512",
+    "fixedSri",
     "structured",
     "dependent",
     "syscallFilter",
@@ -200,6 +206,60 @@ fn kiln_builds_derivations_to_the_same_nar_hashes_as_nix() {
         failures.join("\n\n"),
         server.log()
     );
+}
+
+/// `fixedWrong` declares sha256 of the empty file and writes something
+/// else: Nix refuses it, and so must kiln, naming both hashes in SRI form
+/// and the same ones Nix names.
+#[test]
+fn a_wrong_fixed_output_hash_fails_in_nix_and_in_kiln() {
+    if !support::nix_available() {
+        return;
+    }
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let drv = support::instantiate("fixedWrong");
+    let nix = support::nix_command("nix-store")
+        .args(["--realise", &drv.to_string()])
+        .output()
+        .unwrap();
+    let nix_error = String::from_utf8_lossy(&nix.stderr);
+    assert!(!nix.status.success(), "Nix accepted {drv}:\n{nix_error}");
+    // Nix 2.8: "hash mismatch in fixed-output derivation '…':\n
+    //   specified: sha256-…\n      got:    sha256-…".
+    let nix_says = |label: &str| {
+        nix_error
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .map(|hash| hash.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {label:?} in Nix's error:\n{nix_error}"))
+    };
+    let specified = nix_says("specified:");
+    let got = nix_says("got:");
+    // Computed without Nix's build: `sha256sum` of the empty file and of
+    // `printf 'not what was declared\n'`, each through `nix hash to-sri`.
+    assert_eq!(
+        specified,
+        "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+    );
+    assert_eq!(got, "sha256-uymF685VkFtMw3D91VTZE4mckAsQz7uVNxOLVqWfd18=");
+
+    let server = Server::start();
+    let kiln_error = match server.build_drv(&drv, None) {
+        Ok((printed, _)) => panic!("kiln accepted {drv}: {printed:?}"),
+        Err(e) => e,
+    };
+    for expected in [
+        format!("hash mismatch in fixed-output derivation '{drv}'"),
+        format!("\n  specified: {specified}\n"),
+        format!("\n  got:       {got}"),
+    ] {
+        assert!(
+            kiln_error.contains(&expected),
+            "kiln's error lacks {expected:?}:\n{kiln_error}"
+        );
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::nix::{Derivation, StorePath};
 use crate::proto::snix_build;
 
 use super::derivation;
-use super::error::{bad, inconsistent, DrvError};
+use super::error::{bad, fixed_output_rejected, inconsistent, DrvError};
 use super::submit::{refuses_network, submit};
 
 /// An output kiln built during this run: its tree and what it refers to.
@@ -88,10 +88,7 @@ impl Run<'_> {
                 .ok_or_else(|| inconsistent(drv_path, "output not recorded"))?;
             fixed_output::verify(self.store, output, &built.node)
                 .await
-                .map_err(|source| DrvError::FixedOutput {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(|source| fixed_output_rejected(drv_path, path, source))?;
         }
         Ok(())
     }

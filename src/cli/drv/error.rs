@@ -103,14 +103,28 @@ pub enum DrvError {
         #[source]
         source: NarError,
     },
-    /// A fixed-output derivation produced something else than it declared.
-    #[error("fixed output {path} rejected")]
+    /// A fixed output's declaration is invalid, or the output cannot be
+    /// hashed the declared way (e.g. a directory declared flat).
+    #[error("fixed output {path} of {drv} rejected")]
     FixedOutput {
+        /// The derivation.
+        drv: StorePath,
         /// The output path.
         path: StorePath,
-        /// Why.
+        /// Why (boxed: it is large and rare).
         #[source]
-        source: fixed_output::FixedOutputError,
+        source: Box<fixed_output::FixedOutputError>,
+    },
+    /// A fixed output's hash differs from the declared one; worded as Nix
+    /// words it, both hashes in SRI form.
+    #[error("hash mismatch in fixed-output derivation '{drv}':\n{hashes}\n  output:    {path}")]
+    HashMismatch {
+        /// The derivation.
+        drv: StorePath,
+        /// The output path.
+        path: StorePath,
+        /// Declared and actual hash.
+        hashes: Box<fixed_output::Mismatch>,
     },
     /// Creating the `--out` directory failed.
     #[error("creating {0}")]
@@ -134,6 +148,28 @@ impl From<ClosureError> for DrvError {
     }
 }
 
+/// Why `drv`'s fixed output `path` was rejected: a mismatch becomes
+/// [`DrvError::HashMismatch`], Nix's message, anything else
+/// [`DrvError::FixedOutput`].
+pub(super) fn fixed_output_rejected(
+    drv: &StorePath,
+    path: &StorePath,
+    error: fixed_output::FixedOutputError,
+) -> DrvError {
+    match error {
+        fixed_output::FixedOutputError::Mismatch(hashes) => DrvError::HashMismatch {
+            drv: drv.clone(),
+            path: path.clone(),
+            hashes,
+        },
+        source => DrvError::FixedOutput {
+            drv: drv.clone(),
+            path: path.clone(),
+            source: Box::new(source),
+        },
+    }
+}
+
 pub(super) fn bad(drv: &StorePath, problem: &str) -> DrvError {
     DrvError::BadResponse {
         drv: drv.clone(),
@@ -145,5 +181,44 @@ pub(super) fn inconsistent(drv: &StorePath, problem: &'static str) -> DrvError {
     DrvError::Inconsistent {
         drv: drv.clone(),
         problem,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
+mod tests {
+    use super::*;
+    use crate::nix::hash::{Hash, HashAlgorithm};
+
+    /// The wording of Nix 2.8's message (its `got:` aligned like
+    /// `specified:`), with the output path after it.
+    #[test]
+    fn a_hash_mismatch_reads_like_nix() {
+        let drv: StorePath = "/nix/store/7gzap6ak3hywcaigdp0b6rcswlvaab92-fixed-wrong.drv"
+            .parse()
+            .unwrap();
+        let path: StorePath = "/nix/store/q362j65vkk2yccl877x2k4867w9v5i0k-fixed-wrong"
+            .parse()
+            .unwrap();
+        let sha256 = |s| Hash::parse(s, HashAlgorithm::Sha256).unwrap();
+        let mismatch = fixed_output::Mismatch {
+            specified: sha256("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+            got: sha256("bb2985ebce55905b4cc370fdd554d913899c900b10cfbb9537138b56a59f775f"),
+        };
+        let error = fixed_output::FixedOutputError::Mismatch(Box::new(mismatch));
+        assert_eq!(
+            fixed_output_rejected(&drv, &path, error).to_string(),
+            "hash mismatch in fixed-output derivation \
+             '/nix/store/7gzap6ak3hywcaigdp0b6rcswlvaab92-fixed-wrong.drv':\n  \
+             specified: sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n  \
+             got:       sha256-uymF685VkFtMw3D91VTZE4mckAsQz7uVNxOLVqWfd18=\n  \
+             output:    /nix/store/q362j65vkk2yccl877x2k4867w9v5i0k-fixed-wrong"
+        );
+        let error = fixed_output::FixedOutputError::NotAFile {
+            method: fixed_output::Method::Flat,
+            kind: "directory",
+        };
+        let error = fixed_output_rejected(&drv, &path, error);
+        assert!(matches!(error, DrvError::FixedOutput { .. }), "{error:?}");
     }
 }
