@@ -20,7 +20,7 @@
 //! [`NetLab::teardown`] does the same and fails if anything is left.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -199,19 +199,20 @@ impl NetLab {
         command
     }
 
-    /// Fetches `url` with busybox wget from the host namespace (bounded by
-    /// busybox's `timeout`: this busybox's wget has no working `-T`).
-    pub fn fetch_from_host(&self, url: &str) -> Result<Vec<u8>, String> {
+    /// Runs the busybox applet `args` in the namespace `ns`, killed after
+    /// `secs` seconds (busybox's `timeout`).
+    pub fn busybox(&self, ns: &str, secs: u32, args: &[&str]) -> Output {
         let busybox = kiln::guest_image::DEFAULT_BUSYBOX;
-        let out = self
-            .netns_exec(
-                &self.host,
-                &[
-                    busybox, "timeout", "10", busybox, "wget", "-q", "-O", "-", url,
-                ],
-            )
-            .output()
-            .unwrap();
+        let secs = secs.to_string();
+        let mut argv = vec![busybox, "timeout", &secs, busybox];
+        argv.extend_from_slice(args);
+        self.netns_exec(ns, &argv).output().unwrap()
+    }
+
+    /// Fetches `url` with busybox wget from the host namespace, for at
+    /// most 10 s (`timeout`: this busybox's `wget -T` crashes it).
+    pub fn fetch_from_host(&self, url: &str) -> Result<Vec<u8>, String> {
+        let out = self.busybox(&self.host, 10, &["wget", "-q", "-O", "-", url]);
         if out.status.success() {
             Ok(out.stdout)
         } else {

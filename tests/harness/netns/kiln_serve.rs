@@ -109,6 +109,20 @@ impl<'lab> Kiln<'lab> {
             .unwrap()
     }
 
+    /// Whether its health service answers SERVING within 10 s.
+    pub async fn healthy(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let mut client = HealthClient::new(self.channel().await);
+        let check = client.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(Duration::from_secs(10), check).await {
+            Ok(Ok(answer)) => answer.into_inner().status == ServingStatus::Serving as i32,
+            _ => false,
+        }
+    }
+
     /// Ingests the busybox toolset into its castore, as the entry
     /// [`BUSYBOX`] that `nix_request` takes.
     pub async fn busybox(&self) -> snix_castore::Entry {
