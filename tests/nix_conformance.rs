@@ -46,6 +46,10 @@ impl Server {
             .arg(format!("unix:{}", socket.display()))
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            // Offline on purpose: this suite runs in the host's own network
+            // namespace, and its fixed-output derivation checks the retry
+            // without network (tests/network.rs builds one with network).
+            .arg("--no-network")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

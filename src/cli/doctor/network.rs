@@ -53,7 +53,7 @@ pub fn network_check(flags: &NetworkFlags, vhost_user: bool) -> Check {
         dns: dns.clone(),
         flood: FloodLimits::default(),
     };
-    if let Err(why) = nft_check(&nft, &policy.ruleset()) {
+    if let Err(why) = nft_check(&nft, &policy.ruleset("kiln_doctor")) {
         return check(
             Status::Warn,
             format!("the kernel refuses kiln's egress table ({why}): builds that ask for network are refused"),

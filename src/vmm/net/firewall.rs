@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::policy::{EgressPolicy, TABLE};
+use super::policy::{EgressPolicy, TABLE_PREFIX};
 
 /// The binary kiln looks for.
 pub const NFT_BINARY: &str = "nft";
@@ -36,22 +36,59 @@ pub enum FirewallError {
 #[derive(Debug)]
 pub struct Firewall {
     binary: PathBuf,
+    table: String,
 }
 
 impl Firewall {
-    /// Replaces any `inet kiln` table with `policy`'s, atomically.
+    /// Installs `policy` as this process's table (`kiln_<pid>`), after
+    /// removing the tables of kiln processes that are gone (a crashed kiln
+    /// cannot remove its own).
     pub fn install(binary: &Path, policy: &EgressPolicy) -> Result<Firewall, FirewallError> {
-        nft(binary, &policy.ruleset())?;
+        sweep(binary);
+        let table = format!("{TABLE_PREFIX}{}", std::process::id());
+        nft(binary, &policy.ruleset(&table))?;
         Ok(Firewall {
             binary: binary.to_path_buf(),
+            table,
         })
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.table
     }
 }
 
 impl Drop for Firewall {
     fn drop(&mut self) {
-        if let Err(e) = nft(&self.binary, &format!("delete table inet {TABLE}\n")) {
-            tracing::warn!(error = %e, "removing the egress table failed");
+        if let Err(e) = nft(&self.binary, &format!("delete table inet {}\n", self.table)) {
+            tracing::warn!(error = %e, table = %self.table, "removing the egress table failed");
+        }
+    }
+}
+
+/// Deletes `inet kiln_<pid>` tables whose process no longer exists.
+fn sweep(binary: &Path) {
+    let Ok(out) = Command::new(binary).args(["list", "tables"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.strip_prefix("table inet ") else {
+            continue;
+        };
+        let Some(pid) = name.strip_prefix(TABLE_PREFIX) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            match nft(binary, &format!("delete table inet {name}\n")) {
+                Ok(()) => tracing::info!(table = name, "removed a stale egress table"),
+                Err(e) => {
+                    tracing::warn!(table = name, error = %e, "removing a stale egress table failed")
+                }
+            }
         }
     }
 }

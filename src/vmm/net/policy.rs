@@ -1,4 +1,5 @@
-//! The egress policy of networked builds, as one nftables table.
+//! The egress policy of networked builds, as one nftables table per kiln
+//! process ([`TABLE_PREFIX`]).
 //!
 //! Every networked build's traffic leaves the host through its own NAT
 //! helper ([`super::passt`]), a process that runs as a uid of its own from
@@ -26,8 +27,12 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// The table's name (in the `inet` family, so IPv4 and IPv6 alike).
-pub const TABLE: &str = "kiln";
+/// The prefix of the tables' names (in the `inet` family, so IPv4 and IPv6
+/// alike): each kiln process installs `kiln_<pid>`, so two servers in one
+/// network namespace each keep their own table (a packet must pass every
+/// table on the hook; the tables are the same policy), and one stopping
+/// does not lift the other's.
+pub const TABLE_PREFIX: &str = "kiln_";
 
 /// First uid (and gid) of the NAT helpers: helper `n` runs as
 /// `NAT_UID_BASE + n`. 0x7FE00000 is in the range systemd leaves
@@ -104,19 +109,19 @@ pub struct EgressPolicy {
 }
 
 impl EgressPolicy {
-    /// The whole table as `nft -f` input: replaces any earlier `kiln` table
-    /// atomically (the add-then-delete makes the delete valid when there was
-    /// none).
-    pub fn ruleset(&self) -> String {
+    /// The whole table `table` as `nft -f` input: replaces any earlier
+    /// table of that name atomically (the add-then-delete makes the delete
+    /// valid when there was none).
+    pub fn ruleset(&self, table: &str) -> String {
         let last_uid = NAT_UID_BASE + (NAT_UIDS - 1);
         let uids = format!("{NAT_UID_BASE}-{last_uid}");
         let (allow4, allow6): (Vec<&IpNet>, Vec<&IpNet>) =
             self.allow.iter().partition(|n| matches!(n, IpNet::V4(_)));
         let (dns4, dns6): (Vec<&IpAddr>, Vec<&IpAddr>) = self.dns.iter().partition(|a| a.is_ipv4());
         let mut t = String::new();
-        let _ = writeln!(t, "table inet {TABLE} {{}}");
-        let _ = writeln!(t, "delete table inet {TABLE}");
-        let _ = writeln!(t, "table inet {TABLE} {{");
+        let _ = writeln!(t, "table inet {table} {{}}");
+        let _ = writeln!(t, "delete table inet {table}");
+        let _ = writeln!(t, "table inet {table} {{");
         set(
             &mut t,
             "allow4",

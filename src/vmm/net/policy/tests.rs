@@ -52,7 +52,7 @@ fn the_rules_decide_in_order() {
 
 #[test]
 fn the_ruleset_names_every_range_and_only_the_helpers() {
-    let rules = policy().ruleset();
+    let rules = policy().ruleset("kiln_test");
     for range in DENIED_V4.iter().chain(DENIED_V6) {
         assert!(rules.contains(range), "{range} missing:\n{rules}");
     }
@@ -96,7 +96,7 @@ fn nft_accepts_the_ruleset() {
         flood: FloodLimits::default(),
     };
     for p in [policy(), empty] {
-        let Some(out) = nft_check(&p.ruleset()) else {
+        let Some(out) = nft_check(&p.ruleset("kiln_test")) else {
             test_skip!("nft (nftables) is not installed; `make deps` installs it");
             return;
         };
@@ -104,7 +104,7 @@ fn nft_accepts_the_ruleset() {
             out.status.success(),
             "nft refused:\n{}\n{}",
             String::from_utf8_lossy(&out.stderr),
-            p.ruleset()
+            p.ruleset("kiln_test")
         );
     }
 }
