@@ -17,8 +17,10 @@
 //! 5. new connections over [`FloodLimits`] per helper: rejected;
 //! 6. everything else (public addresses): allowed.
 //!
-//! "Rejected" answers at once (ICMP unreachable, TCP reset), so a build sees
-//! a refused connection, not a hang. Other builds' VMs are not reachable
+//! "Rejected" refuses the helper's socket at once (ICMP unreachable, TCP
+//! reset); passt 2023 does not relay that to the guest, whose connection
+//! then waits for its own timeout (README, Network). Other builds' VMs are
+//! not reachable
 //! because they have no address on the host: each helper is a user-mode
 //! stack that listens on nothing. Pure code: rendering is tested without nft.
 
