@@ -29,6 +29,9 @@ use super::{NetEndpoint, GUEST_ADDRESS, GUEST_DNS, GUEST_GATEWAY, GUEST_PREFIX};
 /// The binary name kiln looks for.
 pub const PASST_BINARY: &str = "passt";
 
+/// Where vhost-user helpers' sockets live, one directory per helper uid.
+pub const NAT_SOCKET_ROOT: &str = "/run/kiln-net";
+
 /// How long passt may take to create its socket.
 const READY_LIMIT: Duration = Duration::from_secs(10);
 
@@ -70,9 +73,9 @@ pub enum PasstError {
     /// The helper's private resolv.conf could not be written.
     #[error("writing the NAT helper's resolv.conf")]
     ResolvConf(#[source] std::io::Error),
-    /// This VMM cannot be given network by this kiln.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The vhost-user socket's directory could not be made.
+    #[error("creating the NAT helper's socket directory under {NAT_SOCKET_ROOT}")]
+    SocketDir(#[source] std::io::Error),
 }
 
 /// What one helper is started with.
@@ -146,12 +149,7 @@ impl Passt {
     /// this waits until its socket exists.
     pub async fn spawn(spec: &PasstSpec) -> Result<Self, PasstError> {
         if spec.vhost_user {
-            return Err(PasstError::Unsupported(
-                "networked builds run on QEMU only for now: passt's vhost-user socket (for \
-                 cloud-hypervisor) would be created as the helper uid, which cannot enter \
-                 the build's root-owned run directory"
-                    .into(),
-            ));
+            return Self::spawn_vhost_user(spec).await;
         }
         let (vmm_end, helper_end) =
             std::os::unix::net::UnixStream::pair().map_err(PasstError::SocketPair)?;
@@ -196,6 +194,48 @@ impl Passt {
         Ok(passt)
     }
 
+    /// vhost-user mode (cloud-hypervisor): passt creates its socket after
+    /// dropping to the helper uid, so the socket lives in a directory that
+    /// uid owns, `NAT_SOCKET_ROOT/<uid>` (the root is root's, 0711: no one
+    /// can list it; the uid is held by this build alone while it runs).
+    async fn spawn_vhost_user(spec: &PasstSpec) -> Result<Self, PasstError> {
+        let dir =
+            socket_dir(Path::new(NAT_SOCKET_ROOT), spec.uid).map_err(PasstError::SocketDir)?;
+        let socket = dir.join("vhost.sock");
+        let resolv = match spec.dns {
+            Some(dns) => Some(private_resolv_conf(&spec.socket, dns)?),
+            None => None,
+        };
+        let helper_spec = PasstSpec {
+            socket: socket.clone(),
+            ..spec.clone()
+        };
+        let mut cmd = Command::new(&spec.binary);
+        cmd.args(args(&helper_spec, None))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(source) = resolv {
+            // SAFETY: the closure runs in the forked child before exec and
+            // only makes async-signal-safe calls (unshare, mount).
+            unsafe {
+                cmd.pre_exec(move || bind_resolv_conf(&source));
+            }
+        }
+        let child = crate::vmm::child::spawn(cmd).map_err(|source| PasstError::Spawn {
+            binary: spec.binary.clone(),
+            source,
+        })?;
+        let mut passt = Passt {
+            child: Some(child),
+            socket,
+            vmm_end: None,
+        };
+        passt.ready().await?;
+        Ok(passt)
+    }
+
     /// Where the VMM reaches this helper.
     pub fn endpoint(&self) -> NetEndpoint {
         match &self.vmm_end {
@@ -221,7 +261,6 @@ impl Passt {
     }
 
     /// Waits, bounded, for the socket; fails at once if passt exits.
-    #[allow(dead_code)] // vhost-user mode, see `spawn`
     async fn ready(&mut self) -> Result<(), PasstError> {
         let start = Instant::now();
         loop {
@@ -293,7 +332,17 @@ impl Passt {
             let _ = child.kill().await;
         }
         self.vmm_end = None;
-        let _ = std::fs::remove_file(&self.socket);
+        self.remove_socket();
+    }
+
+    /// Removes the vhost-user socket and its directory (stream mode has
+    /// neither).
+    fn remove_socket(&self) {
+        if self.vmm_end.is_none() && self.socket.starts_with(NAT_SOCKET_ROOT) {
+            if let Some(dir) = self.socket.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 
@@ -309,8 +358,28 @@ impl Drop for Passt {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        self.remove_socket();
     }
+}
+
+/// `root/<uid>`, fresh, owned by the helper uid, 0700, under a root that is
+/// root's and 0711 (traversable, not listable).
+fn socket_dir(root: &Path, uid: u32) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    let dir = root.join(uid.to_string());
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))?;
+    Ok(dir)
 }
 
 /// Writes `nameserver DNS` next to `socket` (in the build's run dir) for
@@ -408,6 +477,30 @@ mod tests {
             assert!(a.iter().any(|x| x == flag), "{flag} missing: {a:?}");
         }
         assert!(!a.iter().any(|x| x == "--vhost-user"));
+    }
+
+    #[test]
+    fn the_vhost_user_socket_dir_belongs_to_the_helper_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::Uid::effective().is_root() {
+            test_skip!("the vhost-user socket dir test chowns to a helper uid (root)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("net");
+        let uid = 0x7FE0_0042;
+        std::fs::create_dir_all(root.join(uid.to_string()).join("stale")).unwrap();
+        let dir = socket_dir(&root, uid).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (uid, uid));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "stale entries left"
+        );
+        let root_mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(root_mode & 0o777, 0o711);
     }
 
     #[test]
