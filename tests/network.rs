@@ -12,15 +12,18 @@
 //!
 //! `lab_reaches_its_servers_and_cleans_up` proves the lab itself without a
 //! VM; the other tests boot VMs and need kiln's network support (passt,
-//! nftables).
+//! nftables); the fixed-output one also needs Nix (`fetch.nix`).
 
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+#[path = "fixtures/nix/support.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use harness::netns::kiln_serve::BUILD_LIMIT;
 use harness::netns::{
     self, url, NetLab, ALLOWED, DENIED, FILES_NAME, HOST_VETH, LINK_LOCAL, LOOPBACK, PORT,
     UNKNOWN_NAME,
@@ -459,4 +462,38 @@ async fn nat_helper_killed_mid_build() {
     kiln.assert_nothing_left().await;
     drop(kiln);
     lab.teardown();
+}
+
+/// `fetch.nix` fetching the allowed server's file, built by `kiln build
+/// --drv` (which asks for network for fixed outputs): the served file's
+/// hash is accepted, `--out` holds the file; a wrong one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_output_derivation_fetches_over_http_and_is_checked() {
+    if !can_run() || !support::nix_available() {
+        return;
+    }
+    let lab = NetLab::new();
+    let kiln = lab.start_kiln(&[]);
+    let served = support::sha256(&lab.file(ALLOWED));
+    let drv = support::instantiate_fetch(&url(ALLOWED), &hex::encode(served));
+    let dir = tempfile::tempdir().unwrap();
+    let (printed, log) = support::kiln_build_drv(&kiln.addr(), &drv, Some(dir.path()), BUILD_LIMIT)
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", kiln.log()));
+    let path = support::output_path(&drv);
+    let local = dir.path().join(path.basename());
+    assert_served(&lab, ALLOWED, &std::fs::read(&local).unwrap());
+    let nar_hash = kiln::nix::nar::nar_hash_path(&local).unwrap().to_string();
+    assert_eq!(printed, BTreeMap::from([(path, nar_hash)]), "{log}");
+    assert_eq!(lab.hits(ALLOWED), 1);
+
+    let wrong = support::sha256(b"not the served file\n");
+    let wrong_drv = support::instantiate_fetch(&url(ALLOWED), &hex::encode(wrong));
+    let refused = support::kiln_build_drv(&kiln.addr(), &wrong_drv, None, BUILD_LIMIT);
+    let log = refused.expect_err("kiln accepted a fetch that is not its declared hash");
+    support::assert_names_mismatch(&log, &wrong_drv, &wrong, &served);
+    assert_eq!(lab.hits(ALLOWED), 2, "{log}");
+    kiln.assert_nothing_left().await;
+    drop(kiln);
+    lab.teardown();
+    support::try_delete(&[drv, wrong_drv]);
 }
