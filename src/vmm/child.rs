@@ -85,6 +85,17 @@ pub fn spawn(mut command: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the process spawner thread dropped the request"))?
 }
 
+/// How a child ended, as a phrase for error messages (`exit code 1`,
+/// `signal 9`).
+pub fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {

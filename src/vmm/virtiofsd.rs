@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 
 use tokio::process::{Child, Command};
 
@@ -212,7 +212,7 @@ impl Virtiofsd {
             Ok(status) => format!(
                 "virtiofsd for {} exited ({})",
                 self.shared_dir.display(),
-                describe(status)
+                super::child::describe(status)
             ),
             Err(e) => format!(
                 "virtiofsd for {}: waiting failed: {e}",
@@ -244,15 +244,6 @@ impl Drop for Virtiofsd {
             }
         }
         let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("signal {sig}"),
-        _ => "unknown status".into(),
     }
 }
 

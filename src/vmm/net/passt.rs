@@ -19,7 +19,7 @@ use std::ffi::OsString;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
@@ -252,7 +252,7 @@ impl Passt {
             if let Ok(Some(status)) = child.try_wait() {
                 let stderr = self.stderr().await;
                 return Err(PasstError::Exited {
-                    status: describe(status),
+                    status: crate::vmm::child::describe(status),
                     stderr,
                 });
             }
@@ -271,7 +271,7 @@ impl Passt {
                 if let Ok(Some(status)) = child.try_wait() {
                     let stderr = self.stderr().await;
                     return Err(PasstError::Exited {
-                        status: describe(status),
+                        status: crate::vmm::child::describe(status),
                         stderr,
                     });
                 }
@@ -321,7 +321,10 @@ impl Passt {
             format!(": {stderr}")
         };
         match status {
-            Ok(status) => format!("the NAT helper (passt) exited ({}){said}", describe(status)),
+            Ok(status) => format!(
+                "the NAT helper (passt) exited ({}){said}",
+                crate::vmm::child::describe(status)
+            ),
             Err(e) => format!("the NAT helper (passt): waiting failed: {e}"),
         }
     }
@@ -427,15 +430,6 @@ fn bind_resolv_conf(source: &std::ffi::CStr) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("signal {sig}"),
-        _ => "unknown status".into(),
-    }
 }
 
 #[cfg(test)]
