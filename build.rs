@@ -14,6 +14,8 @@ const PROTOS: &[&str] = &[
     "protos/tvix/build/v1/rpc_build.proto",
     "protos/snix/build/v1/build.proto",
     "protos/snix/build/v1/rpc_build.proto",
+    "protos/snix/store/v1/pathinfo.proto",
+    "protos/snix/store/v1/rpc_pathinfo.proto",
     "protos/kiln/v1/events.proto",
 ];
 

@@ -35,6 +35,55 @@ enum Command {
     Castore(CastoreCommand),
     /// Report what this host can do and what to do about what it cannot.
     Doctor(DoctorArgs),
+    /// Speak the Nix worker protocol on stdin/stdout in front of a kiln
+    /// server: what an `ssh-ng://` remote builder or store runs.
+    NixDaemon(NixDaemonArgs),
+}
+
+/// `kiln nix-daemon --stdio`.
+#[derive(Args)]
+struct NixDaemonArgs {
+    /// Serve one Nix client on stdin/stdout (Nix appends this flag to the
+    /// remote program of an ssh-ng store).
+    #[arg(long)]
+    stdio: bool,
+    /// The kiln server that stores and builds.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    addr: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
+    #[command(flatten)]
+    policy: NixPolicyArgs,
+}
+
+/// How the Nix worker protocol treats its clients (see "Security model"
+/// in the README).
+#[derive(Args, Clone)]
+struct NixPolicyArgs {
+    /// Trust the Nix clients, as Nix's `trusted-users`: they may build
+    /// derivations sent inline (what remote builders send) and add
+    /// input-addressed paths without signatures.
+    #[arg(long)]
+    nix_trusted: bool,
+    /// Let untrusted Nix clients add input-addressed paths anyway.
+    #[arg(long)]
+    nix_allow_unsigned: bool,
+    /// A system feature derivations may require (requiredSystemFeatures),
+    /// e.g. big-parallel or benchmark (repeatable). `kvm` is always
+    /// accepted: it gives the build /dev/kvm, if the server allows it.
+    #[arg(long = "nix-system-feature", value_name = "FEATURE")]
+    nix_system_features: Vec<String>,
+}
+
+impl NixPolicyArgs {
+    fn config(&self) -> kiln::nix::daemon::DaemonConfig {
+        kiln::nix::daemon::DaemonConfig {
+            trusted: self.nix_trusted,
+            allow_unsigned: self.nix_allow_unsigned,
+            system_features: self.nix_system_features.iter().cloned().collect(),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -53,6 +102,11 @@ struct ServeArgs {
     /// grpc+http(s)://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
     #[arg(long, default_value = "")]
     castore: String,
+    /// Path-info store (the Nix front's metadata per store path): empty for
+    /// the embedded one in --data-dir, or grpc+http(s)://HOST:PORT /
+    /// grpc+unix:/PATH for another kiln's.
+    #[arg(long, default_value = "")]
+    path_info: String,
     #[command(flatten)]
     vm: VmArgs,
     /// Concurrent VMs.
@@ -102,6 +156,16 @@ struct ServeArgs {
     security: ServeSecurityArgs,
     #[command(flatten)]
     castore_client: CastoreClientArgs,
+    /// Also serve the Nix worker protocol on this unix socket (a
+    /// `unix://PATH` store for local Nix clients).
+    #[arg(long, value_name = "PATH")]
+    nix_daemon_socket: Option<PathBuf>,
+    /// Permissions of the Nix daemon socket (octal): who may use kiln's
+    /// store and builds through it.
+    #[arg(long, default_value = "0600", value_parser = parse_socket_mode)]
+    nix_daemon_socket_mode: u32,
+    #[command(flatten)]
+    nix_policy: NixPolicyArgs,
 }
 
 /// Network for the builds that ask for it (`network_access`, fixed-output
@@ -298,10 +362,16 @@ const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Behind ssh, the Nix daemon's stderr reaches the Nix user: only
+    // warnings by default.
+    let default_filter = match cli.command {
+        Command::NixDaemon(_) => "kiln=warn",
+        _ => "kiln=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "kiln=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -376,6 +446,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             dir,
         }) => Ok(kiln::cli::castore::export(&addr, &security.load()?, &node, &dir).await?),
+        Command::NixDaemon(args) => {
+            anyhow::ensure!(
+                args.stdio,
+                "kiln nix-daemon serves one client on stdin/stdout: give --stdio \
+                 (for a socket, use kiln serve --nix-daemon-socket PATH)"
+            );
+            let security = args.security.load()?;
+            let daemon =
+                kiln::nix::daemon::Daemon::connect(&args.addr, &security, args.policy.config())
+                    .await
+                    .with_context(|| format!("connecting to the kiln server {}", args.addr))?;
+            kiln::nix::daemon::serve_stdio(&daemon).await?;
+            Ok(())
+        }
         Command::Doctor(args) => {
             let opts = kiln::cli::doctor::DoctorOptions {
                 vmm: args.vm.vmm,
@@ -499,15 +583,51 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("closing the connections still open: their builds are cancelled");
         cutter.cancel();
     });
-    kiln::server::serve_until(
-        listener,
+    let executor = std::sync::Arc::new(executor);
+    let path_info =
+        kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)
+            .await
+            .with_context(|| format!("opening the path-info store {:?}", args.path_info))?;
+    let services = kiln::server::Services {
         store,
-        std::sync::Arc::new(executor),
-        security,
-        stop.cancelled_owned(),
-        cut,
-    )
-    .await?;
+        executor,
+        path_info: Some(path_info),
+    };
+    if let Some(socket) = &args.nix_daemon_socket {
+        // The Nix front is a client of kiln's own services, reached on a
+        // socket only root can open (the data dir is 0700); the Nix clients
+        // are authenticated by the permissions of their own socket.
+        let backend_path = args.data_dir.join("nix-backend.sock");
+        let backend = Listen::Unix(backend_path.clone())
+            .bind_with_mode(0o600)
+            .await?;
+        tokio::spawn(kiln::server::serve_services(
+            backend,
+            services.clone(),
+            kiln::auth::Security::none(),
+            stop.clone().cancelled_owned(),
+            cut.clone(),
+        ));
+        let daemon = kiln::nix::daemon::Daemon::connect(
+            &format!("grpc+unix:{}", backend_path.display()),
+            &kiln::client::ClientSecurity::none(),
+            args.nix_policy.config(),
+        )
+        .await
+        .context("connecting the Nix daemon front to kiln's services")?;
+        let socket = socket.clone();
+        let mode = args.nix_daemon_socket_mode;
+        let shutdown = stop.clone().cancelled_owned();
+        tokio::spawn(async move {
+            if let Err(e) =
+                kiln::nix::daemon::serve_unix(std::sync::Arc::new(daemon), &socket, mode, shutdown)
+                    .await
+            {
+                tracing::error!(socket = %socket.display(), error = %e, "the Nix daemon socket failed");
+            }
+        });
+    }
+    kiln::server::serve_services(listener, services, security, stop.cancelled_owned(), cut).await?;
     builds_cleaned_up(&runs_dir).await;
     Ok(())
 }

@@ -36,6 +36,12 @@ pub mod snix {
             tonic::include_proto!("snix.build.v1");
         }
     }
+    /// `snix.store.v1`: path metadata for the Nix front.
+    pub mod store {
+        pub mod v1 {
+            tonic::include_proto!("snix.store.v1");
+        }
+    }
 }
 
 /// `kiln.v1`: kiln's build event streaming extension.
@@ -48,6 +54,7 @@ pub mod kiln {
 pub use kiln::v1 as kiln_v1;
 pub use snix::build::v1 as snix_build;
 pub use snix::castore::v1 as snix_castore;
+pub use snix::store::v1 as snix_store;
 pub use tvix::build::v1 as tvix_build;
 pub use tvix::castore::v1 as tvix_castore;
 

@@ -4,7 +4,9 @@
 //!
 //! Entry point: [`serve_with`], which runs until `shutdown` resolves, with
 //! the [`Security`] settings (TLS, client authentication) applied to the
-//! whole server; [`serve`] is the same without either.
+//! whole server; [`serve`] is the same without either; [`serve_services`]
+//! also carries the path-info store (`snix.store.v1.PathInfoService`) of
+//! the Nix front.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ use crate::auth::Security;
 use crate::castore::Store;
 use crate::executor::Executor;
 use crate::grpc::BuildService;
+use crate::nix::path_info::PathInfoService;
 use crate::proto::{self, kiln_v1, snix_build, tvix_build};
 
 mod cut;
@@ -116,7 +119,7 @@ impl Listen {
 /// Binds a unix socket at `path` that is never reachable with other
 /// permissions than `mode`: it is bound inside a fresh 0700 directory next
 /// to `path`, chmodded there, and only then renamed into place.
-fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+pub(crate) fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -172,6 +175,42 @@ pub async fn serve_until(
     shutdown: impl Future<Output = ()> + Send + 'static,
     cut: CancellationToken,
 ) -> Result<(), ServeError> {
+    let services = Services {
+        store,
+        executor,
+        path_info: None,
+    };
+    serve_services(listener, services, security, shutdown, cut).await
+}
+
+/// What one server carries.
+#[derive(Clone)]
+pub struct Services {
+    /// The castore.
+    pub store: Store,
+    /// The builds.
+    pub executor: Arc<Executor>,
+    /// The path-info store, served as `snix.store.v1.PathInfoService` when
+    /// given.
+    pub path_info: Option<Arc<dyn PathInfoService>>,
+}
+
+/// Like [`serve_until`], with every service in `services`.
+pub async fn serve_services(
+    listener: Bound,
+    services: Services,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    cut: CancellationToken,
+) -> Result<(), ServeError> {
+    let Services {
+        store,
+        executor,
+        path_info,
+    } = services;
+    let path_info = path_info.map(|service| {
+        crate::nix::path_info::grpc_server::path_info_server(service, store.clone())
+    });
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -209,7 +248,8 @@ pub async fn serve_until(
         .add_service(
             kiln_v1::build_events_server::BuildEventsServer::new(builds)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
-        );
+        )
+        .add_optional_service(path_info);
 
     match listener {
         Bound::Tcp(listener) => {

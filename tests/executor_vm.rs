@@ -158,6 +158,7 @@ async fn submit_with_argv0_runs_the_builder_under_that_name() {
     let submit = SubmitRequest {
         request: Some(submit_request::Request::Snix(req)),
         argv0: "sh".into(),
+        limits: None,
     };
     let follow = Follow::submit(server.channel().await, submit)
         .await
@@ -439,6 +440,7 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
     let submit = SubmitRequest {
         request: Some(submit_request::Request::Snix(req)),
         argv0: String::new(),
+        limits: None,
     };
     let dynamic =
         prost_reflect::DynamicMessage::decode(desc, submit.encode_to_vec().as_slice()).unwrap();

@@ -113,6 +113,7 @@ pub fn parse_request(path: &Path, layout: JsonLayout) -> Result<SubmitRequest, B
     Ok(SubmitRequest {
         request: Some(request),
         argv0: String::new(),
+        limits: None,
     })
 }
 

@@ -168,6 +168,7 @@ pub fn submit_request(drv: &Derivation, request: snix_build::BuildRequest) -> Su
     SubmitRequest {
         request: Some(submit_request::Request::Snix(request)),
         argv0: builder_argv0(&drv.builder).unwrap_or_default(),
+        limits: None,
     }
 }
 

@@ -9,14 +9,18 @@
 //! - [`closure`]: importing a derivation's inputs from the local Nix store.
 //! - [`hash`]: hash algorithms and the forms Nix writes hashes in;
 //!   [`fixed_output`]: checking a fixed-output derivation's declared hash.
+//! - [`daemon`]: the Nix worker protocol in front of kiln, with
+//!   [`path_info`], the metadata it keeps per store path.
 
 pub mod build_request;
 pub mod closure;
+pub mod daemon;
 pub mod derivation;
 pub mod fixed_output;
 pub mod hash;
 pub mod nar;
 pub mod nixbase32;
+pub mod path_info;
 pub mod store_path;
 pub mod structured_attrs;
 

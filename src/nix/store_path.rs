@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use super::nixbase32;
 
+pub mod make;
+
 /// The store directory kiln builds for (Nix's default, and what the build
 /// protocol's `inputs_dir = nix/store` assumes).
 pub const STORE_DIR: &str = "/nix/store";

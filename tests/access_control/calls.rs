@@ -78,6 +78,7 @@ pub async fn call_every_service(channel: &KilnChannel) -> Vec<(&'static str, Res
                 snix_build::BuildRequest::default(),
             )),
             argv0: String::new(),
+            limits: None,
         })
         .await
         .map(drop);

@@ -22,6 +22,7 @@ pub async fn submit_until_log(
     let request = SubmitRequest {
         request: Some(submit_request::Request::Snix(req)),
         argv0: String::new(),
+        limits: None,
     };
     let mut follow = Follow::submit(channel, request).await.unwrap();
     let mut seen = Marker {

@@ -292,6 +292,7 @@ impl BenchServer {
         let request = SubmitRequest {
             request: Some(submit_request::Request::Snix(req)),
             argv0: String::new(),
+            limits: None,
         };
         let mut timing = Timing {
             started: Instant::now(),

@@ -372,6 +372,7 @@ fn submit(argv0: &str) -> SubmitRequest {
     SubmitRequest {
         request: Some(submit_request::Request::Snix(good_snix())),
         argv0: argv0.into(),
+        limits: None,
     }
 }
 
@@ -396,6 +397,7 @@ fn a_submit_request_sets_argv0_and_plain_requests_do_not() {
     let tvix = SubmitRequest {
         request: Some(submit_request::Request::Tvix(good_tvix())),
         argv0: "sh".into(),
+        limits: None,
     };
     let valid = from_submit(&tvix).expect("valid");
     assert_eq!(

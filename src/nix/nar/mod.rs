@@ -24,6 +24,7 @@
 pub mod castore;
 pub mod hash;
 pub mod host;
+pub mod ingest;
 
 use std::path::PathBuf;
 
