@@ -7,7 +7,7 @@ CACHE_DIR ?= /var/cache/kiln
 KERNEL_DIR := $(CACHE_DIR)/kernel
 AGENT := $(CACHE_DIR)/agent/kiln-agent
 CARGO ?= cargo
-DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base
+DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base openssh-server
 VIRTIOFSD_VERSION := 1.14.0
 
 .PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache
@@ -24,7 +24,11 @@ apt:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  policy=/usr/sbin/policy-rc.d; created=""; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && created=1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; status=$$?; \
+	  if [ -n "$$created" ]; then rm -f $$policy; fi; \
+	  exit $$status; \
 	fi
 
 # The independent test client (tests/independent) speaks gRPC from Python.

@@ -74,7 +74,8 @@ fn succeeded(command: &mut Command) -> (String, String) {
         out.status,
         stderr(&out)
     );
-    (String::from_utf8(out.stdout).unwrap(), stderr(&out))
+    let log = stderr(&out);
+    (String::from_utf8(out.stdout).unwrap(), log)
 }
 
 fn outputs_of(drv: &StorePath) -> Vec<StorePath> {
@@ -105,7 +106,7 @@ fn remote_builder_over_ssh_ng_builds_what_nix_builds() {
     let drvs = instantiate("all", &nonce);
     let mut realise = nix_command("nix-store");
     realise
-        .args(["--realise", "--max-jobs", "0", "-L"])
+        .args(["--realise", "--max-jobs", "0"])
         .args(["--option", "builders", &sshd.builders_line(&[])])
         .args(drvs.iter().map(|d| d.to_string()))
         .envs(sshd.nix_env());
@@ -201,7 +202,7 @@ fn remote_store_over_unix_socket_holds_what_nix_builds() {
     // kiln builds them, dependencies first, the log reaching the client.
     let (stdout, log) = succeeded(
         nix_command("nix-store")
-            .args(["--store", &store, "--realise", "-L"])
+            .args(["--store", &store, "--realise"])
             .args(&everything),
     );
     assert!(

@@ -8,6 +8,7 @@
 //! - [`fixtures`]: the busybox toolset and the Nix-shaped test request.
 //! - [`events`]: following a build's events.
 //! - [`procs`]: what a server left behind (directories, processes).
+//! - [`sshd`]: a real OpenSSH server on loopback for `ssh-ng://` tests.
 
 // Each test file uses part of the harness.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
@@ -19,6 +20,7 @@ pub mod guest;
 pub mod netns;
 pub mod procs;
 pub mod server;
+pub mod sshd;
 
 pub use events::{submit_until_log, LogBytes};
 pub use fixtures::{busybox_tree, nix_request, syscall_probe, BUSYBOX, PROBE};
