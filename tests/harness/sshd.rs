@@ -22,7 +22,10 @@ fn keygen(path: &Path) -> Result<(), String> {
         .output()
         .map_err(|e| format!("ssh-keygen: {e}"))?;
     if !out.status.success() {
-        return Err(format!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "ssh-keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }
@@ -32,18 +35,25 @@ impl Sshd {
     /// only thing the generated client key may run.
     pub fn start(forced_command: &str) -> Result<Sshd, String> {
         if !Path::new("/usr/sbin/sshd").exists() {
-            return Err("/usr/sbin/sshd is not installed (openssh-server; `make deps` installs it)".into());
+            return Err(
+                "/usr/sbin/sshd is not installed (openssh-server; `make deps` installs it)".into(),
+            );
         }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let host_key = dir.path().join("host_key");
         let client_key = dir.path().join("client_key");
         keygen(&host_key)?;
         keygen(&client_key)?;
-        let client_pub = std::fs::read_to_string(client_key.with_extension("pub")).map_err(|e| e.to_string())?;
+        let client_pub =
+            std::fs::read_to_string(client_key.with_extension("pub")).map_err(|e| e.to_string())?;
         let authorized = dir.path().join("authorized_keys");
         std::fs::write(
             &authorized,
-            format!("restrict,command=\"{}\" {}", forced_command.replace('"', "\\\""), client_pub),
+            format!(
+                "restrict,command=\"{}\" {}",
+                forced_command.replace('"', "\\\""),
+                client_pub
+            ),
         )
         .map_err(|e| e.to_string())?;
         // A free port: bound and released; sshd takes it right after.
@@ -123,7 +133,10 @@ impl Sshd {
 
     /// The store URL for Nix (the port comes through [`Sshd::nix_env`]).
     pub fn store_url(&self) -> String {
-        format!("ssh-ng://root@127.0.0.1?ssh-key={}", self.client_key().display())
+        format!(
+            "ssh-ng://root@127.0.0.1?ssh-key={}",
+            self.client_key().display()
+        )
     }
 
     /// Options every ssh that Nix starts gets (`NIX_SSHOPTS`): the port, the
@@ -144,7 +157,11 @@ impl Sshd {
     /// A `builders` line: this server for x86_64-linux, one job, with
     /// `features` as its supported system features.
     pub fn builders_line(&self, features: &[&str]) -> String {
-        let features = if features.is_empty() { "-".to_owned() } else { features.join(",") };
+        let features = if features.is_empty() {
+            "-".to_owned()
+        } else {
+            features.join(",")
+        };
         format!(
             "ssh-ng://root@127.0.0.1 x86_64-linux {} 1 1 {features} - -",
             self.client_key().display()
