@@ -73,6 +73,18 @@ struct NixPolicyArgs {
     /// accepted: it gives the build /dev/kvm, if the server allows it.
     #[arg(long = "nix-system-feature", value_name = "FEATURE")]
     nix_system_features: Vec<String>,
+    /// Nix's max-silent-time for clients that set none, seconds (ssh-ng
+    /// clients never send their settings); 0: none.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    nix_max_silent_secs: u64,
+    /// Nix's timeout (the whole build) for clients that set none, seconds;
+    /// 0: the server's --timeout-secs.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    nix_build_timeout_secs: u64,
+    /// Nix's max-build-log-size for clients that set none, bytes; 0: the
+    /// server's --max-log-bytes.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    nix_max_log_bytes: u64,
 }
 
 impl NixPolicyArgs {
@@ -81,6 +93,12 @@ impl NixPolicyArgs {
             trusted: self.nix_trusted,
             allow_unsigned: self.nix_allow_unsigned,
             system_features: self.nix_system_features.iter().cloned().collect(),
+            build_defaults: kiln::nix::daemon::BuildOptions {
+                max_silent_secs: self.nix_max_silent_secs,
+                timeout_secs: self.nix_build_timeout_secs,
+                max_log_bytes: self.nix_max_log_bytes,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

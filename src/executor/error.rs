@@ -225,6 +225,15 @@ pub enum BuildError {
         /// Last lines of the log.
         log_tail: Vec<u8>,
     },
+    /// The builder wrote nothing to stdout or stderr for longer than the
+    /// client's silence limit (Nix's `max-silent-time`).
+    #[error("builder produced no output for {secs} seconds; the build was stopped")]
+    Silent {
+        /// The silence limit that applied.
+        secs: u64,
+        /// Last lines of the log.
+        log_tail: Vec<u8>,
+    },
     /// The client went away or cancelled.
     #[error("build cancelled by the client")]
     Cancelled,
@@ -267,6 +276,7 @@ impl BuildError {
             Self::VmCrashed { .. } => "vm_crashed",
             Self::Infrastructure { .. } => "infrastructure",
             Self::Timeout { .. } => "timeout",
+            Self::Silent { .. } => "silent",
             Self::Cancelled => "cancelled",
         }
     }
@@ -283,7 +293,8 @@ impl BuildError {
             | Self::ScratchEntries { log_tail, .. }
             | Self::AgentFailed { log_tail, .. }
             | Self::VmCrashed { log_tail, .. }
-            | Self::Timeout { log_tail, .. } => log_tail,
+            | Self::Timeout { log_tail, .. }
+            | Self::Silent { log_tail, .. } => log_tail,
             _ => &[],
         }
     }

@@ -27,7 +27,7 @@ pub mod workspace;
 
 pub use error::{BuildError, Precondition};
 pub use request::BuildRequest;
-pub use run::{BuildOutcome, BuildResult, BuiltOutput, Executor, ExecutorConfig};
+pub use run::{BuildOutcome, BuildResult, BuiltOutput, ClientLimits, Executor, ExecutorConfig};
 
 #[cfg(test)]
 mod tests;

@@ -140,23 +140,20 @@ impl Executor {
         self.config.data_dir.join("runs")
     }
 
-    /// Starts a build as its own task.
-    pub fn start(
-        self: &Arc<Self>,
-        req: BuildRequest,
-        client_deadline: Option<Duration>,
-    ) -> Started {
+    /// Starts a build as its own task, under the server's limits lowered
+    /// by the client's.
+    pub fn start(self: &Arc<Self>, req: BuildRequest, client: ClientLimits) -> Started {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let log = self.registry.create(id.clone());
         let cancel = CancellationToken::new();
-        let timeout = client_deadline.map_or(self.config.timeout, |d| d.min(self.config.timeout));
+        let limits = client.within(&self.config);
         let this = self.clone();
         let (task_log, task_cancel) = (log.clone(), cancel.clone());
         let span = info_span!("build", id = %id);
         let task = tokio::spawn(
             async move {
                 let started = Instant::now();
-                let result = this.run(&req, &task_log, &task_cancel, timeout).await;
+                let result = this.run(&req, &task_log, &task_cancel, limits).await;
                 finish(&task_log, result, started.elapsed())
             }
             .instrument(span),
@@ -170,8 +167,9 @@ impl Executor {
         req: &BuildRequest,
         log: &BuildLog,
         cancel: &CancellationToken,
-        timeout: Duration,
+        limits: ClientLimits,
     ) -> Result<BuildOutcome, BuildError> {
+        let timeout = limits.timeout.unwrap_or(self.config.timeout);
         let deadline = Instant::now() + timeout;
         let plan = plan::plan(req, &self.config.limits)?;
         let trees = inputs::check(&self.store, req, &self.config.inputs).await?;
@@ -201,6 +199,8 @@ impl Executor {
             cancel,
             deadline,
             timeout,
+            max_silent: limits.max_silent,
+            max_log_bytes: limits.max_log_bytes.unwrap_or(self.config.max_log_bytes),
         };
         let result = self.run_steps(&steps, trees, ticket).await;
         // Removing the build directory is timed on its own (it grows with
@@ -323,7 +323,8 @@ impl Executor {
     ) -> Result<Report, BuildError> {
         let limits = supervise::Limits {
             timeout: steps.deadline.saturating_duration_since(Instant::now()),
-            max_log_bytes: self.config.max_log_bytes,
+            max_log_bytes: steps.max_log_bytes,
+            max_silent: steps.max_silent,
         };
         let supervised = supervise(session.parts(), channel, steps.log, &limits, steps.cancel);
         let scratch =
@@ -351,6 +352,49 @@ pub(crate) struct Steps<'a> {
     /// When the build's time is up (`timeout` after it started).
     pub(crate) deadline: Instant,
     pub(crate) timeout: Duration,
+    /// The builder's silence limit, if any.
+    pub(crate) max_silent: Option<Duration>,
+    /// Builder output allowed.
+    pub(crate) max_log_bytes: u64,
+}
+
+/// Limits a client asks for one build (a gRPC deadline, `kiln.v1`'s
+/// `BuildLimits`, Nix's `SetOptions`): each can only lower the server's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// The whole build's wall-clock time.
+    pub timeout: Option<Duration>,
+    /// How long the builder may write nothing.
+    pub max_silent: Option<Duration>,
+    /// Builder output allowed, bytes.
+    pub max_log_bytes: Option<u64>,
+}
+
+impl ClientLimits {
+    /// Only a deadline (what the plain build services' clients can say).
+    pub fn deadline(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout,
+            ..Self::default()
+        }
+    }
+
+    /// These limits lowered to the server's: the timeout and log size are
+    /// always set afterwards; the silence limit stays the client's (the
+    /// server has none of its own).
+    pub fn within(self, config: &ExecutorConfig) -> Self {
+        Self {
+            timeout: Some(
+                self.timeout
+                    .map_or(config.timeout, |t| t.min(config.timeout)),
+            ),
+            max_silent: self.max_silent,
+            max_log_bytes: Some(
+                self.max_log_bytes
+                    .map_or(config.max_log_bytes, |b| b.min(config.max_log_bytes)),
+            ),
+        }
+    }
 }
 
 impl Steps<'_> {

@@ -28,6 +28,21 @@ pub struct Limits {
     pub timeout: Duration,
     /// Builder output allowed before the build is stopped.
     pub max_log_bytes: u64,
+    /// How long the builder may write nothing to stdout or stderr; counted
+    /// from when it starts, reset by each chunk of output. `None`: no limit.
+    pub max_silent: Option<Duration>,
+}
+
+/// Restarts the silence timer, when there is a silence limit.
+fn rearm(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    max_silent: Option<Duration>,
+    armed: &mut bool,
+) {
+    if let Some(limit) = max_silent {
+        timer.reset(tokio::time::Instant::now() + limit);
+        *armed = true;
+    }
 }
 
 enum Msg {
@@ -52,7 +67,11 @@ pub async fn supervise(
     let (tx, mut rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_frames(channel, tx));
     let deadline = tokio::time::sleep(limits.timeout);
-    tokio::pin!(deadline, daemon_died);
+    // Armed when the builder starts (set-up is the agent's, not the
+    // builder's, silence), re-armed by every chunk of its output.
+    let silence = tokio::time::sleep(Duration::MAX);
+    let mut silence_armed = false;
+    tokio::pin!(deadline, daemon_died, silence);
     let mut report: Option<Report> = None;
     let mut exited: Option<VmExit> = None;
     let mut channel_open = true;
@@ -86,8 +105,12 @@ pub async fn supervise(
                         if log.log_bytes() > limits.max_log_bytes {
                             break Some(BuildError::LogLimit { limit: limits.max_log_bytes, log_tail: log.tail() });
                         }
+                        rearm(silence.as_mut(), limits.max_silent, &mut silence_armed);
                     }
-                    FrameKind::BuilderStarted => log.phase(Phase::Build),
+                    FrameKind::BuilderStarted => {
+                        log.phase(Phase::Build);
+                        rearm(silence.as_mut(), limits.max_silent, &mut silence_armed);
+                    }
                     FrameKind::AgentLog => {
                         tracing::debug!(build = log.id(), line = %String::from_utf8_lossy(&payload), "agent");
                     }
@@ -110,6 +133,10 @@ pub async fn supervise(
                 Err(e) => break Some(BuildError::infra("wait for the VMM", e)),
             },
             _ = &mut deadline => break Some(BuildError::Timeout { secs: limits.timeout.as_secs(), log_tail: log.tail() }),
+            _ = &mut silence, if silence_armed && !reported => break Some(BuildError::Silent {
+                secs: limits.max_silent.map_or(0, |d| d.as_secs()),
+                log_tail: log.tail(),
+            }),
             _ = cancel.cancelled() => break Some(BuildError::Cancelled),
             why = &mut daemon_died, if daemon_dead.is_none() => daemon_dead = Some(why),
             _ = daemon_grace_over => break Some(BuildError::VmCrashed {

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::castore::Node;
 use crate::executor::events::{BuildLog, Event};
-use crate::executor::{BuildError, Executor, ExecutorConfig, Precondition};
+use crate::executor::{BuildError, ClientLimits, Executor, ExecutorConfig, Precondition};
 use crate::grpc::{self, status};
 use crate::proto::{snix_build, snix_castore};
 use crate::vmm::fake::{Ending, FakeGuest, FakeRunner};
@@ -104,7 +104,7 @@ async fn build_logged(
     req: snix_build::BuildRequest,
 ) -> (Arc<BuildLog>, crate::executor::BuildResult) {
     let req = grpc::request::from_snix(&req).expect("valid request");
-    let started = rig.executor.start(req, None);
+    let started = rig.executor.start(req, ClientLimits::default());
     (started.log, started.task.await.expect("task"))
 }
 
@@ -300,6 +300,60 @@ async fn a_precondition_is_typed_on_the_wire() {
 }
 
 #[tokio::test]
+async fn a_silent_builder_is_stopped_after_the_clients_silence_limit() {
+    let Some(rig) = rig(|_| Ending::Hang {
+        stdout: b"going quiet\n".to_vec(),
+    })
+    .await
+    else {
+        return;
+    };
+    let req = grpc::request::from_snix(&request(vec![])).expect("valid");
+    let limits = ClientLimits {
+        max_silent: Some(Duration::from_secs(1)),
+        ..ClientLimits::default()
+    };
+    let started = rig.executor.start(req, limits);
+    let err = started.task.await.expect("task").expect_err("stopped");
+    assert!(matches!(*err, BuildError::Silent { secs: 1, .. }), "{err}");
+    assert_eq!(err.kind(), "silent");
+    assert_eq!(status::code(&err), Code::DeadlineExceeded);
+    assert!(err.to_string().contains("no output for 1 seconds"), "{err}");
+    assert_eq!(err.log_tail(), b"going quiet\n");
+    let left: Vec<_> = std::fs::read_dir(rig.executor.runs_dir())
+        .expect("runs dir")
+        .collect();
+    assert!(left.is_empty(), "build directory left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn a_clients_log_limit_lowers_the_servers() {
+    let Some(rig) = rig(|_| Ending::Hang {
+        stdout: vec![b'x'; 4096],
+    })
+    .await
+    else {
+        return;
+    };
+    let req = grpc::request::from_snix(&request(vec![])).expect("valid");
+    let limits = ClientLimits {
+        max_log_bytes: Some(100),
+        ..ClientLimits::default()
+    };
+    let err = rig
+        .executor
+        .start(req, limits)
+        .task
+        .await
+        .expect("task")
+        .expect_err("stopped");
+    assert!(
+        matches!(*err, BuildError::LogLimit { limit: 100, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_cancelled_build_releases_its_vm_and_directory() {
     let Some(rig) = rig(|_| Ending::Hang {
         stdout: b"working\n".to_vec(),
@@ -309,7 +363,7 @@ async fn a_cancelled_build_releases_its_vm_and_directory() {
         return;
     };
     let req = grpc::request::from_snix(&request(vec![])).expect("valid");
-    let started = rig.executor.start(req, None);
+    let started = rig.executor.start(req, ClientLimits::default());
     // Wait until the builder runs, then cancel.
     let (_, rx) = started.log.subscribe();
     let mut rx = rx.expect("live");

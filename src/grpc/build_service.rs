@@ -84,7 +84,9 @@ impl BuildService {
             Ok(admitted) => admitted,
             Err(status) => return (None, Err(status)),
         };
-        let started = self.executor.start(req, deadline);
+        let started = self
+            .executor
+            .start(req, crate::executor::ClientLimits::deadline(deadline));
         let _cancel_on_drop = started.cancel.drop_guard();
         let result = match started.task.await {
             Ok(r) => r.map_err(|e| status::status(&e)),

@@ -97,9 +97,11 @@ impl BuildEvents for BuildService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
-        let req = request::from_submit(&request.into_inner());
+        let submitted = request.into_inner();
+        let limits = request::client_limits(&submitted, deadline);
+        let req = request::from_submit(&submitted);
         let (permit, req) = self.admit_request("Submit", req)?;
-        let started = self.executor().start(req, deadline);
+        let started = self.executor().start(req, limits);
         // The request's budget is held until the build has ended.
         let task = started.task;
         tokio::spawn(async move {

@@ -13,12 +13,15 @@
 //! field: their builders get argv = `command_args`, as upstream clients
 //! expect.
 
+use std::time::Duration;
+
 use crate::castore::{Node, PathComponent};
 use crate::executor::error::{invalid, InvalidRequest};
 use crate::executor::request::{
     rel, sorted_abs_paths, sorted_rel_paths, validate_env, validate_inputs, AdditionalFile,
     BuildRequest, Constraints, Layout,
 };
+use crate::executor::ClientLimits;
 use crate::proto::kiln_v1::{submit_request, SubmitRequest};
 use crate::proto::{snix_build, tvix_build};
 
@@ -39,6 +42,24 @@ pub fn from_submit(req: &SubmitRequest) -> Result<BuildRequest, InvalidRequest> 
         return Ok(request);
     }
     request.with_argv0(req.argv0.clone())
+}
+
+/// The limits a `kiln.v1.SubmitRequest` asks for, with the gRPC deadline:
+/// a 0 in `BuildLimits` means "the server's", the shorter of the deadline
+/// and `timeout_secs` wins, and the executor lowers all of them to its own
+/// ([`ClientLimits::within`]).
+pub fn client_limits(req: &SubmitRequest, deadline: Option<Duration>) -> ClientLimits {
+    let asked = req.limits.clone().unwrap_or_default();
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let timeout = nonzero(asked.timeout_secs).map(Duration::from_secs);
+    ClientLimits {
+        timeout: match (deadline, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+        max_silent: nonzero(asked.max_silent_secs).map(Duration::from_secs),
+        max_log_bytes: nonzero(asked.max_log_bytes),
+    }
 }
 
 /// Validates a `snix.build.v1` request.

@@ -44,7 +44,7 @@ pub fn code(e: &BuildError) -> Code {
         | BuildError::ScratchEntries { .. } => Code::Aborted,
         BuildError::AgentFailed { .. } => Code::Internal,
         BuildError::VmCrashed { .. } | BuildError::Infrastructure { .. } => Code::Unavailable,
-        BuildError::Timeout { .. } => Code::DeadlineExceeded,
+        BuildError::Timeout { .. } | BuildError::Silent { .. } => Code::DeadlineExceeded,
         BuildError::Cancelled => Code::Cancelled,
     }
 }
@@ -136,6 +136,13 @@ mod tests {
             ),
             (
                 BuildError::Timeout {
+                    secs: 1,
+                    log_tail: vec![],
+                },
+                Code::DeadlineExceeded,
+            ),
+            (
+                BuildError::Silent {
                     secs: 1,
                     log_tail: vec![],
                 },

@@ -469,3 +469,54 @@ fn fill_to_args_env_limit(r: &mut snix_build::BuildRequest) {
     }
     assert_eq!(used(r), MAX_ARGS_ENV_TOTAL);
 }
+
+#[test]
+fn submit_limits_lower_the_deadline_and_zero_means_the_servers() {
+    use crate::proto::kiln_v1::BuildLimits;
+    use std::time::Duration;
+    let mut req = submit("");
+    assert_eq!(client_limits(&req, None), ClientLimits::default());
+    let deadline = Some(Duration::from_secs(60));
+    assert_eq!(client_limits(&req, deadline).timeout, deadline);
+    req.limits = Some(BuildLimits {
+        timeout_secs: 30,
+        max_silent_secs: 5,
+        max_log_bytes: 0,
+    });
+    let asked = client_limits(&req, deadline);
+    assert_eq!(
+        asked.timeout,
+        Some(Duration::from_secs(30)),
+        "the shorter wins"
+    );
+    assert_eq!(asked.max_silent, Some(Duration::from_secs(5)));
+    assert_eq!(asked.max_log_bytes, None, "0 is the server's");
+    assert_eq!(
+        client_limits(&req, Some(Duration::from_secs(10))).timeout,
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn client_limits_never_exceed_the_servers() {
+    use std::time::Duration;
+    let config = crate::executor::ExecutorConfig::default();
+    let asked = ClientLimits {
+        timeout: Some(config.timeout * 2),
+        max_silent: None,
+        max_log_bytes: Some(config.max_log_bytes + 1),
+    };
+    let applied = asked.within(&config);
+    assert_eq!(applied.timeout, Some(config.timeout));
+    assert_eq!(applied.max_log_bytes, Some(config.max_log_bytes));
+    assert_eq!(applied.max_silent, None);
+    let lower = ClientLimits {
+        timeout: Some(Duration::from_secs(1)),
+        max_silent: Some(Duration::from_secs(2)),
+        max_log_bytes: Some(3),
+    }
+    .within(&config);
+    assert_eq!(lower.timeout, Some(Duration::from_secs(1)));
+    assert_eq!(lower.max_silent, Some(Duration::from_secs(2)));
+    assert_eq!(lower.max_log_bytes, Some(3));
+}

@@ -43,7 +43,7 @@ pub struct BuildOptions {
     pub max_silent_secs: u64,
     /// `timeout`, seconds; 0: none.
     pub timeout_secs: u64,
-    /// `max-log-size`, bytes; 0: none.
+    /// `max-build-log-size`, bytes; 0: none.
     pub max_log_bytes: u64,
     /// `cores`; 0: the daemon's default.
     pub build_cores: u64,
@@ -82,7 +82,8 @@ impl BuildOptions {
                     options.max_silent_secs = number().unwrap_or(options.max_silent_secs)
                 }
                 "timeout" | "build-timeout" => options.timeout_secs = number().unwrap_or(0),
-                "max-log-size" | "build-max-log-size" => {
+                // Nix's name for it (2.8 to current), and its old alias.
+                "max-build-log-size" | "build-max-log-size" => {
                     options.max_log_bytes = number().unwrap_or(0)
                 }
                 "cores" | "build-cores" => {
@@ -93,6 +94,24 @@ impl BuildOptions {
             }
         }
         Ok(options)
+    }
+
+    /// These options with every limit the client left at 0 taken from the
+    /// operator's `defaults`. Nix's ssh-ng client sends no `SetOptions` at
+    /// all (2.8 through current), so for remote builders the defaults are
+    /// what applies, as a remote Nix daemon's own `nix.conf` would.
+    pub fn or_defaults(mut self, defaults: &BuildOptions) -> Self {
+        let fill = |v: &mut u64, d: u64| {
+            if *v == 0 {
+                *v = d;
+            }
+        };
+        fill(&mut self.max_silent_secs, defaults.max_silent_secs);
+        fill(&mut self.timeout_secs, defaults.timeout_secs);
+        fill(&mut self.max_log_bytes, defaults.max_log_bytes);
+        fill(&mut self.build_cores, defaults.build_cores);
+        fill(&mut self.log_lines, defaults.log_lines);
+        self
     }
 
     fn limits(&self) -> BuildLimits {
@@ -746,4 +765,40 @@ async fn record_outputs(
     }
     tracing::info!(drv = %drv_path, outputs = built.len(), "nix build done");
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operators_defaults_fill_only_what_the_client_left_unset() {
+        let defaults = BuildOptions {
+            max_silent_secs: 5,
+            timeout_secs: 600,
+            max_log_bytes: 1 << 20,
+            build_cores: 2,
+            log_lines: 0,
+        };
+        let sent = BuildOptions {
+            max_silent_secs: 30,
+            log_lines: 25,
+            ..BuildOptions::default()
+        };
+        let applied = sent.or_defaults(&defaults);
+        assert_eq!(applied.max_silent_secs, 30, "the client's value stays");
+        assert_eq!(applied.timeout_secs, 600);
+        assert_eq!(applied.max_log_bytes, 1 << 20);
+        assert_eq!(applied.build_cores, 2);
+        assert_eq!(applied.log_lines, 25);
+        let limits = applied.limits();
+        assert_eq!(
+            (
+                limits.timeout_secs,
+                limits.max_silent_secs,
+                limits.max_log_bytes
+            ),
+            (600, 30, 1 << 20)
+        );
+    }
 }

@@ -78,7 +78,7 @@ where
         r: WireReader::new(tokio::io::BufReader::new(reader)),
         out: Output::new(tokio::io::BufWriter::new(writer)),
         version: MIN_VERSION,
-        options: BuildOptions::default(),
+        options: daemon.config.build_defaults.clone(),
     };
     session.handshake().await?;
     session.run().await
@@ -301,7 +301,9 @@ where
                 self.reply(Frame::new().u64(0)).await
             }
             Op::SetOptions => {
-                self.options = BuildOptions::read(&mut self.r).await?;
+                self.options = BuildOptions::read(&mut self.r)
+                    .await?
+                    .or_defaults(&self.daemon.config.build_defaults);
                 self.out.last().await?;
                 Ok(())
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::build::BuildOptions;
 use super::types::WirePathInfo;
 use crate::castore::{Node, Store};
 use crate::client::KilnChannel;
@@ -31,6 +32,10 @@ pub struct DaemonConfig {
     pub system: String,
     /// Default `NIX_BUILD_CORES` when the client says 0.
     pub build_cores: u32,
+    /// The operator's build limits, for clients that set none (ssh-ng
+    /// clients never send `SetOptions`); 0: none (the server's own limits
+    /// still apply).
+    pub build_defaults: BuildOptions,
 }
 
 impl Default for DaemonConfig {
@@ -42,6 +47,7 @@ impl Default for DaemonConfig {
             system: "x86_64-linux".to_owned(),
             build_cores: std::thread::available_parallelism()
                 .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+            build_defaults: BuildOptions::default(),
         }
     }
 }
