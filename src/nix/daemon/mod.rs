@@ -19,6 +19,8 @@
 
 mod add;
 mod build;
+#[cfg(test)]
+mod captured_tests;
 pub mod logger;
 pub mod protocol;
 mod session;
