@@ -49,7 +49,7 @@ pub fn from_submit(req: &SubmitRequest) -> Result<BuildRequest, InvalidRequest> 
 /// and `timeout_secs` wins, and the executor lowers all of them to its own
 /// ([`ClientLimits::within`]).
 pub fn client_limits(req: &SubmitRequest, deadline: Option<Duration>) -> ClientLimits {
-    let asked = req.limits.clone().unwrap_or_default();
+    let asked = req.limits.unwrap_or_default();
     let nonzero = |v: u64| (v > 0).then_some(v);
     let timeout = nonzero(asked.timeout_secs).map(Duration::from_secs);
     ClientLimits {

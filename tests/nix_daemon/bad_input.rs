@@ -215,6 +215,19 @@ pub fn run_all(trusted: &Path, untrusted: &Path) {
     assert!(message.contains("signature"), "{message}");
     assert!(!u.is_valid(other));
 
+    // Operations kiln does not serve are refused by name, and the
+    // connection stays in step.
+    c.send(Frame::new().u64(Op::ImportPaths as u64));
+    let message = c.expect_error();
+    assert!(message.contains("ImportPaths"), "{message}");
+    c.send(Frame::new().u64(Op::ExportPath as u64).string(PATH).u64(0));
+    let message = c.expect_error();
+    assert!(message.contains("ExportPath"), "{message}");
+    c.send(Frame::new().u64(Op::QueryReferrers as u64).string(PATH));
+    let message = c.expect_error();
+    assert!(message.contains("QueryReferrers"), "{message}");
+    assert!(c.is_valid(PATH), "the connection is out of step");
+
     // The daemon serves new clients after all of that.
     let mut c = Client::handshake(trusted);
     assert!(c.is_valid(PATH));

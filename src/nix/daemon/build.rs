@@ -724,12 +724,7 @@ async fn record_outputs(
         if drv.is_fixed_output() {
             fixed_output::verify(&daemon.castore, output_decl, &node)
                 .await
-                .map_err(|e| {
-                    (
-                        BuildStatus::OutputRejected,
-                        format!("{}", super::error_chain(&e)),
-                    )
-                })?;
+                .map_err(|e| (BuildStatus::OutputRejected, super::error_chain(&e)))?;
             let declared = FixedOutputHash::of(output_decl)
                 .map_err(|e| (BuildStatus::OutputRejected, e.to_string()))?;
             ca = Some(ContentAddress::from_fixed_output(&declared).to_string());

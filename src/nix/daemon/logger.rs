@@ -147,6 +147,7 @@ pub fn split_lines(pending: &mut Vec<u8>, data: &[u8]) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

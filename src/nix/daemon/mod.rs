@@ -54,9 +54,6 @@ pub enum SessionError {
     /// An operation number kiln does not know.
     #[error("unknown worker operation {0}")]
     UnknownOp(u64),
-    /// An operation whose arguments kiln cannot delimit.
-    #[error("worker operation {0} is not supported by kiln and its arguments cannot be skipped")]
-    Unsupported(&'static str),
     /// The store failed while a reply was already under way.
     #[error(transparent)]
     Store(#[from] StoreError),

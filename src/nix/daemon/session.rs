@@ -447,10 +447,15 @@ where
                     "kiln keeps the logs of the builds it ran itself",
                 ))
             }
-            Op::ExportPath | Op::ImportPaths => {
-                // Their payloads are tunnelled with STDERR_READ/WRITE, which
-                // no client of 1.34+ uses; their end cannot be found.
-                Err(OpError::Fatal(SessionError::Unsupported(op.name())))
+            Op::ExportPath => {
+                read_store_path(&mut self.r, "the path").await?;
+                self.r.u64("the obsolete sign flag").await?;
+                Err(refused(op, "use NarFromPath (nix copy, nix-store --dump)"))
+            }
+            Op::ImportPaths => {
+                // The payload would come only when asked for (STDERR_READ):
+                // refusing before asking leaves nothing unread.
+                Err(refused(op, "use AddMultipleToStore (nix copy)"))
             }
             Op::QueryFailedPaths => self.reply(Frame::new().u64(0)).await,
             Op::ClearFailedPaths => {

@@ -361,6 +361,7 @@ pub fn write_build_result(frame: Frame, result: &BuildResult, version: ProtocolV
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

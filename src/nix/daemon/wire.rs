@@ -309,7 +309,9 @@ impl<'a, R: AsyncRead + Unpin + Send> FramedReader<'a, R> {
     pub async fn drain(&mut self) -> io::Result<()> {
         let mut sink = [0u8; 8192];
         while !self.done {
-            self.read(&mut sink).await?;
+            if self.read(&mut sink).await? == 0 && !self.done {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
         Ok(())
     }
@@ -377,6 +379,7 @@ impl<R: AsyncRead + Unpin + Send> AsyncRead for FramedReader<'_, R> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

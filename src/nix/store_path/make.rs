@@ -205,6 +205,7 @@ pub fn make_fixed_output_path(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
