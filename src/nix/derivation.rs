@@ -19,8 +19,11 @@
 //! The reader is in `parse` (a cursor that reports where it stopped), the
 //! writer in `write`.
 
+mod modulo;
 mod parse;
 mod write;
+
+pub use modulo::OutputPathError;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -313,6 +313,7 @@ where
         derivations.insert(path, drv);
     }
     let outputs_of = outputs_of(&derivations);
+    let mut hashes: BTreeMap<StorePath, [u8; 32]> = BTreeMap::new();
     let mut last = result(BuildStatus::AlreadyValid, "");
     for drv_path in order {
         let Some(drv) = derivations.get(&drv_path) else {
@@ -320,6 +321,12 @@ where
         };
         let r = if outputs_valid(s.daemon, drv, &OutputsSpec::All).await? {
             result(BuildStatus::AlreadyValid, "")
+        } else if let Err(why) = check_output_paths(s.daemon, &drv_path, drv, &mut hashes).await?
+        {
+            result(
+                BuildStatus::InputRejected,
+                format!("derivation '{drv_path}' has incorrect output paths: {why}"),
+            )
         } else {
             run(s, &drv_path, drv, &outputs_of).await?
         };
@@ -349,6 +356,66 @@ where
         }
     }
     Ok(last)
+}
+
+/// Most derivations one check reads (nixpkgs' largest closures have tens
+/// of thousands).
+const MAX_DERIVATIONS: usize = 1 << 20;
+
+/// Checks that `drv`'s output paths are the ones Nix computes for it (see
+/// [`crate::nix::derivation`]'s `modulo`), reading its input derivations
+/// from the store: a `.drv` a client added cannot name outputs it does not
+/// own, so kiln never registers a build under another's path. `hashes`
+/// memoises the inputs' hashes across the derivations of one request.
+async fn check_output_paths(
+    daemon: &Daemon,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    hashes: &mut BTreeMap<StorePath, [u8; 32]>,
+) -> Result<Result<(), String>, OpError> {
+    let name = |p: &StorePath| p.name().trim_end_matches(".drv").to_owned();
+    // Post-order over the inputs whose hashes are not known yet.
+    let mut stack: Vec<(StorePath, Option<Derivation>)> = drv
+        .input_derivations
+        .keys()
+        .map(|p| (p.clone(), None))
+        .collect();
+    while let Some((path, read)) = stack.pop() {
+        if hashes.contains_key(&path) {
+            continue;
+        }
+        match read {
+            Some(input) => match input.hash_modulo(&name(&path), false, hashes) {
+                Ok(h) => {
+                    hashes.insert(path, h);
+                }
+                Err(e) => return Ok(Err(format!("input '{path}': {e}"))),
+            },
+            None => {
+                if stack.len() + hashes.len() > MAX_DERIVATIONS {
+                    return Ok(Err(format!(
+                        "its closure has more than {MAX_DERIVATIONS} derivations"
+                    )));
+                }
+                let input = match daemon.read_derivation(&path).await? {
+                    None => return Ok(Err(format!("input '{path}' is not in kiln's store"))),
+                    Some(Err(e)) => return Ok(Err(e)),
+                    Some(Ok(d)) => d,
+                };
+                let pending: Vec<StorePath> = input
+                    .input_derivations
+                    .keys()
+                    .filter(|p| !hashes.contains_key(*p))
+                    .cloned()
+                    .collect();
+                stack.push((path, Some(input)));
+                stack.extend(pending.into_iter().map(|p| (p, None)));
+            }
+        }
+    }
+    Ok(drv
+        .check_output_paths(&name(drv_path), hashes)
+        .map_err(|e| e.to_string()))
 }
 
 fn outputs_of(

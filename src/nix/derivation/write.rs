@@ -8,6 +8,27 @@ use crate::nix::store_path::StorePath;
 impl Derivation {
     /// Writes the derivation back in Nix's ATerm form.
     pub fn to_aterm(&self) -> Vec<u8> {
+        self.write_aterm(
+            self.input_derivations
+                .iter()
+                .map(|(drv, outputs)| (drv.to_string(), outputs)),
+        )
+    }
+
+    /// The ATerm with `inputs` (in the order given) as its input
+    /// derivations, as `hashDerivationModulo` writes it with each input's
+    /// hash in place of its path.
+    pub(super) fn to_aterm_with_inputs(
+        &self,
+        inputs: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) -> Vec<u8> {
+        self.write_aterm(inputs.iter().map(|(key, outputs)| (key.clone(), outputs)))
+    }
+
+    fn write_aterm<'a>(
+        &self,
+        inputs: impl Iterator<Item = (String, &'a std::collections::BTreeSet<String>)>,
+    ) -> Vec<u8> {
         let mut w = Vec::new();
         w.extend_from_slice(b"Derive([");
         for (i, (name, out)) in self.outputs.iter().enumerate() {
@@ -26,10 +47,10 @@ impl Derivation {
             w.push(b')');
         }
         w.extend_from_slice(b"],[");
-        for (i, (drv, outputs)) in self.input_derivations.iter().enumerate() {
+        for (i, (drv, outputs)) in inputs.enumerate() {
             comma(&mut w, i);
             w.push(b'(');
-            write_string(&mut w, drv.to_string().as_bytes());
+            write_string(&mut w, drv.as_bytes());
             w.extend_from_slice(b",[");
             write_strings(&mut w, outputs.iter().map(|o| o.as_bytes()));
             w.extend_from_slice(b"])");

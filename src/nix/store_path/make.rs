@@ -159,6 +159,17 @@ fn with_references(mut kind: String, references: &BTreeSet<StorePath>) -> String
     kind
 }
 
+/// The path of an input-addressed output `output` (`out`, `dev`, …) named
+/// `name` (the derivation's name, `-<output>` appended for other outputs
+/// than `out`), from the derivation's masked `hashDerivationModulo`.
+pub fn make_output_path(
+    output: &str,
+    hash_modulo: &[u8; 32],
+    name: &str,
+) -> Result<StorePath, MakePathError> {
+    make(&format!("output:{output}"), &hex::encode(hash_modulo), name)
+}
+
 /// The path of a text named `name` with SHA-256 `text_sha256`.
 pub fn make_text_path(
     name: &str,
