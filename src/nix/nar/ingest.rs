@@ -459,3 +459,6 @@ async fn flush<R: AsyncRead + Unpin + Send>(
         .map(|_| ())
         .map_err(|e| p.store_err(e))
 }
+
+#[cfg(test)]
+mod tests;
