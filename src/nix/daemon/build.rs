@@ -321,8 +321,7 @@ where
         };
         let r = if outputs_valid(s.daemon, drv, &OutputsSpec::All).await? {
             result(BuildStatus::AlreadyValid, "")
-        } else if let Err(why) = check_output_paths(s.daemon, &drv_path, drv, &mut hashes).await?
-        {
+        } else if let Err(why) = check_output_paths(s.daemon, &drv_path, drv, &mut hashes).await? {
             result(
                 BuildStatus::InputRejected,
                 format!("derivation '{drv_path}' has incorrect output paths: {why}"),

@@ -186,9 +186,13 @@ impl Derivation {
                 crate::nix::hash::Hash::Sha256(d) => make::make_text_path(name, &d, &none)?,
                 _ => return Err(OutputPathError::FixedOutputs),
             },
-            Method::Flat => {
-                make::make_fixed_output_path(name, make::Method::Flat, &declared.hash, &none, false)?
-            }
+            Method::Flat => make::make_fixed_output_path(
+                name,
+                make::Method::Flat,
+                &declared.hash,
+                &none,
+                false,
+            )?,
             Method::Recursive => make::make_fixed_output_path(
                 name,
                 make::Method::Recursive,
@@ -200,10 +204,7 @@ impl Derivation {
         Ok(Some(path))
     }
 
-    fn fixed_declaration(
-        &self,
-        out: &super::Output,
-    ) -> Result<FixedOutputHash, OutputPathError> {
+    fn fixed_declaration(&self, out: &super::Output) -> Result<FixedOutputHash, OutputPathError> {
         FixedOutputHash::of(out).map_err(|e| OutputPathError::Declaration {
             output: "out".to_owned(),
             reason: crate::nix::daemon::error_chain(&e),

@@ -39,7 +39,9 @@ fn nixs_output_paths_are_recomputed() {
         .unwrap();
     let (multi, hashes) = graph();
     multi.check_output_paths("modulo-multi", &hashes).unwrap();
-    let paths = multi.expected_output_paths("modulo-multi", &hashes).unwrap();
+    let paths = multi
+        .expected_output_paths("modulo-multi", &hashes)
+        .unwrap();
     assert_eq!(
         paths["dev"].to_string(),
         "/nix/store/85zh253mvgf01dxnywwzxbx1qy843g36-modulo-multi-dev"
@@ -58,7 +60,9 @@ fn a_derivation_claiming_another_output_path_is_refused() {
     multi
         .environment
         .insert("out".into(), stolen.to_string().into_bytes());
-    let err = multi.check_output_paths("modulo-multi", &hashes).unwrap_err();
+    let err = multi
+        .check_output_paths("modulo-multi", &hashes)
+        .unwrap_err();
     assert!(matches!(err, OutputPathError::WrongPath { .. }), "{err}");
 }
 
@@ -66,7 +70,9 @@ fn a_derivation_claiming_another_output_path_is_refused() {
 fn a_changed_builder_or_input_changes_the_paths() {
     let (mut multi, hashes) = graph();
     multi.arguments.push("extra".into());
-    let err = multi.check_output_paths("modulo-multi", &hashes).unwrap_err();
+    let err = multi
+        .check_output_paths("modulo-multi", &hashes)
+        .unwrap_err();
     assert!(matches!(err, OutputPathError::WrongPath { .. }), "{err}");
     let (multi, mut hashes) = graph();
     hashes.values_mut().next().unwrap()[0] ^= 1;
@@ -81,8 +87,12 @@ fn a_changed_builder_or_input_changes_the_paths() {
 #[test]
 fn an_output_variable_must_hold_its_path() {
     let (mut multi, hashes) = graph();
-    multi.environment.insert("dev".into(), b"/tmp/elsewhere".to_vec());
-    let err = multi.check_output_paths("modulo-multi", &hashes).unwrap_err();
+    multi
+        .environment
+        .insert("dev".into(), b"/tmp/elsewhere".to_vec());
+    let err = multi
+        .check_output_paths("modulo-multi", &hashes)
+        .unwrap_err();
     assert!(
         matches!(err, OutputPathError::WrongEnvironment { ref output, .. } if output == "dev"),
         "{err}"
