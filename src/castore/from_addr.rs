@@ -125,3 +125,20 @@ fn malformed(address: &str, problem: &str) -> FromAddrError {
         problem: problem.to_owned(),
     }
 }
+
+/// An embedded castore in a temporary directory, removed when dropped: for
+/// tests across the crate that need a real store.
+#[cfg(test)]
+pub(crate) struct TempStore {
+    /// The store.
+    pub store: Store,
+    _dir: tempfile::TempDir,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
+pub(crate) fn temp_store() -> TempStore {
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded(dir.path()).unwrap();
+    TempStore { store, _dir: dir }
+}

@@ -68,17 +68,7 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).as_slice().try_into().unwrap()
 }
 
-/// A castore in a temporary directory, for the NARs kiln ingests.
-struct Castore {
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-fn castore() -> Castore {
-    let dir = tempfile::tempdir().unwrap();
-    let store = crate::castore::from_addr::embedded(dir.path()).unwrap();
-    Castore { store, _dir: dir }
-}
+use crate::castore::from_addr::temp_store as castore;
 
 /// A NAR as kiln read it.
 struct Nar {

@@ -186,20 +186,14 @@ impl Derivation {
                 crate::nix::hash::Hash::Sha256(d) => make::make_text_path(name, &d, &none)?,
                 _ => return Err(OutputPathError::FixedOutputs),
             },
-            Method::Flat => make::make_fixed_output_path(
-                name,
-                make::Method::Flat,
-                &declared.hash,
-                &none,
-                false,
-            )?,
-            Method::Recursive => make::make_fixed_output_path(
-                name,
-                make::Method::Recursive,
-                &declared.hash,
-                &none,
-                false,
-            )?,
+            Method::Flat | Method::Recursive => {
+                let method = if declared.method == Method::Flat {
+                    make::Method::Flat
+                } else {
+                    make::Method::Recursive
+                };
+                make::make_fixed_output_path(name, method, &declared.hash, &none, false)?
+            }
         };
         Ok(Some(path))
     }

@@ -159,17 +159,7 @@ fn every_kind() -> Tree {
 // ---------------------------------------------------------------------------
 // A castore and readers.
 
-/// An embedded castore in a temporary directory.
-struct Castore {
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-fn castore() -> Castore {
-    let dir = tempfile::tempdir().unwrap();
-    let store = crate::castore::from_addr::embedded(dir.path()).unwrap();
-    Castore { store, _dir: dir }
-}
+use crate::castore::from_addr::temp_store as castore;
 
 /// A reader that hands out at most `step` bytes per read and says
 /// "not yet" before every other one, as a socket might.
