@@ -4,7 +4,10 @@
 
 SHELL := /bin/bash
 CACHE_DIR ?= /var/cache/kiln
-KERNEL_DIR := $(CACHE_DIR)/kernel
+# kiln's own guest kernel (the default) and Debian's cloud kernel (the
+# fallback, `--kernel debian-cloud`); see kernels/README.md.
+KERNEL_DIR := $(CACHE_DIR)/kernel-kiln
+DEBIAN_KERNEL_DIR := $(CACHE_DIR)/kernel-debian
 AGENT := $(CACHE_DIR)/agent/kiln-agent
 CARGO ?= cargo
 DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base openssh-server
@@ -41,7 +44,8 @@ virtiofsd:
 	fi
 
 kernel:
-	./kernels/debian-cloud.sh $(KERNEL_DIR)
+	./kernels/build-kiln.sh $(KERNEL_DIR)
+	./kernels/debian-cloud.sh $(DEBIAN_KERNEL_DIR)
 
 # Static like the rest of the agent: libseccomp.a from libseccomp-dev.
 agent:

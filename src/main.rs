@@ -139,6 +139,12 @@ struct ServeArgs {
     /// Builds allowed to wait for a VM before further ones are refused.
     #[arg(long, default_value_t = defaults::MAX_QUEUE)]
     max_queue: usize,
+    /// VMs kept booted and waiting for builds that fit them (the smallest
+    /// VM size, no /dev/kvm, no network, no extra read-only paths); they
+    /// count against --max-vms and --memory-budget-mib. 0: every build
+    /// boots its own VM.
+    #[arg(long, default_value_t = defaults::WARM_VMS)]
+    warm_vms: usize,
     /// Memory all requests held (queued or running) may take together, MiB;
     /// beyond it new builds get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = defaults::REQUEST_BUDGET_BYTES >> 20)]
@@ -289,9 +295,23 @@ struct VmArgs {
     /// Kiln's cache: kernel artifacts, agent, base initramfs images.
     #[arg(long, default_value = defaults::CACHE_DIR)]
     cache_dir: PathBuf,
+    /// Guest kernel: kiln (kiln's own, <cache-dir>/kernel-kiln), debian-cloud
+    /// (the fallback, <cache-dir>/kernel-debian), or a kernel directory.
+    #[arg(long, env = kiln::guest_image::KERNEL_ENV, default_value = "kiln", value_parser = kiln::guest_image::KernelChoice::parse)]
+    kernel: kiln::guest_image::KernelChoice,
     /// The guest kernel is PVM-enabled (lets a PVM /dev/kvm count as KVM).
     #[arg(long)]
     pvm_kernel: bool,
+}
+
+impl VmArgs {
+    /// The kernel, agent and shell these flags name.
+    fn artifacts(&self) -> kiln::guest_image::Artifacts {
+        kiln::guest_image::Artifacts {
+            kernel_dir: self.kernel.dir(&self.cache_dir),
+            ..kiln::guest_image::Artifacts::in_cache_dir(&self.cache_dir)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -483,7 +503,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vmm: args.vm.vmm,
                 accel: args.vm.accel,
                 kernel_is_pvm: args.vm.pvm_kernel,
-                artifacts: kiln::guest_image::Artifacts::in_cache_dir(&args.vm.cache_dir),
+                artifacts: args.vm.artifacts(),
                 image_cache_dir: Some(image_cache_dir(&args.vm.cache_dir)),
                 network: Some(kiln::vmm::net::NetworkFlags {
                     disabled: args.network.no_network,
@@ -581,8 +601,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_vms: args.max_vms,
         memory_budget_mib: args.memory_budget_mib,
         max_queue: args.max_queue,
+        warm_vms: args.warm_vms,
         request_budget_bytes: args.max_request_memory_mib << 20,
         network: network_config,
+        artifacts: args.vm.artifacts(),
         ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
     let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
@@ -602,6 +624,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cutter.cancel();
     });
     let executor = std::sync::Arc::new(executor);
+    executor.start_pool();
     let path_info =
         kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)
             .await

@@ -44,7 +44,7 @@ async fn env() -> Result<Env, String> {
         .cloud_hypervisor
         .ok_or("cloud-hypervisor is not installed")?
         .path;
-    let artifacts = Artifacts::default();
+    let artifacts = Artifacts::from_env().expect("KILN_KERNEL names a kernel");
     for path in [artifacts.vmlinux(), artifacts.busybox.clone()] {
         if !path.is_file() {
             return Err(format!("{} is missing (make deps)", path.display()));

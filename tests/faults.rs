@@ -93,7 +93,7 @@ async fn guest_kernel_panic_is_a_vm_crash_with_the_console_tail() {
     std::fs::write(&bad_agent, b"\x7fELF but not really").unwrap();
     let artifacts = Artifacts {
         agent: bad_agent,
-        ..Artifacts::default()
+        ..Artifacts::from_env().expect("KILN_KERNEL names a kernel")
     };
     let Some(server) = harness::start(Options {
         artifacts: Some(artifacts),

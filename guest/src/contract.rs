@@ -2,9 +2,25 @@
 //! result get out. Shared by the agent and by the kiln host.
 //!
 //! ## Job in
-//! The host appends a small cpio archive to the cached base initramfs. It
-//! holds one file, [`JOB_PATH`], the JSON encoding of [`Job`]. Linux unpacks
-//! concatenated archives, so the agent simply reads the file at start.
+//! A VM booted for one request (cold): the host appends a small cpio
+//! archive to the cached base initramfs. It holds one file, [`JOB_PATH`],
+//! the JSON encoding of [`Job`]. Linux unpacks concatenated archives, so the
+//! agent simply reads the file at start.
+//!
+//! A VM booted before its request (warm, the host's pool): the archive
+//! holds [`WARM_PATH`] instead, a JSON [`Warm`]. The agent loads its
+//! modules, opens the channel, writes [`MAGIC`] and one empty
+//! [`FrameKind::Ready`] frame, and waits. The host, once it has a request
+//! for this VM and has put its inputs into the (already shared) inputs
+//! directory, writes the job on the channel's way back:
+//!
+//! ```text
+//! len:u32 little-endian | Job as JSON [len]      (len <= MAX_JOB_BYTES)
+//! ```
+//!
+//! and the agent goes on exactly as with a job from the initramfs: it mounts
+//! the shares only then, so nothing of the share was looked at before the
+//! inputs were there. A warm VM runs one job, like any other.
 //!
 //! ## Log and result out
 //! The agent writes to a virtio serial port, needing neither vsock nor a
@@ -40,6 +56,10 @@ use serde::{Deserialize, Serialize};
 
 /// Where the job file is inside the initramfs.
 pub const JOB_PATH: &str = "/kiln/job.json";
+/// Where a warm VM's [`Warm`] is inside the initramfs.
+pub const WARM_PATH: &str = "/kiln/warm.json";
+/// Upper bound on a job sent over the channel to a warm VM.
+pub const MAX_JOB_BYTES: u32 = 256 << 20;
 /// Where kernel modules are inside the base initramfs (flat, `<name>.ko`).
 pub const MODULES_DIR: &str = "/kiln/modules";
 /// Where the static shell (busybox) is inside the base initramfs, if present.
@@ -113,6 +133,23 @@ pub struct Job {
     pub network: Option<GuestNetwork>,
 }
 
+/// What a warm VM does before its job arrives: load these modules (by file
+/// stem inside [`MODULES_DIR`], as [`Job::modules`]) and open the channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Warm {
+    /// Kernel modules to load at boot.
+    pub modules: Vec<String>,
+}
+
+/// The message that carries a warm VM's job: length prefix and JSON.
+pub fn encode_job_message(job: &Job) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(job)?;
+    let mut out = Vec::with_capacity(json.len() + 4);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
 /// A networked build's view of its network, as Nix gives a fixed-output
 /// derivation: one interface, a resolver, `/etc/services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -144,6 +181,8 @@ pub enum FrameKind {
     AgentLog = 4,
     /// The builder process has been started (empty payload).
     BuilderStarted = 5,
+    /// A warm VM has booted and waits for its job (empty payload).
+    Ready = 6,
 }
 
 impl FrameKind {
@@ -155,6 +194,7 @@ impl FrameKind {
             3 => Self::Report,
             4 => Self::AgentLog,
             5 => Self::BuilderStarted,
+            6 => Self::Ready,
             _ => return None,
         })
     }
@@ -203,6 +243,11 @@ pub struct Report {
     pub setup_ms: u64,
     /// ms the builder ran.
     pub build_ms: u64,
+    /// A warm VM: ms it waited between [`FrameKind::Ready`] and its job
+    /// (then `setup_ms` counts from the job's arrival). `None`: a cold VM,
+    /// or an agent that predates warm VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 /// Encodes one frame (header and payload) into `out`.
@@ -412,6 +457,7 @@ mod tests {
             boot_ms: 1,
             setup_ms: 2,
             build_ms: 3,
+            waited_ms: None,
         };
         let json = serde_json::to_string(&report).expect("encode");
         assert!(json.contains("\"kind\":\"signaled\""), "{json}");

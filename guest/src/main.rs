@@ -32,6 +32,7 @@ fn main() {
             boot_ms: 0,
             setup_ms: 0,
             build_ms: 0,
+            waited_ms: None,
         });
         agent::power_off();
     }));

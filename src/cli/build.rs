@@ -155,11 +155,12 @@ impl EventSink for Progress {
     fn started(&mut self, build_id: &str, s: &Started) {
         let _ = writeln!(
             std::io::stderr(),
-            "kiln: build {build_id} on {} ({}), {} MiB, {} vCPU",
+            "kiln: build {build_id} on {} ({}), {} MiB, {} vCPU{}",
             s.vmm,
             s.accel,
             s.guest_memory_bytes >> 20,
-            s.vcpus
+            s.vcpus,
+            if s.warm { ", warm VM" } else { "" }
         );
     }
 

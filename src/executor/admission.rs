@@ -99,6 +99,28 @@ impl Admission {
         })
     }
 
+    /// A VM slot and `memory_mib` of the budget if both are free right
+    /// now, without queueing (the warm pool's refill: it never waits, so it
+    /// never competes with a queued build).
+    pub fn try_admit(&self, memory_mib: u64) -> Option<Ticket> {
+        let vm = self.vms.clone().try_acquire_owned().ok()?;
+        let memory = self
+            .memory
+            .clone()
+            .try_acquire_many_owned(u32::try_from(memory_mib).ok()?)
+            .ok()?;
+        Some(Ticket {
+            _vm: vm,
+            _memory: memory,
+        })
+    }
+
+    /// Whether `memory_mib` fits the budget at all ([`Admission::admit`]
+    /// refuses a request that never can).
+    pub fn can_ever_fit(&self, memory_mib: u64) -> bool {
+        memory_mib <= self.memory_budget_mib
+    }
+
     /// Builds waiting right now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)

@@ -56,6 +56,11 @@ pub mod defaults {
     pub const MEMORY_BUDGET_MIB: u64 = 8192;
     /// Builds allowed to wait for a VM (`--max-queue`).
     pub const MAX_QUEUE: usize = 64;
+    /// VMs `kiln serve` keeps booted ahead of their builds (`--warm-vms`).
+    /// One: the next small build starts without a boot, at the cost of one
+    /// idle VM's host memory (measured in docs/bench.md), and with the
+    /// default two VM slots the other stays free for cold boots.
+    pub const WARM_VMS: usize = 1;
     /// Memory all requests held (queued or running) may take together
     /// (`--max-request-memory-mib`): the
     /// [`crate::executor::admission::RequestBudget`] default, 1 GiB.
@@ -103,6 +108,9 @@ pub struct ExecutorConfig {
     pub memory_budget_mib: u64,
     /// Builds allowed to wait for a VM.
     pub max_queue: usize,
+    /// VMs kept booted ahead of their builds ([`crate::executor::pool`]);
+    /// 0: none, every build boots its own.
+    pub warm_vms: usize,
     /// Bytes all requests this server holds (queued or running) may take
     /// in memory together ([`crate::executor::admission::RequestBudget`]).
     pub request_budget_bytes: usize,
@@ -139,6 +147,7 @@ impl ExecutorConfig {
             max_vms: defaults::MAX_VMS,
             memory_budget_mib: defaults::MEMORY_BUDGET_MIB,
             max_queue: defaults::MAX_QUEUE,
+            warm_vms: 0,
             request_budget_bytes: defaults::REQUEST_BUDGET_BYTES,
             kept_builds: defaults::KEPT_BUILDS,
             kept_log_bytes: defaults::KEPT_LOG_BYTES,

@@ -69,6 +69,8 @@ pub struct VmStarted {
     pub guest_memory_bytes: u64,
     /// vCPUs.
     pub vcpus: u32,
+    /// Booted before the request came, by the warm pool.
+    pub warm: bool,
 }
 
 /// Something that happened to a build.

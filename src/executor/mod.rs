@@ -8,7 +8,8 @@
 //! guest memory, the queue), the VM session (`crate::vmm::session`),
 //! [`supervise`] (the agent's frames into the build log), [`scratch`] (the
 //! space limit while the build runs), [`collect`] (outputs found, scanned
-//! by [`refscan`], ingested). [`workspace`] is the build's directory.
+//! by [`refscan`], ingested). [`workspace`] is the build's directory;
+//! [`pool`] keeps VMs booted ahead of their builds (`--warm-vms`).
 
 pub mod admission;
 pub mod collect;
@@ -18,6 +19,7 @@ pub mod events;
 pub mod inputs;
 pub mod paths;
 pub mod plan;
+pub mod pool;
 pub mod refscan;
 pub mod request;
 pub mod run;
@@ -29,5 +31,7 @@ pub use error::{BuildError, Precondition};
 pub use request::BuildRequest;
 pub use run::{BuildOutcome, BuildResult, BuiltOutput, ClientLimits, Executor, ExecutorConfig};
 
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;

@@ -33,10 +33,13 @@ use crate::executor::events::{BuildLog, Event, Phase, Registry, VmStarted};
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
 use crate::executor::plan::{self, VmPlan};
+use crate::executor::pool::{self, Pool, PoolConfig, WarmVm};
 use crate::executor::request::{BuildRequest, Layout};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
-use crate::vmm::session::{Guest, GuestBoot, SessionNetwork, SessionSpec, Share, VmSession};
+use crate::vmm::session::{
+    Guest, GuestBoot, SessionError, SessionNetwork, SessionSpec, Share, VmSession,
+};
 use crate::vmm::{GuestChannel, VmRunner};
 
 pub use crate::executor::config::ExecutorConfig;
@@ -86,11 +89,35 @@ pub struct Executor {
     admission: Admission,
     registry: Registry,
     guest: GuestBoot,
+    pool: Option<Arc<Pool>>,
+}
+
+/// Where a build runs: a VM it boots, or a warm one from the pool.
+enum Placement {
+    Cold(Ticket),
+    Warm(Box<WarmVm>),
 }
 
 impl Executor {
-    /// An executor booting VMs with `runner` and storing into `store`.
+    /// An executor booting VMs with `runner` and storing into `store`. A
+    /// warm pool (`config.warm_vms`) starts filling with
+    /// [`Executor::start_pool`].
     pub fn new(config: ExecutorConfig, store: Store, runner: Arc<dyn VmRunner>) -> Self {
+        if config.warm_vms > 0 && !runner.two_way_channel() {
+            tracing::warn!(
+                vmm = runner.name(),
+                "no warm pool: this VMM's guest channel is one-way, so a booted VM cannot be sent a job"
+            );
+        }
+        let pool = (config.warm_vms > 0 && runner.two_way_channel()).then(|| {
+            let memory_mib = plan::guest_memory_mib(0, &config.limits)
+                .unwrap_or(config.limits.min_guest_memory_mib);
+            Arc::new(Pool::new(PoolConfig {
+                size: config.warm_vms.min(config.max_vms.max(1)),
+                memory_mib,
+                vcpus: config.limits.vcpus,
+            }))
+        });
         Self {
             admission: Admission::new(config.max_vms, config.memory_budget_mib, config.max_queue),
             registry: Registry::new(config.kept_builds, config.kept_log_bytes),
@@ -98,7 +125,42 @@ impl Executor {
             config,
             store,
             runner,
+            pool,
         }
+    }
+
+    /// Starts keeping the warm pool full (nothing without `warm_vms`). The
+    /// refill holds the executor weakly: dropping the last `Arc` stops it
+    /// and every waiting VM.
+    pub fn start_pool(self: &Arc<Self>) {
+        if let Some(pool) = &self.pool {
+            let config = pool.config();
+            info!(
+                size = config.size,
+                memory_mib = config.memory_mib,
+                vcpus = config.vcpus,
+                "warm pool on"
+            );
+            tokio::spawn(pool::drive(Arc::downgrade(self), pool.clone()));
+        }
+    }
+
+    /// The warm pool, when there is one.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_deref()
+    }
+
+    /// VM slots, guest memory and the queue.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Boots one session on this executor's runner and boot files.
+    pub(crate) async fn boot_session(
+        &self,
+        spec: SessionSpec,
+    ) -> Result<(VmSession, GuestChannel), SessionError> {
+        VmSession::boot(self.runner.as_ref(), &self.guest, spec).await
     }
 
     /// Like [`Executor::new`], after sweeping what a crashed kiln left in
@@ -174,23 +236,41 @@ impl Executor {
         let plan = plan::plan(req, &self.config.limits)?;
         let trees = inputs::check(&self.store, req, &self.config.inputs).await?;
         log.phase(Phase::Queued);
-        let ticket = tokio::select! {
-            t = self.admission.admit(plan.memory_mib).instrument(info_span!("admit")) => t?,
+        let placed = tokio::select! {
+            p = self.place(&plan).instrument(info_span!("admit")) => p?,
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
+        };
+        let (ticket, ws, warm) = match placed {
+            Placement::Cold(ticket) => {
+                let ws = Workspace::create(&self.runs_dir(), log.id())
+                    .map_err(|e| BuildError::infra("create build directory", e))?;
+                (ticket, ws, None)
+            }
+            Placement::Warm(vm) => {
+                let WarmVm {
+                    id,
+                    session,
+                    channel,
+                    workspace,
+                    ticket,
+                } = *vm;
+                info!(vm = %id, "given a warm VM");
+                (ticket, workspace, Some((session, channel)))
+            }
         };
         log.emit(Event::Started(VmStarted {
             vmm: self.runner.name(),
             accel: self.runner.accel(),
             guest_memory_bytes: plan.memory_mib * 1024 * 1024,
             vcpus: plan.vcpus,
+            warm: warm.is_some(),
         }));
         info!(
             memory_mib = plan.memory_mib,
             vmm = self.runner.name(),
+            warm = warm.is_some(),
             "admitted"
         );
-        let ws = Workspace::create(&self.runs_dir(), log.id())
-            .map_err(|e| BuildError::infra("create build directory", e))?;
         let steps = Steps {
             req,
             plan: &plan,
@@ -202,33 +282,97 @@ impl Executor {
             max_silent: limits.max_silent,
             max_log_bytes: limits.max_log_bytes.unwrap_or(self.config.max_log_bytes),
         };
-        let result = self.run_steps(&steps, trees, ticket).await;
+        let result = self.run_steps(&steps, trees, ticket, warm).await;
         // Removing the build directory is timed on its own (it grows with
         // the inputs); it runs off the async workers, on every path.
         ws.remove().instrument(info_span!("cleanup")).await;
         result
     }
 
-    /// Steps 3 to 6, in the build's directory.
+    /// Step 2's wait: a warm VM when one fits and waits, else a VM slot
+    /// and memory for a cold boot. A build never queues behind capacity
+    /// the pool holds: it evicts idle pool VMs it cannot use, and waits for
+    /// booting ones (which it then claims or evicts) before it queues.
+    async fn place(&self, plan: &VmPlan) -> Result<Placement, BuildError> {
+        let Some(pool) = self.pool.as_deref() else {
+            return Ok(Placement::Cold(
+                self.admission.admit(plan.memory_mib).await?,
+            ));
+        };
+        if !self.admission.can_ever_fit(plan.memory_mib) {
+            // admit() refuses it, naming the budget.
+            return Ok(Placement::Cold(
+                self.admission.admit(plan.memory_mib).await?,
+            ));
+        }
+        let fits = pool.fits(plan);
+        let _demand = pool.demand();
+        loop {
+            if fits {
+                if let Some(vm) = pool.claim().await {
+                    return Ok(Placement::Warm(Box::new(vm)));
+                }
+            }
+            if let Some(ticket) = self.admission.try_admit(plan.memory_mib) {
+                return Ok(Placement::Cold(ticket));
+            }
+            match pool.counts() {
+                (waiting, _) if waiting > 0 => {
+                    if !fits {
+                        pool.evict_one().await;
+                    }
+                }
+                (_, booting) if booting > 0 => pool.changed(Duration::from_millis(100)).await,
+                _ => break,
+            }
+        }
+        Ok(Placement::Cold(
+            self.admission.admit(plan.memory_mib).await?,
+        ))
+    }
+
+    /// Steps 3 to 6, in the build's directory (a warm VM's, if it has one).
     async fn run_steps(
         &self,
         steps: &Steps<'_>,
         trees: Vec<InputTree>,
         ticket: Ticket,
+        warm: Option<(VmSession, GuestChannel)>,
     ) -> Result<BuildOutcome, BuildError> {
         let log = steps.log;
         log.phase(Phase::Materialise);
-        inputs::materialise(
+        let materialised = inputs::materialise(
             &self.store,
             steps,
             trees,
             self.config.scratch.min_free_bytes,
         )
         .instrument(info_span!("materialise"))
-        .await?;
+        .await;
+        if let Err(e) = materialised {
+            if let Some((session, _)) = warm {
+                session.end().await;
+            }
+            return Err(e);
+        }
 
         log.phase(Phase::Boot);
-        let (session, channel) = self.boot(steps).await?;
+        let (session, channel) = match warm {
+            Some((session, mut channel)) => {
+                let job = plan::job(steps.req, steps.plan);
+                match pool::send_job(&mut channel, &job)
+                    .instrument(info_span!("send_job"))
+                    .await
+                {
+                    Ok(()) => (session, channel),
+                    Err(e) => {
+                        session.end().await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => self.boot(steps).await?,
+        };
         let report = self.supervise(steps, session, channel).await?;
         // The VM and its daemons are gone: its slot and memory go back now,
         // not after ingest.
@@ -339,6 +483,14 @@ impl Executor {
         .await;
         session.end().await;
         result
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.shut_down();
+        }
     }
 }
 

@@ -111,6 +111,9 @@ pub async fn supervise(
                         log.phase(Phase::Build);
                         rearm(silence.as_mut(), limits.max_silent, &mut silence_armed);
                     }
+                    // Only a warm VM says Ready, before its job; the pool
+                    // has read it by now.
+                    FrameKind::Ready => {}
                     FrameKind::AgentLog => {
                         tracing::debug!(build = log.id(), line = %String::from_utf8_lossy(&payload), "agent");
                     }

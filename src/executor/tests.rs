@@ -16,7 +16,7 @@ use crate::grpc::{self, status};
 use crate::proto::{snix_build, snix_castore};
 use crate::vmm::fake::{Ending, FakeGuest, FakeRunner};
 
-const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
+pub(super) const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
 
 struct Rig {
     executor: Arc<Executor>,
@@ -26,19 +26,7 @@ struct Rig {
 /// An executor on a fresh store whose VMs run `guest`; `None` (said with
 /// `SKIPPED:`) where virtiofsd cannot run.
 async fn rig(guest: impl Fn(&FakeGuest) -> Ending + Send + Sync + 'static) -> Option<Rig> {
-    let why = if crate::vmm::virtiofsd::find_binary().is_none() {
-        Some("virtiofsd is not installed (make virtiofsd)")
-    } else if !rustix::process::geteuid().is_root() {
-        Some("virtiofsd serves shares as root")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        assert!(
-            std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(),
-            "KILN_REQUIRE_VM_TESTS is set but {why}"
-        );
-        test_skip!("executor fake-VM test: {why}");
+    if vm_tests_skip("executor fake-VM test") {
         return None;
     }
     let tmp = tempfile::tempdir().expect("tmp");
@@ -60,9 +48,30 @@ async fn rig(guest: impl Fn(&FakeGuest) -> Ending + Send + Sync + 'static) -> Op
     })
 }
 
+/// Whether `test` must skip (said with `SKIPPED:`) because virtiofsd
+/// cannot run here; fails instead under `KILN_REQUIRE_VM_TESTS`.
+pub(super) fn vm_tests_skip(test: &str) -> bool {
+    let why = if crate::vmm::virtiofsd::find_binary().is_none() {
+        Some("virtiofsd is not installed (make virtiofsd)")
+    } else if !rustix::process::geteuid().is_root() {
+        Some("virtiofsd serves shares as root")
+    } else {
+        None
+    };
+    let Some(why) = why else {
+        return false;
+    };
+    assert!(
+        std::env::var_os("KILN_REQUIRE_VM_TESTS").is_none(),
+        "KILN_REQUIRE_VM_TESTS is set but {why}"
+    );
+    test_skip!("{test}: {why}");
+    true
+}
+
 /// Kernel, modules, agent and shell files the base image is built from
 /// (never booted).
-fn fake_artifacts(dir: &std::path::Path) -> crate::guest_image::Artifacts {
+pub(super) fn fake_artifacts(dir: &std::path::Path) -> crate::guest_image::Artifacts {
     let a = crate::guest_image::Artifacts {
         busybox: dir.join("busybox"),
         ..crate::guest_image::Artifacts::in_cache_dir(&dir.join("artifacts"))
@@ -75,7 +84,7 @@ fn fake_artifacts(dir: &std::path::Path) -> crate::guest_image::Artifacts {
     a
 }
 
-fn request(inputs: Vec<snix_castore::Entry>) -> snix_build::BuildRequest {
+pub(super) fn request(inputs: Vec<snix_castore::Entry>) -> snix_build::BuildRequest {
     snix_build::BuildRequest {
         inputs,
         command_args: vec!["/bin/builder".into()],

@@ -30,6 +30,7 @@ pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
             accel: s.accel.to_owned(),
             guest_memory_bytes: s.guest_memory_bytes,
             vcpus: s.vcpus,
+            warm: s.warm,
         }),
         Event::Log { stream, data } => WireEvent::Log(kiln_v1::LogChunk {
             stream: match stream {

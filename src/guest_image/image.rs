@@ -4,7 +4,7 @@ use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use kiln_guest::contract::{Job, JOB_PATH, MODULES_DIR, SHELL_PATH};
+use kiln_guest::contract::{Job, Warm, JOB_PATH, MODULES_DIR, SHELL_PATH, WARM_PATH};
 
 use super::cpio::CpioWriter;
 use super::{Artifacts, GuestImageError};
@@ -117,19 +117,37 @@ pub fn strip_module_signature(ko: &[u8]) -> &[u8] {
 /// The per-build archive: the job as JSON at [`JOB_PATH`].
 pub fn job_archive(job: &Job) -> Result<Vec<u8>, GuestImageError> {
     let json = serde_json::to_vec(job).map_err(GuestImageError::EncodeJob)?;
+    one_file_archive(JOB_PATH, &json)
+}
+
+/// A cpio archive holding `path` with `contents`.
+fn one_file_archive(path: &str, contents: &[u8]) -> Result<Vec<u8>, GuestImageError> {
     let mut w = CpioWriter::new(Vec::new());
     let err = |source| GuestImageError::WriteImage {
-        path: PathBuf::from(JOB_PATH),
+        path: PathBuf::from(path),
         source,
     };
-    w.file(JOB_PATH, 0o644, &json).map_err(err)?;
+    w.file(path, 0o644, contents).map_err(err)?;
     w.finish().map_err(err)
 }
 
 /// Writes `dest`: the base image followed by the job archive, the one file
 /// the VMM loads as initramfs.
 pub fn build_initramfs(base: &Path, job: &Job, dest: &Path) -> Result<(), GuestImageError> {
-    let archive = job_archive(job)?;
+    append_to_base(base, &job_archive(job)?, dest)
+}
+
+/// Writes `dest` for a warm VM: the base image followed by an archive of
+/// [`WARM_PATH`] (see `kiln_guest::contract`: the job comes later, over
+/// the channel).
+pub fn build_warm_initramfs(base: &Path, warm: &Warm, dest: &Path) -> Result<(), GuestImageError> {
+    let json = serde_json::to_vec(warm).map_err(GuestImageError::EncodeJob)?;
+    append_to_base(base, &one_file_archive(WARM_PATH, &json)?, dest)
+}
+
+/// `dest` = `base` then `archive`. Not synced: the VMM reads it from the
+/// page cache moments later, and a crash loses the build anyway.
+fn append_to_base(base: &Path, archive: &[u8], dest: &Path) -> Result<(), GuestImageError> {
     let write_err = |source| GuestImageError::WriteImage {
         path: dest.to_path_buf(),
         source,
@@ -142,8 +160,7 @@ pub fn build_initramfs(base: &Path, job: &Job, dest: &Path) -> Result<(), GuestI
         .append(true)
         .open(dest)
         .map_err(write_err)?;
-    f.write_all(&archive).map_err(write_err)?;
-    f.sync_data().map_err(write_err)?;
+    f.write_all(archive).map_err(write_err)?;
     Ok(())
 }
 
@@ -238,7 +255,7 @@ mod tests {
 
     #[test]
     fn real_modules_lose_exactly_their_signature() {
-        let dir = Artifacts::default().modules_dir();
+        let dir = std::path::Path::new(crate::guest_image::DEBIAN_KERNEL_DIR).join("modules");
         let Ok(ko) = fs::read(dir.join("virtio.ko")) else {
             test_skip!("real_modules_lose_exactly_their_signature because {} has no virtio.ko (make kernel)", dir.display());
             return;

@@ -16,10 +16,63 @@ mod image;
 
 use std::path::{Path, PathBuf};
 
-pub use image::{base_image, build_initramfs, job_archive, strip_module_signature};
+pub use image::{
+    base_image, build_initramfs, build_warm_initramfs, job_archive, strip_module_signature,
+};
 
-/// Where `make kernel` puts the kernel artifacts.
-pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/kiln/kernel";
+/// Where `make kernel` puts kiln's own kernel (`kernels/build-kiln.sh`),
+/// the default.
+pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/kiln/kernel-kiln";
+/// Where `make kernel` puts the Debian cloud kernel and its modules
+/// (`kernels/debian-cloud.sh`), the fallback.
+pub const DEBIAN_KERNEL_DIR: &str = "/var/cache/kiln/kernel-debian";
+/// The environment variable `kiln` reads for `--kernel` (and the test
+/// suite and bench for the kernel they boot).
+pub const KERNEL_ENV: &str = "KILN_KERNEL";
+
+/// Which guest kernel a kiln boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// kiln's own: allnoconfig plus `kernels/kiln.config`, no modules
+    /// (`<cache>/kernel-kiln`).
+    Kiln,
+    /// Debian's cloud kernel and the modules kiln loads
+    /// (`<cache>/kernel-debian`).
+    DebianCloud,
+    /// A kernel directory of the same layout.
+    Dir(PathBuf),
+}
+
+impl KernelChoice {
+    /// `kiln`, `debian-cloud`, or a directory (anything with a `/`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "kiln" => Ok(Self::Kiln),
+            "debian-cloud" => Ok(Self::DebianCloud),
+            dir if dir.contains('/') => Ok(Self::Dir(PathBuf::from(dir))),
+            other => Err(format!(
+                "unknown kernel {other:?}: expected kiln, debian-cloud or a directory path"
+            )),
+        }
+    }
+
+    /// [`KERNEL_ENV`] when set, else [`KernelChoice::Kiln`].
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(v) if !v.is_empty() => Self::parse(&v).map_err(|e| format!("{KERNEL_ENV}: {e}")),
+            _ => Ok(Self::Kiln),
+        }
+    }
+
+    /// The kernel directory below kiln's cache directory.
+    pub fn dir(&self, cache_dir: &Path) -> PathBuf {
+        match self {
+            Self::Kiln => cache_dir.join("kernel-kiln"),
+            Self::DebianCloud => cache_dir.join("kernel-debian"),
+            Self::Dir(dir) => dir.clone(),
+        }
+    }
+}
 /// Where `make agent` installs the static agent.
 pub const DEFAULT_AGENT: &str = "/var/cache/kiln/agent/kiln-agent";
 /// The static busybox of Debian's `busybox-static`.
@@ -84,13 +137,36 @@ impl Default for Artifacts {
 }
 
 impl Artifacts {
-    /// The artifacts under one cache directory (`<dir>/kernel`,
-    /// `<dir>/agent/kiln-agent`), with the default busybox.
+    /// The artifacts under one cache directory (kiln's kernel in
+    /// `<dir>/kernel-kiln`, `<dir>/agent/kiln-agent`), with the default busybox.
     pub fn in_cache_dir(dir: &Path) -> Self {
         Self {
-            kernel_dir: dir.join("kernel"),
+            kernel_dir: KernelChoice::Kiln.dir(dir),
             agent: dir.join("agent/kiln-agent"),
             busybox: DEFAULT_BUSYBOX.into(),
+        }
+    }
+
+    /// The defaults with the kernel [`KERNEL_ENV`] names, as `kiln serve`
+    /// picks it without `--kernel` (the test suite and the bench boot this).
+    pub fn from_env() -> Result<Self, String> {
+        let cache = Path::new(crate::executor::config::defaults::CACHE_DIR);
+        Ok(Self {
+            kernel_dir: KernelChoice::from_env()?.dir(cache),
+            ..Self::default()
+        })
+    }
+
+    /// Which kind of kernel [`Artifacts::kernel_dir`] holds, from its
+    /// `VERSION` (written by `kernels/build-kiln.sh` or `debian-cloud.sh`).
+    pub fn kernel_kind(&self) -> &'static str {
+        match self.kernel_version() {
+            Some(v) if v.split_whitespace().nth(2) == Some("kiln") => {
+                "kiln's own (allnoconfig + kernels/kiln.config, no modules)"
+            }
+            Some(v) if v.starts_with("linux-image-") => "the Debian cloud kernel (fallback)",
+            Some(_) => "an operator-supplied kernel",
+            None => "unknown (no VERSION file)",
         }
     }
 
@@ -162,6 +238,7 @@ impl Artifacts {
                 "         version {}",
                 self.kernel_version().unwrap_or_else(|| "unknown".into())
             ),
+            format!("         {}", self.kernel_kind()),
             format!("modules: {modules}"),
             format!("agent:   {}", size(&self.agent)),
             format!("busybox: {}", size(&self.busybox)),

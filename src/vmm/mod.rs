@@ -179,6 +179,12 @@ pub trait VmRunner: Send + Sync {
     fn transport(&self) -> Transport {
         Transport::Mmio
     }
+    /// Whether the guest channel is two-way, so a warm VM can be sent its
+    /// job after boot ([`crate::executor::pool`]). cloud-hypervisor's
+    /// console channel is one-way (its stdout), so it has no warm pool.
+    fn two_way_channel(&self) -> bool {
+        true
+    }
     /// Whether the NAT helper must serve vhost-user (cloud-hypervisor)
     /// rather than QEMU's stream socket.
     fn vhost_user_net(&self) -> bool {

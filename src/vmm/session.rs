@@ -82,6 +82,10 @@ pub enum Guest {
     /// by the job archive, on [`guest_image::kernel_cmdline`]. The job's
     /// module list is filled in from the runner's transport.
     Agent(Box<Job>),
+    /// kiln's agent booted ahead of its request (the warm pool): the base
+    /// image followed by `kiln_guest::contract::WARM_PATH`; the job comes
+    /// later over the channel ([`crate::executor::pool`]).
+    Warm,
     /// A prepared initramfs on its own command line: a guest that is not
     /// kiln's agent (the bench's bare boot, the VMM end-to-end tests).
     Image {
@@ -214,6 +218,10 @@ impl VmSession {
         let (initramfs, cmdline) = match guest {
             Guest::Agent(job) => (
                 agent_initramfs(runner, boot, *job, &run_dir).await?,
+                guest_image::kernel_cmdline(),
+            ),
+            Guest::Warm => (
+                warm_initramfs(runner, boot, &run_dir).await?,
                 guest_image::kernel_cmdline(),
             ),
             Guest::Image { initramfs, cmdline } => (initramfs, cmdline),
@@ -366,6 +374,28 @@ async fn agent_initramfs(
         job.modules.push("virtio_net".into());
     }
     span.in_scope(|| guest_image::build_initramfs(base, &job, &initramfs))
+        .map_err(SessionError::Initramfs)?;
+    Ok(initramfs)
+}
+
+/// `run_dir/initramfs.cpio` for a warm VM: the base image and the modules
+/// of the runner's transport; no job yet.
+async fn warm_initramfs(
+    runner: &dyn VmRunner,
+    boot: &GuestBoot,
+    run_dir: &Path,
+) -> Result<PathBuf, SessionError> {
+    let initramfs = run_dir.join("initramfs.cpio");
+    let span = info_span!("initramfs");
+    let base = boot.base_image().instrument(span.clone()).await?;
+    let warm = kiln_guest::contract::Warm {
+        modules: runner
+            .guest_modules()
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+    };
+    span.in_scope(|| guest_image::build_warm_initramfs(base, &warm, &initramfs))
         .map_err(SessionError::Initramfs)?;
     Ok(initramfs)
 }

@@ -170,7 +170,7 @@ mod tests {
     /// of every listed module is listed, and earlier.
     #[test]
     fn each_module_comes_after_its_dependencies_in_the_installed_kernel() {
-        let dir = Path::new(crate::guest_image::DEFAULT_KERNEL_DIR).join("modules");
+        let dir = Path::new(crate::guest_image::DEBIAN_KERNEL_DIR).join("modules");
         if !dir.is_dir() {
             test_skip!(
                 "each_module_comes_after_its_dependencies_in_the_installed_kernel, \

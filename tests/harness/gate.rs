@@ -60,7 +60,10 @@ pub fn vm_tests_can_run() -> bool {
 /// the guest's ids to a dedicated host range and kiln owns its build
 /// directories as root).
 pub fn vm_unavailable() -> Option<String> {
-    if let Err(e) = Artifacts::default().locate() {
+    if let Err(e) = Artifacts::from_env()
+        .expect("KILN_KERNEL names a kernel")
+        .locate()
+    {
         return Some(e.to_string());
     }
     if kiln::vmm::virtiofsd::find_binary().is_none() {

@@ -161,7 +161,7 @@ async fn run_inner(
     for p in &job.scratch_paths {
         std::fs::create_dir_all(scratch.join(p)).unwrap();
     }
-    let artifacts = Artifacts::default();
+    let artifacts = Artifacts::from_env().expect("KILN_KERNEL names a kernel");
     install_busybox(&inputs, &artifacts.busybox);
     prepare(&inputs);
 

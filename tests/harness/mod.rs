@@ -25,5 +25,5 @@ pub mod sshd;
 pub use events::{submit_until_log, LogBytes};
 pub use fixtures::{busybox_tree, nix_request, syscall_probe, BUSYBOX, PROBE};
 pub use gate::{can_run, python_unavailable, skip, vm_tests_can_run, vm_unavailable};
-pub use procs::{build_processes, leftovers, processes_mentioning, rss_kib};
+pub use procs::{build_leftovers, build_processes, leftovers, processes_mentioning, rss_kib};
 pub use server::{start, Options, TestServer};

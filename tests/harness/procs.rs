@@ -19,6 +19,31 @@ pub fn leftovers(runs: &Path) -> Vec<String> {
     found
 }
 
+/// [`leftovers`] less the warm pool's VMs (`runs/warm-*`, directories and
+/// processes): a waiting pool VM belongs to the server, not to a build. A
+/// pool VM given to a build keeps its name while the build runs and goes
+/// with it.
+pub fn build_leftovers(runs: &Path) -> Vec<String> {
+    let pool = runs.join("warm-");
+    let pool = pool.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(runs) {
+        for e in entries.flatten() {
+            if !e.file_name().as_encoded_bytes().starts_with(b"warm-") {
+                found.push(format!("dir {}", e.path().display()));
+            }
+        }
+    }
+    let needle = runs.as_os_str().as_encoded_bytes();
+    for pid in processes_mentioning(needle) {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !cmd.windows(pool.len()).any(|w| w == pool) {
+            found.push(format!("process {pid}"));
+        }
+    }
+    found
+}
+
 /// PIDs of `program` (by the name of its executable) whose command line
 /// mentions `runs`.
 pub fn build_processes(runs: &Path, program: &str) -> Vec<i32> {

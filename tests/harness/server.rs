@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 
 use super::fixtures::{busybox_tree, nix_request, BUSYBOX};
 use super::gate::vm_tests_can_run;
-use super::procs::leftovers;
+use super::procs::{build_leftovers, leftovers};
 
 /// Options a test may change.
 #[derive(Clone)]
@@ -36,6 +36,9 @@ pub struct Options {
     pub artifacts: Option<Artifacts>,
     /// Memory all held requests may take together.
     pub request_budget_bytes: usize,
+    /// VMs kept booted ahead of builds (`kiln serve --warm-vms`); the
+    /// suite runs with `kiln serve`'s default.
+    pub warm_vms: usize,
 }
 
 impl Default for Options {
@@ -50,6 +53,7 @@ impl Default for Options {
             scratch: Default::default(),
             inputs: Default::default(),
             request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
+            warm_vms: kiln::executor::config::defaults::WARM_VMS,
         }
     }
 }
@@ -94,7 +98,10 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
     let config = ExecutorConfig {
         data_dir: data_dir.clone(),
         cache_dir: tmp.path().join("cache"),
-        artifacts: opts.artifacts.clone().unwrap_or_default(),
+        artifacts: opts
+            .artifacts
+            .clone()
+            .unwrap_or_else(|| Artifacts::from_env().expect("KILN_KERNEL names a kernel")),
         limits: Limits {
             min_guest_memory_mib: 512,
             guest_overhead_mib: 256,
@@ -112,11 +119,13 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
         request_budget_bytes: opts.request_budget_bytes,
+        warm_vms: opts.warm_vms,
         kept_builds: 64,
         kept_log_bytes: 1 << 20,
         network: None,
     };
     let executor = Arc::new(Executor::open(config, store.clone(), runner).unwrap());
+    executor.start_pool();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -242,20 +251,23 @@ impl TestServer {
         }
     }
 
-    /// Asserts no process or build directory of this server is left.
+    /// Asserts no process or build directory of a build is left (the warm
+    /// pool's waiting VMs are the server's, not a build's: [`Self::stop`]
+    /// checks that they go too).
     pub async fn assert_nothing_left(&self) {
         let runs = self.data_dir.join("runs");
         // Cleanup runs when the build task ends; give it a moment.
         for _ in 0..50 {
-            if leftovers(&runs).is_empty() {
+            if build_leftovers(&runs).is_empty() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("left behind: {:?}", leftovers(&runs));
+        panic!("left behind: {:?}", build_leftovers(&runs));
     }
 
-    /// Checks nothing is left, then stops serving.
+    /// Checks no build left anything, stops serving, and checks that the
+    /// warm pool's VMs went with the server.
     pub async fn stop(mut self) {
         self.assert_nothing_left().await;
         if let Some(tx) = self.shutdown.take() {
@@ -264,5 +276,13 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        let runs = self.data_dir.join("runs");
+        for _ in 0..150 {
+            if leftovers(&runs).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("left behind after shutdown: {:?}", leftovers(&runs));
     }
 }

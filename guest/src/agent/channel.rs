@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kiln_guest::contract::{
     encode_chunks, encode_frame, FrameKind, Report, ACK, ACK_TIMEOUT_MS, CONSOLE_PATH, MAGIC,
-    SERIAL_PORT_PATH,
+    MAX_JOB_BYTES, SERIAL_PORT_PATH,
 };
 use nix::sys::termios;
 
@@ -127,6 +127,36 @@ pub fn send(kind: FrameKind, data: &[u8]) -> io::Result<()> {
             err.write_all(&[b"kiln-agent: (no channel) ", data, b"\n"].concat())
         }
     }
+}
+
+/// A warm VM: tells the host it is ready ([`FrameKind::Ready`]) and waits
+/// for the job message (`len:u32 LE | JSON`, at most [`MAX_JOB_BYTES`]).
+/// Blocks until it arrives: the host decides how long a VM may wait, and
+/// kills it when that is over. A channel that closes first is an error.
+pub fn receive_job() -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    send(FrameKind::Ready, &[])?;
+    // A second descriptor for reading, so writers (the panic hook, logs)
+    // never wait for the lock while this blocks.
+    let mut file = {
+        let slot = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(file) => file.try_clone()?,
+            None => return Err(io::Error::new(io::ErrorKind::NotConnected, "no channel")),
+        }
+    };
+    let mut len = [0u8; 4];
+    file.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_JOB_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the host's job is {len} bytes, over the {MAX_JOB_BYTES}-byte limit"),
+        ));
+    }
+    let mut job = vec![0u8; len as usize];
+    file.read_exact(&mut job)?;
+    Ok(job)
 }
 
 /// Sends a diagnostic line, also echoed to the kernel console.

@@ -4,16 +4,40 @@
 
 use std::ffi::CString;
 
-use kiln_guest::contract::{Job, JOB_PATH};
+use kiln_guest::contract::{Job, Warm, JOB_PATH, WARM_PATH};
 
 use super::error::AgentError;
 
-/// Reads and decodes [`JOB_PATH`]; [`validate`] checks it once the channel
-/// is open.
-pub fn load() -> Result<Job, AgentError> {
+/// How this VM gets its job.
+#[derive(Debug)]
+pub enum Start {
+    /// From the initramfs: a VM booted for its request.
+    Cold(Job),
+    /// Over the channel, later: a VM booted ahead of its request.
+    Warm(Warm),
+}
+
+/// Reads and decodes [`JOB_PATH`], or else [`WARM_PATH`]; [`validate`]
+/// checks the job once the channel is open.
+pub fn load() -> Result<Start, AgentError> {
+    if std::path::Path::new(WARM_PATH).exists() && !std::path::Path::new(JOB_PATH).exists() {
+        let bytes = std::fs::read(WARM_PATH)
+            .map_err(|e| AgentError::Job(format!("reading {WARM_PATH}: {e}")))?;
+        return serde_json::from_slice(&bytes)
+            .map(Start::Warm)
+            .map_err(|e| AgentError::Job(format!("decoding {WARM_PATH}: {e}")));
+    }
     let bytes =
         std::fs::read(JOB_PATH).map_err(|e| AgentError::Job(format!("reading {JOB_PATH}: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))
+    serde_json::from_slice(&bytes)
+        .map(Start::Cold)
+        .map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))
+}
+
+/// Decodes a job that came over the channel.
+pub fn decode(bytes: &[u8]) -> Result<Job, AgentError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| AgentError::Job(format!("decoding the job from the host: {e}")))
 }
 
 /// Checks the parts of a job the agent acts on.

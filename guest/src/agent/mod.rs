@@ -26,6 +26,8 @@ pub struct Timings {
     pub setup_ms: u64,
     /// The builder's run time.
     pub build_ms: u64,
+    /// A warm VM's wait for its job.
+    pub waited_ms: Option<u64>,
 }
 
 /// Boots the sandbox and runs the job. Everything that can fail returns an
@@ -35,16 +37,21 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
     // agent's own files get explicit modes whatever the umask.
     umask(Mode::from_bits_truncate(0o022));
     boot::early_mounts()?;
-    // The channel needs its modules, which the job names; so the job is
-    // decoded first and validated only once a failure can be reported.
-    let job = match job::load() {
-        Ok(job) => job,
+    // The channel needs its modules, which the job (or a warm VM's start)
+    // names; so it is decoded first and validated only once a failure can
+    // be reported.
+    let start_with = match job::load() {
+        Ok(s) => s,
         Err(e) => {
             open_channel_anyway();
             return Err(e);
         }
     };
-    if let Err(e) = boot::load_modules(&job.modules) {
+    let modules = match &start_with {
+        job::Start::Cold(job) => &job.modules,
+        job::Start::Warm(warm) => &warm.modules,
+    };
+    if let Err(e) = boot::load_modules(modules) {
         open_channel_anyway();
         return Err(e);
     }
@@ -56,6 +63,17 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
             channel::CHANNEL_DEVICE
         )
     })?;
+    let (job, start) = match start_with {
+        job::Start::Cold(job) => (job, start),
+        job::Start::Warm(_) => {
+            let ready = Instant::now();
+            let bytes = channel::receive_job()
+                .map_err(|e| AgentError::Job(format!("receiving the job from the host: {e}")))?;
+            // From here on the timeline is the request's, not the boot's.
+            timings.waited_ms = Some(ready.elapsed().as_millis() as u64);
+            (job::decode(&bytes)?, Instant::now())
+        }
+    };
     job::validate(&job).map_err(AgentError::Job)?;
     let kvm = if job.kvm {
         Some(boot::enable_kvm()?)
@@ -111,6 +129,7 @@ pub fn report(result: Result<Outcome, AgentError>, timings: Timings) -> Report {
         boot_ms: timings.boot_ms,
         setup_ms: timings.setup_ms,
         build_ms: timings.build_ms,
+        waited_ms: timings.waited_ms,
     }
 }
 

@@ -50,7 +50,7 @@ pub struct BenchServer {
 
 /// Starts a server with its data under `work`, allowing `max_vms` VMs.
 pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
-    let artifacts = Artifacts::default();
+    let artifacts = Artifacts::from_env().map_err(anyhow::Error::msg)?;
     artifacts
         .locate()
         .context("the guest artifacts are missing")?;

@@ -91,6 +91,10 @@ impl CloudHypervisorRunner {
 
 #[async_trait::async_trait]
 impl VmRunner for CloudHypervisorRunner {
+    fn two_way_channel(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "cloud-hypervisor"
     }
