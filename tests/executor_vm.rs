@@ -498,3 +498,66 @@ async fn kiln_build_cli_follows_the_log_and_watch_replays_it() {
     assert_eq!(unknown.code(), Code::NotFound);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_vms_build_with_inputs_put_in_their_share_after_boot_and_run_one_build_each() {
+    let Some(server) = harness::start(Options {
+        warm_vms: 1,
+        ..Options::default()
+    })
+    .await
+    else {
+        return;
+    };
+    server.until_pool("a VM waiting", |s| s.waiting == 1).await;
+    let runs = server.data_dir.join("runs");
+    let waiting_dir = || -> Vec<String> {
+        std::fs::read_dir(&runs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let first_vm = waiting_dir();
+    assert_eq!(first_vm.len(), 1, "{first_vm:?}");
+    // The input reaches the VM's share after the VM booted; the builder
+    // reads it through busybox (itself an input).
+    let req = server.snix_request(
+        &format!("cat /nix/store/{BUSYBOX}/bin/sh | wc -c > $out; echo warm >> $out"),
+        &[OUT],
+    );
+    let out = server.build_first_file(req).await;
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.ends_with("warm\n"), "{text:?}");
+    assert_ne!(text.lines().next(), Some("0"), "busybox was readable: {text:?}");
+    let stats = server
+        .until_pool("refilled after the build", |s| s.assigned == 1 && s.waiting == 1)
+        .await;
+    assert!(stats.booted >= 2, "{stats:?}");
+    let second_vm = waiting_dir();
+    assert_ne!(first_vm, second_vm, "a fresh VM waits, not the one that built");
+
+    // A second build gets the second VM, and sees nothing of the first.
+    let req = server.snix_request(
+        "ls -A /nix/store /build > /build/l; mv /build/l $out",
+        &[OUT],
+    );
+    let listing = String::from_utf8(server.build_first_file(req).await).unwrap();
+    assert_eq!(
+        listing,
+        format!("/build:\nl\n\n/nix/store:\n{BUSYBOX}\n"),
+        "only this build's input and its own file (l, the listing itself)"
+    );
+    server
+        .until_pool("the second build was warm", |s| s.assigned == 2)
+        .await;
+
+    // A build that asks for more memory than the pool's VMs have boots cold.
+    let mut big = server.snix_request("echo cold > $out", &[OUT]);
+    big.constraints.as_mut().unwrap().min_memory = 1 << 30;
+    let cold = server.build_first_file(big).await;
+    assert_eq!(cold, b"cold\n");
+    let stats = server.pool_stats().unwrap();
+    assert_eq!(stats.assigned, 2, "the big build was not given a pool VM: {stats:?}");
+    server.stop().await;
+}

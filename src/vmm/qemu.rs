@@ -36,6 +36,15 @@ pub const QEMU_LOG: &str = "qemu.log";
 /// re-exported for callers that only deal with QEMU.
 pub use super::host::Accel;
 
+/// TCG's translated-code cache per VM, MiB (`-accel tcg,tb-size=`).
+/// QEMU's default is 1 GiB, allocated lazily, so a VM's host memory
+/// outside guest RAM grows with the code it has run (83–135 MiB seen per
+/// VM). A guest build VM runs little code over and over — its kernel,
+/// the agent, the builder's tools — so a small cache costs little
+/// retranslation; `make bench` measures the memory saved against the
+/// build time lost.
+pub const TCG_TB_SIZE_MIB: u32 = 16;
+
 /// Boots build VMs with QEMU's microvm machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuRunner {
@@ -43,6 +52,9 @@ pub struct QemuRunner {
     pub accel: Accel,
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// Under TCG, the translated-code cache, MiB ([`TCG_TB_SIZE_MIB`]);
+    /// 0: QEMU's default.
+    pub tb_size_mib: u32,
 }
 
 impl QemuRunner {
@@ -51,7 +63,16 @@ impl QemuRunner {
         Self {
             accel,
             binary: PathBuf::from("qemu-system-x86_64"),
+            tb_size_mib: TCG_TB_SIZE_MIB,
         }
+    }
+}
+
+/// QEMU's `-accel` value: `kvm`, or `tcg` with its code cache capped.
+pub fn accel_arg(accel: Accel, tb_size_mib: u32) -> String {
+    match accel {
+        Accel::Tcg if tb_size_mib > 0 => format!("tcg,tb-size={tb_size_mib}"),
+        other => other.as_str().to_owned(),
     }
 }
 
@@ -62,6 +83,7 @@ impl QemuRunner {
 pub fn qemu_args(
     spec: &VmSpec,
     accel: Accel,
+    tb_size_mib: u32,
     channel_socket: &Path,
     tsc_khz: Option<u64>,
 ) -> Vec<OsString> {
@@ -70,7 +92,7 @@ pub fn qemu_args(
     let mem = format!("{}M", spec.memory_mib);
     push(&["-name", &format!("kiln-{}", spec.id)]);
     push(&["-M", "microvm,memory-backend=mem"]);
-    push(&["-accel", accel.as_str()]);
+    push(&["-accel", &accel_arg(accel, tb_size_mib)]);
     // Without nested virtualisation the guest sees no VMX/SVM at all.
     let cpu = match (accel, spec.nested_virt) {
         (Accel::Tcg, true) => "max",
@@ -200,7 +222,7 @@ impl VmRunner for QemuRunner {
         };
         let mut command = Command::new(&self.binary);
         command
-            .args(qemu_args(spec, self.accel, &channel_socket, tsc_khz))
+            .args(qemu_args(spec, self.accel, self.tb_size_mib, &channel_socket, tsc_khz))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -382,9 +404,7 @@ mod tests {
 
     #[test]
     fn builds_a_microvm_with_shared_memfd_memory() {
-        let a = strings(&qemu_args(
-            &spec(false),
-            Accel::Tcg,
+        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
             Path::new("/r/channel.sock"),
             None,
         ));
@@ -394,7 +414,7 @@ mod tests {
             values(&a, "-object"),
             ["memory-backend-memfd,id=mem,size=1536M,share=on"]
         );
-        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert_eq!(values(&a, "-accel"), [format!("tcg,tb-size={TCG_TB_SIZE_MIB}")]);
         assert_eq!(values(&a, "-smp"), ["2"]);
         assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&a, "-initrd"), ["/r/initramfs"]);
@@ -406,9 +426,7 @@ mod tests {
 
     #[test]
     fn a_known_tsc_frequency_goes_on_the_kernel_command_line() {
-        let a = strings(&qemu_args(
-            &spec(false),
-            Accel::Tcg,
+        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
             Path::new("/c"),
             Some(2445406),
         ));
@@ -429,13 +447,15 @@ mod tests {
 
     #[test]
     fn virtualisation_extensions_only_when_nested() {
-        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, Path::new("/c"), None));
+        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/c"), None));
         assert_eq!(values(&plain, "-cpu"), ["max,svm=off,vmx=off"]);
-        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, Path::new("/c"), None));
+        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/c"), None));
         assert_eq!(values(&nested, "-cpu"), ["max"]);
-        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, Path::new("/c"), None));
+        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, TCG_TB_SIZE_MIB, Path::new("/c"), None));
         assert_eq!(values(&kvm, "-cpu"), ["host,svm=off,vmx=off"]);
-        assert_eq!(values(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(values(&kvm, "-accel"), ["kvm"], "the code cache is TCG's");
+        let uncapped = strings(&qemu_args(&spec(false), Accel::Tcg, 0, Path::new("/c"), None));
+        assert_eq!(values(&uncapped, "-accel"), ["tcg"], "0: QEMU's default");
     }
 
     /// A QEMU that never connects the channel is given up on at the build's
@@ -463,6 +483,7 @@ mod tests {
         let runner = QemuRunner {
             accel: Accel::Kvm,
             binary: fake,
+            tb_size_mib: 0,
         };
         let started = std::time::Instant::now();
         let err = match runner.start(&spec).await {
@@ -499,9 +520,7 @@ mod tests {
             net: net(NetEndpoint::Socket("/r/net,1.sock".into())),
             ..spec(false)
         };
-        let a = strings(&qemu_args(
-            &by_path,
-            Accel::Tcg,
+        let a = strings(&qemu_args(&by_path, Accel::Tcg, TCG_TB_SIZE_MIB,
             Path::new("/r/c.sock"),
             None,
         ));
@@ -513,7 +532,7 @@ mod tests {
             net: net(NetEndpoint::Fd(7)),
             ..spec(false)
         };
-        let a = strings(&qemu_args(&spec, Accel::Tcg, Path::new("/r/c.sock"), None));
+        let a = strings(&qemu_args(&spec, Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/r/c.sock"), None));
         assert_eq!(
             values(&a, "-netdev"),
             ["stream,id=net0,addr.type=fd,addr.str=7"]
@@ -530,9 +549,7 @@ mod tests {
 
     #[test]
     fn serial_channel_and_shares_are_wired_and_there_is_no_network() {
-        let a = strings(&qemu_args(
-            &spec(false),
-            Accel::Tcg,
+        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
             Path::new("/r/channel.sock"),
             None,
         ));

@@ -67,6 +67,9 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The server's executor, weakly: the server owns it, so stopping the
+    /// server drops it (and its warm pool).
+    executor: std::sync::Weak<Executor>,
 }
 
 /// Starts a server, or returns `None` when VMs cannot boot here (see
@@ -126,6 +129,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
     };
     let executor = Arc::new(Executor::open(config, store.clone(), runner).unwrap());
     executor.start_pool();
+    let weak = Arc::downgrade(&executor);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -151,6 +155,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         _tmp: tmp,
         shutdown: Some(tx),
         task: Some(task),
+        executor: weak,
     }
 }
 
@@ -249,6 +254,28 @@ impl TestServer {
             }
             _ => false,
         }
+    }
+
+    /// The warm pool's counters (`None` without a pool).
+    pub fn pool_stats(&self) -> Option<kiln::executor::pool::PoolStats> {
+        let executor = self.executor.upgrade()?;
+        let stats = executor.pool().map(|p| p.stats());
+        stats
+    }
+
+    /// Waits (bounded, 60 s) until the warm pool's counters satisfy `ok`.
+    pub async fn until_pool(
+        &self,
+        what: &str,
+        ok: impl Fn(&kiln::executor::pool::PoolStats) -> bool,
+    ) -> kiln::executor::pool::PoolStats {
+        for _ in 0..600 {
+            if let Some(s) = self.pool_stats().filter(|s| ok(s)) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the warm pool never got to: {what} (now {:?})", self.pool_stats());
     }
 
     /// Asserts no process or build directory of a build is left (the warm

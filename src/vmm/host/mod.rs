@@ -155,6 +155,7 @@ pub fn runner(selection: &Selection, facts: &HostFacts) -> Box<dyn VmRunner> {
         Vmm::Qemu => Box::new(QemuRunner {
             accel: selection.accel,
             binary: binary(&facts.qemu, QEMU_BINARY),
+            tb_size_mib: crate::vmm::qemu::TCG_TB_SIZE_MIB,
         }),
     }
 }
