@@ -625,6 +625,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let executor = std::sync::Arc::new(executor);
     executor.start_pool();
+    let pool_owner = executor.clone();
     let path_info =
         kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)
             .await
@@ -669,6 +670,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     kiln::server::serve_services(listener, services, security, stop.cancelled_owned(), cut).await?;
+    // The pool's waiting VMs go with the server, and are waited for below
+    // like the builds.
+    pool_owner.stop_pool();
+    drop(pool_owner);
     builds_cleaned_up(&runs_dir).await;
     Ok(())
 }

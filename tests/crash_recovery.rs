@@ -23,12 +23,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_kiln(data_dir: &Path, cache_dir: &Path, port: u16) -> Child {
+fn spawn_kiln(data_dir: &Path, cache_dir: &Path, port: u16, warm_vms: usize) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args([
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--warm-vms",
+            &warm_vms.to_string(),
             "--data-dir",
         ])
         .arg(data_dir)
@@ -69,14 +71,16 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
         harness::server::ingest_busybox(&store, tmp.path()).await
     };
     // kiln looks for the kernel and agent under its cache dir.
-    for d in ["kernel", "agent"] {
+    for d in ["kernel-kiln", "kernel-debian", "agent"] {
         std::os::unix::fs::symlink(Path::new("/var/cache/kiln").join(d), cache_dir.join(d))
             .unwrap();
     }
 
     let port = free_port();
     let addr = format!("http://127.0.0.1:{port}");
-    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port);
+    // With the default warm pool: the killed kiln leaves a waiting pool VM
+    // behind as well as the running build.
+    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port, 1);
     wait_ready(&addr).await;
     let stream = harness::submit_until_log(
         kiln::cli::connect(&addr).await.unwrap(),
@@ -89,6 +93,20 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
         !harness::leftovers(&runs).is_empty(),
         "a build is in flight"
     );
+    // The pool's waiting VM is there too (booted beside the build, or
+    // refilled after the build took it).
+    let pool_vm = Instant::now() + Duration::from_secs(30);
+    while !harness::leftovers(&runs)
+        .iter()
+        .any(|l| l.contains("/runs/warm-"))
+    {
+        assert!(
+            Instant::now() < pool_vm,
+            "no pool VM: {:?}",
+            harness::leftovers(&runs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     kiln.kill().unwrap();
     kiln.wait().unwrap();
     drop(stream);
@@ -96,7 +114,8 @@ async fn kiln_killed_mid_build_sweeps_on_restart() {
     // Restart: the sweep removes what the killed kiln left.
     let port = free_port();
     let addr = format!("http://127.0.0.1:{port}");
-    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port);
+    // Without a pool, so that anything left is the killed kiln's.
+    let mut kiln = spawn_kiln(&data_dir, &cache_dir, port, 0);
     wait_ready(&addr).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !harness::leftovers(&runs).is_empty() {

@@ -366,7 +366,13 @@ async fn server_timeout_gives_deadline_exceeded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_cancel_removes_the_vm_within_a_second() {
-    let Some(server) = harness::start(Options::default()).await else {
+    // No pool, so that every VM process of the server is the build's.
+    let Some(server) = harness::start(Options {
+        warm_vms: 0,
+        ..Options::default()
+    })
+    .await
+    else {
         return;
     };
     let req = server.snix_request("echo running; sleep 600", &[OUT]);
@@ -529,13 +535,22 @@ async fn warm_vms_build_with_inputs_put_in_their_share_after_boot_and_run_one_bu
     let out = server.build_first_file(req).await;
     let text = String::from_utf8(out).unwrap();
     assert!(text.ends_with("warm\n"), "{text:?}");
-    assert_ne!(text.lines().next(), Some("0"), "busybox was readable: {text:?}");
+    assert_ne!(
+        text.lines().next(),
+        Some("0"),
+        "busybox was readable: {text:?}"
+    );
     let stats = server
-        .until_pool("refilled after the build", |s| s.assigned == 1 && s.waiting == 1)
+        .until_pool("refilled after the build", |s| {
+            s.assigned == 1 && s.waiting == 1
+        })
         .await;
     assert!(stats.booted >= 2, "{stats:?}");
     let second_vm = waiting_dir();
-    assert_ne!(first_vm, second_vm, "a fresh VM waits, not the one that built");
+    assert_ne!(
+        first_vm, second_vm,
+        "a fresh VM waits, not the one that built"
+    );
 
     // A second build gets the second VM, and sees nothing of the first.
     let req = server.snix_request(
@@ -558,6 +573,9 @@ async fn warm_vms_build_with_inputs_put_in_their_share_after_boot_and_run_one_bu
     let cold = server.build_first_file(big).await;
     assert_eq!(cold, b"cold\n");
     let stats = server.pool_stats().unwrap();
-    assert_eq!(stats.assigned, 2, "the big build was not given a pool VM: {stats:?}");
+    assert_eq!(
+        stats.assigned, 2,
+        "the big build was not given a pool VM: {stats:?}"
+    );
     server.stop().await;
 }

@@ -145,6 +145,14 @@ impl Executor {
         }
     }
 
+    /// Stops the refill and tears down every waiting pool VM (a server
+    /// shutting down); builds in pool VMs go on.
+    pub fn stop_pool(&self) {
+        if let Some(pool) = &self.pool {
+            pool.shut_down();
+        }
+    }
+
     /// The warm pool, when there is one.
     pub fn pool(&self) -> Option<&Pool> {
         self.pool.as_deref()

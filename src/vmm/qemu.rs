@@ -222,7 +222,13 @@ impl VmRunner for QemuRunner {
         };
         let mut command = Command::new(&self.binary);
         command
-            .args(qemu_args(spec, self.accel, self.tb_size_mib, &channel_socket, tsc_khz))
+            .args(qemu_args(
+                spec,
+                self.accel,
+                self.tb_size_mib,
+                &channel_socket,
+                tsc_khz,
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -404,7 +410,10 @@ mod tests {
 
     #[test]
     fn builds_a_microvm_with_shared_memfd_memory() {
-        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
             Path::new("/r/channel.sock"),
             None,
         ));
@@ -414,7 +423,10 @@ mod tests {
             values(&a, "-object"),
             ["memory-backend-memfd,id=mem,size=1536M,share=on"]
         );
-        assert_eq!(values(&a, "-accel"), [format!("tcg,tb-size={TCG_TB_SIZE_MIB}")]);
+        assert_eq!(
+            values(&a, "-accel"),
+            [format!("tcg,tb-size={TCG_TB_SIZE_MIB}")]
+        );
         assert_eq!(values(&a, "-smp"), ["2"]);
         assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&a, "-initrd"), ["/r/initramfs"]);
@@ -426,7 +438,10 @@ mod tests {
 
     #[test]
     fn a_known_tsc_frequency_goes_on_the_kernel_command_line() {
-        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
             Path::new("/c"),
             Some(2445406),
         ));
@@ -447,14 +462,38 @@ mod tests {
 
     #[test]
     fn virtualisation_extensions_only_when_nested() {
-        let plain = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/c"), None));
+        let plain = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
+            Path::new("/c"),
+            None,
+        ));
         assert_eq!(values(&plain, "-cpu"), ["max,svm=off,vmx=off"]);
-        let nested = strings(&qemu_args(&spec(true), Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/c"), None));
+        let nested = strings(&qemu_args(
+            &spec(true),
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
+            Path::new("/c"),
+            None,
+        ));
         assert_eq!(values(&nested, "-cpu"), ["max"]);
-        let kvm = strings(&qemu_args(&spec(false), Accel::Kvm, TCG_TB_SIZE_MIB, Path::new("/c"), None));
+        let kvm = strings(&qemu_args(
+            &spec(false),
+            Accel::Kvm,
+            TCG_TB_SIZE_MIB,
+            Path::new("/c"),
+            None,
+        ));
         assert_eq!(values(&kvm, "-cpu"), ["host,svm=off,vmx=off"]);
         assert_eq!(values(&kvm, "-accel"), ["kvm"], "the code cache is TCG's");
-        let uncapped = strings(&qemu_args(&spec(false), Accel::Tcg, 0, Path::new("/c"), None));
+        let uncapped = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            0,
+            Path::new("/c"),
+            None,
+        ));
         assert_eq!(values(&uncapped, "-accel"), ["tcg"], "0: QEMU's default");
     }
 
@@ -520,7 +559,10 @@ mod tests {
             net: net(NetEndpoint::Socket("/r/net,1.sock".into())),
             ..spec(false)
         };
-        let a = strings(&qemu_args(&by_path, Accel::Tcg, TCG_TB_SIZE_MIB,
+        let a = strings(&qemu_args(
+            &by_path,
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
             Path::new("/r/c.sock"),
             None,
         ));
@@ -532,7 +574,13 @@ mod tests {
             net: net(NetEndpoint::Fd(7)),
             ..spec(false)
         };
-        let a = strings(&qemu_args(&spec, Accel::Tcg, TCG_TB_SIZE_MIB, Path::new("/r/c.sock"), None));
+        let a = strings(&qemu_args(
+            &spec,
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
+            Path::new("/r/c.sock"),
+            None,
+        ));
         assert_eq!(
             values(&a, "-netdev"),
             ["stream,id=net0,addr.type=fd,addr.str=7"]
@@ -549,7 +597,10 @@ mod tests {
 
     #[test]
     fn serial_channel_and_shares_are_wired_and_there_is_no_network() {
-        let a = strings(&qemu_args(&spec(false), Accel::Tcg, TCG_TB_SIZE_MIB,
+        let a = strings(&qemu_args(
+            &spec(false),
+            Accel::Tcg,
+            TCG_TB_SIZE_MIB,
             Path::new("/r/channel.sock"),
             None,
         ));

@@ -275,7 +275,10 @@ impl TestServer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("the warm pool never got to: {what} (now {:?})", self.pool_stats());
+        panic!(
+            "the warm pool never got to: {what} (now {:?})",
+            self.pool_stats()
+        );
     }
 
     /// Asserts no process or build directory of a build is left (the warm

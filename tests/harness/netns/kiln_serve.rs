@@ -14,7 +14,7 @@ use tonic::Status;
 
 use super::{processes_in, NetLab, START_LIMIT};
 use crate::harness::fixtures::BUSYBOX;
-use crate::harness::procs::leftovers;
+use crate::harness::procs::{build_leftovers, leftovers};
 
 /// How long one build may take before the test calls it hung.
 pub const BUILD_LIMIT: Duration = Duration::from_secs(300);
@@ -206,7 +206,7 @@ impl<'lab> Kiln<'lab> {
     /// naming them.
     pub async fn assert_nothing_left(&self) {
         let left = || {
-            let mut left = leftovers(&self.runs());
+            let mut left = build_leftovers(&self.runs());
             left.extend(
                 self.lab
                     .passt_processes()
@@ -239,6 +239,13 @@ impl<'lab> Kiln<'lab> {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Its warm pool went with it.
+        let left = leftovers(&self.runs());
+        assert!(
+            left.is_empty(),
+            "left behind after SIGTERM: {left:?}\n{}",
+            self.log()
+        );
     }
 }
 
