@@ -12,7 +12,7 @@ use super::error::AgentError;
 #[derive(Debug)]
 pub enum Start {
     /// From the initramfs: a VM booted for its request.
-    Cold(Job),
+    Cold(Box<Job>),
     /// Over the channel, later: a VM booted ahead of its request.
     Warm(Warm),
 }
@@ -30,7 +30,7 @@ pub fn load() -> Result<Start, AgentError> {
     let bytes =
         std::fs::read(JOB_PATH).map_err(|e| AgentError::Job(format!("reading {JOB_PATH}: {e}")))?;
     serde_json::from_slice(&bytes)
-        .map(Start::Cold)
+        .map(|job| Start::Cold(Box::new(job)))
         .map_err(|e| AgentError::Job(format!("decoding {JOB_PATH}: {e}")))
 }
 

@@ -64,7 +64,7 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
         )
     })?;
     let (job, start) = match start_with {
-        job::Start::Cold(job) => (job, start),
+        job::Start::Cold(job) => (*job, start),
         job::Start::Warm(_) => {
             let ready = Instant::now();
             let bytes = channel::receive_job()
