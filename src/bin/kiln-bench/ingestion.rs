@@ -1,4 +1,4 @@
-//! Section 3: ingesting outputs — one large file and many small files —
+//! The ingestion section: ingesting outputs — one large file and many small files —
 //! through `castore::ingest` (the code build outputs go through), against
 //! `b3sum` hashing the same files on the same machine.
 //!
@@ -243,7 +243,7 @@ pub async fn run(
         let _ = writeln!(body, "\n{note}");
     }
     Ok(Section {
-        title: "3. Ingestion: outputs into the castore vs b3sum".into(),
+        title: "Ingestion: outputs into the castore vs b3sum".into(),
         body,
         summary,
     })

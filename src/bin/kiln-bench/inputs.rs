@@ -1,4 +1,4 @@
-//! Section 2: time to the builder's first instruction against the shape of
+//! The input scaling section: time to the builder's first instruction against the shape of
 //! the inputs: busybox alone, plus one small file, 10 000 small files, or
 //! one 1 GiB file.
 //!
@@ -159,7 +159,7 @@ pub async fn run(
     body.push_str(&table.render());
     let flat = |r: &Samples| r.median().is_some_and(|m| m <= 1.10);
     Ok(Section {
-        title: "2. Input scaling: time to the builder's first instruction".into(),
+        title: "Input scaling: time to the builder's first instruction".into(),
         body,
         summary: vec![
             (

@@ -33,8 +33,8 @@ fn proc_field(path: &str, key: &str) -> Option<String> {
 
 impl Machine {
     /// Reads the facts of this host; `vmm` and `accel` are what the
-    /// executor chose.
-    pub fn detect(vmm: &str, accel: &str, kernel: Option<String>) -> Self {
+    /// executor chose, `kernel` says which guest kernel(s) the run boots.
+    pub fn detect(vmm: &str, accel: &str, kernel: String) -> Self {
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let mem_kib: u64 = proc_field("/proc/meminfo", "MemTotal")
             .and_then(|v| v.trim_end_matches(" kB").parse().ok())
@@ -73,7 +73,7 @@ impl Machine {
                 ("QEMU", first_line("qemu-system-x86_64", &["--version"])),
                 ("VMM / accel", format!("{vmm} / {accel}{kvm}")),
                 ("virtiofsd", virtiofsd),
-                ("guest kernel", kernel.unwrap_or_else(|| "unknown".into())),
+                ("guest kernel", kernel),
                 ("b3sum", b3sum),
             ],
         }
@@ -107,6 +107,14 @@ impl Rss {
     /// Outside guest RAM: anonymous plus file-backed.
     pub fn own(&self) -> u64 {
         self.anon + self.file
+    }
+
+    /// Each figure raised to `now`'s where that is higher (a peak over
+    /// samples).
+    pub fn raise(&mut self, now: Rss) {
+        self.anon = self.anon.max(now.anon);
+        self.file = self.file.max(now.file);
+        self.shmem = self.shmem.max(now.shmem);
     }
 }
 
@@ -170,12 +178,95 @@ pub fn processes() -> Vec<Proc> {
         .collect()
 }
 
+/// The command line of `pid`, its arguments joined by spaces.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+}
+
+/// The pids below `of` in `procs` (children, their children, …).
+pub fn descendants(of: u32, procs: &[Proc]) -> std::collections::HashSet<u32> {
+    let mut found = std::collections::HashSet::from([of]);
+    loop {
+        let before = found.len();
+        for p in procs {
+            if found.contains(&p.ppid) {
+                found.insert(p.pid);
+            }
+        }
+        if found.len() == before {
+            found.remove(&of);
+            return found;
+        }
+    }
+}
+
+/// Whether `comm` is a QEMU process's.
+pub fn is_vmm(comm: &str) -> bool {
+    comm.starts_with("qemu-system")
+}
+
+/// The VMM processes this process started whose command line contains
+/// `pattern` (a server's runs directory, or a pool VM's prefix in it), with
+/// their memory now.
+pub fn vmms(pattern: &str) -> Vec<(u32, Rss)> {
+    let procs = processes();
+    let mine = descendants(std::process::id(), &procs);
+    procs
+        .iter()
+        .filter(|p| mine.contains(&p.pid) && is_vmm(&p.comm))
+        .filter(|p| cmdline(p.pid).is_some_and(|c| c.contains(pattern)))
+        .filter_map(|p| Some((p.pid, rss(p.pid)?)))
+        .collect()
+}
+
 /// VMs running on this host that this process did not start (other
 /// people's tests), to note the load.
 pub fn foreign_vms() -> usize {
     let me = std::process::id();
     processes()
         .iter()
-        .filter(|p| p.comm.starts_with("qemu-system") && p.ppid != me)
+        .filter(|p| is_vmm(&p.comm) && p.ppid != me)
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_are_children_and_their_children_only() {
+        let proc = |pid, ppid| Proc {
+            pid,
+            ppid,
+            comm: "x".into(),
+        };
+        let procs = [
+            proc(10, 1),
+            proc(11, 10),
+            proc(12, 11),
+            proc(20, 1),
+            proc(21, 20),
+        ];
+        let mut found: Vec<u32> = descendants(10, &procs).into_iter().collect();
+        found.sort();
+        assert_eq!(found, [11, 12]);
+    }
+
+    #[test]
+    fn a_peak_keeps_each_figure_highest() {
+        let mut peak = Rss::default();
+        peak.raise(Rss {
+            anon: 5,
+            file: 1,
+            shmem: 9,
+        });
+        peak.raise(Rss {
+            anon: 3,
+            file: 4,
+            shmem: 2,
+        });
+        assert_eq!((peak.anon, peak.file, peak.shmem), (5, 4, 9));
+        assert_eq!(peak.own(), 9);
+    }
 }

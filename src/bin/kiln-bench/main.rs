@@ -1,28 +1,36 @@
 //! kiln-bench: what kiln costs, measured side by side with its limits
 //! (`make bench`).
 //!
-//! Four sections, each in its own module: the overhead of a trivial build
-//! against a bare VM boot ([`overhead`]), time to the builder's first
-//! instruction against input shape ([`inputs`]), output ingestion against
-//! `b3sum` ([`ingestion`]) and concurrent builds ([`concurrency`]). Every
-//! figure is min / median / max over several runs, ratios are taken within
-//! a run. The report (markdown) is printed and written to `--out` with the
-//! machine it ran on and the load it saw.
+//! One module per section: the overhead of a cold trivial build against a
+//! bare VM boot ([`overhead`]), request to the builder's first instruction
+//! with a warm pool VM and cold ([`warm`]), kiln's guest kernel against
+//! Debian's ([`kernels`]), first instruction against input shape
+//! ([`inputs`]), output ingestion against `b3sum` ([`ingestion`]), host
+//! memory per VM and TCG's code cache ([`memory`]), concurrent builds
+//! with and without a pool ([`concurrency`]) and network ([`network`]).
+//! Every figure is min / median / max over several runs (p99 from 20),
+//! ratios are taken within a run. The report (markdown) is printed and
+//! written to `--out` with the machine it ran on and the load it saw.
 //!
 //! A benchmark driver: every error ends the run, so errors are `anyhow`
 //! with context rather than a typed enum.
 
 mod bare;
+mod builds;
 mod concurrency;
 mod data;
 mod ingestion;
 mod inputs;
+mod kernels;
 mod machine;
+mod memory;
 mod network;
 mod overhead;
+mod sampler;
 mod server;
 mod spans;
 mod stats;
+mod warm;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -46,6 +54,19 @@ pub struct Section {
     pub summary: Vec<(String, String, Option<bool>)>,
 }
 
+impl Section {
+    /// A section that could not be measured on this host, saying why (also
+    /// on stderr, as `make test`'s skips do).
+    pub fn skipped(title: &str, why: &str) -> Self {
+        eprintln!("SKIPPED: {title}: {why}");
+        Self {
+            title: title.into(),
+            body: format!("Not measured: {why}.\n"),
+            summary: vec![],
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "kiln-bench", about = "Benchmarks kiln on this machine")]
 struct Args {
@@ -58,7 +79,8 @@ struct Args {
     /// Small data and 2 runs: checks the bench itself in a few minutes.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (overhead, inputs, ingestion, concurrency, network).
+    /// Only these sections (overhead, warm, kernels, inputs, ingestion,
+    /// memory, concurrency, network).
     #[arg(long = "only")]
     only: Vec<String>,
     /// Scratch directory for stores and data (default: a temp dir).
@@ -88,10 +110,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let runs = if args.quick { 2 } else { args.runs.max(1) };
-    let (big, many_inputs, many_outputs) = if args.quick {
-        (64 << 20, 1_000, 5_000)
+    let (big, many_inputs, many_outputs, heavy_mib) = if args.quick {
+        (64 << 20, 1_000, 5_000, 4)
     } else {
-        (1 << 30, 10_000, 100_000)
+        (1 << 30, 10_000, 100_000, 16)
     };
     let tmp = match &args.work_dir {
         Some(d) => {
@@ -105,17 +127,35 @@ async fn main() -> anyhow::Result<()> {
     let load_before = machine::loadavg();
     let foreign_before = machine::foreign_vms();
 
-    let server = server::start(work, 8).await.context("starting kiln")?;
+    let options = server::Options {
+        network: true,
+        ..server::Options::cold(8)
+    };
+    let server = server::start(work, &options)
+        .await
+        .context("starting kiln")?;
     let facts = machine::Machine::detect(
         server.runner.name(),
         server.runner.accel(),
-        server.artifacts.kernel_version(),
+        kernel_line(&server.artifacts, args.wants("kernels")),
     );
     let mut sections = Vec::new();
-    if args.wants("overhead") {
+    let bare = if args.wants("overhead") || args.wants("warm") {
+        Some(bare::Bare::prepare(&server, &work.join("bare"))?)
+    } else {
+        None
+    };
+    if let (true, Some(bare)) = (args.wants("overhead"), &bare) {
         eprintln!("kiln-bench: overhead");
-        let bare = bare::Bare::prepare(&server, &work.join("bare"))?;
-        sections.push(overhead::run(&server, &times, &bare, runs).await?);
+        sections.push(overhead::run(&server, &times, bare, runs).await?);
+    }
+    if let (true, Some(bare)) = (args.wants("warm"), &bare) {
+        eprintln!("kiln-bench: warm pool");
+        sections.push(warm::run(&server, bare, runs).await?);
+    }
+    if args.wants("kernels") {
+        eprintln!("kiln-bench: guest kernels");
+        sections.push(kernels::run(&server, &times, &work.join("kernels"), runs).await?);
     }
     if args.wants("inputs") {
         eprintln!("kiln-bench: input scaling");
@@ -134,6 +174,10 @@ async fn main() -> anyhow::Result<()> {
         let many_runs = runs.min(3);
         sections.push(ingestion::run(&work.join("ingestion"), &sizes, runs, many_runs).await?);
     }
+    if args.wants("memory") {
+        eprintln!("kiln-bench: memory");
+        sections.push(memory::run(&server, &times, runs, heavy_mib).await?);
+    }
     if args.wants("concurrency") {
         eprintln!("kiln-bench: concurrency");
         sections.push(concurrency::run(&server, runs, runs.min(3)).await?);
@@ -143,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
         let why_not = server.network_unavailable.clone();
         sections.push(network::run(&server, &times, runs, why_not.as_deref()).await?);
     }
-    let failures = server.failures();
-    server.stop();
+    let failures = server.failed_builds();
+    server.stop().await?;
 
     let load = Load {
         before: load_before,
@@ -175,6 +219,35 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("kiln-bench: wrote {}", args.out.display());
     Ok(())
+}
+
+/// The machine table's guest kernel line: what the builds boot, and the
+/// other kernel when the kernel section boots both.
+fn kernel_line(artifacts: &kiln::guest_image::Artifacts, compared: bool) -> String {
+    let describe = |a: &kiln::guest_image::Artifacts| {
+        format!(
+            "{}: {}",
+            a.kernel_kind(),
+            a.kernel_version().unwrap_or_else(|| "no VERSION".into())
+        )
+    };
+    let mut line = describe(artifacts);
+    if compared {
+        let other = [
+            kiln::guest_image::KernelChoice::Kiln,
+            kiln::guest_image::KernelChoice::DebianCloud,
+        ]
+        .into_iter()
+        .filter_map(|k| server::artifacts(Some(&k)).ok())
+        .find(|a| a.kernel_dir != artifacts.kernel_dir);
+        if let Some(other) = other {
+            line.push_str(&format!(
+                "; the guest kernel section also boots {}",
+                describe(&other)
+            ));
+        }
+    }
+    line
 }
 
 /// What else the machine was doing.
@@ -236,8 +309,8 @@ fn render(facts: &machine::Machine, load: &Load, sections: &[Section], quick: bo
         }
     }
     out.push_str(&t.render());
-    for s in sections {
-        let _ = write!(out, "\n## {}\n\n{}", s.title, s.body);
+    for (i, s) in sections.iter().enumerate() {
+        let _ = write!(out, "\n## {}. {}\n\n{}", i + 1, s.title, s.body);
     }
     out
 }

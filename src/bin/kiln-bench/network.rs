@@ -1,4 +1,4 @@
-//! Section 5: what network costs a build. The same trivial build, once
+//! The network section: what network costs a build. The same trivial build, once
 //! without network and once with `network_access` (a NAT helper, the
 //! egress table, `eth0` configured by the agent), in alternating order; the
 //! helper's start is the executor's `network` span, the guest's share is in
@@ -18,14 +18,9 @@ pub async fn run(
     runs: usize,
     why_not: Option<&str>,
 ) -> anyhow::Result<Section> {
-    let title = "5. Network: a build with network vs without".to_owned();
+    let title = "Network: a build with network vs without".to_owned();
     if let Some(why) = why_not {
-        eprintln!("SKIPPED: the network section: {why}");
-        return Ok(Section {
-            title,
-            body: format!("Not measured: {why}.\n"),
-            summary: vec![],
-        });
+        return Ok(Section::skipped(&title, why));
     }
     let offline = server.trivial_request(&[]);
     let mut online = offline.clone();

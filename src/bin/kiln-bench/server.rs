@@ -1,31 +1,128 @@
-//! A kiln server in this process, configured like `kiln serve`'s defaults
-//! (512 MiB + 256 MiB guest RAM, 1 vCPU), and the client calls the bench
-//! makes: `snix.build.v1.DoBuild` and `kiln.v1.BuildEvents.Submit`.
+//! Kiln servers in this process, configured like `kiln serve`'s defaults
+//! (512 MiB + 256 MiB guest RAM, 1 vCPU) except where [`Options`] says:
+//! the warm pool, the guest kernel, TCG's code cache, network. The first
+//! one ([`start`]) chooses the VMM as `kiln serve --vmm auto` does; the
+//! others ([`BenchServer::sibling`]) boot with the same choice, so every
+//! comparison in a run is on one VMM. The requests the bench sends are in
+//! [`crate::builds`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use kiln::castore::{ingest, Node, Store};
-use kiln::client::{submit_and_follow, EventSink, FollowError};
+use kiln::executor::config::defaults;
 use kiln::executor::plan::Limits;
+use kiln::executor::pool::PoolStats;
 use kiln::executor::{Executor, ExecutorConfig};
-use kiln::grpc::BUILD_ID_HEADER;
-use kiln::guest_image::Artifacts;
-use kiln::proto::kiln_v1::{submit_request, Phase, Started, SubmitRequest};
-use kiln::proto::snix_build::build_request::{BuildConstraints, EnvVar};
-use kiln::proto::snix_build::build_service_client::BuildServiceClient;
-use kiln::proto::{snix_build, snix_castore};
-use kiln::vmm::choose::choose;
-use kiln::vmm::host::{AccelChoice, VmmChoice};
+use kiln::guest_image::{Artifacts, KernelChoice};
+use kiln::vmm::choose::{choose, Chosen};
+use kiln::vmm::host::{Accel, AccelChoice, Vmm, VmmChoice, QEMU_BINARY};
+use kiln::vmm::qemu::QemuRunner;
 use kiln::vmm::VmRunner;
-use tonic::transport::Channel;
 
-/// Store basename of the busybox input (the builder `true` comes from it).
+use crate::machine;
+
+/// Store basename of the busybox input (the builders come from it).
 pub const BUSYBOX: &str = "0bcdfghijklmnpqrsvwxyz0123456789-busybox";
-/// How often a failed build is retried before the bench gives up.
-pub const RETRIES: usize = 2;
+/// The busybox applets the bench's builders call.
+const APPLETS: &[&str] = &["true", "sh", "dd", "gzip", "sha256sum"];
+/// How long the pool may take to have its VMs waiting.
+pub const POOL_WAIT: Duration = Duration::from_secs(60);
+/// The servers' limit on one build's wall time.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a stopped server's VMs may take to go.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// How a bench server differs from `kiln serve`'s defaults.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Concurrent VMs (the guest memory budget is 1 GiB per VM).
+    pub max_vms: usize,
+    /// VMs kept booted ahead of builds (`--warm-vms`); 0: none.
+    pub warm_vms: usize,
+    /// The guest kernel; `None`: `KILN_KERNEL`, else kiln's own.
+    pub kernel: Option<KernelChoice>,
+    /// TCG's code cache, MiB, instead of kiln's (0: QEMU's default);
+    /// only under QEMU/TCG (see [`BenchServer::is_tcg`]).
+    pub tb_size_mib: Option<u32>,
+    /// Builds may ask for network (egress to public addresses, as `kiln
+    /// serve` sets it up). One server at a time: the egress table is per
+    /// process.
+    pub network: bool,
+}
+
+impl Options {
+    /// No pool, the configured kernel, kiln's QEMU settings, no network.
+    pub fn cold(max_vms: usize) -> Self {
+        Self {
+            max_vms,
+            warm_vms: 0,
+            kernel: None,
+            tb_size_mib: None,
+            network: false,
+        }
+    }
+
+    /// As [`Options::cold`], with a pool of `warm_vms`.
+    pub fn warm(max_vms: usize, warm_vms: usize) -> Self {
+        Self {
+            warm_vms,
+            ..Self::cold(max_vms)
+        }
+    }
+}
+
+/// The VMM every server of a run boots with.
+#[derive(Clone)]
+struct Host {
+    runner: Arc<dyn VmRunner>,
+    nested_available: bool,
+    /// The QEMU binary, when the choice is QEMU/TCG (for other code caches).
+    tcg_qemu: Option<PathBuf>,
+}
+
+impl Host {
+    fn new(chosen: Chosen) -> Self {
+        let tcg = chosen.selection.vmm == Vmm::Qemu && chosen.selection.accel == Accel::Tcg;
+        let tcg_qemu = tcg.then(|| {
+            chosen
+                .facts
+                .qemu
+                .as_ref()
+                .map_or_else(|| PathBuf::from(QEMU_BINARY), |t| t.path.clone())
+        });
+        Self {
+            runner: chosen.runner,
+            nested_available: chosen.nested_available,
+            tcg_qemu,
+        }
+    }
+
+    /// The runner for `tb_size_mib`: the chosen one, or QEMU/TCG with that
+    /// code cache.
+    fn runner(&self, tb_size_mib: Option<u32>) -> anyhow::Result<Arc<dyn VmRunner>> {
+        let Some(tb_size_mib) = tb_size_mib else {
+            return Ok(self.runner.clone());
+        };
+        let Some(binary) = &self.tcg_qemu else {
+            bail!(
+                "a TCG code cache size was asked for, but builds run on {} / {}",
+                self.runner.name(),
+                self.runner.accel()
+            );
+        };
+        Ok(Arc::new(QemuRunner {
+            accel: Accel::Tcg,
+            binary: binary.clone(),
+            tb_size_mib,
+        }))
+    }
+}
+
+/// Builds that failed and were retried, shared by a run's servers.
+pub type Failures = Arc<Mutex<Vec<String>>>;
 
 /// A running in-process server.
 pub struct BenchServer {
@@ -41,70 +138,199 @@ pub struct BenchServer {
     pub cache_dir: PathBuf,
     /// Why builds get no network here, when they do not.
     pub network_unavailable: Option<String>,
+    /// The busybox input every request carries.
+    pub busybox: Node,
+    /// Shared with the run's other servers.
+    pub failures: Failures,
+    /// Its data, cache and inputs.
+    work: PathBuf,
+    /// Its build directories (each VMM's command line names its own).
+    runs_dir: PathBuf,
+    /// Where siblings put their data.
+    root: PathBuf,
+    host: Host,
+    executor: Arc<Executor>,
     /// The egress table, kept for as long as the server runs.
     _firewall: Option<kiln::vmm::net::Firewall>,
-    busybox: Node,
-    failures: std::sync::Mutex<Vec<String>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts a server with its data under `work`, allowing `max_vms` VMs.
-pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
-    let artifacts = Artifacts::from_env().map_err(anyhow::Error::msg)?;
+/// The artifacts a server with `kernel` boots (see [`Options::kernel`]),
+/// checked to exist.
+pub fn artifacts(kernel: Option<&KernelChoice>) -> anyhow::Result<Artifacts> {
+    let mut artifacts = Artifacts::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(kernel) = kernel {
+        artifacts.kernel_dir = kernel.dir(Path::new(defaults::CACHE_DIR));
+    }
     artifacts
         .locate()
         .context("the guest artifacts are missing")?;
+    Ok(artifacts)
+}
+
+/// Starts the run's first server, with its data under `root/main`,
+/// choosing the VMM for the whole run.
+pub async fn start(root: &Path, options: &Options) -> anyhow::Result<BenchServer> {
+    let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
+        .await
+        .context("choosing a VMM")?;
+    let host = Host::new(chosen);
+    start_in(root, "main", options, host, Failures::default()).await
+}
+
+impl BenchServer {
+    /// Starts another server on the same VMM, with its data under
+    /// `<root>/<name>` and its failed builds recorded with this one's.
+    pub async fn sibling(&self, name: &str, options: &Options) -> anyhow::Result<BenchServer> {
+        start_in(
+            &self.root,
+            name,
+            options,
+            self.host.clone(),
+            self.failures.clone(),
+        )
+        .await
+        .with_context(|| format!("starting the {name} server"))
+    }
+
+    /// Whether builds run under QEMU/TCG (so [`Options::tb_size_mib`] applies).
+    pub fn is_tcg(&self) -> bool {
+        self.host.tcg_qemu.is_some()
+    }
+
+    /// What appears in the command line of this server's VMMs (its runs
+    /// directory), and no other server's.
+    pub fn vmm_pattern(&self) -> String {
+        format!("{}/", self.runs_dir.display())
+    }
+
+    /// What appears in the command line of this server's pool VMs only.
+    pub fn warm_vmm_pattern(&self) -> String {
+        format!("{}/warm-", self.runs_dir.display())
+    }
+
+    /// Why servers of this run can have no warm pool, if they cannot.
+    pub fn pool_unavailable(&self) -> Option<String> {
+        (!self.runner.two_way_channel()).then(|| {
+            format!(
+                "{} has a one-way guest channel, so kiln runs it without a warm pool",
+                self.runner.name()
+            )
+        })
+    }
+
+    /// The pool's counters, when this server has a pool.
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        self.executor.pool().map(|p| p.stats())
+    }
+
+    /// Waits until `n` pool VMs wait and none boots, at most [`POOL_WAIT`].
+    pub async fn wait_for_pool(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + POOL_WAIT;
+        loop {
+            let Some(stats) = self.pool_stats() else {
+                bail!(
+                    "this server has no warm pool ({} has a one-way guest channel, or warm_vms is 0)",
+                    self.runner.name()
+                );
+            };
+            if stats.waiting >= n && stats.booting == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the warm pool did not have {n} VM(s) waiting within {} s: {stats:?}",
+                    POOL_WAIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops serving and waits (at most a minute) until every VM of this
+    /// server, pool VMs included, is gone; then removes its data.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(serving) = self.serving.take() {
+            let _ = tokio::time::timeout(STOP_WAIT, serving).await;
+        }
+        let pattern = self.vmm_pattern();
+        let work = self.work.clone();
+        // The last handle on the executor: dropping it stops the pool.
+        drop(self);
+        let deadline = Instant::now() + STOP_WAIT;
+        while !machine::vmms(&pattern).is_empty() {
+            if Instant::now() > deadline {
+                bail!(
+                    "VMs under {pattern} still run {} s after their server stopped",
+                    STOP_WAIT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = kiln::executor::workspace::remove_tree(&work);
+        Ok(())
+    }
+}
+
+async fn start_in(
+    root: &Path,
+    name: &str,
+    options: &Options,
+    host: Host,
+    failures: Failures,
+) -> anyhow::Result<BenchServer> {
+    let artifacts = artifacts(options.kernel.as_ref())?;
+    let work = root.join(name);
     let data_dir = work.join("data");
     let cache_dir = work.join("cache");
     let store = kiln::castore::from_addr("", &data_dir)
         .await
         .context("opening the embedded castore")?;
-    let chosen = choose(VmmChoice::Auto, AccelChoice::Auto, false)
-        .await
-        .context("choosing a VMM")?;
-    // As `kiln serve` sets it up by default: egress to public addresses.
-    let (network, network_unavailable, firewall) =
-        match kiln::vmm::net::NetworkSetup::from_flags(&Default::default()) {
-            kiln::vmm::net::NetworkSetup::Ready { config, firewall } => {
-                (Some(config), None, Some(firewall))
-            }
-            kiln::vmm::net::NetworkSetup::Unavailable(why) => (None, Some(why), None),
-        };
+    let (network, network_unavailable, firewall) = network(options.network);
+    let runner = host.runner(options.tb_size_mib)?;
     // `kiln serve`'s defaults, but for the VMs the bench may run at once,
-    // a shorter timeout and smaller logs.
+    // a shorter timeout (the slowest bench build takes seconds; a hung one
+    // is retried after this) and smaller logs.
     let config = ExecutorConfig {
-        data_dir,
+        data_dir: data_dir.clone(),
         cache_dir: cache_dir.clone(),
         artifacts: artifacts.clone(),
         limits: Limits {
-            nested_virt_available: chosen.nested_available,
+            nested_virt_available: host.nested_available,
             network_unavailable: network_unavailable.clone(),
             ..Limits::default()
         },
-        timeout: Duration::from_secs(600),
+        timeout: BUILD_TIMEOUT,
         max_log_bytes: 8 << 20,
-        max_vms,
-        memory_budget_mib: 1024 * max_vms as u64,
+        max_vms: options.max_vms,
+        memory_budget_mib: 1024 * options.max_vms as u64,
+        warm_vms: options.warm_vms,
         kept_log_bytes: 1 << 20,
         network,
         ..ExecutorConfig::default()
     };
-    let runner = chosen.runner.clone();
-    let executor = Arc::new(Executor::open(config, store.clone(), chosen.runner)?);
+    let executor = Arc::new(Executor::open(config, store.clone(), runner.clone())?);
+    executor.start_pool();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = format!("http://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let serve_store = store.clone();
-    tokio::spawn(async move {
-        let shutdown = async {
-            let _ = rx.await;
-        };
-        let bound = kiln::server::Bound::Tcp(listener);
-        if let Err(e) = kiln::server::serve(bound, serve_store, executor, shutdown).await {
-            eprintln!("kiln-bench: the server stopped: {e:#}");
-        }
-    });
-    let busybox = ingest_busybox(&store, work).await?;
+    let serving = {
+        let (store, executor) = (store.clone(), executor.clone());
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            let bound = kiln::server::Bound::Tcp(listener);
+            if let Err(e) = kiln::server::serve(bound, store, executor, shutdown).await {
+                eprintln!("kiln-bench: the server stopped: {e:#}");
+            }
+        })
+    };
+    let busybox = ingest_busybox(&store, &work).await?;
     Ok(BenchServer {
         addr,
         store,
@@ -112,11 +338,37 @@ pub async fn start(work: &Path, max_vms: usize) -> anyhow::Result<BenchServer> {
         artifacts,
         cache_dir,
         network_unavailable,
-        _firewall: firewall,
         busybox,
-        failures: Default::default(),
+        failures,
+        runs_dir: data_dir.join("runs"),
+        work,
+        root: root.to_owned(),
+        host,
+        executor,
+        _firewall: firewall,
         shutdown: Some(tx),
+        serving: Some(serving),
     })
+}
+
+type Network = (
+    Option<kiln::vmm::net::NetworkConfig>,
+    Option<String>,
+    Option<kiln::vmm::net::Firewall>,
+);
+
+/// Network as `kiln serve` sets it up by default, or none.
+fn network(wanted: bool) -> Network {
+    if !wanted {
+        let why = kiln::executor::config::NO_NETWORK_CONFIGURED.to_owned();
+        return (None, Some(why), None);
+    }
+    match kiln::vmm::net::NetworkSetup::from_flags(&Default::default()) {
+        kiln::vmm::net::NetworkSetup::Ready { config, firewall } => {
+            (Some(config), None, Some(firewall))
+        }
+        kiln::vmm::net::NetworkSetup::Unavailable(why) => (None, Some(why), None),
+    }
 }
 
 async fn ingest_busybox(store: &Store, work: &Path) -> anyhow::Result<Node> {
@@ -124,202 +376,8 @@ async fn ingest_busybox(store: &Store, work: &Path) -> anyhow::Result<Node> {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin)?;
     std::fs::copy(kiln::guest_image::DEFAULT_BUSYBOX, bin.join("busybox"))?;
-    for applet in ["true", "sh"] {
+    for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     Ok(ingest::ingest_path(store, &root).await?)
-}
-
-/// When each phase of a submitted build was seen, and its guest RAM.
-struct Timing {
-    started: Instant,
-    phases: Vec<(String, Duration)>,
-    memory_mib: Option<u64>,
-}
-
-impl EventSink for Timing {
-    fn phase(&mut self, _build_id: &str, p: &Phase) {
-        self.phases.push((p.name.clone(), self.started.elapsed()));
-    }
-
-    fn started(&mut self, _build_id: &str, s: &Started) {
-        self.memory_mib = Some(s.guest_memory_bytes >> 20);
-    }
-}
-
-/// How one build went, seen from the client.
-pub struct Finished {
-    /// The server's build id.
-    pub id: String,
-    /// Request sent to answer received.
-    pub wall: Duration,
-    /// Request sent to each `kiln.v1` phase (only for [`BenchServer::submit`]).
-    pub phases: Vec<(String, Duration)>,
-    /// Guest RAM the build got, MiB (only for [`BenchServer::submit`]).
-    pub memory_mib: Option<u64>,
-}
-
-impl Finished {
-    /// When phase `name` was seen.
-    pub fn phase(&self, name: &str) -> Option<Duration> {
-        self.phases.iter().find(|(n, _)| n == name).map(|(_, d)| *d)
-    }
-}
-
-impl BenchServer {
-    /// A new client connection.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(kiln::cli::connect(&self.addr).await?)
-    }
-
-    /// A trivial build (`true` from busybox) with `extra` inputs (named
-    /// store basenames sorting after busybox's), no outputs.
-    pub fn trivial_request(&self, extra: &[(String, Node)]) -> snix_build::BuildRequest {
-        let bin = format!("/nix/store/{BUSYBOX}/bin");
-        let mut inputs: Vec<snix_castore::Entry> =
-            vec![self.busybox.to_snix_entry(BUSYBOX.as_bytes())];
-        inputs.extend(
-            extra
-                .iter()
-                .map(|(n, node)| node.to_snix_entry(n.as_bytes())),
-        );
-        let env = [
-            ("HOME", "/homeless-shelter"),
-            ("PATH", bin.as_str()),
-            ("TMPDIR", "/build"),
-        ];
-        snix_build::BuildRequest {
-            inputs,
-            command_args: vec![format!("{bin}/true")],
-            working_dir: "build".into(),
-            scratch_paths: vec!["build".into(), "nix/store".into()],
-            inputs_dir: "nix/store".into(),
-            outputs: vec![],
-            environment_vars: env
-                .iter()
-                .map(|(k, v)| EnvVar {
-                    key: (*k).into(),
-                    value: v.as_bytes().to_vec().into(),
-                })
-                .collect(),
-            constraints: Some(BuildConstraints {
-                system: "x86_64-linux".into(),
-                ..Default::default()
-            }),
-            additional_files: vec![],
-            refscan_needles: vec![],
-        }
-    }
-
-    /// Runs `req` with `DoBuild` on a new connection (connecting is not
-    /// timed). A failed build is recorded (see [`BenchServer::failures`])
-    /// and retried, up to [`RETRIES`] times.
-    pub async fn do_build(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
-        self.retrying("DoBuild", || self.do_build_once(req.clone()))
-            .await
-    }
-
-    /// Runs `req` with `Submit`, timing each phase event as it arrives;
-    /// retried like [`BenchServer::do_build`].
-    pub async fn submit(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
-        self.retrying("Submit", || self.submit_once(req.clone()))
-            .await
-    }
-
-    /// Builds that failed and were retried, with why.
-    pub fn failures(&self) -> Vec<String> {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    async fn retrying<F, Fut>(&self, what: &str, mut once: F) -> anyhow::Result<Finished>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<Finished>>,
-    {
-        let mut attempt = 0;
-        loop {
-            match once().await {
-                Ok(done) => return Ok(done),
-                Err(e) if attempt < RETRIES => {
-                    attempt += 1;
-                    let why = format!("{what}: {e:#}");
-                    eprintln!("kiln-bench: a build failed, retrying: {why}");
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(why);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn do_build_once(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
-        let channel = self.channel().await?;
-        let started = Instant::now();
-        let resp = BuildServiceClient::new(channel)
-            .do_build(req)
-            .await
-            .map_err(|s| {
-                let id = s
-                    .metadata()
-                    .get(BUILD_ID_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("?")
-                    .to_owned();
-                anyhow!("build {id} failed ({:?}): {}", s.code(), s.message())
-            })?;
-        let wall = started.elapsed();
-        let id = resp
-            .metadata()
-            .get(BUILD_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Finished {
-            id,
-            wall,
-            phases: vec![],
-            memory_mib: None,
-        })
-    }
-
-    async fn submit_once(&self, req: snix_build::BuildRequest) -> anyhow::Result<Finished> {
-        let channel = self.channel().await?;
-        let request = SubmitRequest {
-            request: Some(submit_request::Request::Snix(req)),
-            argv0: String::new(),
-            limits: None,
-        };
-        let mut timing = Timing {
-            started: Instant::now(),
-            phases: Vec::new(),
-            memory_mib: None,
-        };
-        match submit_and_follow(channel, request, &mut timing).await {
-            Ok(done) => Ok(Finished {
-                id: done.build_id,
-                wall: timing.started.elapsed(),
-                phases: timing.phases,
-                memory_mib: timing.memory_mib,
-            }),
-            Err(FollowError::Failed { build_id, failed }) => bail!(
-                "build {build_id} failed ({}): {}; log tail: {}",
-                failed.kind,
-                failed.message,
-                String::from_utf8_lossy(&failed.log_tail)
-            ),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Stops serving.
-    pub fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
 }

@@ -1,8 +1,13 @@
-//! Figures over several runs (min / median / max) and the markdown tables
-//! they are printed in.
+//! Figures over several runs (min / median / max, and the 99th percentile
+//! once there are [`P99_MIN_SAMPLES`] of them) and the markdown tables they
+//! are printed in.
 
 use std::fmt::Write as _;
 use std::time::Duration;
+
+/// Samples needed before a figure shows its 99th percentile: with fewer,
+/// p99 is just the maximum again.
+pub const P99_MIN_SAMPLES: usize = 20;
 
 /// The samples of one figure, in the order they were taken.
 #[derive(Debug, Clone, Default)]
@@ -61,14 +66,28 @@ impl Samples {
         }
     }
 
-    /// `min / median / max`, each written by `fmt`.
-    pub fn show(&self, fmt: impl Fn(f64) -> String) -> String {
-        match (self.min(), self.median(), self.max()) {
-            (Some(lo), Some(mid), Some(hi)) => {
-                format!("{} / {} / {}", fmt(lo), fmt(mid), fmt(hi))
-            }
-            _ => "n/a".into(),
+    /// The 99th percentile (nearest rank), from [`P99_MIN_SAMPLES`] samples
+    /// on.
+    pub fn p99(&self) -> Option<f64> {
+        let v = self.sorted();
+        if v.len() < P99_MIN_SAMPLES {
+            return None;
         }
+        let rank = (v.len() as f64 * 0.99).ceil() as usize;
+        v.get(rank.max(1) - 1).copied()
+    }
+
+    /// `min / median / max`, each written by `fmt`, followed by
+    /// `(p99 …)` when there are enough samples for one.
+    pub fn show(&self, fmt: impl Fn(f64) -> String) -> String {
+        let (Some(lo), Some(mid), Some(hi)) = (self.min(), self.median(), self.max()) else {
+            return "n/a".into();
+        };
+        let mut out = format!("{} / {} / {}", fmt(lo), fmt(mid), fmt(hi));
+        if let Some(p) = self.p99() {
+            let _ = write!(out, " (p99 {})", fmt(p));
+        }
+        out
     }
 
     /// Milliseconds, whole.
@@ -167,6 +186,22 @@ mod tests {
         s.push(4.0);
         assert_eq!(s.median(), Some(3.5));
         assert_eq!(Samples::new().ms(), "n/a");
+    }
+
+    #[test]
+    fn p99_only_from_twenty_samples_on() {
+        let mut s = Samples::new();
+        for v in 1..=19 {
+            s.push(f64::from(v));
+        }
+        assert_eq!(s.p99(), None);
+        assert_eq!(s.ms(), "1 / 10 / 19");
+        for v in 20..=201 {
+            s.push(f64::from(v));
+        }
+        // Nearest rank: the 199th of 201.
+        assert_eq!(s.p99(), Some(199.0));
+        assert_eq!(s.ms(), "1 / 101 / 201 (p99 199)");
     }
 
     #[test]
