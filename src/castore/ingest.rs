@@ -4,15 +4,21 @@
 //! no symlink is ever followed, nothing outside the tree is reached, and a
 //! tree of any depth is walked in a loop, not by recursion. Regular files
 //! (with their executable bit) are opened beneath their directory's handle
-//! and stored a batch at a time, several at once (each hashed streaming,
-//! large ones memory-mapped on the rayon pool, never read into memory
-//! whole); symlinks are stored as they are; anything else is refused. Each
-//! directory is assembled when the walk leaves it, so directories are stored
-//! leaves first.
+//! and handed to one [`BlobBatch`] for the whole ingest, a directory's worth
+//! at a time (each hashed streaming, large ones memory-mapped on the rayon
+//! pool, never read into memory whole); symlinks are stored as they are;
+//! anything else is refused. Each directory is assembled when the walk
+//! leaves it.
+//!
+//! Durability comes in one order: the blob batch is committed (every blob
+//! durable) first, then all directories go to the directory store in one
+//! put, leaves first, so a stored directory never names something that a
+//! crash could lose. The ingest answers only after both.
 //!
 //! Two modes: [`IngestMode::Copy`] leaves the host files untouched;
 //! [`IngestMode::Move`] hands the files' bytes to the blob store (for the
-//! embedded store, a rename: build outputs are ingested without copying).
+//! embedded store, a hard link of the very inode: build outputs are ingested
+//! without copying).
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -23,30 +29,31 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use futures::StreamExt;
+use rayon::prelude::*;
 
 use crate::hostfs::walk::{walk, Event, Options};
 use crate::hostfs::{open_parent, Dir, Kind};
 
-use super::blob::{BlobError, StoredBlob};
+use super::blob::{BatchPut, BlobBatch, BlobError, StoredBlob};
 use super::directory::Directory;
 use super::directory_service::DirectoryError;
 use super::errors::ValidationError;
 use super::node::{Node, PathComponent, SymlinkTarget};
 use super::{B3Digest, Store};
 
-/// How many files are stored at once.
-const PARALLEL_FILES: usize = 8;
+/// How many files of a directory wait to be stored at most (opened, all at
+/// once, when they are).
+const BATCH_FILES: usize = 256;
 
-/// How many opened files wait to be stored at most.
-const BATCH_FILES: usize = 64;
+#[cfg(test)]
+mod tests;
 
 /// What happens to the host files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IngestMode {
     /// Copy the bytes; the host tree is left as it was.
     Copy,
-    /// Give the files to the store (renamed into it when possible); the host
+    /// Give the files to the store (linked into it when possible); the host
     /// tree is left without its files. For build outputs.
     Move,
 }
@@ -93,6 +100,15 @@ pub enum IngestError {
     #[error("storing {path}")]
     StoreFile {
         /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: BlobError,
+    },
+    /// Making the stored files durable failed (no directory was stored).
+    #[error("making the files of {path} durable")]
+    CommitFiles {
+        /// The ingested root.
         path: PathBuf,
         /// Why.
         #[source]
@@ -155,6 +171,7 @@ pub async fn ingest_at(
     tokio::task::spawn_blocking(move || {
         let mut walker = Walker {
             store: &store,
+            blobs: store.blobs.batch(),
             runtime: &runtime,
             mode,
             origin: &origin,
@@ -183,17 +200,19 @@ struct Assembling {
     directory: Directory,
 }
 
-/// Opened files of one directory waiting to be stored.
+/// Files of one directory waiting to be stored.
 struct Batch {
     dir: Dir,
     at: usize,
-    files: Vec<(OsString, fs::File, bool)>,
+    names: Vec<OsString>,
 }
 
 /// The walk's state: directories on the path from the root (`open`, indexes
 /// into `arena`), the files waiting, the directories finished.
 struct Walker<'a> {
     store: &'a Store,
+    /// Where every file of the ingest goes; committed before the directories.
+    blobs: Box<dyn BlobBatch + 'a>,
     runtime: &'a tokio::runtime::Handle,
     mode: IngestMode,
     origin: &'a Path,
@@ -253,15 +272,9 @@ impl Walker<'_> {
     fn leaf(&mut self, dir: &Dir, name: &OsStr, kind: Kind) -> io::Result<()> {
         match kind {
             Kind::File => {
-                let file = dir
-                    .open_file(name)
-                    .map_err(|source| self.inspect(name, source))?;
-                let mode = file
-                    .metadata()
-                    .map_err(|source| self.inspect(name, source))?
-                    .permissions()
-                    .mode();
                 if self.open.is_empty() {
+                    let (file, mode) =
+                        open_file(dir, name).map_err(|source| self.inspect(name, source))?;
                     let stored = self.store_one(dir, name, file)?;
                     self.root = Some(file_node(stored, mode));
                     return Ok(());
@@ -275,12 +288,12 @@ impl Walker<'_> {
                     None => Batch {
                         dir: dir.try_clone()?,
                         at,
-                        files: Vec::new(),
+                        names: Vec::new(),
                     },
                 };
                 let batch = self.batch.insert(batch);
-                batch.files.push((name.to_owned(), file, mode & 0o100 != 0));
-                if batch.files.len() >= BATCH_FILES {
+                batch.names.push(name.to_owned());
+                if batch.names.len() >= BATCH_FILES {
                     self.flush()?;
                 }
                 Ok(())
@@ -310,21 +323,34 @@ impl Walker<'_> {
         let Some(batch) = self.batch.take() else {
             return Ok(());
         };
-        let (store, mode, dir) = (self.store, self.mode, &batch.dir);
-        let stored: Vec<Result<StoredBlob, BlobError>> = self.runtime.block_on(
-            futures::stream::iter(batch.files.iter())
-                .map(|(name, file, _)| async move {
-                    let file = file.try_clone().map_err(BlobError::Write)?;
-                    let origin = Path::new(name);
-                    match mode {
-                        IngestMode::Copy => store.blobs.put_opened(file, origin).await,
-                        IngestMode::Move => store.blobs.put_taken(dir, name, file, origin).await,
-                    }
+        // Opened several at once: on a tree of small files, opening is a
+        // good part of the work.
+        let dir = &batch.dir;
+        let opened: Vec<io::Result<(fs::File, u32)>> = batch
+            .names
+            .par_iter()
+            .map(|name| open_file(dir, name))
+            .collect();
+        let mut names = Vec::with_capacity(batch.names.len());
+        let mut files = Vec::with_capacity(batch.names.len());
+        for (name, opened) in batch.names.into_iter().zip(opened) {
+            let (file, mode) = opened.map_err(|source| {
+                carry(IngestError::Inspect {
+                    path: self.path_in(batch.at, &name),
+                    source,
                 })
-                .buffered(PARALLEL_FILES)
-                .collect(),
-        );
-        for ((name, _, executable), stored) in batch.files.iter().zip(stored) {
+            })?;
+            names.push((name.clone(), mode & 0o100 != 0));
+            files.push((name, file));
+        }
+        let stored = self.put(&batch.dir, files);
+        let stored = stored.map_err(|source| {
+            carry(IngestError::StoreFile {
+                path: self.dir_path(batch.at),
+                source,
+            })
+        })?;
+        for ((name, executable), stored) in names.iter().zip(stored) {
             let stored = stored.map_err(|source| {
                 carry(IngestError::StoreFile {
                     path: self.path_in(batch.at, name),
@@ -337,21 +363,31 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Stores a root that is a single file.
-    fn store_one(&self, dir: &Dir, name: &OsStr, file: fs::File) -> io::Result<StoredBlob> {
-        let origin = self.origin;
-        let stored = self.runtime.block_on(async {
+    /// Hands files of `dir` to the blob batch, as the mode says.
+    fn put(&mut self, dir: &Dir, files: Vec<(OsString, fs::File)>) -> BatchPut {
+        let blobs = &mut self.blobs;
+        self.runtime.block_on(async {
             match self.mode {
-                IngestMode::Copy => self.store.blobs.put_opened(file, origin).await,
-                IngestMode::Move => self.store.blobs.put_taken(dir, name, file, origin).await,
+                IngestMode::Copy => blobs.put_opened(files).await,
+                IngestMode::Move => blobs.put_taken(dir, files).await,
             }
-        });
-        stored.map_err(|source| {
+        })
+    }
+
+    /// Stores a root that is a single file.
+    fn store_one(&mut self, dir: &Dir, name: &OsStr, file: fs::File) -> io::Result<StoredBlob> {
+        let err = |source| {
             carry(IngestError::StoreFile {
-                path: origin.to_owned(),
+                path: self.origin.to_owned(),
                 source,
             })
-        })
+        };
+        let stored = self.put(dir, vec![(name.to_owned(), file)]).map_err(err)?;
+        stored
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(BlobError::BatchFailed))
+            .map_err(err)
     }
 
     /// A symlink of the current directory, or the root symlink.
@@ -410,7 +446,14 @@ impl Walker<'_> {
     /// The message path of `name` in the directory `at`: built only for
     /// errors (it is as long as the tree is deep).
     fn path_in(&self, at: usize, name: &OsStr) -> PathBuf {
-        let mut names = vec![name];
+        let mut path = self.dir_path(at);
+        path.push(name);
+        path
+    }
+
+    /// The message path of the directory `at`.
+    fn dir_path(&self, at: usize) -> PathBuf {
+        let mut names = Vec::new();
         let mut cur = Some(at);
         while let Some(i) = cur {
             if self.arena[i].parent.is_some() {
@@ -443,13 +486,20 @@ impl Walker<'_> {
         }
     }
 
-    /// Stores the finished directories, leaves first; returns the root.
+    /// Makes every stored file durable, then stores the finished
+    /// directories, leaves first; returns the root.
     fn finish(mut self) -> Result<Node, IngestError> {
         self.flush().map_err(|e| self.error_of(e))?;
         let root = self.root.take().ok_or_else(|| IngestError::Inspect {
             path: self.origin.to_owned(),
             source: io::Error::other("the walk reported no root"),
         })?;
+        self.runtime
+            .block_on(self.blobs.commit())
+            .map_err(|source| IngestError::CommitFiles {
+                path: self.origin.to_owned(),
+                source,
+            })?;
         if !self.directories.is_empty() {
             let directories = std::mem::take(&mut self.directories);
             self.runtime
@@ -461,6 +511,13 @@ impl Walker<'_> {
         }
         Ok(root)
     }
+}
+
+/// Opens the regular file `name` of `dir`; answers it with its mode.
+fn open_file(dir: &Dir, name: &OsStr) -> io::Result<(fs::File, u32)> {
+    let file = dir.open_file(name)?;
+    let mode = file.metadata()?.permissions().mode();
+    Ok((file, mode))
 }
 
 fn file_node(stored: StoredBlob, mode: u32) -> Node {

@@ -1,66 +1,137 @@
 //! The embedded blob store: one read-only file per blob under the data dir.
 //!
 //! Layout (`<hex>` is the digest in lowercase hex):
-//! - `blobs/<hex[0..2]>/<hex>`: the blob, mode 0444;
+//! - `blobs/<hex[0..2]>/<hex>`: the blob, mode 0444 (the 256 shard
+//!   directories are made, durably, when the store is opened);
 //! - `blobs-x/<hex[0..2]>/<hex>`: an executable variant (mode 0555), made by
 //!   copy on first use, so materialised executables can be hardlinks too;
 //! - `blobs-tmp/`: blobs being written.
 //!
-//! A blob is written to a temporary file in `blobs-tmp/` (same filesystem),
-//! hashed while written, fsynced, made read-only and renamed to its digest:
-//! a blob file is never visible half-written, and its name is always the
-//! digest of its contents.
+//! A blob's name appears only once its bytes are on disk, so a blob file is
+//! never visible half-written and its name is always the digest of its
+//! contents; and the name itself is on disk before the put answers:
+//! - a single [`BlobService::put`] (a client's gRPC put) writes a temporary
+//!   file in `blobs-tmp/`, hashing while writing, fsyncs it, renames it to
+//!   its digest and fsyncs the shard directory;
+//! - host files (ingest, [`BlobService::put_opened`], [`BlobService::put_taken`])
+//!   go through a [`batch`]: staged without a flush, made durable many at a
+//!   time, named after, durable as a whole at commit.
 
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{
-    hash_file_blocking, hash_opened_blocking, BlobError, BlobReader, BlobService, StoredBlob,
-    CHUNK_SIZE,
-};
+use super::{BlobBatch, BlobError, BlobReader, BlobService, StoredBlob, CHUNK_SIZE};
 use crate::castore::digest::B3Digest;
 use crate::hostfs::Dir;
+
+mod batch;
+pub(crate) mod durable;
+#[cfg(test)]
+mod tests;
+
+use batch::{EmbeddedBatch, Pending};
+use durable::{Syncer, System};
 
 const BLOB_MODE: u32 = 0o444;
 const EXECUTABLE_MODE: u32 = 0o555;
 
-/// Blobs as files under a data dir.
-#[derive(Debug, Clone)]
+/// Blobs as files under a data dir. Cheap to clone.
+#[derive(Clone)]
 pub struct EmbeddedBlobService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     blobs: PathBuf,
     executables: PathBuf,
     tmp: PathBuf,
+    /// `blobs-tmp/`, where unnamed staged files are made.
+    tmp_dir: Dir,
+    /// The device of `blobs-tmp/`: files elsewhere are copied, not linked.
+    device: u64,
+    /// Handles on the 256 shard directories of `blobs/`, opened on first use.
+    shards: Box<[OnceLock<Dir>]>,
+    /// kiln's user and group, which taken files get.
+    owner: (rustix::fs::Uid, rustix::fs::Gid),
+    syncer: Arc<dyn Syncer>,
+}
+
+impl std::fmt::Debug for EmbeddedBlobService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBlobService")
+            .field("blobs", &self.inner.blobs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedBlobService {
     /// Opens (creating if needed) the blob store under `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
-        let store = EmbeddedBlobService {
-            blobs: data_dir.join("blobs"),
-            executables: data_dir.join("blobs-x"),
-            tmp: data_dir.join("blobs-tmp"),
+        Self::open_with(data_dir, Arc::new(System))
+    }
+
+    /// [`EmbeddedBlobService::open`] flushing through `syncer` (tests count
+    /// and fail flushes with it).
+    pub(crate) fn open_with(data_dir: &Path, syncer: Arc<dyn Syncer>) -> Result<Self, BlobError> {
+        let blobs = data_dir.join("blobs");
+        let create_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BlobError::CreateStore { path, source }
         };
-        for dir in [&store.blobs, &store.executables, &store.tmp] {
-            fs::create_dir_all(dir).map_err(|source| BlobError::CreateStore {
-                path: dir.clone(),
-                source,
-            })?;
+        for dir in [
+            &blobs,
+            &data_dir.join("blobs-x"),
+            &data_dir.join("blobs-tmp"),
+        ] {
+            fs::create_dir_all(dir).map_err(create_err(dir))?;
         }
-        Ok(store)
+        // A shard's own name must be durable before any blob in it is.
+        let blobs_dir = Dir::open(&blobs).map_err(create_err(&blobs))?;
+        let mut created = false;
+        for byte in 0..=u8::MAX {
+            match blobs_dir.create_dir(OsStr::new(&format!("{byte:02x}")), 0o755) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(create_err(&blobs)(e)),
+            }
+        }
+        if created {
+            syncer
+                .fsync(blobs_dir.as_fd())
+                .map_err(create_err(&blobs))?;
+        }
+        let tmp = data_dir.join("blobs-tmp");
+        let tmp_dir = Dir::open(&tmp).map_err(create_err(&tmp))?;
+        let device = tmp_dir.self_stat().map_err(create_err(&tmp))?.st_dev;
+        Ok(EmbeddedBlobService {
+            inner: Arc::new(Inner {
+                blobs,
+                executables: data_dir.join("blobs-x"),
+                tmp,
+                tmp_dir,
+                device,
+                shards: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
+                owner: (rustix::process::geteuid(), rustix::process::getegid()),
+                syncer,
+            }),
+        })
     }
 
     /// Removes half-written blobs a crashed process left in the temporary
     /// directory. Only for the store's single owner.
     pub fn remove_partial_blobs(&self) -> Result<usize, BlobError> {
         let mut removed = 0;
-        let entries = fs::read_dir(&self.tmp).map_err(|source| BlobError::CreateStore {
-            path: self.tmp.clone(),
+        let tmp = &self.inner.tmp;
+        let entries = fs::read_dir(tmp).map_err(|source| BlobError::CreateStore {
+            path: tmp.clone(),
             source,
         })?;
         for entry in entries.flatten() {
@@ -73,113 +144,48 @@ impl EmbeddedBlobService {
 
     /// Where the blob lives (whether or not it is stored).
     pub fn blob_path(&self, digest: &B3Digest) -> PathBuf {
-        shard_path(&self.blobs, digest)
+        shard_path(&self.inner.blobs, digest)
     }
 
     fn executable_path(&self, digest: &B3Digest) -> PathBuf {
-        shard_path(&self.executables, digest)
+        shard_path(&self.inner.executables, digest)
+    }
+
+    /// The shard directory of `blobs/` holding blobs whose digest starts
+    /// with `byte`.
+    fn shard(&self, byte: u8) -> io::Result<&Dir> {
+        let slot = &self.inner.shards[usize::from(byte)];
+        if let Some(dir) = slot.get() {
+            return Ok(dir);
+        }
+        let dir = Dir::open(&self.inner.blobs.join(format!("{byte:02x}")))?;
+        Ok(slot.get_or_init(move || dir))
     }
 
     fn new_temp_file(&self) -> Result<(fs::File, TempPath), BlobError> {
         let file = tempfile::Builder::new()
             .prefix("put-")
-            .tempfile_in(&self.tmp)
+            .tempfile_in(&self.inner.tmp)
             .map_err(BlobError::Write)?;
         Ok(file.into_parts())
     }
 
-    /// Copies the opened `file` to a temporary file, checks the copy hashes
-    /// to `expected` and moves it into place. Blocking.
-    fn copy_in(
-        &self,
-        file: &fs::File,
-        origin: &Path,
-        expected: StoredBlob,
-    ) -> Result<StoredBlob, BlobError> {
-        let (mut copy, tmp) = self.new_temp_file()?;
-        let mut source = file;
-        io::Seek::seek(&mut source, io::SeekFrom::Start(0))
-            .and_then(|_| io::copy(&mut source, &mut copy))
-            .map_err(|source| BlobError::HashFile {
-                path: origin.to_owned(),
-                source,
-            })?;
-        drop(copy);
-        let copied = hash_file_blocking(&tmp)?;
-        if copied != expected {
-            return Err(BlobError::Changed {
-                path: origin.to_owned(),
-                first: expected.digest,
-                second: copied.digest,
-            });
-        }
-        sync_file(&tmp).map_err(BlobError::Write)?;
-        persist(
-            tmp,
-            &self.blob_path(&expected.digest),
-            BLOB_MODE,
-            &expected.digest,
-        )?;
-        Ok(copied)
-    }
-
-    /// Takes the file `name` of a build's tree over: renamed into the
-    /// store's temporary directory when on the same filesystem (then checked
-    /// to be the very inode that was hashed, made kiln's and read-only, and
-    /// renamed to its digest), copied otherwise; the name is gone from the
-    /// tree afterwards. Blocking.
-    fn take(
-        &self,
-        parent: &Dir,
-        name: &OsStr,
-        file: fs::File,
-        origin: &Path,
-    ) -> Result<StoredBlob, BlobError> {
-        let hashed = hash_opened_blocking(&file, origin)?;
-        let target = self.blob_path(&hashed.digest);
-        let take_err = |source| BlobError::Take {
-            path: origin.to_owned(),
+    /// Names the fsynced temporary file `tmp` by its digest and makes the
+    /// name durable. A name already there holds the same bytes (and is made
+    /// durable too: a batch may have named it without a flush yet). Blocking.
+    fn persist_blob(&self, tmp: TempPath, digest: &B3Digest) -> Result<(), BlobError> {
+        let persist_err = |source| BlobError::Persist {
+            digest: *digest,
             source,
         };
-        if target.exists() {
-            parent.unlink(name).map_err(take_err)?;
-            return Ok(hashed);
+        let shard = self.shard(digest.as_bytes()[0]).map_err(persist_err)?;
+        let target = self.blob_path(digest);
+        if !target.exists() {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(BLOB_MODE))
+                .map_err(persist_err)?;
+            tmp.persist(&target).map_err(|e| persist_err(e.error))?;
         }
-        let tmp_dir = Dir::open(&self.tmp).map_err(BlobError::Write)?;
-        let tmp_name = format!(
-            "take-{}-{}",
-            hashed.digest.to_hex(),
-            uuid::Uuid::new_v4().simple()
-        );
-        match parent.rename(name, &tmp_dir, OsStr::new(&tmp_name)) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let stored = self.copy_in(&file, origin, hashed)?;
-                parent.unlink(name).map_err(take_err)?;
-                return Ok(stored);
-            }
-            Err(e) => return Err(take_err(e)),
-        }
-        let tmp = TempPath::try_from_path(self.tmp.join(&tmp_name)).map_err(take_err)?;
-        let moved = tmp_dir.stat(OsStr::new(&tmp_name)).map_err(take_err)?;
-        let hashed_inode = rustix::fs::fstat(&file).map_err(|e| take_err(e.into()))?;
-        if (moved.st_dev, moved.st_ino) != (hashed_inode.st_dev, hashed_inode.st_ino) {
-            return Err(take_err(io::Error::other(
-                "the file was replaced while being stored",
-            )));
-        }
-        // The build's uid and group-writable bits must not survive into a
-        // blob later builds share.
-        rustix::fs::fchown(
-            &file,
-            Some(rustix::process::geteuid()),
-            Some(rustix::process::getegid()),
-        )
-        .and_then(|()| rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(BLOB_MODE)))
-        .map_err(|e| take_err(e.into()))?;
-        file.sync_all().map_err(take_err)?;
-        persist(tmp, &target, BLOB_MODE, &hashed.digest)?;
-        Ok(hashed)
+        self.inner.syncer.fsync(shard.as_fd()).map_err(persist_err)
     }
 
     /// Makes the executable variant by copying the blob. Blocking.
@@ -201,6 +207,21 @@ impl EmbeddedBlobService {
         sync_file(&tmp).map_err(BlobError::Write)?;
         persist(tmp, &target, EXECUTABLE_MODE, digest)?;
         Ok(Some(target))
+    }
+
+    /// Stores one host file through a batch of its own, committed before
+    /// answering. Blocking.
+    fn put_one(
+        &self,
+        parent: Option<Arc<Dir>>,
+        name: &OsStr,
+        file: fs::File,
+        origin: &Path,
+    ) -> Result<StoredBlob, BlobError> {
+        let mut pending = Pending::new();
+        let stored = pending.put_one(self, parent, name.to_owned(), file, origin)?;
+        pending.commit(self)?;
+        Ok(stored)
     }
 }
 
@@ -248,14 +269,22 @@ impl BlobService for EmbeddedBlobService {
             hasher.update(&buf[..n]);
             file.write_all(&buf[..n]).await.map_err(BlobError::Write)?;
         }
-        file.sync_all().await.map_err(BlobError::Write)?;
-        drop(file);
+        file.flush().await.map_err(BlobError::Write)?;
+        let file = file.into_std().await;
         let stored = StoredBlob {
             digest: hasher.finalize().into(),
             size: hasher.count(),
         };
-        let target = self.blob_path(&stored.digest);
-        tokio::task::spawn_blocking(move || persist(tmp, &target, BLOB_MODE, &stored.digest))
+        // Durable before answering: the client may forget the bytes now.
+        // Two steps, each awaited: a put cancelled meanwhile (a client
+        // that reset its upload) stops before its blob is named.
+        let syncer = self.inner.syncer.clone();
+        tokio::task::spawn_blocking(move || syncer.fsync(file.as_fd()))
+            .await
+            .map_err(BlobError::Task)?
+            .map_err(BlobError::Write)?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.persist_blob(tmp, &stored.digest))
             .await
             .map_err(BlobError::Task)??;
         Ok(stored)
@@ -275,17 +304,10 @@ impl BlobService for EmbeddedBlobService {
     }
 
     async fn put_opened(&self, file: fs::File, origin: &Path) -> Result<StoredBlob, BlobError> {
-        let store = self.clone();
-        let origin = origin.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let hashed = hash_opened_blocking(&file, &origin)?;
-            if store.blob_path(&hashed.digest).exists() {
-                return Ok(hashed);
-            }
-            store.copy_in(&file, &origin, hashed)
-        })
-        .await
-        .map_err(BlobError::Task)?
+        let (store, origin) = (self.clone(), origin.to_owned());
+        tokio::task::spawn_blocking(move || store.put_one(None, origin.as_os_str(), file, &origin))
+            .await
+            .map_err(BlobError::Task)?
     }
 
     async fn put_taken(
@@ -296,11 +318,15 @@ impl BlobService for EmbeddedBlobService {
         origin: &Path,
     ) -> Result<StoredBlob, BlobError> {
         // The handle and name go to the blocking thread as owned values.
-        let parent = parent.try_clone().map_err(BlobError::Write)?;
+        let parent = Arc::new(parent.try_clone().map_err(BlobError::Write)?);
         let (store, name, origin) = (self.clone(), name.to_owned(), origin.to_owned());
-        tokio::task::spawn_blocking(move || store.take(&parent, &name, file, &origin))
+        tokio::task::spawn_blocking(move || store.put_one(Some(parent), &name, file, &origin))
             .await
             .map_err(BlobError::Task)?
+    }
+
+    fn batch(&self) -> Box<dyn BlobBatch + '_> {
+        Box::new(EmbeddedBatch::new(self.clone()))
     }
 }
 

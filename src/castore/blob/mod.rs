@@ -4,7 +4,9 @@
 //! - [`grpc`]: another kiln (or any tvix/snix castore) over gRPC.
 //!
 //! A blob is addressed by the BLAKE3 digest of its bytes. Backends never
-//! hold a whole blob in memory: puts stream, reads stream.
+//! hold a whole blob in memory: puts stream, reads stream. A single put is
+//! durable when it answers; trees of host files go through a [`BlobBatch`],
+//! durable as a whole when committed.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -19,10 +21,12 @@ use crate::hostfs::Dir;
 use super::digest::B3Digest;
 use super::errors::ValidationError;
 
+pub mod batch;
 pub mod embedded;
 pub mod grpc;
 mod verify;
 
+pub use batch::{BatchPut, BlobBatch};
 pub use verify::VerifyingReader;
 
 /// Size of the read buffer and of the chunks sent over gRPC.
@@ -61,6 +65,14 @@ pub enum BlobError {
     /// Writing a new blob to a temporary file failed.
     #[error("writing a new blob")]
     Write(#[source] io::Error),
+    /// Making the blobs of a batch durable (flushing their bytes or their
+    /// names to disk) failed; none of the batch's blobs not yet visible
+    /// becomes visible.
+    #[error("making stored blobs durable")]
+    Durable(#[source] io::Error),
+    /// An earlier step of this batch failed; it stores nothing more.
+    #[error("the blob batch failed earlier")]
+    BatchFailed,
     /// Reading the bytes to put failed.
     #[error("reading the bytes to store")]
     ReadSource(#[source] io::Error),
@@ -195,8 +207,8 @@ pub trait BlobService: Send + Sync {
     /// Stores the regular file `name` of a build's tree, opened beneath
     /// `parent` as `file`, and takes it out of the tree. Backends that can
     /// take the file over without copying its bytes do (the embedded store
-    /// renames it); the default copies like [`BlobService::put_opened`] and
-    /// unlinks it.
+    /// links the opened inode under its digest); the default copies like
+    /// [`BlobService::put_opened`] and unlinks it.
     async fn put_taken(
         &self,
         parent: &Dir,
@@ -210,6 +222,12 @@ pub trait BlobService: Send + Sync {
             source,
         })?;
         Ok(stored)
+    }
+
+    /// A batch of host-file puts made durable together (see [`BlobBatch`]).
+    /// The default stores each file durably on its own.
+    fn batch(&self) -> Box<dyn BlobBatch + '_> {
+        Box::new(batch::OneByOne(self))
     }
 }
 
@@ -229,12 +247,31 @@ pub async fn hash_opened(file: File, origin: PathBuf) -> Result<(File, StoredBlo
 
 /// [`hash_opened`] for callers already on a blocking thread.
 pub fn hash_opened_blocking(file: &File, origin: &Path) -> Result<StoredBlob, BlobError> {
+    let len = file
+        .metadata()
+        .map_err(|source| BlobError::HashFile {
+            path: origin.to_owned(),
+            source,
+        })?
+        .len();
+    hash_opened_sized(file, len, origin)
+}
+
+/// [`hash_opened_blocking`] of a file whose length the caller has just
+/// read: its first `len` bytes, read from offset 0 without moving the
+/// file's offset (a small file in one read: the call that would find the
+/// end is saved). A file that changes while being hashed is the caller's
+/// to detect, as with [`hash_opened_blocking`].
+pub(crate) fn hash_opened_sized(
+    file: &File,
+    len: u64,
+    origin: &Path,
+) -> Result<StoredBlob, BlobError> {
     let err = |source| BlobError::HashFile {
         path: origin.to_owned(),
         source,
     };
     let mut hasher = blake3::Hasher::new();
-    let len = file.metadata().map_err(err)?.len();
     if len >= MMAP_THRESHOLD {
         // SAFETY: the map is only read while this function runs. Files
         // hashed here are build outputs of a VM that is gone, or files the
@@ -243,9 +280,22 @@ pub fn hash_opened_blocking(file: &File, origin: &Path) -> Result<StoredBlob, Bl
         let map = unsafe { memmap2::Mmap::map(file) }.map_err(err)?;
         hasher.update_rayon(&map);
     } else {
-        let mut reader = file;
-        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(err)?;
-        hasher.update_reader(reader).map_err(err)?;
+        use std::os::unix::fs::FileExt;
+        // No larger than the file: zeroing a buffer is not free either.
+        let size = usize::try_from(len).map_or(CHUNK_SIZE, |len| len.min(CHUNK_SIZE));
+        let mut buf = vec![0u8; size];
+        let mut offset = 0u64;
+        while offset < len {
+            let want = usize::try_from(len - offset).map_or(buf.len(), |left| left.min(buf.len()));
+            let n = match file.read_at(&mut buf[..want], offset) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(err(e)),
+            };
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
     }
     Ok(StoredBlob {
         digest: hasher.finalize().into(),
