@@ -298,7 +298,7 @@ async fn sighup_reloads_the_token_file_and_leaves_the_running_build_alone() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let tokens = secret_file(keys.path(), "tokens", "alice retiring-token-1\n");
+    let tokens = secret_file(keys.path(), "tokens", "retiring-token-1\n");
     let old = secret_file(keys.path(), "old", "retiring-token-1\n");
     let new = secret_file(keys.path(), "new", "arriving-token-2\n");
     let tokens_arg = tokens.to_str().unwrap().to_owned();
