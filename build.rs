@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "protos/snix/store/v1/pathinfo.proto",
     "protos/snix/store/v1/rpc_pathinfo.proto",
     "protos/kiln/v1/events.proto",
+    "protos/kiln/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,17 +5,21 @@
 //! - a TLS client certificate that chains to the configured client CA
 //!   (`--tls-client-ca`; rustls verifies it during the handshake), or
 //! - an `authorization: Bearer <token>` header whose token is one of the
-//!   lines of the token file (`--auth-tokens`), read once at start-up and
-//!   compared in constant time.
+//!   lines of the token file (`--auth-tokens`) or of the operator token file
+//!   (`--operator-tokens`), compared in constant time. Both files are read
+//!   at start-up and again on [`Security::reload`] (SIGHUP).
 //!
-//! With either configured, [`AuthLayer`] sits on the server builder in front
-//! of every service, so none can be forgotten: any call without an accepted
-//! credential gets `UNAUTHENTICATED`. The one exception is
-//! `grpc.health.v1.Health`, which load balancers and probes must reach
-//! without credentials; it reveals only whether kiln is serving.
+//! With any of these configured, [`AuthLayer`] sits on the server builder in
+//! front of every service, so none can be forgotten: any call without an
+//! accepted credential gets `UNAUTHENTICATED`, and a call to the operator
+//! service `kiln.v1.Admin` without an operator token gets
+//! `PERMISSION_DENIED`. The one exception is `grpc.health.v1.Health`, which
+//! load balancers and probes must reach without credentials; it reveals
+//! only whether kiln is serving. Without authentication every caller is
+//! served, the operator service included.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use futures::future::{self, Either, Ready};
@@ -31,6 +35,8 @@ use crate::tls::{self, TlsError};
 
 /// Paths under this prefix are served without credentials.
 const OPEN_PREFIX: &str = "/grpc.health.v1.Health/";
+/// Paths under this prefix need an operator credential.
+const OPERATOR_PREFIX: &str = "/kiln.v1.Admin/";
 
 /// Loading the security settings failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +79,9 @@ pub struct SecurityOptions {
     pub tls_client_ca: Option<PathBuf>,
     /// File of accepted bearer tokens, one per line.
     pub auth_tokens: Option<PathBuf>,
+    /// File of operator bearer tokens (the admin service, and everything
+    /// else), one per line.
+    pub operator_tokens: Option<PathBuf>,
 }
 
 /// The server's loaded security settings: TLS, and who may call.
@@ -86,7 +95,40 @@ pub struct Security {
 #[derive(Debug)]
 struct Policy {
     client_certs: bool,
-    tokens: Option<Tokens>,
+    /// The token files, re-read by [`Security::reload`].
+    files: TokenFiles,
+    tokens: RwLock<Accepted>,
+}
+
+/// Where the accepted tokens come from.
+#[derive(Debug, Clone, Default)]
+struct TokenFiles {
+    clients: Option<PathBuf>,
+    operators: Option<PathBuf>,
+}
+
+/// The tokens accepted now.
+#[derive(Debug, Default)]
+struct Accepted {
+    clients: Option<Tokens>,
+    operators: Option<Tokens>,
+}
+
+impl TokenFiles {
+    fn load(&self) -> Result<Accepted, AuthError> {
+        let read = |path: &Option<PathBuf>| path.as_deref().map(Tokens::from_file).transpose();
+        Ok(Accepted {
+            clients: read(&self.clients)?,
+            operators: read(&self.operators)?,
+        })
+    }
+}
+
+/// Who a caller proved to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Client,
+    Operator,
 }
 
 impl Security {
@@ -109,19 +151,60 @@ impl Security {
             (None, None) => None,
             _ => return Err(AuthError::IncompleteIdentity),
         };
-        let tokens = options
-            .auth_tokens
-            .as_deref()
-            .map(Tokens::from_file)
-            .transpose()?;
+        let files = TokenFiles {
+            clients: options.auth_tokens.clone(),
+            operators: options.operator_tokens.clone(),
+        };
+        let tokens = files.load()?;
         let client_certs = options.tls_client_ca.is_some();
-        let policy = (client_certs || tokens.is_some()).then(|| {
+        let any = client_certs || tokens.clients.is_some() || tokens.operators.is_some();
+        let policy = any.then(|| {
             Arc::new(Policy {
                 client_certs,
-                tokens,
+                files,
+                tokens: RwLock::new(tokens),
             })
         });
         Ok(Self { tls, policy })
+    }
+
+    /// Re-reads the token files (SIGHUP). On an error nothing changes: the
+    /// tokens accepted so far stay accepted. Answers one line per file
+    /// saying what changed, never a token.
+    pub fn reload(&self) -> Result<Vec<String>, AuthError> {
+        let Some(policy) = &self.policy else {
+            return Ok(Vec::new());
+        };
+        let new = policy.files.load()?;
+        let mut tokens = policy.tokens.write().unwrap_or_else(|p| p.into_inner());
+        let changes = [
+            (
+                "tokens",
+                &policy.files.clients,
+                &tokens.clients,
+                &new.clients,
+            ),
+            (
+                "operator tokens",
+                &policy.files.operators,
+                &tokens.operators,
+                &new.operators,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(what, path, old, new)| {
+            let (path, old, new) = (path.as_ref()?, old.as_ref()?, new.as_ref()?);
+            Some(format!(
+                "{what} {}: {} accepted ({} added, {} removed)",
+                path.display(),
+                new.len(),
+                new.not_in(old),
+                old.not_in(new),
+            ))
+        })
+        .collect();
+        *tokens = new;
+        Ok(changes)
     }
 
     /// The TLS configuration, if the server speaks TLS.
@@ -148,8 +231,12 @@ impl Security {
                 if policy.client_certs {
                     ways.push("client certificates".to_owned());
                 }
-                if let Some(tokens) = &policy.tokens {
+                let tokens = policy.tokens.read().unwrap_or_else(|p| p.into_inner());
+                if let Some(tokens) = &tokens.clients {
                     ways.push(format!("{} bearer token(s)", tokens.len()));
+                }
+                if let Some(tokens) = &tokens.operators {
+                    ways.push(format!("{} operator token(s)", tokens.len()));
                 }
                 format!("callers authenticate with {}", ways.join(" or "))
             }
@@ -234,6 +321,14 @@ impl Tokens {
             });
         matched.into()
     }
+
+    /// How many of these tokens `other` does not accept.
+    fn not_in(&self, other: &Tokens) -> usize {
+        self.digests
+            .iter()
+            .filter(|d| !other.digests.contains(d))
+            .count()
+    }
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
@@ -255,34 +350,55 @@ fn warn_if_readable_by_others(path: &Path) {
 impl Policy {
     /// Whether `request` may proceed; otherwise the status to answer with.
     fn check<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
-        if request.uri().path().starts_with(OPEN_PREFIX) {
+        let path = request.uri().path();
+        if path.starts_with(OPEN_PREFIX) {
             return Ok(());
         }
-        if self.client_certs && has_client_certificate(request) {
-            return Ok(());
+        let caller = self.caller(request)?;
+        if path.starts_with(OPERATOR_PREFIX) && caller != Caller::Operator {
+            return Err(Status::permission_denied(
+                "kiln.v1.Admin needs an operator token (kiln serve --operator-tokens)",
+            ));
         }
-        let header = request.headers().get(http::header::AUTHORIZATION);
-        match (&self.tokens, header) {
-            (Some(tokens), Some(value)) => {
-                let token = bearer_token(value).ok_or_else(|| {
-                    Status::unauthenticated("the authorization header is not `Bearer <token>`")
-                })?;
-                if tokens.accepts(token) {
-                    Ok(())
-                } else {
-                    Err(Status::unauthenticated("the bearer token is not accepted"))
-                }
-            }
-            _ => Err(Status::unauthenticated(self.what_is_required())),
+        Ok(())
+    }
+
+    /// Who presented what: a bearer token is checked when one is sent
+    /// (operator tokens first), a client certificate otherwise.
+    fn caller<B>(&self, request: &http::Request<B>) -> Result<Caller, Status> {
+        let certified = self.client_certs && has_client_certificate(request);
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let Some(value) = request.headers().get(http::header::AUTHORIZATION) else {
+            return if certified {
+                Ok(Caller::Client)
+            } else {
+                Err(Status::unauthenticated(self.what_is_required(&tokens)))
+            };
+        };
+        let token = bearer_token(value).ok_or_else(|| {
+            Status::unauthenticated("the authorization header is not `Bearer <token>`")
+        })?;
+        let accepts = |set: &Option<Tokens>| set.as_ref().is_some_and(|t| t.accepts(token));
+        if accepts(&tokens.operators) {
+            Ok(Caller::Operator)
+        } else if accepts(&tokens.clients) || certified {
+            Ok(Caller::Client)
+        } else if tokens.clients.is_none() && tokens.operators.is_none() {
+            // No tokens are taken at all: say what is.
+            Err(Status::unauthenticated(self.what_is_required(&tokens)))
+        } else {
+            Err(Status::unauthenticated("the bearer token is not accepted"))
         }
     }
 
-    fn what_is_required(&self) -> &'static str {
-        match (self.client_certs, self.tokens.is_some()) {
-            (true, true) => "kiln requires a client certificate signed by its client CA or an `authorization: Bearer <token>` header",
-            (true, false) => "kiln requires a client certificate signed by its client CA",
-            _ => "kiln requires an `authorization: Bearer <token>` header",
+    fn what_is_required(&self, tokens: &Accepted) -> &'static str {
+        if self.client_certs {
+            if tokens.clients.is_some() || tokens.operators.is_some() {
+                return "kiln requires a client certificate signed by its client CA or an `authorization: Bearer <token>` header";
+            }
+            return "kiln requires a client certificate signed by its client CA";
         }
+        "kiln requires an `authorization: Bearer <token>` header"
     }
 }
 
@@ -427,6 +543,20 @@ mod tests {
         assert!(none.tls().is_none());
     }
 
+    fn policy_of(
+        client_certs: bool,
+        clients: Option<PathBuf>,
+        operators: Option<PathBuf>,
+    ) -> Policy {
+        let files = TokenFiles { clients, operators };
+        let tokens = RwLock::new(files.load().expect("loads"));
+        Policy {
+            client_certs,
+            files,
+            tokens,
+        }
+    }
+
     fn request(path: &str, authorization: Option<&str>) -> http::Request<()> {
         let mut builder = http::Request::builder().uri(path);
         if let Some(value) = authorization {
@@ -438,10 +568,7 @@ mod tests {
     #[test]
     fn policy_checks_bearer_tokens_and_leaves_health_open() {
         let (_dir, path) = token_file("secret\n");
-        let policy = Policy {
-            client_certs: false,
-            tokens: Some(Tokens::from_file(&path).expect("loads")),
-        };
+        let policy = policy_of(false, Some(path), None);
         let call = "/snix.castore.v1.BlobService/Stat";
         assert!(policy.check(&request(call, Some("Bearer secret"))).is_ok());
         assert!(policy.check(&request(call, Some("bearer secret"))).is_ok());
@@ -453,13 +580,64 @@ mod tests {
             .check(&request("/grpc.health.v1.Health/Check", None))
             .is_ok());
         // Without TLS there is no certificate to accept.
-        let certs_only = Policy {
-            client_certs: true,
-            tokens: None,
-        };
+        let certs_only = policy_of(true, None, None);
         let status = certs_only
             .check(&request(call, Some("Bearer secret")))
             .expect_err("refused");
         assert!(status.message().contains("client certificate"));
+    }
+
+    #[test]
+    fn the_admin_service_needs_an_operator_token() {
+        let (_dir, clients) = token_file("client\n");
+        let (_dir2, operators) = token_file("boss\n");
+        let policy = policy_of(false, Some(clients), Some(operators));
+        let admin = "/kiln.v1.Admin/ListBuilds";
+        let build = "/snix.build.v1.BuildService/DoBuild";
+        assert!(policy.check(&request(admin, Some("Bearer boss"))).is_ok());
+        assert!(policy.check(&request(build, Some("Bearer boss"))).is_ok());
+        assert!(policy.check(&request(build, Some("Bearer client"))).is_ok());
+        let status = policy
+            .check(&request(admin, Some("Bearer client")))
+            .expect_err("a client is no operator");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let status = policy.check(&request(admin, None)).expect_err("nobody");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn reload_swaps_tokens_and_keeps_them_on_error() {
+        let (dir, path) = token_file("retired-token\nkept-token\n");
+        let security = Security::load(&SecurityOptions {
+            auth_tokens: Some(path.clone()),
+            ..Default::default()
+        })
+        .expect("loads");
+        let layer_policy = security.layer().policy.expect("policy");
+        let call = "/snix.castore.v1.BlobService/Stat";
+        std::fs::write(&path, "kept-token\nfresh-token\n").expect("write");
+        let changes = security.reload().expect("reloads");
+        assert_eq!(changes.len(), 1);
+        assert!(
+            changes[0].contains("2 accepted (1 added, 1 removed)"),
+            "{changes:?}"
+        );
+        assert!(
+            !changes[0].contains("fresh-token") && !changes[0].contains("retired-token"),
+            "token leaked: {changes:?}"
+        );
+        assert!(layer_policy
+            .check(&request(call, Some("Bearer fresh-token")))
+            .is_ok());
+        assert!(layer_policy
+            .check(&request(call, Some("Bearer retired-token")))
+            .is_err());
+        // A broken file changes nothing.
+        std::fs::write(&path, "has space\n").expect("write");
+        security.reload().expect_err("refused");
+        assert!(layer_policy
+            .check(&request(call, Some("Bearer fresh-token")))
+            .is_ok());
+        drop(dir);
     }
 }

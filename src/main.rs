@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kiln::cli::build::JsonLayout;
 use kiln::executor::config::{defaults, image_cache_dir};
+use kiln::executor::events::StopReason;
 use kiln::server::Listen;
 use kiln::vmm::host::{AccelChoice, VmmChoice};
 
@@ -19,8 +20,25 @@ use kiln::vmm::host::{AccelChoice, VmmChoice};
     about = "A gRPC build executor that runs every build in its own microVM"
 )]
 struct Cli {
+    /// How kiln writes its own log lines (stderr): text, or json (one
+    /// object per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "KILN_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,6 +56,53 @@ enum Command {
     /// Speak the Nix worker protocol on stdin/stdout in front of a kiln
     /// server: what an `ssh-ng://` remote builder or store runs.
     NixDaemon(NixDaemonArgs),
+    /// List the builds a server runs or queues (operators).
+    Builds(BuildsArgs),
+    /// Cancel a build (operators).
+    Cancel(CancelArgs),
+    /// Print a build's log, optionally following it to its end (operators).
+    Logs(LogsArgs),
+}
+
+/// How an operator command reaches the server.
+#[derive(Args)]
+struct AdminArgs {
+    /// The kiln server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    addr: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
+}
+
+/// `kiln builds`.
+#[derive(Args)]
+struct BuildsArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// One JSON object per build and line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kiln cancel ID`.
+#[derive(Args)]
+struct CancelArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The build's id (as `kiln builds` prints it).
+    build_id: String,
+}
+
+/// `kiln logs ID`.
+#[derive(Args)]
+struct LogsArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Keep printing until the build ends.
+    #[arg(long, short)]
+    follow: bool,
+    /// The build's id.
+    build_id: String,
 }
 
 /// `kiln nix-daemon --stdio`.
@@ -190,6 +255,11 @@ struct ServeArgs {
     nix_daemon_socket_mode: u32,
     #[command(flatten)]
     nix_policy: NixPolicyArgs,
+    /// On SIGTERM or SIGINT, how long running builds may go on before they
+    /// are cancelled, seconds (no new builds are accepted meanwhile; a
+    /// second signal cancels them at once).
+    #[arg(long = "shutdown-grace", default_value_t = defaults::SHUTDOWN_GRACE.as_secs(), value_name = "SECS")]
+    shutdown_grace_secs: u64,
 }
 
 /// Network for the builds that ask for it (`network_access`, fixed-output
@@ -250,9 +320,16 @@ struct ServeSecurityArgs {
     /// PEM CA: clients presenting a certificate signed by it are authenticated (needs TLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// File of accepted bearer tokens, one per line, read at start-up.
+    /// File of accepted bearer tokens, one per line, read at start-up and
+    /// on SIGHUP.
     #[arg(long, value_name = "FILE")]
     auth_tokens: Option<PathBuf>,
+    /// File of operator bearer tokens, one per line (read like
+    /// --auth-tokens): they may call everything, and alone may use the
+    /// operator commands (kiln builds, cancel, logs) when callers
+    /// authenticate. Giving it turns authentication on.
+    #[arg(long, value_name = "FILE")]
+    operator_tokens: Option<PathBuf>,
 }
 
 /// How a client reaches a server that uses TLS or authentication.
@@ -388,10 +465,10 @@ fn parse_socket_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// How long open calls may finish after SIGINT/SIGTERM before their
-/// connections are closed: builds would run on for hours, so they are
-/// cancelled instead.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long open calls may go on after the builds have ended at shutdown
+/// (their last events and answers are on the way) before their
+/// connections are closed.
+const CALLS_GRACE: Duration = Duration::from_secs(3);
 /// How long exiting waits for cancelled builds to stop their VMs and remove
 /// their directories.
 const BUILD_CLEANUP_GRACE: Duration = Duration::from_secs(20);
@@ -406,13 +483,17 @@ fn main() -> ExitCode {
         Command::NixDaemon(_) => "kiln=warn",
         _ => "kiln=info",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // Spans (the build id) go on every line as fields.
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -433,20 +514,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM (what `systemctl stop` sends).
-/// Installed before serving, so neither signal kills kiln without its
-/// clean-up from then on.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    Ok(async move {
+/// SIGINT and SIGTERM (what `systemctl stop` sends). Installed before
+/// serving, so neither signal kills kiln without its clean-up from then on.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) -> &'static str {
         tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
         }
-    })
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -498,6 +588,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kiln::nix::daemon::serve_stdio(&daemon).await?;
             Ok(())
         }
+        Command::Builds(args) => {
+            let security = args.admin.security.load()?;
+            Ok(kiln::cli::admin::builds(&args.admin.addr, &security, args.json).await?)
+        }
+        Command::Cancel(args) => {
+            let security = args.admin.security.load()?;
+            Ok(kiln::cli::admin::cancel(&args.admin.addr, &security, &args.build_id).await?)
+        }
+        Command::Logs(args) => {
+            let security = args.admin.security.load()?;
+            Ok(
+                kiln::cli::admin::logs(&args.admin.addr, &security, &args.build_id, args.follow)
+                    .await?,
+            )
+        }
         Command::Doctor(args) => {
             let opts = kiln::cli::doctor::DoctorOptions {
                 vmm: args.vm.vmm,
@@ -527,6 +632,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_key: args.security.tls_key.clone(),
         tls_client_ca: args.security.tls_client_ca.clone(),
         auth_tokens: args.security.auth_tokens.clone(),
+        operator_tokens: args.security.operator_tokens.clone(),
     })
     .context("loading the TLS and authentication settings")?;
     let castore_security =
@@ -562,7 +668,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow: args.network.network_allow.clone(),
         dns: args.network.network_dns,
     });
-    let (network_config, network_unavailable, _firewall) = match network {
+    let (network_config, network_unavailable, firewall) = match network {
         kiln::vmm::net::NetworkSetup::Ready { config, firewall } => {
             tracing::info!(
                 allow = ?config.policy.allow,
@@ -580,7 +686,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_guest_memory_mib: args.max_guest_memory_mib,
         vcpus: args.vcpus,
         nested_virt_available: vm.nested_available,
-        ro_path_allowlist: args.allow_ro_paths,
+        ro_path_allowlist: args.allow_ro_paths.clone(),
         network_unavailable,
         ..Default::default()
     };
@@ -607,23 +713,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         artifacts: args.vm.artifacts(),
         ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
+    let egress = config.network.as_ref().map(|n| n.policy.clone());
     let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
-    let signalled = stop_signal()?;
+    let signals = StopSignals::install()?;
     let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
     let runs_dir = executor.runs_dir();
     let stop = tokio_util::sync::CancellationToken::new();
     let cut = tokio_util::sync::CancellationToken::new();
-    let (stopper, cutter) = (stop.clone(), cut.clone());
-    tokio::spawn(async move {
-        let name = signalled.await;
-        tracing::info!(signal = name, "shutting down: no new calls");
-        stopper.cancel();
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-        tracing::info!("closing the connections still open: their builds are cancelled");
-        cutter.cancel();
-    });
     let executor = std::sync::Arc::new(executor);
+    tokio::spawn(shut_down_on_signal(
+        signals,
+        executor.clone(),
+        Duration::from_secs(args.shutdown_grace_secs),
+        stop.clone(),
+        cut.clone(),
+    ));
+    let reloadable = Reloadable {
+        security: security.clone(),
+        executor: executor.clone(),
+        firewall: firewall.zip(egress),
+        allow_ro_paths: args.allow_ro_paths.clone(),
+        network_allow: args.network.network_allow.clone(),
+    };
+    tokio::spawn(reload_on_hangup(reloadable)?);
     executor.start_pool();
     let pool_owner = executor.clone();
     let path_info =
@@ -676,6 +789,149 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(pool_owner);
     builds_cleaned_up(&runs_dir).await;
     Ok(())
+}
+
+/// Shutting down on SIGTERM/SIGINT: no new builds or connections (the
+/// health service answers NOT_SERVING), running builds go on for at most
+/// `grace` (a second signal ends it), then those left are cancelled; once
+/// no build runs, open calls get [`CALLS_GRACE`] to deliver their answers
+/// before the connections are closed.
+async fn shut_down_on_signal(
+    mut signals: StopSignals,
+    executor: std::sync::Arc<kiln::executor::Executor>,
+    grace: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    cut: tokio_util::sync::CancellationToken,
+) {
+    let name = signals.recv().await;
+    let running = executor.running().len();
+    tracing::info!(
+        signal = name,
+        running,
+        grace_secs = grace.as_secs(),
+        "shutting down: no new builds; running builds may finish within the grace"
+    );
+    executor.drain();
+    stop.cancel();
+    let deadline = tokio::time::Instant::now() + grace;
+    let ended = async {
+        while !executor.running().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        () = ended => {}
+        () = tokio::time::sleep_until(deadline) => {
+            let stopped = executor.stop_all(StopReason::Shutdown { grace_secs: grace.as_secs() });
+            tracing::warn!(builds = stopped, "shutdown grace over: cancelling the builds still running");
+        }
+        again = signals.recv() => {
+            let stopped = executor.stop_all(StopReason::Shutdown { grace_secs: grace.as_secs() });
+            tracing::warn!(signal = again, builds = stopped, "second signal: cancelling the builds still running");
+        }
+    }
+    // Cancelled builds release their VMs and directories before their
+    // final event; wait for that (bounded), then for the calls.
+    let cleanup = tokio::time::Instant::now() + BUILD_CLEANUP_GRACE;
+    while !executor.running().is_empty() && tokio::time::Instant::now() < cleanup {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(CALLS_GRACE).await;
+    tracing::info!("closing the connections still open");
+    cut.cancel();
+}
+
+/// What SIGHUP re-reads and where it goes.
+struct Reloadable {
+    security: kiln::auth::Security,
+    executor: std::sync::Arc<kiln::executor::Executor>,
+    /// The egress table and the policy it was installed with.
+    firewall: Option<(kiln::vmm::net::Firewall, kiln::vmm::net::EgressPolicy)>,
+    allow_ro_paths: Vec<PathBuf>,
+    network_allow: Vec<ipnet::IpNet>,
+}
+
+/// On every SIGHUP: the token files are re-read, and the command line
+/// (with its config file) parsed again for the allow-lists
+/// (`allow-ro-path`, `network-allow`). Running builds are untouched; what
+/// changed is logged (never a token). A file that fails to load changes
+/// nothing of its part.
+fn reload_on_hangup(
+    mut state: Reloadable,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the token files and allow-lists");
+            match state.security.reload() {
+                Ok(changes) => {
+                    for change in changes {
+                        tracing::info!(%change, "reloaded");
+                    }
+                }
+                Err(e) => tracing::error!(
+                    error = %format!("{:#}", anyhow::Error::from(e)),
+                    "the token files were not reloaded: the old tokens stay accepted"
+                ),
+            }
+            match reparse_serve_args(&argv) {
+                Ok(args) => {
+                    state.apply_allow_lists(args.allow_ro_paths, args.network.network_allow)
+                }
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "the allow-lists were not reloaded: the old ones stay"
+                ),
+            }
+        }
+    })
+}
+
+/// `kiln serve`'s settings as the command line (and its config file) give
+/// them now.
+fn reparse_serve_args(argv: &[std::ffi::OsString]) -> anyhow::Result<ServeArgs> {
+    let cli = Cli::try_parse_from(argv).context("parsing the command line again")?;
+    match cli.command {
+        Command::Serve(args) => Ok(args),
+        _ => anyhow::bail!("kiln is not serving"),
+    }
+}
+
+impl Reloadable {
+    fn apply_allow_lists(&mut self, ro_paths: Vec<PathBuf>, network_allow: Vec<ipnet::IpNet>) {
+        if ro_paths != self.allow_ro_paths {
+            tracing::info!(before = ?self.allow_ro_paths, after = ?ro_paths, "allow-ro-path changed");
+            self.executor.set_ro_path_allowlist(ro_paths.clone());
+            self.allow_ro_paths = ro_paths;
+        }
+        if network_allow == self.network_allow {
+            return;
+        }
+        let Some((firewall, policy)) = &mut self.firewall else {
+            tracing::warn!(
+                "network-allow changed, but builds get no network here: nothing to apply"
+            );
+            self.network_allow = network_allow;
+            return;
+        };
+        let new = kiln::vmm::net::EgressPolicy {
+            allow: network_allow.clone(),
+            ..policy.clone()
+        };
+        match firewall.replace(&new) {
+            Ok(()) => {
+                tracing::info!(before = ?self.network_allow, after = ?network_allow, "network-allow changed");
+                *policy = new;
+                self.network_allow = network_allow;
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{:#}", anyhow::Error::from(e)),
+                "network-allow was not changed: the egress table stays as it was"
+            ),
+        }
+    }
 }
 
 /// Waits (at most [`BUILD_CLEANUP_GRACE`]) until cancelled builds have

@@ -217,6 +217,7 @@ pub async fn serve_services(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServeError::Reflection)?;
+    let admin = crate::grpc::admin::AdminService::new(executor.clone());
     let builds = BuildService::new(executor);
     let castore = crate::castore::grpc_services(store);
     health_reporter
@@ -249,7 +250,16 @@ pub async fn serve_services(
             kiln_v1::build_events_server::BuildEventsServer::new(builds)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
         )
+        .add_service(kiln_v1::admin_server::AdminServer::new(admin))
         .add_optional_service(path_info);
+    // Load balancers and probes see a stopping server as not serving while
+    // its open calls finish.
+    let shutdown = async move {
+        shutdown.await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
 
     match listener {
         Bound::Tcp(listener) => {

@@ -1,6 +1,8 @@
 //! The client-side `kiln` subcommands: `build`, `castore import|export`,
+//! `builds`, `cancel`, `logs` (operators),
 //! `doctor`. `main.rs` only parses arguments and calls into here.
 
+pub mod admin;
 pub mod build;
 pub mod castore;
 pub mod doctor;

@@ -68,6 +68,10 @@ pub mod defaults {
         crate::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES;
     /// Builds whose logs are kept for `Watch` after they end (no flag).
     pub const KEPT_BUILDS: usize = 256;
+    /// How long running builds may go on after SIGTERM before they are
+    /// cancelled (`--shutdown-grace`): long enough for a typical build to
+    /// finish, well inside systemd's default stop timeout of 90 s.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
     /// Log bytes kept per build (no flag): 4 MiB.
     pub const KEPT_LOG_BYTES: usize = 4 << 20;
 

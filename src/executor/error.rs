@@ -5,6 +5,8 @@
 //! line of a failed build. The mapping to gRPC status codes is the wire
 //! side's (`crate::grpc::status`), in one table.
 
+use crate::executor::events::StopReason;
+
 /// A request that broke a rule: the field and the rule, for INVALID_ARGUMENT.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {rule}")]
@@ -237,6 +239,22 @@ pub enum BuildError {
     /// The client went away or cancelled.
     #[error("build cancelled by the client")]
     Cancelled,
+    /// The host stopped the build: an operator, or a shutdown whose grace
+    /// ran out.
+    #[error("{}", stopped_message(.0))]
+    Stopped(StopReason),
+    /// The server is shutting down and starts no more builds.
+    #[error("kiln is shutting down and starts no new builds; send the build to another server or retry after it restarts")]
+    ShuttingDown,
+}
+
+fn stopped_message(reason: &StopReason) -> String {
+    match reason {
+        StopReason::Operator => "build cancelled by an operator (kiln cancel)".to_owned(),
+        StopReason::Shutdown { grace_secs } => format!(
+            "build cancelled: kiln shut down and the build outlasted the shutdown grace of {grace_secs} s (--shutdown-grace)"
+        ),
+    }
 }
 
 impl BuildError {
@@ -278,6 +296,9 @@ impl BuildError {
             Self::Timeout { .. } => "timeout",
             Self::Silent { .. } => "silent",
             Self::Cancelled => "cancelled",
+            Self::Stopped(StopReason::Operator) => "cancelled_by_operator",
+            Self::Stopped(StopReason::Shutdown { .. }) => "shutdown",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 

@@ -8,10 +8,12 @@
 //! these events at the edge (`crate::grpc::events`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::executor::error::BuildError;
 use crate::executor::run::{BuildOutcome, BuiltOutput};
@@ -103,6 +105,10 @@ impl Event {
 }
 
 struct State {
+    /// The phase the build is in (none before it is queued).
+    phase: Option<Phase>,
+    /// The VM it was given, once admitted.
+    vm: Option<VmStarted>,
     history: VecDeque<Event>,
     history_log_bytes: usize,
     log_bytes_total: u64,
@@ -110,21 +116,59 @@ struct State {
     finished: bool,
 }
 
-/// The events of one build.
+/// Why a build was stopped from the host side, when it was: what turns
+/// the executor's plain cancellation into the error the client sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An operator cancelled it (`kiln cancel`).
+    Operator,
+    /// The server shut down and the build outlasted the shutdown grace.
+    Shutdown {
+        /// The grace that ran out, seconds.
+        grace_secs: u64,
+    },
+}
+
+/// A running build as an operator sees it ([`Registry::running`]).
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    /// The build's id.
+    pub id: String,
+    /// When the server accepted it.
+    pub submitted: SystemTime,
+    /// How long ago that was.
+    pub age: std::time::Duration,
+    /// The phase it is in (none while its request is still being checked).
+    pub phase: Option<Phase>,
+    /// Its VM, once admitted.
+    pub vm: Option<VmStarted>,
+}
+
+/// The events of one build, and the handle that stops it.
 pub struct BuildLog {
     id: String,
+    submitted: SystemTime,
+    started: Instant,
+    cancel: CancellationToken,
+    stop_reason: OnceLock<StopReason>,
     history_limit: usize,
     state: Mutex<State>,
     live: broadcast::Sender<Event>,
 }
 
 impl BuildLog {
-    fn new(id: String, history_limit: usize) -> Self {
+    fn new(id: String, cancel: CancellationToken, history_limit: usize) -> Self {
         let (live, _) = broadcast::channel(1024);
         Self {
             id,
+            submitted: SystemTime::now(),
+            started: Instant::now(),
+            cancel,
+            stop_reason: OnceLock::new(),
             history_limit,
             state: Mutex::new(State {
+                phase: None,
+                vm: None,
                 history: VecDeque::new(),
                 history_log_bytes: 0,
                 log_bytes_total: 0,
@@ -138,6 +182,38 @@ impl BuildLog {
     /// The build's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Stops the build from the host side for `reason` (its VM is killed,
+    /// everything released; it fails with that reason). The first reason
+    /// given is the one reported. Whether it was still running.
+    pub fn stop(&self, reason: StopReason) -> bool {
+        let running = !self.lock().finished;
+        let _ = self.stop_reason.set(reason);
+        self.cancel.cancel();
+        running
+    }
+
+    /// Why the build was stopped from the host side, if it was.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason.get().copied()
+    }
+
+    /// Whether the build has ended (its final event is recorded).
+    pub fn finished(&self) -> bool {
+        self.lock().finished
+    }
+
+    /// The build as an operator sees it.
+    pub fn summary(&self) -> BuildSummary {
+        let st = self.lock();
+        BuildSummary {
+            id: self.id.clone(),
+            submitted: self.submitted,
+            age: self.started.elapsed(),
+            phase: st.phase,
+            vm: st.vm.clone(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -176,6 +252,11 @@ impl BuildLog {
                     st.history_log_bytes -= old.len();
                 }
             }
+        }
+        match &event {
+            Event::Phase(phase) => st.phase = Some(*phase),
+            Event::Started(vm) => st.vm = Some(vm.clone()),
+            _ => {}
         }
         st.finished = event.is_final();
         st.history.push_back(event.clone());
@@ -247,10 +328,10 @@ impl Registry {
         }
     }
 
-    /// Creates the log of a new build.
-    pub fn create(&self, id: String) -> Arc<BuildLog> {
-        let log = Arc::new(BuildLog::new(id.clone(), self.history_limit));
-        let mut guard = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+    /// Creates the log of a new build, stopped through `cancel`.
+    pub fn create(&self, id: String, cancel: CancellationToken) -> Arc<BuildLog> {
+        let log = Arc::new(BuildLog::new(id.clone(), cancel, self.history_limit));
+        let mut guard = self.lock();
         let (map, order) = &mut *guard;
         map.insert(id.clone(), log.clone());
         order.push_back(id);
@@ -262,14 +343,25 @@ impl Registry {
         log
     }
 
+    fn lock(&self) -> MutexGuard<'_, Known> {
+        self.builds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The log of a known build.
     pub fn get(&self, id: &str) -> Option<Arc<BuildLog>> {
-        self.builds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .get(id)
+        self.lock().0.get(id).cloned()
+    }
+
+    /// The builds that have not ended, oldest first.
+    pub fn running(&self) -> Vec<Arc<BuildLog>> {
+        let guard = self.lock();
+        let (map, order) = &*guard;
+        order
+            .iter()
+            .filter_map(|id| map.get(id))
+            .filter(|log| !log.finished())
             .cloned()
+            .collect()
     }
 }
 
@@ -280,7 +372,7 @@ mod tests {
     #[test]
     fn history_is_bounded_but_keeps_lifecycle_events() {
         let reg = Registry::new(10, 100);
-        let log = reg.create("b1".into());
+        let log = reg.create("b1".into(), CancellationToken::new());
         log.phase(Phase::Boot);
         for _ in 0..50 {
             log.log(Stream::Stdout, &[b'x'; 10]);
@@ -302,7 +394,7 @@ mod tests {
     #[test]
     fn tail_keeps_the_last_lines() {
         let reg = Registry::new(1, 1000);
-        let log = reg.create("b".into());
+        let log = reg.create("b".into(), CancellationToken::new());
         for i in 0..100 {
             log.log(Stream::Stderr, format!("line {i}\n").as_bytes());
         }
@@ -317,9 +409,9 @@ mod tests {
     #[test]
     fn registry_forgets_the_oldest() {
         let reg = Registry::new(2, 10);
-        reg.create("a".into());
-        reg.create("b".into());
-        reg.create("c".into());
+        reg.create("a".into(), CancellationToken::new());
+        reg.create("b".into(), CancellationToken::new());
+        reg.create("c".into(), CancellationToken::new());
         assert!(reg.get("a").is_none());
         assert!(reg.get("c").is_some());
     }
@@ -327,7 +419,7 @@ mod tests {
     #[test]
     fn finished_builds_have_no_live_stream() {
         let reg = Registry::new(2, 10);
-        let log = reg.create("a".into());
+        let log = reg.create("a".into(), CancellationToken::new());
         log.emit(Event::Failed(Arc::new(BuildError::Cancelled)));
         assert!(log.subscribe().1.is_none());
         log.phase(Phase::Boot);

@@ -17,6 +17,7 @@
 //! cancels a token. The executor alone writes a build's events, and the
 //! last one is always [`Event::Completed`] or [`Event::Failed`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,9 @@ use crate::castore::{Node, Store};
 use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
 use crate::executor::error::BuildError;
-use crate::executor::events::{BuildLog, Event, Phase, Registry, VmStarted};
+use crate::executor::events::{
+    BuildLog, BuildSummary, Event, Phase, Registry, StopReason, VmStarted,
+};
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
 use crate::executor::plan::{self, VmPlan};
@@ -90,6 +93,10 @@ pub struct Executor {
     registry: Registry,
     guest: GuestBoot,
     pool: Option<Arc<Pool>>,
+    /// Set when the server shuts down: new builds are refused.
+    draining: AtomicBool,
+    /// `config.limits.ro_path_allowlist` as it is now (replaced on reload).
+    ro_path_allowlist: std::sync::RwLock<Arc<Vec<std::path::PathBuf>>>,
 }
 
 /// Where a build runs: a VM it boots, or a warm one from the pool.
@@ -118,6 +125,7 @@ impl Executor {
                 vcpus: config.limits.vcpus,
             }))
         });
+        let config_allowlist = config.limits.ro_path_allowlist.clone();
         Self {
             admission: Admission::new(config.max_vms, config.memory_budget_mib, config.max_queue),
             registry: Registry::new(config.kept_builds, config.kept_log_bytes),
@@ -126,7 +134,68 @@ impl Executor {
             store,
             runner,
             pool,
+            draining: AtomicBool::new(false),
+            ro_path_allowlist: std::sync::RwLock::new(Arc::new(config_allowlist)),
         }
+    }
+
+    /// Replaces the read-only paths builds may ask for (`--allow-ro-path`,
+    /// re-read on SIGHUP); builds already planned keep theirs.
+    pub fn set_ro_path_allowlist(&self, paths: Vec<std::path::PathBuf>) {
+        *self
+            .ro_path_allowlist
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(paths);
+    }
+
+    /// The limits a build is planned under now.
+    fn plan_limits(&self) -> plan::Limits {
+        let allowlist = self
+            .ro_path_allowlist
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        plan::Limits {
+            ro_path_allowlist: allowlist.as_ref().clone(),
+            ..self.config.limits.clone()
+        }
+    }
+
+    /// Refuses every build started from now on (UNAVAILABLE: the server is
+    /// shutting down) and stops the warm pool; running builds go on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.stop_pool();
+    }
+
+    /// Whether [`Executor::drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The builds that have not ended, oldest first.
+    pub fn running(&self) -> Vec<BuildSummary> {
+        self.registry
+            .running()
+            .iter()
+            .map(|log| log.summary())
+            .collect()
+    }
+
+    /// Stops the build `id` for `reason`; false if no such build is running.
+    pub fn stop_build(&self, id: &str, reason: StopReason) -> bool {
+        self.registry
+            .get(id)
+            .is_some_and(|log| !log.finished() && log.stop(reason))
+    }
+
+    /// Stops every running build for `reason`; how many were stopped.
+    pub fn stop_all(&self, reason: StopReason) -> usize {
+        self.registry
+            .running()
+            .iter()
+            .filter(|log| log.stop(reason))
+            .count()
     }
 
     /// Starts keeping the warm pool full (nothing without `warm_vms`). The
@@ -214,8 +283,8 @@ impl Executor {
     /// by the client's.
     pub fn start(self: &Arc<Self>, req: BuildRequest, client: ClientLimits) -> Started {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let log = self.registry.create(id.clone());
         let cancel = CancellationToken::new();
+        let log = self.registry.create(id.clone(), cancel.clone());
         let limits = client.within(&self.config);
         let this = self.clone();
         let (task_log, task_cancel) = (log.clone(), cancel.clone());
@@ -239,9 +308,12 @@ impl Executor {
         cancel: &CancellationToken,
         limits: ClientLimits,
     ) -> Result<BuildOutcome, BuildError> {
+        if self.draining() {
+            return Err(BuildError::ShuttingDown);
+        }
         let timeout = limits.timeout.unwrap_or(self.config.timeout);
         let deadline = Instant::now() + timeout;
-        let plan = plan::plan(req, &self.config.limits)?;
+        let plan = plan::plan(req, &self.plan_limits())?;
         let trees = inputs::check(&self.store, req, &self.config.inputs).await?;
         log.phase(Phase::Queued);
         let placed = tokio::select! {
@@ -603,6 +675,10 @@ fn finish(log: &BuildLog, result: Result<BuildOutcome, BuildError>, took: Durati
             Ok(outcome)
         }
         Err(e) => {
+            let e = match (e, log.stop_reason()) {
+                (BuildError::Cancelled, Some(reason)) => BuildError::Stopped(reason),
+                (e, _) => e,
+            };
             info!(elapsed_ms, kind = e.kind(), error = %e.report(), "build failed");
             let e = Arc::new(e);
             log.emit(Event::Failed(e.clone()));

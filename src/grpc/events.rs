@@ -53,15 +53,26 @@ pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<BuildEvent, Status>> + Send>>;
+pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<BuildEvent, Status>> + Send>>;
 
 /// Streams a build's history, then its live events, until its final event.
 /// `guard` lives as long as the stream (a `Submit` cancels its build when
 /// the client goes away).
 fn follow<G: Send + 'static>(log: Arc<BuildLog>, guard: G) -> EventStream {
+    stream_log(log, guard, true)
+}
+
+/// A build's history as kept; with `live`, then its live events until its
+/// final event.
+pub(crate) fn stream_log<G: Send + 'static>(
+    log: Arc<BuildLog>,
+    guard: G,
+    live: bool,
+) -> EventStream {
     Box::pin(async_stream::stream! {
         let _guard = guard;
         let (history, rx) = log.subscribe();
+        let rx = rx.filter(|_| live);
         let mut done = false;
         for ev in history {
             done = ev.is_final();

@@ -7,8 +7,10 @@
 //!
 //! - [`build_service`]: `DoBuild` in the `tvix.build.v1` and `snix.build.v1`
 //!   layouts;
-//! - [`events`]: `kiln.v1.BuildEvents` (`Submit`, `Watch`).
+//! - [`events`]: `kiln.v1.BuildEvents` (`Submit`, `Watch`);
+//! - [`admin`]: `kiln.v1.Admin` (list, cancel, logs), for operators.
 
+pub mod admin;
 pub mod answer;
 pub mod build_service;
 pub mod events;

@@ -16,7 +16,8 @@
 //! | the VM died without a report (crash, kernel panic, VMM or virtiofsd killed) | UNAVAILABLE |
 //! | host-side infrastructure failed (spawning, store I/O) | UNAVAILABLE |
 //! | the build ran out of time | DEADLINE_EXCEEDED |
-//! | the client cancelled | CANCELLED |
+//! | the client cancelled, or an operator (`kiln cancel`) | CANCELLED |
+//! | the server is shutting down (no new builds; a build outlasting `--shutdown-grace`) | UNAVAILABLE |
 //! | the queue or the request memory budget is full | RESOURCE_EXHAUSTED |
 //!
 //! Clients need not parse messages: the detail has the kind, the
@@ -27,6 +28,7 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::executor::error::BuildError;
+use crate::executor::events::StopReason;
 use crate::proto::kiln_v1;
 
 /// The gRPC code a failure maps to.
@@ -45,7 +47,10 @@ pub fn code(e: &BuildError) -> Code {
         BuildError::AgentFailed { .. } => Code::Internal,
         BuildError::VmCrashed { .. } | BuildError::Infrastructure { .. } => Code::Unavailable,
         BuildError::Timeout { .. } | BuildError::Silent { .. } => Code::DeadlineExceeded,
-        BuildError::Cancelled => Code::Cancelled,
+        BuildError::Cancelled | BuildError::Stopped(StopReason::Operator) => Code::Cancelled,
+        BuildError::Stopped(StopReason::Shutdown { .. }) | BuildError::ShuttingDown => {
+            Code::Unavailable
+        }
     }
 }
 
@@ -149,6 +154,12 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (BuildError::Cancelled, Code::Cancelled),
+            (BuildError::Stopped(StopReason::Operator), Code::Cancelled),
+            (
+                BuildError::Stopped(StopReason::Shutdown { grace_secs: 5 }),
+                Code::Unavailable,
+            ),
+            (BuildError::ShuttingDown, Code::Unavailable),
             (
                 BuildError::QueueFull("full".into()),
                 Code::ResourceExhausted,

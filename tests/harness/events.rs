@@ -15,7 +15,7 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(180);
 /// builder has printed a chunk starting with `marker` (dropping it cancels
 /// the build).
 pub async fn submit_until_log(
-    channel: Channel,
+    channel: impl Into<kiln::client::KilnChannel>,
     req: snix_build::BuildRequest,
     marker: &[u8],
 ) -> Follow {

@@ -53,6 +53,13 @@ impl Firewall {
         })
     }
 
+    /// Replaces the installed table with `policy`'s, atomically (`nft -f`
+    /// of the whole table): running builds' helpers are policed by the new
+    /// rules from then on. On an error the old table stays.
+    pub fn replace(&self, policy: &EgressPolicy) -> Result<(), FirewallError> {
+        nft(&self.binary, &policy.ruleset(&self.table))
+    }
+
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.table
