@@ -38,6 +38,8 @@ impl Served {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--max-vms", "1"])
+            // Running builds are cancelled at once on SIGTERM.
+            .args(["--shutdown-grace", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -46,6 +46,9 @@ impl<'lab> Kiln<'lab> {
             format!("unix:{}", socket.display()).into(),
             "--data-dir".into(),
             data_dir.clone().into(),
+            // stop() waits at most 60 s for the clean-up.
+            "--shutdown-grace".into(),
+            "5".into(),
         ];
         argv.extend(args.iter().map(Into::into));
         let child = lab
