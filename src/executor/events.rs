@@ -6,14 +6,23 @@
 //! build's log ends with [`Event::Completed`] or [`Event::Failed`]. The
 //! [`Registry`] keeps the most recent builds. Wire messages are made from
 //! these events at the edge (`crate::grpc::events`).
+//!
+//! A build's log may also carry a [`BuildObserver`]: it sees every event as
+//! it is emitted, in order, with the instant it happened, and the agent's
+//! report; the server's metrics (`crate::metrics`) are one. It is called
+//! under the log's lock, so it must only note and never wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Instant;
+
 use bytes::Bytes;
+use kiln_guest::contract::Report;
 use tokio::sync::broadcast;
 
 use crate::executor::error::BuildError;
+use crate::executor::request::BuildRequest;
 use crate::executor::run::{BuildOutcome, BuiltOutput};
 
 /// How many bytes of the log's end go into failure messages.
@@ -102,7 +111,20 @@ impl Event {
     }
 }
 
+/// Follows one build's events as they are emitted (the server's metrics).
+pub trait BuildObserver: Send {
+    /// `event` was emitted at `at`. Log chunks come through too.
+    fn event(&mut self, event: &Event, at: Instant);
+    /// The agent's report arrived (its timings), before the builder's
+    /// outcome is judged; a build whose VM was stopped or died has none.
+    fn report(&mut self, report: &Report, at: Instant);
+}
+
+/// Makes the [`BuildObserver`] of each new build from its request.
+pub type ObserverFactory = Arc<dyn Fn(&BuildRequest) -> Box<dyn BuildObserver> + Send + Sync>;
+
 struct State {
+    observer: Option<Box<dyn BuildObserver>>,
     history: VecDeque<Event>,
     history_log_bytes: usize,
     log_bytes_total: u64,
@@ -119,12 +141,13 @@ pub struct BuildLog {
 }
 
 impl BuildLog {
-    fn new(id: String, history_limit: usize) -> Self {
+    fn new(id: String, history_limit: usize, observer: Option<Box<dyn BuildObserver>>) -> Self {
         let (live, _) = broadcast::channel(1024);
         Self {
             id,
             history_limit,
             state: Mutex::new(State {
+                observer,
                 history: VecDeque::new(),
                 history_log_bytes: 0,
                 log_bytes_total: 0,
@@ -152,6 +175,9 @@ impl BuildLog {
         let mut st = self.lock();
         if st.finished {
             return;
+        }
+        if let Some(observer) = st.observer.as_mut() {
+            observer.event(&event, Instant::now());
         }
         if let Event::Log { data, .. } = &event {
             let n = data.len();
@@ -194,6 +220,18 @@ impl BuildLog {
     /// Records a lifecycle phase.
     pub(crate) fn phase(&self, phase: Phase) {
         self.emit(Event::Phase(phase));
+    }
+
+    /// Hands the agent's report to the observer (the report itself reaches
+    /// watchers in [`Event::Completed`]).
+    pub(crate) fn reported(&self, report: &Report) {
+        let mut st = self.lock();
+        if st.finished {
+            return;
+        }
+        if let Some(observer) = st.observer.as_mut() {
+            observer.report(report, Instant::now());
+        }
     }
 
     /// Total bytes of builder output so far.
@@ -249,7 +287,16 @@ impl Registry {
 
     /// Creates the log of a new build.
     pub fn create(&self, id: String) -> Arc<BuildLog> {
-        let log = Arc::new(BuildLog::new(id.clone(), self.history_limit));
+        self.create_observed(id, None)
+    }
+
+    /// Creates the log of a new build that `observer` follows.
+    pub fn create_observed(
+        &self,
+        id: String,
+        observer: Option<Box<dyn BuildObserver>>,
+    ) -> Arc<BuildLog> {
+        let log = Arc::new(BuildLog::new(id.clone(), self.history_limit, observer));
         let mut guard = self.builds.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *guard;
         map.insert(id.clone(), log.clone());

@@ -29,7 +29,7 @@ use crate::castore::{Node, Store};
 use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
 use crate::executor::error::BuildError;
-use crate::executor::events::{BuildLog, Event, Phase, Registry, VmStarted};
+use crate::executor::events::{BuildLog, Event, ObserverFactory, Phase, Registry, VmStarted};
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
 use crate::executor::plan::{self, VmPlan};
@@ -90,6 +90,7 @@ pub struct Executor {
     registry: Registry,
     guest: GuestBoot,
     pool: Option<Arc<Pool>>,
+    observer: Option<ObserverFactory>,
 }
 
 /// Where a build runs: a VM it boots, or a warm one from the pool.
@@ -126,7 +127,14 @@ impl Executor {
             store,
             runner,
             pool,
+            observer: None,
         }
+    }
+
+    /// Has every build from now on followed by the observer `factory`
+    /// makes (the server's metrics).
+    pub fn set_observer(&mut self, factory: ObserverFactory) {
+        self.observer = Some(factory);
     }
 
     /// Starts keeping the warm pool full (nothing without `warm_vms`). The
@@ -214,7 +222,8 @@ impl Executor {
     /// by the client's.
     pub fn start(self: &Arc<Self>, req: BuildRequest, client: ClientLimits) -> Started {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let log = self.registry.create(id.clone());
+        let observer = self.observer.as_ref().map(|make| make(&req));
+        let log = self.registry.create_observed(id.clone(), observer);
         let cancel = CancellationToken::new();
         let limits = client.within(&self.config);
         let this = self.clone();
@@ -382,6 +391,7 @@ impl Executor {
             None => self.boot(steps).await?,
         };
         let report = self.supervise(steps, session, channel).await?;
+        log.reported(&report);
         // The VM and its daemons are gone: its slot and memory go back now,
         // not after ingest.
         drop(ticket);

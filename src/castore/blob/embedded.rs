@@ -9,7 +9,8 @@
 //! A blob is written to a temporary file in `blobs-tmp/` (same filesystem),
 //! hashed while written, fsynced, made read-only and renamed to its digest:
 //! a blob file is never visible half-written, and its name is always the
-//! digest of its contents.
+//! digest of its contents. The rename never replaces a file, so the store
+//! knows which puts added a blob, and keeps counts ([`super::counts`]).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -20,9 +21,10 @@ use std::path::{Path, PathBuf};
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use super::counts::BlobCounts;
 use super::{
-    hash_file_blocking, hash_opened_blocking, BlobError, BlobReader, BlobService, StoredBlob,
-    CHUNK_SIZE,
+    hash_file_blocking, hash_opened_blocking, BlobError, BlobReader, BlobService, BlobStats,
+    StoredBlob, CHUNK_SIZE,
 };
 use crate::castore::digest::B3Digest;
 use crate::hostfs::Dir;
@@ -36,6 +38,7 @@ pub struct EmbeddedBlobService {
     blobs: PathBuf,
     executables: PathBuf,
     tmp: PathBuf,
+    counts: BlobCounts,
 }
 
 impl EmbeddedBlobService {
@@ -45,6 +48,7 @@ impl EmbeddedBlobService {
             blobs: data_dir.join("blobs"),
             executables: data_dir.join("blobs-x"),
             tmp: data_dir.join("blobs-tmp"),
+            counts: BlobCounts::new(data_dir.join("blobs")),
         };
         for dir in [&store.blobs, &store.executables, &store.tmp] {
             fs::create_dir_all(dir).map_err(|source| BlobError::CreateStore {
@@ -114,12 +118,7 @@ impl EmbeddedBlobService {
             });
         }
         sync_file(&tmp).map_err(BlobError::Write)?;
-        persist(
-            tmp,
-            &self.blob_path(&expected.digest),
-            BLOB_MODE,
-            &expected.digest,
-        )?;
+        self.persist_blob(tmp, copied)?;
         Ok(copied)
     }
 
@@ -178,7 +177,7 @@ impl EmbeddedBlobService {
         .and_then(|()| rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(BLOB_MODE)))
         .map_err(|e| take_err(e.into()))?;
         file.sync_all().map_err(take_err)?;
-        persist(tmp, &target, BLOB_MODE, &hashed.digest)?;
+        self.persist_blob(tmp, hashed)?;
         Ok(hashed)
     }
 
@@ -201,6 +200,17 @@ impl EmbeddedBlobService {
         sync_file(&tmp).map_err(BlobError::Write)?;
         persist(tmp, &target, EXECUTABLE_MODE, digest)?;
         Ok(Some(target))
+    }
+
+    /// Moves the finished temporary file of `blob` into place, counted if
+    /// it is new. Blocking.
+    fn persist_blob(&self, tmp: TempPath, blob: StoredBlob) -> Result<(), BlobError> {
+        let target = self.blob_path(&blob.digest);
+        let mut shard = self.counts.shard(&blob.digest);
+        if persist(tmp, &target, BLOB_MODE, &blob.digest)? {
+            shard.added(blob.size);
+        }
+        Ok(())
     }
 }
 
@@ -254,11 +264,15 @@ impl BlobService for EmbeddedBlobService {
             digest: hasher.finalize().into(),
             size: hasher.count(),
         };
-        let target = self.blob_path(&stored.digest);
-        tokio::task::spawn_blocking(move || persist(tmp, &target, BLOB_MODE, &stored.digest))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.persist_blob(tmp, stored))
             .await
             .map_err(BlobError::Task)??;
         Ok(stored)
+    }
+
+    fn stats(&self) -> Option<BlobStats> {
+        self.counts.get()
     }
 
     fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
@@ -327,19 +341,64 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Sets the mode of the finished temporary file and renames it to `target`.
-/// If the target already exists (same digest, so same bytes) the temporary
-/// file is simply dropped.
-fn persist(tmp: TempPath, target: &Path, mode: u32, digest: &B3Digest) -> Result<(), BlobError> {
+/// Sets the mode of the finished temporary file and renames it to `target`,
+/// never over an existing file; true if it was placed. If the target
+/// already exists (same digest, so same bytes) the temporary file is simply
+/// dropped.
+fn persist(tmp: TempPath, target: &Path, mode: u32, digest: &B3Digest) -> Result<bool, BlobError> {
     let persist_err = |source| BlobError::Persist {
         digest: *digest,
         source,
     };
     if target.exists() {
-        return Ok(());
+        return Ok(false);
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(persist_err)?;
     create_shard(target).map_err(persist_err)?;
-    tmp.persist(target).map_err(|e| persist_err(e.error))?;
-    sync_parent(target).map_err(persist_err)
+    match tmp.persist_noclobber(target) {
+        Ok(()) => {}
+        // Another put of the same bytes got there first; ours is dropped.
+        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(persist_err(e.error)),
+    }
+    sync_parent(target).map_err(persist_err)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn counts_each_distinct_blob_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedBlobService::open(tmp.path()).expect("open");
+        store.put(&mut &b"before"[..]).await.expect("put");
+        // The first question walks the store (on its own thread).
+        let mut stats = store.stats();
+        for _ in 0..200 {
+            if stats.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            stats = store.stats();
+        }
+        assert_eq!(stats, Some(BlobStats { blobs: 1, bytes: 6 }));
+        // The same bytes, eight times at once, and one new blob.
+        let puts = (0..8).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.put(&mut &b"same bytes"[..]).await })
+        });
+        for put in puts {
+            put.await.expect("join").expect("put");
+        }
+        store.put(&mut &b"before"[..]).await.expect("put again");
+        assert_eq!(
+            store.stats(),
+            Some(BlobStats {
+                blobs: 2,
+                bytes: 6 + 10
+            })
+        );
+    }
 }
