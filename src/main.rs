@@ -190,6 +190,11 @@ struct ServeArgs {
     nix_daemon_socket_mode: u32,
     #[command(flatten)]
     nix_policy: NixPolicyArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics, on a listener of
+    /// their own (HOST:PORT; keep it on loopback or a private network).
+    /// Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Network for the builds that ask for it (`network_access`, fixed-output
@@ -607,8 +612,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         artifacts: args.vm.artifacts(),
         ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
-    let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
+    let mut executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some((
+            kiln::metrics::http::bind(addr).await?,
+            kiln::metrics::follow(&mut executor),
+        )),
+        None => None,
+    };
     let signalled = stop_signal()?;
     let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
     let runs_dir = executor.runs_dir();
@@ -625,6 +637,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let executor = std::sync::Arc::new(executor);
     executor.start_pool();
+    if let Some((listener, metrics)) = metrics {
+        let sources = kiln::metrics::gauges::Sources {
+            executor: std::sync::Arc::downgrade(&executor),
+            store: store.clone(),
+        };
+        tokio::spawn(kiln::metrics::http::serve(
+            listener,
+            metrics,
+            sources,
+            stop.clone(),
+        ));
+    }
     let pool_owner = executor.clone();
     let path_info =
         kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)

@@ -1,8 +1,8 @@
 //! One build's metrics: a [`BuildObserver`] that notes when each phase of
 //! the build began (from its events) and the agent's timings (from its
-//! report), and at the build's last event counts it and observes the
-//! duration of every phase it went through, so that a scrape sees a
-//! finished build's counter and histograms together.
+//! report), and at the build's last event observes the duration of every
+//! phase it went through and then counts it, so that a scrape that sees a
+//! build counted sees its histograms too.
 //!
 //! What each histogram measures, on the host's clock unless said:
 //! - queue wait: `queued` until the build was given a VM slot (or a warm VM);
@@ -73,14 +73,6 @@ impl BuildTimer {
             tenant: self.scope.tenant.clone(),
         };
         let (outcome, kind) = labels::outcome(result);
-        m.builds
-            .get_or_create(&BuildLabels {
-                tenant: self.scope.tenant.clone(),
-                layout: self.scope.layout,
-                outcome,
-                kind,
-            })
-            .inc();
         m.build_duration
             .get_or_create(&DurationLabels {
                 tenant: self.scope.tenant.clone(),
@@ -124,6 +116,16 @@ impl BuildTimer {
         if let Some(ingest) = self.ingest {
             m.ingest.get_or_create(&tenant).observe(between(ingest, at));
         }
+        // Counted last, and the counter is encoded first: a scrape that
+        // sees a build counted sees all of its histograms too.
+        m.builds
+            .get_or_create(&BuildLabels {
+                tenant: self.scope.tenant.clone(),
+                layout: self.scope.layout,
+                outcome,
+                kind,
+            })
+            .inc();
     }
 }
 

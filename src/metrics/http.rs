@@ -51,6 +51,9 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics at /metrics");
     }
+    // The embedded store counts its blobs by walking it once, when first
+    // asked: ask now, so the first scrape finds the walk done.
+    let _ = sources.store.blobs.stats();
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {

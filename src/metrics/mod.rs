@@ -254,6 +254,15 @@ impl Metrics {
     }
 }
 
+/// Has `executor` followed by fresh [`Metrics`] and returns them: what
+/// `kiln serve --metrics-listen` does before serving them with
+/// [`http::serve`].
+pub fn follow(executor: &mut crate::executor::Executor) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::new());
+    executor.set_observer(metrics.observer());
+    metrics
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
