@@ -10,7 +10,7 @@ KERNEL_DIR := $(CACHE_DIR)/kernel-kiln
 DEBIAN_KERNEL_DIR := $(CACHE_DIR)/kernel-debian
 AGENT := $(CACHE_DIR)/agent/kiln-agent
 CARGO ?= cargo
-DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base openssh-server
+DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base openssh-server prometheus
 VIRTIOFSD_VERSION := 1.14.0
 
 .PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache

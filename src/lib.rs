@@ -16,6 +16,8 @@
 //! - [`castore`]: the content-addressed store the inputs come from and the
 //!   outputs go to.
 //! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
+//! - [`metrics`]: Prometheus metrics of builds, VMs and the castore
+//!   (`kiln serve --metrics-listen`).
 //! - [`cli`]: the `kiln` subcommands other than `serve`.
 //! - [`auth`], [`tls`], [`client`]: who may call the server (TLS, client
 //!   certificates, bearer tokens) and how clients connect with credentials.
@@ -40,6 +42,7 @@ pub mod executor;
 pub mod grpc;
 pub mod guest_image;
 pub mod hostfs;
+pub mod metrics;
 pub mod nix;
 pub mod proto;
 pub mod server;

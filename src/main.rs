@@ -260,6 +260,11 @@ struct ServeArgs {
     /// second signal cancels them at once).
     #[arg(long = "shutdown-grace", default_value_t = defaults::SHUTDOWN_GRACE.as_secs(), value_name = "SECS")]
     shutdown_grace_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics, on a listener of
+    /// their own (HOST:PORT; keep it on loopback or a private network).
+    /// Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Network for the builds that ask for it (`network_access`, fixed-output
@@ -714,8 +719,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..kiln::executor::ExecutorConfig::in_dirs(args.data_dir.clone(), &args.vm.cache_dir)
     };
     let egress = config.network.as_ref().map(|n| n.policy.clone());
-    let executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
+    let mut executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some((
+            kiln::metrics::http::bind(addr).await?,
+            kiln::metrics::follow(&mut executor),
+        )),
+        None => None,
+    };
     let signals = StopSignals::install()?;
     let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
     let runs_dir = executor.runs_dir();
@@ -738,6 +750,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(reload_on_hangup(reloadable)?);
     executor.start_pool();
+    if let Some((listener, metrics)) = metrics {
+        let sources = kiln::metrics::gauges::Sources {
+            executor: std::sync::Arc::downgrade(&executor),
+            store: store.clone(),
+        };
+        // Metrics stay up while running builds drain at shutdown.
+        tokio::spawn(kiln::metrics::http::serve(
+            listener,
+            metrics,
+            sources,
+            cut.clone(),
+        ));
+    }
     let pool_owner = executor.clone();
     let path_info =
         kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)

@@ -19,7 +19,9 @@ use crate::executor::error::{BuildError, Precondition};
 #[derive(Debug)]
 pub struct Admission {
     vms: Arc<Semaphore>,
+    max_vms: usize,
     memory: Arc<Semaphore>,
+    memory_permits: usize,
     memory_budget_mib: u64,
     max_queue: usize,
     queued: AtomicUsize,
@@ -48,7 +50,9 @@ impl Admission {
             .min(Semaphore::MAX_PERMITS);
         Self {
             vms: Arc::new(Semaphore::new(max_vms.max(1))),
+            max_vms: max_vms.max(1),
             memory: Arc::new(Semaphore::new(permits)),
+            memory_permits: permits,
             memory_budget_mib,
             max_queue,
             queued: AtomicUsize::new(0),
@@ -124,6 +128,20 @@ impl Admission {
     /// Builds waiting right now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
+    }
+
+    /// VMs holding a slot right now (builds' and the warm pool's), and the
+    /// most there may be (`--max-vms`).
+    pub fn vms(&self) -> (usize, usize) {
+        let free = self.vms.available_permits();
+        (self.max_vms.saturating_sub(free), self.max_vms)
+    }
+
+    /// Guest memory held by running VMs right now, and the budget, MiB.
+    pub fn memory_mib(&self) -> (u64, u64) {
+        let free = self.memory.available_permits();
+        let held = self.memory_permits.saturating_sub(free) as u64;
+        (held, self.memory_budget_mib)
     }
 }
 
@@ -215,9 +233,13 @@ mod tests {
         assert_eq!(adm.queued(), 1);
         let refused = adm.admit(512).await.expect_err("queue is full");
         assert!(matches!(refused, BuildError::QueueFull(_)));
+        assert_eq!(adm.vms(), (1, 1));
+        assert_eq!(adm.memory_mib(), (512, 1024));
         drop(first);
         waiter.await.expect("join").expect("admitted after release");
         assert_eq!(adm.queued(), 0);
+        assert_eq!(adm.vms(), (0, 1), "the waiter's ticket went with it");
+        assert_eq!(adm.memory_mib(), (0, 1024));
     }
 
     #[tokio::test]

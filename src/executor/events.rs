@@ -6,16 +6,23 @@
 //! build's log ends with [`Event::Completed`] or [`Event::Failed`]. The
 //! [`Registry`] keeps the most recent builds. Wire messages are made from
 //! these events at the edge (`crate::grpc::events`).
+//!
+//! A build's log may also carry a [`BuildObserver`]: it sees every event as
+//! it is emitted, in order, with the instant it happened, and the agent's
+//! report; the server's metrics (`crate::metrics`) are one. It is called
+//! under the log's lock, so it must only note and never wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use kiln_guest::contract::Report;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::error::BuildError;
+use crate::executor::request::BuildRequest;
 use crate::executor::run::{BuildOutcome, BuiltOutput};
 
 /// How many bytes of the log's end go into failure messages.
@@ -104,11 +111,24 @@ impl Event {
     }
 }
 
+/// Follows one build's events as they are emitted (the server's metrics).
+pub trait BuildObserver: Send {
+    /// `event` was emitted at `at`. Log chunks come through too.
+    fn event(&mut self, event: &Event, at: Instant);
+    /// The agent's report arrived (its timings), before the builder's
+    /// outcome is judged; a build whose VM was stopped or died has none.
+    fn report(&mut self, report: &Report, at: Instant);
+}
+
+/// Makes the [`BuildObserver`] of each new build from its request.
+pub type ObserverFactory = Arc<dyn Fn(&BuildRequest) -> Box<dyn BuildObserver> + Send + Sync>;
+
 struct State {
     /// The phase the build is in (none before it is queued).
     phase: Option<Phase>,
     /// The VM it was given, once admitted.
     vm: Option<VmStarted>,
+    observer: Option<Box<dyn BuildObserver>>,
     history: VecDeque<Event>,
     history_log_bytes: usize,
     log_bytes_total: u64,
@@ -157,7 +177,12 @@ pub struct BuildLog {
 }
 
 impl BuildLog {
-    fn new(id: String, cancel: CancellationToken, history_limit: usize) -> Self {
+    fn new(
+        id: String,
+        cancel: CancellationToken,
+        history_limit: usize,
+        observer: Option<Box<dyn BuildObserver>>,
+    ) -> Self {
         let (live, _) = broadcast::channel(1024);
         Self {
             id,
@@ -169,6 +194,7 @@ impl BuildLog {
             state: Mutex::new(State {
                 phase: None,
                 vm: None,
+                observer,
                 history: VecDeque::new(),
                 history_log_bytes: 0,
                 log_bytes_total: 0,
@@ -229,6 +255,9 @@ impl BuildLog {
         if st.finished {
             return;
         }
+        if let Some(observer) = st.observer.as_mut() {
+            observer.event(&event, Instant::now());
+        }
         if let Event::Log { data, .. } = &event {
             let n = data.len();
             st.log_bytes_total += n as u64;
@@ -275,6 +304,18 @@ impl BuildLog {
     /// Records a lifecycle phase.
     pub(crate) fn phase(&self, phase: Phase) {
         self.emit(Event::Phase(phase));
+    }
+
+    /// Hands the agent's report to the observer (the report itself reaches
+    /// watchers in [`Event::Completed`]).
+    pub(crate) fn reported(&self, report: &Report) {
+        let mut st = self.lock();
+        if st.finished {
+            return;
+        }
+        if let Some(observer) = st.observer.as_mut() {
+            observer.report(report, Instant::now());
+        }
     }
 
     /// Total bytes of builder output so far.
@@ -330,7 +371,22 @@ impl Registry {
 
     /// Creates the log of a new build, stopped through `cancel`.
     pub fn create(&self, id: String, cancel: CancellationToken) -> Arc<BuildLog> {
-        let log = Arc::new(BuildLog::new(id.clone(), cancel, self.history_limit));
+        self.create_observed(id, cancel, None)
+    }
+
+    /// Creates the log of a new build that `observer` follows.
+    pub fn create_observed(
+        &self,
+        id: String,
+        cancel: CancellationToken,
+        observer: Option<Box<dyn BuildObserver>>,
+    ) -> Arc<BuildLog> {
+        let log = Arc::new(BuildLog::new(
+            id.clone(),
+            cancel,
+            self.history_limit,
+            observer,
+        ));
         let mut guard = self.lock();
         let (map, order) = &mut *guard;
         map.insert(id.clone(), log.clone());

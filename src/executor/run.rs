@@ -31,7 +31,7 @@ use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
 use crate::executor::error::BuildError;
 use crate::executor::events::{
-    BuildLog, BuildSummary, Event, Phase, Registry, StopReason, VmStarted,
+    BuildLog, BuildSummary, Event, ObserverFactory, Phase, Registry, StopReason, VmStarted,
 };
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
@@ -97,6 +97,7 @@ pub struct Executor {
     draining: AtomicBool,
     /// `config.limits.ro_path_allowlist` as it is now (replaced on reload).
     ro_path_allowlist: std::sync::RwLock<Arc<Vec<std::path::PathBuf>>>,
+    observer: Option<ObserverFactory>,
 }
 
 /// Where a build runs: a VM it boots, or a warm one from the pool.
@@ -135,6 +136,7 @@ impl Executor {
             runner,
             pool,
             draining: AtomicBool::new(false),
+            observer: None,
             ro_path_allowlist: std::sync::RwLock::new(Arc::new(config_allowlist)),
         }
     }
@@ -196,6 +198,12 @@ impl Executor {
             .iter()
             .filter(|log| log.stop(reason))
             .count()
+    }
+
+    /// Has every build from now on followed by the observer `factory`
+    /// makes (the server's metrics).
+    pub fn set_observer(&mut self, factory: ObserverFactory) {
+        self.observer = Some(factory);
     }
 
     /// Starts keeping the warm pool full (nothing without `warm_vms`). The
@@ -284,7 +292,10 @@ impl Executor {
     pub fn start(self: &Arc<Self>, req: BuildRequest, client: ClientLimits) -> Started {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let cancel = CancellationToken::new();
-        let log = self.registry.create(id.clone(), cancel.clone());
+        let observer = self.observer.as_ref().map(|make| make(&req));
+        let log = self
+            .registry
+            .create_observed(id.clone(), cancel.clone(), observer);
         let limits = client.within(&self.config);
         let this = self.clone();
         let (task_log, task_cancel) = (log.clone(), cancel.clone());
@@ -454,6 +465,7 @@ impl Executor {
             None => self.boot(steps).await?,
         };
         let report = self.supervise(steps, session, channel).await?;
+        log.reported(&report);
         // The VM and its daemons are gone: its slot and memory go back now,
         // not after ingest.
         drop(ticket);

@@ -39,6 +39,9 @@ pub struct Options {
     /// VMs kept booted ahead of builds (`kiln serve --warm-vms`); the
     /// suite runs with `kiln serve`'s default.
     pub warm_vms: usize,
+    /// Serve Prometheus metrics on a loopback port of their own
+    /// (`kiln serve --metrics-listen`): [`TestServer::metrics_addr`].
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             inputs: Default::default(),
             request_budget_bytes: kiln::executor::admission::DEFAULT_REQUEST_BUDGET_BYTES,
             warm_vms: kiln::executor::config::defaults::WARM_VMS,
+            metrics: false,
         }
     }
 }
@@ -64,6 +68,10 @@ pub struct TestServer {
     pub store: Store,
     pub data_dir: PathBuf,
     pub busybox: Node,
+    /// Where the metrics are served (`http://ADDR/metrics`), with
+    /// [`Options::metrics`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    metrics_stop: tokio_util::sync::CancellationToken,
     _tmp: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -127,9 +135,30 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         kept_log_bytes: 1 << 20,
         network: None,
     };
-    let executor = Arc::new(Executor::open(config, store.clone(), runner).unwrap());
+    let mut executor = Executor::open(config, store.clone(), runner).unwrap();
+    // As `kiln serve --metrics-listen` wires them.
+    let metrics = opts.metrics.then(|| kiln::metrics::follow(&mut executor));
+    let executor = Arc::new(executor);
     executor.start_pool();
     let weak = Arc::downgrade(&executor);
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    let mut metrics_addr = None;
+    if let Some(metrics) = metrics {
+        let listener = kiln::metrics::http::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        metrics_addr = Some(listener.local_addr().unwrap());
+        let sources = kiln::metrics::gauges::Sources {
+            executor: weak.clone(),
+            store: store.clone(),
+        };
+        tokio::spawn(kiln::metrics::http::serve(
+            listener,
+            metrics,
+            sources,
+            metrics_stop.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -152,6 +181,8 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         store,
         data_dir,
         busybox,
+        metrics_addr,
+        metrics_stop,
         _tmp: tmp,
         shutdown: Some(tx),
         task: Some(task),
@@ -300,6 +331,7 @@ impl TestServer {
     /// warm pool's VMs went with the server.
     pub async fn stop(mut self) {
         self.assert_nothing_left().await;
+        self.metrics_stop.cancel();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

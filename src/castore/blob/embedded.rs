@@ -28,7 +28,8 @@ use std::sync::{Arc, OnceLock};
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{BlobBatch, BlobError, BlobReader, BlobService, StoredBlob, CHUNK_SIZE};
+use super::counts::BlobCounts;
+use super::{BlobBatch, BlobError, BlobReader, BlobService, BlobStats, StoredBlob, CHUNK_SIZE};
 use crate::castore::digest::B3Digest;
 use crate::hostfs::Dir;
 
@@ -62,6 +63,9 @@ struct Inner {
     /// kiln's user and group, which taken files get.
     owner: (rustix::fs::Uid, rustix::fs::Gid),
     syncer: Arc<dyn Syncer>,
+    /// Blobs and bytes stored, for the metrics ([`super::counts`]): a blob
+    /// is named while its shard's count is held, and counted if new.
+    counts: BlobCounts,
 }
 
 impl std::fmt::Debug for EmbeddedBlobService {
@@ -113,6 +117,7 @@ impl EmbeddedBlobService {
         let device = tmp_dir.self_stat().map_err(create_err(&tmp))?.st_dev;
         Ok(EmbeddedBlobService {
             inner: Arc::new(Inner {
+                counts: BlobCounts::new(blobs.clone()),
                 blobs,
                 executables: data_dir.join("blobs-x"),
                 tmp,
@@ -173,19 +178,33 @@ impl EmbeddedBlobService {
     /// Names the fsynced temporary file `tmp` by its digest and makes the
     /// name durable. A name already there holds the same bytes (and is made
     /// durable too: a batch may have named it without a flush yet). Blocking.
-    fn persist_blob(&self, tmp: TempPath, digest: &B3Digest) -> Result<(), BlobError> {
+    fn persist_blob(&self, tmp: TempPath, blob: &StoredBlob) -> Result<(), BlobError> {
+        let digest = &blob.digest;
         let persist_err = |source| BlobError::Persist {
             digest: *digest,
             source,
         };
         let shard = self.shard(digest.as_bytes()[0]).map_err(persist_err)?;
         let target = self.blob_path(digest);
+        let mut count = self.inner.counts.shard(digest);
         if !target.exists() {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(BLOB_MODE))
                 .map_err(persist_err)?;
-            tmp.persist(&target).map_err(|e| persist_err(e.error))?;
+            // Never over an existing name, so that a new blob is counted
+            // once: a put of the same bytes may have got there first.
+            match tmp.persist_noclobber(&target) {
+                Ok(()) => count.added(blob.size),
+                Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(persist_err(e.error)),
+            }
         }
+        drop(count);
         self.inner.syncer.fsync(shard.as_fd()).map_err(persist_err)
+    }
+
+    /// The count of blobs in `digest`'s shard, held while a blob is named.
+    fn count_shard(&self, digest: &B3Digest) -> super::counts::ShardGuard<'_> {
+        self.inner.counts.shard(digest)
     }
 
     /// Makes the executable variant by copying the blob. Blocking.
@@ -284,10 +303,14 @@ impl BlobService for EmbeddedBlobService {
             .map_err(BlobError::Task)?
             .map_err(BlobError::Write)?;
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.persist_blob(tmp, &stored.digest))
+        tokio::task::spawn_blocking(move || store.persist_blob(tmp, &stored))
             .await
             .map_err(BlobError::Task)??;
         Ok(stored)
+    }
+
+    fn stats(&self) -> Option<BlobStats> {
+        self.inner.counts.get()
     }
 
     fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {

@@ -22,11 +22,13 @@ use super::digest::B3Digest;
 use super::errors::ValidationError;
 
 pub mod batch;
+pub mod counts;
 pub mod embedded;
 pub mod grpc;
 mod verify;
 
 pub use batch::{BatchPut, BlobBatch};
+pub use counts::BlobStats;
 pub use verify::VerifyingReader;
 
 /// Size of the read buffer and of the chunks sent over gRPC.
@@ -176,6 +178,12 @@ pub trait BlobService: Send + Sync {
         _digest: &B3Digest,
     ) -> Result<Option<PathBuf>, BlobError> {
         Ok(None)
+    }
+
+    /// How many blobs are stored and their bytes, if this backend knows
+    /// cheaply (the embedded store keeps counts; a remote one does not say).
+    fn stats(&self) -> Option<BlobStats> {
+        None
     }
 
     /// Stores the bytes of an opened host file, leaving it in place

@@ -110,4 +110,10 @@ pub trait DirectoryService: Send + Sync {
     async fn put(&self, directory: Directory) -> Result<B3Digest, DirectoryError> {
         self.put_many(vec![directory]).await
     }
+
+    /// How many directories are stored, if this backend knows cheaply
+    /// (the embedded database does; a remote one does not say).
+    async fn count(&self) -> Result<Option<u64>, DirectoryError> {
+        Ok(None)
+    }
 }

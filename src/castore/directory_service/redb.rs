@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use prost::Message;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{DirectoryError, DirectoryService};
@@ -100,6 +100,16 @@ impl RedbDirectoryService {
                 return;
             }
         }
+    }
+
+    /// The table's entry count, which redb keeps in the tree's header.
+    fn count_blocking(&self) -> Result<u64, DirectoryError> {
+        let read_err = |e: redb::Error| DirectoryError::ReadDatabase(Box::new(e));
+        let txn = self.db.begin_read().map_err(|e| read_err(e.into()))?;
+        let table = txn
+            .open_table(DIRECTORIES)
+            .map_err(|e| read_err(e.into()))?;
+        table.len().map_err(|e| read_err(e.into()))
     }
 
     fn put_many_blocking(&self, directories: Vec<Directory>) -> Result<B3Digest, DirectoryError> {
@@ -191,6 +201,13 @@ impl DirectoryService for RedbDirectoryService {
         }
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.put_many_blocking(directories))
+            .await
+            .map_err(DirectoryError::Task)?
+    }
+
+    async fn count(&self) -> Result<Option<u64>, DirectoryError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.count_blocking().map(Some))
             .await
             .map_err(DirectoryError::Task)?
     }

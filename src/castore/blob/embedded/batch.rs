@@ -446,8 +446,9 @@ impl EmbeddedBlobService {
         let persist_err = |source| BlobError::Persist { digest, source };
         let shard = self.shard(byte).map_err(persist_err)?;
         let hex = digest.to_hex();
+        let mut count = self.count_shard(&digest);
         match link_handle(&staged.file, shard, OsStr::new(hex.as_str())) {
-            Ok(()) => {}
+            Ok(()) => count.added(staged.size),
             // Put meanwhile by someone else: the same bytes, named only
             // once they were durable.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -464,13 +465,14 @@ impl EmbeddedBlobService {
                     .fsync(copy.as_fd())
                     .map_err(BlobError::Durable)?;
                 match link_handle(&copy, shard, OsStr::new(hex.as_str())) {
-                    Ok(()) => {}
+                    Ok(()) => count.added(staged.size),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(persist_err(e)),
                 }
             }
             Err(e) => return Err(persist_err(e)),
         }
+        drop(count);
         // Named now: a named temporary copy has served.
         drop(staged.temp);
         if let Some((parent, name)) = &staged.take {

@@ -322,3 +322,60 @@ async fn put_opened_and_put_taken_flush_before_answering() {
         assert!(bytes_at < name_at);
     }
 }
+
+/// Waits (bounded) for the first count of the store to finish its walk.
+async fn counted(store: &EmbeddedBlobService) -> crate::castore::blob::BlobStats {
+    for _ in 0..500 {
+        if let Some(stats) = store.stats() {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the blob count never finished its walk");
+}
+
+#[tokio::test]
+async fn counts_each_distinct_blob_once_by_put_and_by_batch() {
+    use crate::castore::blob::BlobStats;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedBlobService::open(tmp.path()).expect("open");
+    store.put(&mut &b"before"[..]).await.expect("put");
+    assert_eq!(counted(&store).await, BlobStats { blobs: 1, bytes: 6 });
+    // The same bytes, eight times at once, and one old blob again.
+    let puts = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.put(&mut &b"same bytes"[..]).await })
+    });
+    for put in puts {
+        put.await.expect("join").expect("put");
+    }
+    store.put(&mut &b"before"[..]).await.expect("put again");
+    assert_eq!(
+        store.stats(),
+        Some(BlobStats {
+            blobs: 2,
+            bytes: 16
+        })
+    );
+    // A batch of host files: new ones counted, known ones not.
+    let files = tmp.path().join("files");
+    fs::create_dir(&files).expect("mkdir");
+    let mut opened = Vec::new();
+    for (name, bytes) in [("a", &b"before"[..]), ("b", b"fresh!!"), ("c", b"fresh!!")] {
+        fs::write(files.join(name), bytes).expect("write");
+        opened.push((
+            OsString::from(name),
+            fs::File::open(files.join(name)).expect("open"),
+        ));
+    }
+    let mut batch = store.batch();
+    batch.put_opened(opened).await.expect("batch");
+    batch.commit().await.expect("commit");
+    assert_eq!(
+        store.stats(),
+        Some(BlobStats {
+            blobs: 3,
+            bytes: 23
+        })
+    );
+}
