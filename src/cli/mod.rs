@@ -1,10 +1,12 @@
 //! The client-side `kiln` subcommands: `build`, `castore import|export`,
-//! `doctor`. `main.rs` only parses arguments and calls into here.
+//! `doctor`, and `kiln serve`'s config file (`serve_config`). `main.rs`
+//! only parses arguments and calls into here.
 
 pub mod build;
 pub mod castore;
 pub mod doctor;
 pub mod drv;
+pub mod serve_config;
 
 use tonic::transport::Channel;
 
