@@ -24,9 +24,9 @@ mod tests;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::error::{ContextKind, ContextValue};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Parser};
+use clap::{ArgMatches, Command, Parser};
 
 pub use file::{ConfigError, ConfigFile, Location, Setting};
 
@@ -98,16 +98,20 @@ pub fn parse<C: Parser>(
 ) -> Result<Parsed<C>, ArgsError> {
     let mut argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
     let mut command = C::command();
-    let mut matches = command.try_get_matches_from_mut(&argv)?;
+    command.build();
+    let first = first_pass::<C>(&mut command, &argv)?;
     let Some(serve) = command.find_subcommand(SUBCOMMAND) else {
-        return Ok(Parsed::Run(C::from_arg_matches(&matches)?));
+        return Ok(Parsed::Run(C::from_arg_matches(&first)?));
     };
-    let Some(first) = serve_matches(&matches) else {
-        return Ok(Parsed::Run(C::from_arg_matches(&matches)?));
-    };
-    if let Ok(Some(path)) = first.try_get_one::<PathBuf>("config") {
-        let file = ConfigFile::read(path, serve)?;
-        argv.extend(lower_precedence(&file, first));
+    let mut matches = first;
+    let config = serve_matches(&matches)
+        .and_then(|sub| sub.try_get_one::<PathBuf>("config").ok().flatten())
+        .cloned();
+    if let Some(path) = config {
+        let file = ConfigFile::read(&path, serve)?;
+        if let Some(given) = serve_matches(&matches) {
+            argv.extend(lower_precedence(&file, given));
+        }
         matches = C::command()
             .try_get_matches_from(&argv)
             .map_err(|e| file_value_error(e, &file))?;
@@ -118,6 +122,42 @@ pub fn parse<C: Parser>(
         }
     }
     Ok(Parsed::Run(C::from_arg_matches(&matches)?))
+}
+
+/// The command line parsed as it is. When that fails, the file may be what
+/// completes it (`--tls-cert` given, its `tls-key` in the file), so it is
+/// parsed again leniently for `--config` and where each value came from; the
+/// merged parse then reports whatever is still wrong. Without a config file
+/// the first error stands.
+fn first_pass<C: Parser>(
+    command: &mut Command,
+    argv: &[OsString],
+) -> Result<ArgMatches, ArgsError> {
+    let error = match command.try_get_matches_from_mut(argv) {
+        Ok(matches) => return Ok(matches),
+        Err(e) => e,
+    };
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return Err(error.into());
+    }
+    let lenient = C::command()
+        .ignore_errors(true)
+        .mut_subcommand(SUBCOMMAND, |serve| serve.ignore_errors(true))
+        .try_get_matches_from(argv);
+    match lenient {
+        Ok(matches)
+            if serve_matches(&matches)
+                .is_some_and(|sub| matches!(sub.try_get_one::<PathBuf>("config"), Ok(Some(_)))) =>
+        {
+            Ok(matches)
+        }
+        _ => Err(error.into()),
+    }
 }
 
 /// The matches of `kiln serve`, when that is the subcommand given.
@@ -157,7 +197,17 @@ fn file_value_error(error: clap::Error, file: &ConfigFile) -> ArgsError {
         .split([' ', '='])
         .next()
         .unwrap_or_default();
-    let Some(setting) = file.get(key) else {
+    // The file's only if the value refused is the file's: a bad value on
+    // the command line is clap's to report.
+    let value = match error.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) => value.clone(),
+        _ => return error.into(),
+    };
+    let from_file = format!("--{key}={value}");
+    let Some(setting) = file
+        .get(key)
+        .filter(|setting| setting.args.iter().any(|arg| *arg == *from_file))
+    else {
         return error.into();
     };
     let reason = match std::error::Error::source(&error) {

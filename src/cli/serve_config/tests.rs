@@ -45,8 +45,10 @@ struct Serve {
     no_network: bool,
     #[arg(long = "allow-ro-path")]
     allow_ro_paths: Vec<PathBuf>,
-    #[arg(long)]
+    #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[arg(long, default_value_t = 0.5)]
     ratio: f64,
     #[command(flatten)]
@@ -93,7 +95,7 @@ fn keys_fill_the_flags_the_command_line_left_out() {
     let serve = serve_with(
         "listen = \"0.0.0.0:9000\"\nmax-vms = 4\nunix-socket-mode = \"0660\"\n\
          vmm = \"qemu\"\nno-network = true\nallow-ro-path = [\"/dev/kvm\", \"/srv\"]\n\
-         tls-cert = \"/etc/kiln/cert.pem\"\nratio = 2\n",
+         tls-cert = \"/etc/kiln/cert.pem\"\ntls-key = \"/etc/kiln/key.pem\"\nratio = 2\n",
         &[],
     )
     .unwrap();
@@ -262,6 +264,7 @@ fn check_config_prints_every_key_and_reads_back_the_same() {
             "no-network = true",
             "allow-ro-path = [\"/dev/kvm\"]",
             "# tls-cert: not set",
+            "# tls-key: not set",
             "ratio = 0.5",
         ],
         "{text}"
@@ -278,4 +281,47 @@ fn check_config_prints_every_key_and_reads_back_the_same() {
         panic!("no check")
     };
     assert_eq!(reread, text);
+}
+
+#[test]
+fn the_file_may_complete_a_flag_the_command_line_gave() {
+    let serve = serve_with("tls-key = \"/k.pem\"\n", &["--tls-cert", "/c.pem"]).unwrap();
+    assert_eq!(serve.tls_cert, Some(PathBuf::from("/c.pem")));
+    assert_eq!(serve.tls_key, Some(PathBuf::from("/k.pem")));
+    // Neither the command line nor the file completes it: clap's error.
+    let e = serve_with("max-vms = 3\n", &["--tls-cert", "/c.pem"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::MissingRequiredArgument),
+        "{e:?}"
+    );
+    // Without a file, the first error stands.
+    let e = run(&["serve", "--tls-cert", "/c.pem"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::MissingRequiredArgument),
+        "{e:?}"
+    );
+    let e = serve_with("max-vms = 3\n", &["--max-vms", "x"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::ValueValidation),
+        "{e:?}"
+    );
+    let e = run(&["serve", "--max-vms", "x"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::ValueValidation),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn help_is_help_with_or_without_a_file() {
+    let e = run(&["serve", "--help"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::DisplayHelp),
+        "{e:?}"
+    );
+    let e = serve_with("max-vms = 3\n", &["--help"]).unwrap_err();
+    assert!(
+        matches!(&e, ArgsError::Usage(u) if u.kind() == clap::error::ErrorKind::DisplayHelp),
+        "{e:?}"
+    );
 }
