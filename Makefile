@@ -11,6 +11,9 @@ DEBIAN_KERNEL_DIR := $(CACHE_DIR)/kernel-debian
 AGENT := $(CACHE_DIR)/agent/kiln-agent
 CARGO ?= cargo
 DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-dev busybox-static lz4 cpio nix-bin passt nftables dnsmasq-base openssh-server prometheus
+# systemd-analyze, for the suite's check of contrib/kiln.service (a fresh
+# Debian container has no systemd).
+DEBIAN_PACKAGES += systemd
 VIRTIOFSD_VERSION := 1.14.0
 
 .PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln::cli::build::JsonLayout;
 use kiln::executor::config::{defaults, image_cache_dir};
 use kiln::executor::events::StopReason;
-use kiln::server::Listen;
+use kiln::server::{Listen, SocketMode};
 use kiln::vmm::host::{AccelChoice, VmmChoice};
 
 #[derive(Parser)]
@@ -171,15 +171,17 @@ impl NixPolicyArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    config: kiln::cli::serve_config::ConfigArgs,
     /// HOST:PORT, or a unix socket path.
-    #[arg(long, default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:8000")]
     listen: Listen,
     /// Permissions of the unix socket (octal), whatever the umask: who may
     /// connect. 0600 lets only kiln's own user in; 0660 adds its group.
-    #[arg(long, default_value = "0600", value_parser = parse_socket_mode)]
-    unix_socket_mode: u32,
+    #[arg(long, default_value = "0600")]
+    unix_socket_mode: SocketMode,
     /// Where the embedded castore and build directories live.
-    #[arg(long, default_value = defaults::DATA_DIR)]
+    #[arg(long, env = "KILN_DATA_DIR", default_value = defaults::DATA_DIR)]
     data_dir: PathBuf,
     /// Castore backend: empty for the embedded store in --data-dir, or
     /// grpc+http(s)://HOST:PORT / grpc+unix:/PATH for another kiln's castore.
@@ -193,10 +195,10 @@ struct ServeArgs {
     #[command(flatten)]
     vm: VmArgs,
     /// Concurrent VMs.
-    #[arg(long, default_value_t = defaults::MAX_VMS)]
+    #[arg(long, env = "KILN_MAX_VMS", default_value_t = defaults::MAX_VMS)]
     max_vms: usize,
     /// Total guest RAM of all running VMs, MiB.
-    #[arg(long, default_value_t = defaults::MEMORY_BUDGET_MIB)]
+    #[arg(long, env = "KILN_MEMORY_BUDGET_MIB", default_value_t = defaults::MEMORY_BUDGET_MIB)]
     memory_budget_mib: u64,
     /// Largest VM one build may get, MiB.
     #[arg(long, default_value_t = defaults::MAX_GUEST_MEMORY_MIB)]
@@ -208,7 +210,7 @@ struct ServeArgs {
     /// VM size, no /dev/kvm, no network, no extra read-only paths); they
     /// count against --max-vms and --memory-budget-mib. 0: every build
     /// boots its own VM.
-    #[arg(long, default_value_t = defaults::WARM_VMS)]
+    #[arg(long, env = "KILN_WARM_VMS", default_value_t = defaults::WARM_VMS)]
     warm_vms: usize,
     /// Memory all requests held (queued or running) may take together, MiB;
     /// beyond it new builds get RESOURCE_EXHAUSTED.
@@ -251,8 +253,8 @@ struct ServeArgs {
     nix_daemon_socket: Option<PathBuf>,
     /// Permissions of the Nix daemon socket (octal): who may use kiln's
     /// store and builds through it.
-    #[arg(long, default_value = "0600", value_parser = parse_socket_mode)]
-    nix_daemon_socket_mode: u32,
+    #[arg(long, default_value = "0600")]
+    nix_daemon_socket_mode: SocketMode,
     #[command(flatten)]
     nix_policy: NixPolicyArgs,
     /// On SIGTERM or SIGINT, how long running builds may go on before they
@@ -327,7 +329,7 @@ struct ServeSecurityArgs {
     tls_client_ca: Option<PathBuf>,
     /// File of accepted bearer tokens, one per line, read at start-up and
     /// on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "KILN_AUTH_TOKENS", value_name = "FILE")]
     auth_tokens: Option<PathBuf>,
     /// File of operator bearer tokens, one per line (read like
     /// --auth-tokens): they may call everything, and alone may use the
@@ -375,7 +377,7 @@ struct VmArgs {
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
     /// Kiln's cache: kernel artifacts, agent, base initramfs images.
-    #[arg(long, default_value = defaults::CACHE_DIR)]
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = defaults::CACHE_DIR)]
     cache_dir: PathBuf,
     /// Guest kernel: kiln (kiln's own, <cache-dir>/kernel-kiln), debian-cloud
     /// (the fallback, <cache-dir>/kernel-debian), or a kernel directory.
@@ -459,17 +461,6 @@ struct DoctorArgs {
     network: NetworkArgs,
 }
 
-/// Parses an octal permission mode such as `0600` or `660`.
-fn parse_socket_mode(s: &str) -> Result<u32, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    match u32::from_str_radix(digits, 8) {
-        Ok(mode) if mode <= 0o777 => Ok(mode),
-        _ => Err(format!(
-            "{s:?} is not an octal permission mode (0000 to 0777)"
-        )),
-    }
-}
-
 /// How long open calls may go on after the builds have ended at shutdown
 /// (their last events and answers are on the way) before their
 /// connections are closed.
@@ -481,7 +472,14 @@ const BUILD_CLEANUP_GRACE: Duration = Duration::from_secs(20);
 const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match kiln::cli::serve_config::parse::<Cli>(std::env::args_os()) {
+        Ok(kiln::cli::serve_config::Parsed::Run(cli)) => cli,
+        Ok(kiln::cli::serve_config::Parsed::Check(settings)) => {
+            print!("{settings}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => e.exit(),
+    };
     // Behind ssh, the Nix daemon's stderr reaches the Nix user: only
     // warnings by default.
     let default_filter = match cli.command {
@@ -632,6 +630,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.config.config {
+        tracing::info!(config = %path.display(), "settings from the config file, below the command line and KILN_* variables");
+    }
     let security = kiln::auth::Security::load(&kiln::auth::SecurityOptions {
         tls_cert: args.security.tls_cert.clone(),
         tls_key: args.security.tls_key.clone(),
@@ -729,7 +730,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let signals = StopSignals::install()?;
-    let listener = args.listen.bind_with_mode(args.unix_socket_mode).await?;
+    let listener = args.listen.bind_with_mode(args.unix_socket_mode.0).await?;
     let runs_dir = executor.runs_dir();
     let stop = tokio_util::sync::CancellationToken::new();
     let cut = tokio_util::sync::CancellationToken::new();
@@ -796,7 +797,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("connecting the Nix daemon front to kiln's services")?;
         let socket = socket.clone();
-        let mode = args.nix_daemon_socket_mode;
+        let mode = args.nix_daemon_socket_mode.0;
         let shutdown = stop.clone().cancelled_owned();
         tokio::spawn(async move {
             if let Err(e) =
@@ -917,9 +918,13 @@ fn reload_on_hangup(
 /// `kiln serve`'s settings as the command line (and its config file) give
 /// them now.
 fn reparse_serve_args(argv: &[std::ffi::OsString]) -> anyhow::Result<ServeArgs> {
-    let cli = Cli::try_parse_from(argv).context("parsing the command line again")?;
-    match cli.command {
-        Command::Serve(args) => Ok(args),
+    let parsed = kiln::cli::serve_config::parse::<Cli>(argv.iter().cloned())
+        .context("parsing the command line and config file again")?;
+    match parsed {
+        kiln::cli::serve_config::Parsed::Run(Cli {
+            command: Command::Serve(args),
+            ..
+        }) => Ok(args),
         _ => anyhow::bail!("kiln is not serving"),
     }
 }

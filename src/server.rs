@@ -64,6 +64,33 @@ impl std::str::FromStr for Listen {
     }
 }
 
+/// Permissions of a unix socket kiln creates (`--unix-socket-mode`,
+/// `--nix-daemon-socket-mode`): written in octal (`0600`, `660`, `0o660`),
+/// at most `0777`. A type of its own so that a config file writes it as the
+/// string `"0600"` (a TOML integer has no leading-zero octal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl std::str::FromStr for SocketMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if mode <= 0o777 => Ok(Self(mode)),
+            _ => Err(format!(
+                "{s:?} is not an octal permission mode (0000 to 0777)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -307,5 +334,15 @@ mod tests {
             Ok(Listen::Unix("kiln.sock".into()))
         );
         assert!("localhost".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn parses_socket_modes_in_octal() {
+        assert_eq!("0600".parse::<SocketMode>(), Ok(SocketMode(0o600)));
+        assert_eq!("660".parse::<SocketMode>(), Ok(SocketMode(0o660)));
+        assert_eq!("0o660".parse::<SocketMode>(), Ok(SocketMode(0o660)));
+        assert!("0999".parse::<SocketMode>().is_err());
+        assert!("01000".parse::<SocketMode>().is_err());
+        assert_eq!(SocketMode(0o600).to_string(), "0600");
     }
 }

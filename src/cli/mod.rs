@@ -1,12 +1,14 @@
 //! The client-side `kiln` subcommands: `build`, `castore import|export`,
-//! `builds`, `cancel`, `logs` (operators),
-//! `doctor`. `main.rs` only parses arguments and calls into here.
+//! `builds`, `cancel`, `logs` (operators), `doctor`, and `kiln serve`'s
+//! config file (`serve_config`). `main.rs` only parses arguments and calls
+//! into here.
 
 pub mod admin;
 pub mod build;
 pub mod castore;
 pub mod doctor;
 pub mod drv;
+pub mod serve_config;
 
 use tonic::transport::Channel;
 
