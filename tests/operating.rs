@@ -505,3 +505,52 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rereads_the_config_files_allow_list() {
+    if !harness::vm_tests_can_run() {
+        return;
+    }
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("greeting"), "from the host\n").unwrap();
+    let ro = shared.path().to_str().unwrap().to_owned();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("kiln.toml");
+    std::fs::write(&config, "allow-ro-path = []\n").unwrap();
+    let serve = Serve::start(&["--config", config.to_str().unwrap()]).await;
+    let mut req = serve.request(&format!("cat {ro}/greeting > $out"));
+    req.constraints.as_mut().unwrap().available_ro_paths = vec![ro.clone()];
+    let mut builds =
+        snix_build::build_service_client::BuildServiceClient::new(serve.channel(None).await);
+    let refused = builds
+        .do_build(req.clone())
+        .await
+        .expect_err("not allow-listed yet");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("allow-list"), "{refused:?}");
+
+    std::fs::write(&config, format!("allow-ro-path = [{ro:?}]\n")).unwrap();
+    serve.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        match builds.do_build(req.clone()).await {
+            Err(s) if s.code() == Code::FailedPrecondition => {}
+            other => break other,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the allow-list was never reloaded:\n{}",
+            serve.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let answer = answer
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", serve.log()))
+        .into_inner();
+    assert_eq!(answer.outputs.len(), 1);
+    assert!(
+        serve.log().contains("allow-ro-path changed"),
+        "{}",
+        serve.log()
+    );
+}

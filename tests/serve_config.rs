@@ -122,6 +122,8 @@ fn known_sample(key: &str) -> Option<Sample> {
         "accel" => one("tcg"),
         "kernel" => one("debian-cloud"),
         "network-dns" => one("192.0.2.53"),
+        "metrics-listen" => one("127.0.0.1:9464"),
+        "log-format" => one("json"),
         "network-allow" => Some(Sample::Many(vec!["10.1.0.0/16".into(), "192.0.2.7".into()])),
         "nix-system-feature" => Some(Sample::Many(vec![
             "big-parallel".into(),
