@@ -96,7 +96,7 @@ pub struct Executor {
     /// Set when the server shuts down: new builds are refused.
     draining: AtomicBool,
     /// `config.limits.ro_path_allowlist` as it is now (replaced on reload).
-    ro_path_allowlist: std::sync::RwLock<Arc<Vec<std::path::PathBuf>>>,
+    ro_path_allowlist: std::sync::RwLock<Vec<std::path::PathBuf>>,
     observer: Option<ObserverFactory>,
 }
 
@@ -137,7 +137,7 @@ impl Executor {
             pool,
             draining: AtomicBool::new(false),
             observer: None,
-            ro_path_allowlist: std::sync::RwLock::new(Arc::new(config_allowlist)),
+            ro_path_allowlist: std::sync::RwLock::new(config_allowlist),
         }
     }
 
@@ -147,7 +147,7 @@ impl Executor {
         *self
             .ro_path_allowlist
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(paths);
+            .unwrap_or_else(|p| p.into_inner()) = paths;
     }
 
     /// The limits a build is planned under now.
@@ -158,7 +158,7 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         plan::Limits {
-            ro_path_allowlist: allowlist.as_ref().clone(),
+            ro_path_allowlist: allowlist,
             ..self.config.limits.clone()
         }
     }
