@@ -18,6 +18,7 @@
 //! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
 //! - [`metrics`]: Prometheus metrics of builds, VMs and the castore
 //!   (`kiln serve --metrics-listen`).
+//! - [`tenant`]: who a build, a log or stored data belongs to.
 //! - [`cli`]: the `kiln` subcommands other than `serve`.
 //! - [`auth`], [`tls`], [`client`]: who may call the server (TLS, client
 //!   certificates, bearer tokens) and how clients connect with credentials.
@@ -46,5 +47,6 @@ pub mod metrics;
 pub mod nix;
 pub mod proto;
 pub mod server;
+pub mod tenant;
 pub mod tls;
 pub mod vmm;

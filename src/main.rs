@@ -255,6 +255,10 @@ struct ServeArgs {
     /// store and builds through it.
     #[arg(long, default_value = "0600")]
     nix_daemon_socket_mode: SocketMode,
+    /// The tenant the Nix daemon socket's clients build and store as, when
+    /// callers authenticate (without authentication there is one tenant).
+    #[arg(long, default_value = kiln::tenant::DEFAULT_TENANT, value_name = "TENANT")]
+    nix_daemon_tenant: kiln::tenant::Tenant,
     #[command(flatten)]
     nix_policy: NixPolicyArgs,
     /// On SIGTERM or SIGINT, how long running builds may go on before they
@@ -327,16 +331,21 @@ struct ServeSecurityArgs {
     /// PEM CA: clients presenting a certificate signed by it are authenticated (needs TLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// File of accepted bearer tokens, one per line, read at start-up and
-    /// on SIGHUP.
+    /// File of accepted bearer tokens, one `TENANT TOKEN` per line (a bare
+    /// `TOKEN` is the tenant `default`), read at start-up and on SIGHUP.
     #[arg(long, env = "KILN_AUTH_TOKENS", value_name = "FILE")]
     auth_tokens: Option<PathBuf>,
-    /// File of operator bearer tokens, one per line (read like
-    /// --auth-tokens): they may call everything, and alone may use the
-    /// operator commands (kiln builds, cancel, logs) when callers
-    /// authenticate. Giving it turns authentication on.
+    /// File of operator bearer tokens, lines as in --auth-tokens: their
+    /// callers see and stop every tenant's builds and read all of the
+    /// castore. Giving it turns authentication on.
     #[arg(long, value_name = "FILE")]
     operator_tokens: Option<PathBuf>,
+    /// Which tenant a client certificate names: `cn` (its subject's common
+    /// name), `san-dns[:SUFFIX]` (its first DNS name ending in SUFFIX,
+    /// without it) or `san-uri:PREFIX` (its first URI starting with
+    /// PREFIX, without it).
+    #[arg(long, default_value = "cn", value_name = "RULE")]
+    tenant_from_cert: kiln::auth::CertTenantRule,
 }
 
 /// How a client reaches a server that uses TLS or authentication.
@@ -639,8 +648,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_client_ca: args.security.tls_client_ca.clone(),
         auth_tokens: args.security.auth_tokens.clone(),
         operator_tokens: args.security.operator_tokens.clone(),
+        tenant_from_cert: args.security.tenant_from_cert.clone(),
     })
     .context("loading the TLS and authentication settings")?;
+    if security.requires_authentication() {
+        let tenants: Vec<String> = security.tenants().iter().map(|t| t.to_string()).collect();
+        tracing::info!(tenants = ?tenants, "builds and data are scoped to their tenant");
+    }
     let castore_security =
         kiln::client::ClientSecurity::load(&kiln::client::ClientSecurityOptions {
             tls_ca: args.castore_client.castore_tls_ca.clone(),
@@ -777,7 +791,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(socket) = &args.nix_daemon_socket {
         // The Nix front is a client of kiln's own services, reached on a
         // socket only root can open (the data dir is 0700); the Nix clients
-        // are authenticated by the permissions of their own socket.
+        // are authenticated by the permissions of their own socket, and act
+        // as --nix-daemon-tenant when the main listener has tenants.
+        let backend_security = if security.requires_authentication() {
+            kiln::auth::Security::fixed(kiln::tenant::Identity::client(
+                args.nix_daemon_tenant.clone(),
+            ))
+        } else {
+            kiln::auth::Security::none()
+        };
         let backend_path = args.data_dir.join("nix-backend.sock");
         let backend = Listen::Unix(backend_path.clone())
             .bind_with_mode(0o600)
@@ -785,7 +807,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(kiln::server::serve_services(
             backend,
             services.clone(),
-            kiln::auth::Security::none(),
+            backend_security,
             stop.clone().cancelled_owned(),
             cut.clone(),
         ));

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::error::BuildError;
 use crate::executor::request::BuildRequest;
 use crate::executor::run::{BuildOutcome, BuiltOutput};
+use crate::tenant::{Identity, Tenant};
 
 /// How many bytes of the log's end go into failure messages.
 pub const LOG_TAIL_BYTES: usize = 4096;
@@ -121,7 +122,8 @@ pub trait BuildObserver: Send {
 }
 
 /// Makes the [`BuildObserver`] of each new build from its request.
-pub type ObserverFactory = Arc<dyn Fn(&BuildRequest) -> Box<dyn BuildObserver> + Send + Sync>;
+pub type ObserverFactory =
+    Arc<dyn Fn(&BuildRequest, &Tenant) -> Box<dyn BuildObserver> + Send + Sync>;
 
 struct State {
     /// The phase the build is in (none before it is queued).
@@ -154,6 +156,8 @@ pub enum StopReason {
 pub struct BuildSummary {
     /// The build's id.
     pub id: String,
+    /// Who asked for it.
+    pub tenant: Tenant,
     /// When the server accepted it.
     pub submitted: SystemTime,
     /// How long ago that was.
@@ -167,6 +171,7 @@ pub struct BuildSummary {
 /// The events of one build, and the handle that stops it.
 pub struct BuildLog {
     id: String,
+    tenant: Tenant,
     submitted: SystemTime,
     started: Instant,
     cancel: CancellationToken,
@@ -179,6 +184,7 @@ pub struct BuildLog {
 impl BuildLog {
     fn new(
         id: String,
+        tenant: Tenant,
         cancel: CancellationToken,
         history_limit: usize,
         observer: Option<Box<dyn BuildObserver>>,
@@ -186,6 +192,7 @@ impl BuildLog {
         let (live, _) = broadcast::channel(1024);
         Self {
             id,
+            tenant,
             submitted: SystemTime::now(),
             started: Instant::now(),
             cancel,
@@ -208,6 +215,11 @@ impl BuildLog {
     /// The build's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The tenant that asked for the build.
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
     }
 
     /// Stops the build from the host side for `reason` (its VM is killed,
@@ -235,6 +247,7 @@ impl BuildLog {
         let st = self.lock();
         BuildSummary {
             id: self.id.clone(),
+            tenant: self.tenant.clone(),
             submitted: self.submitted,
             age: self.started.elapsed(),
             phase: st.phase,
@@ -369,20 +382,23 @@ impl Registry {
         }
     }
 
-    /// Creates the log of a new build, stopped through `cancel`.
+    /// Creates the log of a new build of the tenant `default`, stopped
+    /// through `cancel`.
     pub fn create(&self, id: String, cancel: CancellationToken) -> Arc<BuildLog> {
-        self.create_observed(id, cancel, None)
+        self.create_observed(id, Tenant::default_tenant(), cancel, None)
     }
 
-    /// Creates the log of a new build that `observer` follows.
+    /// Creates the log of a new build of `tenant` that `observer` follows.
     pub fn create_observed(
         &self,
         id: String,
+        tenant: Tenant,
         cancel: CancellationToken,
         observer: Option<Box<dyn BuildObserver>>,
     ) -> Arc<BuildLog> {
         let log = Arc::new(BuildLog::new(
             id.clone(),
+            tenant,
             cancel,
             self.history_limit,
             observer,
@@ -406,6 +422,12 @@ impl Registry {
     /// The log of a known build.
     pub fn get(&self, id: &str) -> Option<Arc<BuildLog>> {
         self.lock().0.get(id).cloned()
+    }
+
+    /// The log of a known build `who` may see: another tenant's build is
+    /// `None`, exactly like an unknown id.
+    pub fn get_for(&self, id: &str, who: &Identity) -> Option<Arc<BuildLog>> {
+        self.get(id).filter(|log| who.may_see(log.tenant()))
     }
 
     /// The builds that have not ended, oldest first.

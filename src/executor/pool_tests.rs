@@ -93,7 +93,11 @@ impl PoolRig {
 
     async fn build(&self, req: snix_build::BuildRequest) -> (bool, crate::executor::BuildResult) {
         let req = grpc::request::from_snix(&req).expect("valid request");
-        let started = self.executor.start(req, ClientLimits::default());
+        let started = self.executor.start(
+            req,
+            ClientLimits::default(),
+            &crate::tenant::Identity::unauthenticated(),
+        );
         let result = started.task.await.expect("task");
         (warm_started(&started.log), result)
     }
@@ -238,7 +242,11 @@ async fn pool_vms_count_against_the_vm_slots_and_the_memory_budget() {
     };
     rig.until("two VMs waiting", |s| s.waiting == 2).await;
     let req = grpc::request::from_snix(&request(vec![])).expect("valid");
-    let started = rig.executor.start(req, ClientLimits::default());
+    let started = rig.executor.start(
+        req,
+        ClientLimits::default(),
+        &crate::tenant::Identity::unauthenticated(),
+    );
     rig.until("one VM assigned", |s| s.assigned == 1).await;
     // The build holds one slot, the other pool VM the other: no refill
     // while the build runs, however long we look.
@@ -305,7 +313,11 @@ async fn a_build_cancelled_in_its_warm_vm_releases_it_and_the_pool_refills() {
     };
     rig.until("one VM waiting", |s| s.waiting == 1).await;
     let req = grpc::request::from_snix(&request(vec![])).expect("valid");
-    let started = rig.executor.start(req, ClientLimits::default());
+    let started = rig.executor.start(
+        req,
+        ClientLimits::default(),
+        &crate::tenant::Identity::unauthenticated(),
+    );
     let (_, rx) = started.log.subscribe();
     let mut rx = rx.expect("live");
     while !matches!(rx.recv().await, Ok(Event::Log { .. })) {}

@@ -40,6 +40,7 @@ use crate::executor::pool::{self, Pool, PoolConfig, WarmVm};
 use crate::executor::request::{BuildRequest, Layout};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
+use crate::tenant::Identity;
 use crate::vmm::session::{
     Guest, GuestBoot, SessionError, SessionNetwork, SessionSpec, Share, VmSession,
 };
@@ -184,10 +185,11 @@ impl Executor {
             .collect()
     }
 
-    /// Stops the build `id` for `reason`; false if no such build is running.
-    pub fn stop_build(&self, id: &str, reason: StopReason) -> bool {
+    /// Stops the build `id` for `reason`; false if no such build that
+    /// `who` may see is running.
+    pub fn stop_build(&self, id: &str, who: &Identity, reason: StopReason) -> bool {
         self.registry
-            .get(id)
+            .get_for(id, who)
             .is_some_and(|log| !log.finished() && log.stop(reason))
     }
 
@@ -287,19 +289,25 @@ impl Executor {
         self.config.data_dir.join("runs")
     }
 
-    /// Starts a build as its own task, under the server's limits lowered
-    /// by the client's.
-    pub fn start(self: &Arc<Self>, req: BuildRequest, client: ClientLimits) -> Started {
+    /// Starts a build for `who` as its own task, under the server's
+    /// limits lowered by the client's.
+    pub fn start(
+        self: &Arc<Self>,
+        req: BuildRequest,
+        client: ClientLimits,
+        who: &Identity,
+    ) -> Started {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let cancel = CancellationToken::new();
-        let observer = self.observer.as_ref().map(|make| make(&req));
-        let log = self
-            .registry
-            .create_observed(id.clone(), cancel.clone(), observer);
+        let tenant = who.tenant.clone();
+        let observer = self.observer.as_ref().map(|make| make(&req, &tenant));
+        let log =
+            self.registry
+                .create_observed(id.clone(), tenant.clone(), cancel.clone(), observer);
         let limits = client.within(&self.config);
         let this = self.clone();
         let (task_log, task_cancel) = (log.clone(), cancel.clone());
-        let span = info_span!("build", id = %id);
+        let span = info_span!("build", id = %id, tenant = %tenant);
         let task = tokio::spawn(
             async move {
                 let started = Instant::now();

@@ -113,7 +113,11 @@ async fn build_logged(
     req: snix_build::BuildRequest,
 ) -> (Arc<BuildLog>, crate::executor::BuildResult) {
     let req = grpc::request::from_snix(&req).expect("valid request");
-    let started = rig.executor.start(req, ClientLimits::default());
+    let started = rig.executor.start(
+        req,
+        ClientLimits::default(),
+        &crate::tenant::Identity::unauthenticated(),
+    );
     (started.log, started.task.await.expect("task"))
 }
 
@@ -322,7 +326,9 @@ async fn a_silent_builder_is_stopped_after_the_clients_silence_limit() {
         max_silent: Some(Duration::from_secs(1)),
         ..ClientLimits::default()
     };
-    let started = rig.executor.start(req, limits);
+    let started = rig
+        .executor
+        .start(req, limits, &crate::tenant::Identity::unauthenticated());
     let err = started.task.await.expect("task").expect_err("stopped");
     assert!(matches!(*err, BuildError::Silent { secs: 1, .. }), "{err}");
     assert_eq!(err.kind(), "silent");
@@ -351,7 +357,7 @@ async fn a_clients_log_limit_lowers_the_servers() {
     };
     let err = rig
         .executor
-        .start(req, limits)
+        .start(req, limits, &crate::tenant::Identity::unauthenticated())
         .task
         .await
         .expect("task")
@@ -372,7 +378,11 @@ async fn a_cancelled_build_releases_its_vm_and_directory() {
         return;
     };
     let req = grpc::request::from_snix(&request(vec![])).expect("valid");
-    let started = rig.executor.start(req, ClientLimits::default());
+    let started = rig.executor.start(
+        req,
+        ClientLimits::default(),
+        &crate::tenant::Identity::unauthenticated(),
+    );
     // Wait until the builder runs, then cancel.
     let (_, rx) = started.log.subscribe();
     let mut rx = rx.expect("live");

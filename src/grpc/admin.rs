@@ -1,7 +1,8 @@
-//! `kiln.v1.Admin`: what an operator sees and stops — the builds that have
-//! not ended, cancelling one, any build's log. Who may call it is the auth
-//! layer's to decide (`crate::auth`: an operator credential when callers
-//! authenticate); nothing here checks it again.
+//! `kiln.v1.Admin`: the builds that have not ended, cancelling one, a
+//! build's log. A caller sees and stops only its own tenant's builds
+//! (another tenant's build id is NOT_FOUND, exactly like an unknown one);
+//! an operator credential, or any caller of a server without
+//! authentication, sees every build.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -16,9 +17,7 @@ use crate::proto::kiln_v1::{
     self, CancelBuildRequest, CancelBuildResponse, ListBuildsRequest, ListBuildsResponse,
     LogsRequest,
 };
-
-/// The tenant every build belongs to until tenants are configured.
-pub const DEFAULT_TENANT: &str = "default";
+use crate::tenant::Identity;
 
 /// Serves `kiln.v1.Admin` over an executor.
 #[derive(Clone)]
@@ -38,7 +37,7 @@ fn wire_summary(build: &BuildSummary) -> kiln_v1::BuildSummary {
     let vm = build.vm.as_ref();
     kiln_v1::BuildSummary {
         build_id: build.id.clone(),
-        tenant: DEFAULT_TENANT.to_owned(),
+        tenant: build.tenant.to_string(),
         phase: build.phase.map_or("checking", |p| p.name()).to_owned(),
         age_secs: build.age.as_secs(),
         submitted_unix_secs: build
@@ -61,9 +60,16 @@ impl Admin for AdminService {
 
     async fn list_builds(
         &self,
-        _request: Request<ListBuildsRequest>,
+        request: Request<ListBuildsRequest>,
     ) -> Result<Response<ListBuildsResponse>, Status> {
-        let builds = self.executor.running().iter().map(wire_summary).collect();
+        let who = Identity::of(request.extensions());
+        let builds = self
+            .executor
+            .running()
+            .iter()
+            .filter(|build| who.may_see(&build.tenant))
+            .map(wire_summary)
+            .collect();
         Ok(Response::new(ListBuildsResponse { builds }))
     }
 
@@ -71,13 +77,14 @@ impl Admin for AdminService {
         &self,
         request: Request<CancelBuildRequest>,
     ) -> Result<Response<CancelBuildResponse>, Status> {
+        let who = Identity::of(request.extensions());
         let id = request.into_inner().build_id;
-        if !self.executor.stop_build(&id, StopReason::Operator) {
+        if !self.executor.stop_build(&id, &who, StopReason::Operator) {
             return Err(Status::not_found(format!(
                 "build_id: no build {id:?} is running on this server"
             )));
         }
-        tracing::info!(build = %id, "build cancelled by an operator");
+        tracing::info!(build = %id, by = %who.tenant, "build cancelled through kiln.v1.Admin");
         Ok(Response::new(CancelBuildResponse {}))
     }
 
@@ -85,11 +92,12 @@ impl Admin for AdminService {
         &self,
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let who = Identity::of(request.extensions());
         let LogsRequest { build_id, follow } = request.into_inner();
         let log = self
             .executor
             .registry()
-            .get(&build_id)
+            .get_for(&build_id, &who)
             .ok_or_else(|| unknown(&build_id))?;
         Ok(Response::new(stream_log(log, (), follow)))
     }

@@ -25,6 +25,7 @@ use crate::executor::request::BuildRequest;
 use crate::executor::run::{BuildOutcome, Executor};
 use crate::grpc::{answer, request, status};
 use crate::proto::{snix_build, tvix_build};
+use crate::tenant::Identity;
 
 /// Response metadata key carrying the build id (for `Watch`).
 pub const BUILD_ID_HEADER: &str = "x-kiln-build-id";
@@ -79,14 +80,15 @@ impl BuildService {
         face: &'static str,
         validated: Result<BuildRequest, InvalidRequest>,
         deadline: Option<Duration>,
+        who: Identity,
     ) -> (Option<String>, Result<Arc<BuildOutcome>, Status>) {
         let (_permit, req) = match self.admit_request(face, validated) {
             Ok(admitted) => admitted,
             Err(status) => return (None, Err(status)),
         };
-        let started = self
-            .executor
-            .start(req, crate::executor::ClientLimits::deadline(deadline));
+        let started =
+            self.executor
+                .start(req, crate::executor::ClientLimits::deadline(deadline), &who);
         let _cancel_on_drop = started.cancel.drop_guard();
         let result = match started.task.await {
             Ok(r) => r.map_err(|e| status::status(&e)),
@@ -147,8 +149,9 @@ impl tvix_build::build_service_server::BuildService for BuildService {
         request: Request<tvix_build::BuildRequest>,
     ) -> Result<Response<tvix_build::Build>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let who = Identity::of(request.extensions());
         let validated = request::from_tvix(&request.into_inner());
-        let (id, result) = self.run("tvix DoBuild", validated, deadline).await;
+        let (id, result) = self.run("tvix DoBuild", validated, deadline, who).await;
         respond(id, result.and_then(|o| answer::tvix(&o)))
     }
 }
@@ -160,8 +163,9 @@ impl snix_build::build_service_server::BuildService for BuildService {
         request: Request<snix_build::BuildRequest>,
     ) -> Result<Response<snix_build::BuildResponse>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let who = Identity::of(request.extensions());
         let validated = request::from_snix(&request.into_inner());
-        let (id, result) = self.run("snix DoBuild", validated, deadline).await;
+        let (id, result) = self.run("snix DoBuild", validated, deadline, who).await;
         respond(id, result.map(|o| answer::snix(&o)))
     }
 }

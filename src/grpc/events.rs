@@ -18,6 +18,7 @@ use crate::grpc::{answer, request, status};
 use crate::proto::kiln_v1::build_event::Event as WireEvent;
 use crate::proto::kiln_v1::build_events_server::BuildEvents;
 use crate::proto::kiln_v1::{self, BuildEvent, SubmitRequest, WatchRequest};
+use crate::tenant::Identity;
 
 /// A build event as `kiln.v1.BuildEvent`.
 pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
@@ -109,11 +110,12 @@ impl BuildEvents for BuildService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let who = Identity::of(request.extensions());
         let submitted = request.into_inner();
         let limits = request::client_limits(&submitted, deadline);
         let req = request::from_submit(&submitted);
         let (permit, req) = self.admit_request("Submit", req)?;
-        let started = self.executor().start(req, limits);
+        let started = self.executor().start(req, limits, &who);
         // The request's budget is held until the build has ended.
         let task = started.task;
         tokio::spawn(async move {
@@ -129,10 +131,16 @@ impl BuildEvents for BuildService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = Identity::of(request.extensions());
         let id = request.into_inner().build_id;
-        let log = self.executor().registry().get(&id).ok_or_else(|| {
-            Status::not_found(format!("build_id: no build {id:?} is known to this server"))
-        })?;
+        // Another tenant's build answers exactly like an unknown id.
+        let log = self
+            .executor()
+            .registry()
+            .get_for(&id, &who)
+            .ok_or_else(|| {
+                Status::not_found(format!("build_id: no build {id:?} is known to this server"))
+            })?;
         Ok(Response::new(follow(log, ())))
     }
 }

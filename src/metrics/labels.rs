@@ -2,16 +2,17 @@
 //! the server knows of a build (its layout, how it ended, its failure kind,
 //! cold or warm VM), never an id, a path or a message.
 //!
-//! Every set has a [`Tenant`] slot. kiln has no tenants yet (issue 17), so
-//! it encodes no label at all today; once requests carry a tenant, filling
-//! [`Tenant`] in [`BuildScope::of`] labels every build metric with it.
+//! Every set has a [`Tenant`] slot: the `tenant` label of a build of a
+//! named tenant (the operator's token file and certificate rule bound how
+//! many there are); a build of the tenant `default`, which is every build
+//! of a server without authentication, has no tenant label at all.
 
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 
 use crate::executor::error::BuildError;
 use crate::executor::request::{BuildRequest, Layout};
 
-/// Whose build it is: no label while kiln has one tenant.
+/// Whose build it is: no label for the tenant `default`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Tenant(pub Option<String>);
 
@@ -34,11 +35,11 @@ pub struct BuildScope {
 }
 
 impl BuildScope {
-    /// The scope of the build `req` asks for.
-    pub fn of(req: &BuildRequest) -> Self {
+    /// The scope of the build `req` that `tenant` asks for.
+    pub fn of(req: &BuildRequest, tenant: &crate::tenant::Tenant) -> Self {
+        let named = tenant.as_str() != crate::tenant::DEFAULT_TENANT;
         Self {
-            // Issue 17: the request's tenant goes here.
-            tenant: Tenant::default(),
+            tenant: Tenant(named.then(|| tenant.to_string())),
             layout: layout(req.layout),
         }
     }

@@ -237,10 +237,10 @@ impl Metrics {
     /// Follows every build of an executor (`Executor::set_observer`).
     pub fn observer(self: &Arc<Self>) -> ObserverFactory {
         let metrics = self.clone();
-        Arc::new(move |req| {
+        Arc::new(move |req, tenant| {
             Box::new(build::BuildTimer::new(
                 metrics.clone(),
-                BuildScope::of(req),
+                BuildScope::of(req, tenant),
                 Instant::now(),
             ))
         })

@@ -3,40 +3,49 @@
 //!
 //! A caller is authenticated by either
 //! - a TLS client certificate that chains to the configured client CA
-//!   (`--tls-client-ca`; rustls verifies it during the handshake), or
+//!   (`--tls-client-ca`; rustls verifies it during the handshake), its
+//!   tenant read from it by the operator's rule ([`cert`],
+//!   `--tenant-from-cert`), or
 //! - an `authorization: Bearer <token>` header whose token is one of the
 //!   lines of the token file (`--auth-tokens`) or of the operator token file
-//!   (`--operator-tokens`), compared in constant time. Both files are read
-//!   at start-up and again on [`Security::reload`] (SIGHUP).
+//!   (`--operator-tokens`), compared in constant time, each line naming its
+//!   tenant ([`tokens`]). Both files are read at start-up and again on
+//!   [`Security::reload`] (SIGHUP).
 //!
 //! With any of these configured, [`AuthLayer`] sits on the server builder in
 //! front of every service, so none can be forgotten: any call without an
-//! accepted credential gets `UNAUTHENTICATED`, and a call to the operator
-//! service `kiln.v1.Admin` without an operator token gets
-//! `PERMISSION_DENIED`. The one exception is `grpc.health.v1.Health`, which
-//! load balancers and probes must reach without credentials; it reveals
-//! only whether kiln is serving. Without authentication every caller is
-//! served, the operator service included.
+//! accepted credential gets `UNAUTHENTICATED`; an accepted one gets the
+//! caller's [`Identity`] in its request extensions, which every service
+//! scopes its answers by (a client sees its own tenant's builds and data, an
+//! operator token sees everything). The one exception is
+//! `grpc.health.v1.Health`, which load balancers and probes must reach
+//! without credentials; it reveals only whether kiln is serving. Without
+//! authentication every caller is served as the one tenant `default` that
+//! sees everything, unless the server was given a fixed identity
+//! ([`Security::fixed`]: the Nix front's private backend).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use futures::future::{self, Either, Ready};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tonic::transport::ServerTlsConfig;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use crate::tenant::Identity;
 use crate::tls::{self, TlsError};
+
+pub mod cert;
+pub mod tokens;
+
+pub use cert::CertTenantRule;
+pub use tokens::Tokens;
 
 /// Paths under this prefix are served without credentials.
 const OPEN_PREFIX: &str = "/grpc.health.v1.Health/";
-/// Paths under this prefix need an operator credential.
-const OPERATOR_PREFIX: &str = "/kiln.v1.Admin/";
 
 /// Loading the security settings failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +73,7 @@ pub enum AuthError {
         problem: &'static str,
     },
     /// The token file holds no token.
-    #[error("token file {0} holds no token (one token per line; blank lines and # comments are skipped)")]
+    #[error("token file {0} holds no token (one `TENANT TOKEN` or `TOKEN` per line; blank lines and # comments are skipped)")]
     NoTokens(PathBuf),
 }
 
@@ -77,11 +86,13 @@ pub struct SecurityOptions {
     pub tls_key: Option<PathBuf>,
     /// PEM CA that client certificates must chain to; enables mTLS.
     pub tls_client_ca: Option<PathBuf>,
-    /// File of accepted bearer tokens, one per line.
+    /// File of accepted bearer tokens, `TENANT TOKEN` (or `TOKEN`) per line.
     pub auth_tokens: Option<PathBuf>,
-    /// File of operator bearer tokens (the admin service, and everything
-    /// else), one per line.
+    /// File of operator bearer tokens (they see every tenant's builds and
+    /// data), lines as in `auth_tokens`.
     pub operator_tokens: Option<PathBuf>,
+    /// Which tenant a client certificate names.
+    pub tenant_from_cert: CertTenantRule,
 }
 
 /// The server's loaded security settings: TLS, and who may call.
@@ -89,12 +100,15 @@ pub struct SecurityOptions {
 pub struct Security {
     tls: Option<ServerTlsConfig>,
     policy: Option<Arc<Policy>>,
+    /// Without a policy: the identity every caller gets.
+    fixed: Option<Identity>,
 }
 
 /// What a caller must present.
 #[derive(Debug)]
 struct Policy {
-    client_certs: bool,
+    /// Whether client certificates are accepted, and the tenant rule.
+    client_certs: Option<CertTenantRule>,
     /// The token files, re-read by [`Security::reload`].
     files: TokenFiles,
     tokens: RwLock<Accepted>,
@@ -124,17 +138,20 @@ impl TokenFiles {
     }
 }
 
-/// Who a caller proved to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
-    Client,
-    Operator,
-}
-
 impl Security {
     /// No TLS and no authentication: every caller is served.
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// No TLS and no authentication, every caller served as `identity`
+    /// (a private socket only kiln itself connects to, like the Nix
+    /// front's backend, acting for the tenant its clients belong to).
+    pub fn fixed(identity: Identity) -> Self {
+        Self {
+            fixed: Some(identity),
+            ..Self::default()
+        }
     }
 
     /// Reads every file `options` names (once; later changes to the files
@@ -156,8 +173,11 @@ impl Security {
             operators: options.operator_tokens.clone(),
         };
         let tokens = files.load()?;
-        let client_certs = options.tls_client_ca.is_some();
-        let any = client_certs || tokens.clients.is_some() || tokens.operators.is_some();
+        let client_certs = options
+            .tls_client_ca
+            .is_some()
+            .then(|| options.tenant_from_cert.clone());
+        let any = client_certs.is_some() || tokens.clients.is_some() || tokens.operators.is_some();
         let policy = any.then(|| {
             Arc::new(Policy {
                 client_certs,
@@ -165,7 +185,11 @@ impl Security {
                 tokens: RwLock::new(tokens),
             })
         });
-        Ok(Self { tls, policy })
+        Ok(Self {
+            tls,
+            policy,
+            fixed: None,
+        })
     }
 
     /// Re-reads the token files (SIGHUP). On an error nothing changes: the
@@ -228,8 +252,8 @@ impl Security {
             None => "no client authentication".to_owned(),
             Some(policy) => {
                 let mut ways = Vec::new();
-                if policy.client_certs {
-                    ways.push("client certificates".to_owned());
+                if let Some(rule) = &policy.client_certs {
+                    ways.push(format!("client certificates (tenant by {rule})"));
                 }
                 let tokens = policy.tokens.read().unwrap_or_else(|p| p.into_inner());
                 if let Some(tokens) = &tokens.clients {
@@ -249,150 +273,79 @@ impl Security {
     pub fn layer(&self) -> AuthLayer {
         AuthLayer {
             policy: self.policy.clone(),
+            fixed: self.fixed.clone(),
         }
     }
-}
 
-/// Accepted bearer tokens, kept as SHA-256 digests so that comparing takes
-/// the same time whatever the length or content of the presented token.
-pub struct Tokens {
-    digests: Vec<[u8; 32]>,
-}
-
-impl std::fmt::Debug for Tokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokens({} accepted)", self.digests.len())
-    }
-}
-
-impl Tokens {
-    /// Reads a token file: one token per line, surrounding whitespace
-    /// ignored, blank lines and lines starting with `#` skipped. A token is
-    /// printable ASCII without spaces (it travels in an HTTP header).
-    pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| AuthError::ReadTokens(path.to_owned(), e))?;
-        warn_if_readable_by_others(path);
-        let bad = |line, problem| AuthError::BadToken {
-            path: path.to_owned(),
-            line,
-            problem,
+    /// The tenants the token files name now (for the start-up log).
+    pub fn tenants(&self) -> Vec<crate::tenant::Tenant> {
+        let Some(policy) = &self.policy else {
+            return Vec::new();
         };
-        let mut digests = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            let token = line.trim();
-            if token.is_empty() || token.starts_with('#') {
-                continue;
-            }
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad(
-                    index + 1,
-                    "a token must be printable ASCII without spaces",
-                ));
-            }
-            digests.push(digest(token.as_bytes()));
-        }
-        if digests.is_empty() {
-            return Err(AuthError::NoTokens(path.to_owned()));
-        }
-        Ok(Self { digests })
-    }
-
-    /// How many tokens are accepted.
-    pub fn len(&self) -> usize {
-        self.digests.len()
-    }
-
-    /// Whether no token is accepted (never true for a loaded file).
-    pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
-    }
-
-    /// Whether `presented` is an accepted token. Every accepted token is
-    /// compared, in constant time, so timing reveals neither which token
-    /// matched nor how much of one did.
-    pub fn accepts(&self, presented: &[u8]) -> bool {
-        let presented = digest(presented);
-        let matched = self
-            .digests
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, accepted| {
-                acc | accepted.ct_eq(&presented)
-            });
-        matched.into()
-    }
-
-    /// How many of these tokens `other` does not accept.
-    fn not_in(&self, other: &Tokens) -> usize {
-        self.digests
-            .iter()
-            .filter(|d| !other.digests.contains(d))
-            .count()
-    }
-}
-
-fn digest(token: &[u8]) -> [u8; 32] {
-    Sha256::digest(token).into()
-}
-
-fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(
-                file = %path.display(),
-                "the token file is readable by group or others; chmod 600 it"
-            );
-        }
+        let tokens = policy.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = [&tokens.clients, &tokens.operators]
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t.tenants())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 }
 
 impl Policy {
-    /// Whether `request` may proceed; otherwise the status to answer with.
-    fn check<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
-        let path = request.uri().path();
-        if path.starts_with(OPEN_PREFIX) {
-            return Ok(());
+    /// Who `request` comes from; `None` for the open health service;
+    /// otherwise the status to answer with.
+    fn check<B>(&self, request: &http::Request<B>) -> Result<Option<Identity>, Status> {
+        if request.uri().path().starts_with(OPEN_PREFIX) {
+            return Ok(None);
         }
-        let caller = self.caller(request)?;
-        if path.starts_with(OPERATOR_PREFIX) && caller != Caller::Operator {
-            return Err(Status::permission_denied(
-                "kiln.v1.Admin needs an operator token (kiln serve --operator-tokens)",
-            ));
-        }
-        Ok(())
+        self.caller(request).map(Some)
     }
 
     /// Who presented what: a bearer token is checked when one is sent
-    /// (operator tokens first), a client certificate otherwise.
-    fn caller<B>(&self, request: &http::Request<B>) -> Result<Caller, Status> {
-        let certified = self.client_certs && has_client_certificate(request);
+    /// (operator tokens first), a client certificate otherwise (or when
+    /// the token is not accepted).
+    fn caller<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
         let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let refused = |why: &str| match self.by_certificate(request) {
+            Some(identity) => identity,
+            None => Err(Status::unauthenticated(why)),
+        };
         let Some(value) = request.headers().get(http::header::AUTHORIZATION) else {
-            return if certified {
-                Ok(Caller::Client)
-            } else {
-                Err(Status::unauthenticated(self.what_is_required(&tokens)))
-            };
+            return refused(self.what_is_required(&tokens));
         };
         let token = bearer_token(value).ok_or_else(|| {
             Status::unauthenticated("the authorization header is not `Bearer <token>`")
         })?;
-        let accepts = |set: &Option<Tokens>| set.as_ref().is_some_and(|t| t.accepts(token));
-        if accepts(&tokens.operators) {
-            Ok(Caller::Operator)
-        } else if accepts(&tokens.clients) || certified {
-            Ok(Caller::Client)
+        let tenant_in = |set: &Option<Tokens>| set.as_ref().and_then(|t| t.tenant_of(token));
+        if let Some(tenant) = tenant_in(&tokens.operators) {
+            Ok(Identity::operator(tenant))
+        } else if let Some(tenant) = tenant_in(&tokens.clients) {
+            Ok(Identity::client(tenant))
         } else if tokens.clients.is_none() && tokens.operators.is_none() {
             // No tokens are taken at all: say what is.
-            Err(Status::unauthenticated(self.what_is_required(&tokens)))
+            refused(self.what_is_required(&tokens))
         } else {
-            Err(Status::unauthenticated("the bearer token is not accepted"))
+            refused("the bearer token is not accepted")
         }
     }
 
+    /// The identity of the connection's client certificate, when
+    /// certificates are accepted and one was presented.
+    fn by_certificate<B>(&self, request: &http::Request<B>) -> Option<Result<Identity, Status>> {
+        let rule = self.client_certs.as_ref()?;
+        let leaf = client_certificate(request)?;
+        Some(
+            rule.tenant_of(&leaf)
+                .map(Identity::client)
+                .map_err(Status::unauthenticated),
+        )
+    }
+
     fn what_is_required(&self, tokens: &Accepted) -> &'static str {
-        if self.client_certs {
+        if self.client_certs.is_some() {
             if tokens.clients.is_some() || tokens.operators.is_some() {
                 return "kiln requires a client certificate signed by its client CA or an `authorization: Bearer <token>` header";
             }
@@ -402,9 +355,9 @@ impl Policy {
     }
 }
 
-/// Whether the connection carried a client certificate. rustls has already
+/// The leaf certificate the connection carried, DER. rustls has already
 /// checked it against the client CA: an unverifiable one fails the handshake.
-fn has_client_certificate<B>(request: &http::Request<B>) -> bool {
+fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
     let extensions = request.extensions();
     let tcp = extensions
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -414,7 +367,8 @@ fn has_client_certificate<B>(request: &http::Request<B>) -> bool {
             .get::<TlsConnectInfo<UdsConnectInfo>>()
             .and_then(|info| info.peer_certs())
     };
-    tcp.or_else(unix).is_some_and(|certs| !certs.is_empty())
+    let certs = tcp.or_else(unix)?;
+    certs.first().map(|leaf| leaf.as_ref().to_vec())
 }
 
 /// The token of an `authorization` value `Bearer <token>` (the scheme is
@@ -429,6 +383,7 @@ fn bearer_token(value: &http::HeaderValue) -> Option<&[u8]> {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     policy: Option<Arc<Policy>>,
+    fixed: Option<Identity>,
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -438,6 +393,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             policy: self.policy.clone(),
+            fixed: self.fixed.clone(),
         }
     }
 }
@@ -447,6 +403,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     policy: Option<Arc<Policy>>,
+    fixed: Option<Identity>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthService<S>
@@ -462,16 +419,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        if let Some(policy) = &self.policy {
-            if let Err(status) = policy.check(&request) {
-                tracing::info!(
-                    path = request.uri().path(),
-                    reason = status.message(),
-                    "refused an unauthenticated call"
-                );
-                return Either::Left(future::ready(Ok(status.into_http())));
-            }
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let identity = match &self.policy {
+            Some(policy) => match policy.check(&request) {
+                Ok(identity) => identity,
+                Err(status) => {
+                    tracing::info!(
+                        path = request.uri().path(),
+                        reason = status.message(),
+                        "refused an unauthenticated call"
+                    );
+                    return Either::Left(future::ready(Ok(status.into_http())));
+                }
+            },
+            None => self.fixed.clone(),
+        };
+        if let Some(identity) = identity {
+            request.extensions_mut().insert(identity);
         }
         Either::Right(self.inner.call(request))
     }
@@ -480,44 +444,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenant::Tenant;
 
-    fn token_file(text: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("tokens");
-        std::fs::write(&path, text).expect("write");
-        (dir, path)
-    }
-
-    #[test]
-    fn token_file_lines() {
-        let (_dir, path) = token_file("# operators\n  alpha-token  \n\nbeta\n");
-        let tokens = Tokens::from_file(&path).expect("loads");
-        assert_eq!(tokens.len(), 2);
-        assert!(tokens.accepts(b"alpha-token"));
-        assert!(tokens.accepts(b"beta"));
-        assert!(!tokens.accepts(b"alpha"));
-        assert!(!tokens.accepts(b"beta "));
-        assert!(!tokens.accepts(b"# operators"));
-        assert!(!tokens.accepts(b""));
-    }
-
-    #[test]
-    fn token_file_errors_name_the_problem() {
-        let (_dir, path) = token_file("\n# nothing\n");
-        assert!(matches!(
-            Tokens::from_file(&path),
-            Err(AuthError::NoTokens(_))
-        ));
-        let (_dir, path) = token_file("good\nhas space\n");
-        let err = Tokens::from_file(&path).expect_err("refused");
-        assert!(err.to_string().contains("line 2"), "{err}");
-        assert!(
-            !err.to_string().contains("has space"),
-            "token leaked: {err}"
-        );
-        let err = Tokens::from_file(Path::new("/nonexistent/tokens")).expect_err("missing");
-        assert!(matches!(err, AuthError::ReadTokens(..)));
-    }
+    use tokens::tests::token_file;
 
     #[test]
     fn options_must_fit_together() {
@@ -551,7 +480,7 @@ mod tests {
         let files = TokenFiles { clients, operators };
         let tokens = RwLock::new(files.load().expect("loads"));
         Policy {
-            client_certs,
+            client_certs: client_certs.then(CertTenantRule::default),
             files,
             tokens,
         }
@@ -570,15 +499,23 @@ mod tests {
         let (_dir, path) = token_file("secret\n");
         let policy = policy_of(false, Some(path), None);
         let call = "/snix.castore.v1.BlobService/Stat";
-        assert!(policy.check(&request(call, Some("Bearer secret"))).is_ok());
+        assert_eq!(
+            policy
+                .check(&request(call, Some("Bearer secret")))
+                .expect("accepted"),
+            Some(Identity::client(Tenant::default_tenant()))
+        );
         assert!(policy.check(&request(call, Some("bearer secret"))).is_ok());
         for refused in [None, Some("Bearer wrong"), Some("secret"), Some("Bearer ")] {
             let status = policy.check(&request(call, refused)).expect_err("refused");
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{refused:?}");
         }
-        assert!(policy
-            .check(&request("/grpc.health.v1.Health/Check", None))
-            .is_ok());
+        assert_eq!(
+            policy
+                .check(&request("/grpc.health.v1.Health/Check", None))
+                .expect("open"),
+            None
+        );
         // Without TLS there is no certificate to accept.
         let certs_only = policy_of(true, None, None);
         let status = certs_only
@@ -588,19 +525,27 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_service_needs_an_operator_token() {
-        let (_dir, clients) = token_file("client\n");
-        let (_dir2, operators) = token_file("boss\n");
+    fn every_token_names_a_tenant_and_operators_see_everything() {
+        let (_dir, clients) = token_file("team-a a-token\nteam-b b-token\nbare-token\n");
+        let (_dir2, operators) = token_file("ops boss\n");
         let policy = policy_of(false, Some(clients), Some(operators));
         let admin = "/kiln.v1.Admin/ListBuilds";
         let build = "/snix.build.v1.BuildService/DoBuild";
-        assert!(policy.check(&request(admin, Some("Bearer boss"))).is_ok());
-        assert!(policy.check(&request(build, Some("Bearer boss"))).is_ok());
-        assert!(policy.check(&request(build, Some("Bearer client"))).is_ok());
-        let status = policy
-            .check(&request(admin, Some("Bearer client")))
-            .expect_err("a client is no operator");
-        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let who = |path, token: &str| {
+            policy
+                .check(&request(path, Some(&format!("Bearer {token}"))))
+                .expect("accepted")
+                .expect("an identity")
+        };
+        let tenant = |name| Tenant::parse(name).expect("tenant");
+        assert_eq!(who(build, "a-token"), Identity::client(tenant("team-a")));
+        assert_eq!(who(admin, "b-token"), Identity::client(tenant("team-b")));
+        assert_eq!(
+            who(build, "bare-token"),
+            Identity::client(Tenant::default_tenant())
+        );
+        assert_eq!(who(admin, "boss"), Identity::operator(tenant("ops")));
+        assert!(who(admin, "boss").sees_everything);
         let status = policy.check(&request(admin, None)).expect_err("nobody");
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
@@ -633,7 +578,7 @@ mod tests {
             .check(&request(call, Some("Bearer retired-token")))
             .is_err());
         // A broken file changes nothing.
-        std::fs::write(&path, "has space\n").expect("write");
+        std::fs::write(&path, "has two spaces\n").expect("write");
         security.reload().expect_err("refused");
         assert!(layer_policy
             .check(&request(call, Some("Bearer fresh-token")))
