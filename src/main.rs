@@ -340,11 +340,11 @@ struct ServeSecurityArgs {
     /// castore. Giving it turns authentication on.
     #[arg(long, value_name = "FILE")]
     operator_tokens: Option<PathBuf>,
-    /// Which tenant a client certificate names: `cn` (its subject's common
-    /// name), `san-dns[:SUFFIX]` (its first DNS name ending in SUFFIX,
-    /// without it) or `san-uri:PREFIX` (its first URI starting with
-    /// PREFIX, without it).
-    #[arg(long, default_value = "cn", value_name = "RULE")]
+    /// Which tenant a client certificate names: `none` (every certificate
+    /// is the tenant `default`), `cn` (its subject's common name),
+    /// `san-dns[:SUFFIX]` (its first DNS name ending in SUFFIX, without it)
+    /// or `san-uri:PREFIX` (its first URI starting with PREFIX, without it).
+    #[arg(long, default_value = "none", value_name = "RULE")]
     tenant_from_cert: kiln::auth::CertTenantRule,
 }
 
@@ -736,6 +736,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let egress = config.network.as_ref().map(|n| n.policy.clone());
     let mut executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
+    if security.requires_authentication() {
+        let path = args.data_dir.join("grants.redb");
+        let grants = kiln::castore::scoped::Grants::open(&path)
+            .with_context(|| format!("opening the tenants' store grants {}", path.display()))?;
+        executor.set_scoping(kiln::castore::scoped::Scoping::by_tenant(grants));
+    }
     let metrics = match args.metrics_listen {
         Some(addr) => Some((
             kiln::metrics::http::bind(addr).await?,

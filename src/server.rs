@@ -235,8 +235,15 @@ pub async fn serve_services(
         executor,
         path_info,
     } = services;
+    // The castore and the path infos are scoped like the builds: a caller
+    // sees what its tenant's builds may use.
+    let scoping = executor.scoping().clone();
     let path_info = path_info.map(|service| {
-        crate::nix::path_info::grpc_server::path_info_server(service, store.clone())
+        crate::nix::path_info::grpc_server::path_info_server(
+            service,
+            store.clone(),
+            scoping.clone(),
+        )
     });
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -246,7 +253,7 @@ pub async fn serve_services(
         .map_err(ServeError::Reflection)?;
     let admin = crate::grpc::admin::AdminService::new(executor.clone());
     let builds = BuildService::new(executor);
-    let castore = crate::castore::grpc_services(store);
+    let castore = crate::castore::grpc_services_scoped(store, scoping);
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;

@@ -4,7 +4,9 @@
 //! time a call arrives; this only reads a name out of the leaf certificate
 //! and checks it is a tenant name ([`crate::tenant::Tenant`]). A
 //! certificate that names no tenant by the rule is refused
-//! (`UNAUTHENTICATED`), never mapped to a default.
+//! (`UNAUTHENTICATED`), never mapped to a default. Without a rule
+//! (`none`, the default) every certificate of the client CA is the tenant
+//! `default`, as it was before kiln had tenants.
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -14,8 +16,11 @@ use crate::tenant::Tenant;
 /// Where a client certificate's tenant comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum CertTenantRule {
-    /// The subject's common name (`cn`), the default.
+    /// No name is read: every certificate is the tenant `default` (`none`,
+    /// the default).
     #[default]
+    Single,
+    /// The subject's common name (`cn`).
     CommonName,
     /// The first DNS subject alternative name ending in `suffix`, without
     /// it (`san-dns:.tenants.example.org`; `san-dns` alone: the whole name).
@@ -36,6 +41,7 @@ impl std::str::FromStr for CertTenantRule {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
+            None if s == "none" => Ok(Self::Single),
             None if s == "cn" => Ok(Self::CommonName),
             None if s == "san-dns" => Ok(Self::SanDns {
                 suffix: String::new(),
@@ -47,7 +53,7 @@ impl std::str::FromStr for CertTenantRule {
                 prefix: prefix.to_owned(),
             }),
             _ => Err(format!(
-                "{s:?} is not a certificate rule: cn, san-dns[:SUFFIX] or san-uri:PREFIX"
+                "{s:?} is not a certificate rule: none, cn, san-dns[:SUFFIX] or san-uri:PREFIX"
             )),
         }
     }
@@ -56,6 +62,7 @@ impl std::str::FromStr for CertTenantRule {
 impl std::fmt::Display for CertTenantRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Single => f.write_str("none"),
             Self::CommonName => f.write_str("cn"),
             Self::SanDns { suffix } if suffix.is_empty() => f.write_str("san-dns"),
             Self::SanDns { suffix } => write!(f, "san-dns:{suffix}"),
@@ -71,6 +78,7 @@ impl CertTenantRule {
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|_| "the client certificate does not parse".to_owned())?;
         let name = match self {
+            Self::Single => return Ok(Tenant::default_tenant()),
             Self::CommonName => cert
                 .subject()
                 .iter_common_name()
@@ -132,7 +140,13 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
-        for text in ["cn", "san-dns", "san-dns:.t.example", "san-uri:spiffe://x/"] {
+        for text in [
+            "none",
+            "cn",
+            "san-dns",
+            "san-dns:.t.example",
+            "san-uri:spiffe://x/",
+        ] {
             let rule: CertTenantRule = text.parse().expect(text);
             assert_eq!(rule.to_string(), text);
         }
@@ -167,5 +181,11 @@ mod tests {
             .expect_err("bad name");
         assert!(err.contains("not a tenant name"), "{err}");
         assert!(CertTenantRule::CommonName.tenant_of(b"junk").is_err());
+        assert_eq!(
+            CertTenantRule::Single
+                .tenant_of(&bad)
+                .map(|t| t.to_string()),
+            Ok("default".to_owned())
+        );
     }
 }

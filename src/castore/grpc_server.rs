@@ -2,7 +2,9 @@
 //! both package names (`tvix.castore.v1` and `snix.castore.v1`).
 //!
 //! The wire messages of the two packages are converted to the domain types
-//! right here; the shared handlers below only see validated values. Bad
+//! right here; the shared handlers below only see validated values, and the
+//! store each call sees is its caller's view ([`Scoping`]: a tenant's own
+//! content only, when callers authenticate). Bad
 //! digests answer `INVALID_ARGUMENT` naming the problem, unknown blobs and
 //! directories answer `NOT_FOUND` naming the digest.
 //!
@@ -26,8 +28,10 @@ use super::digest::B3Digest;
 use super::directory::Directory;
 use super::directory_service::DirectoryError;
 use super::errors::ValidationError;
+use super::scoped::Scoping;
 use super::Store;
 use crate::proto::{snix_castore, tvix_castore};
+use crate::tenant::Identity;
 
 /// The four castore services over one store, ready to add to a tonic server.
 pub struct CastoreServices {
@@ -82,8 +86,13 @@ pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// one redb transaction, so batches much smaller would cost commits.
 pub const PUT_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
-/// The castore gRPC services serving `store`.
+/// The castore gRPC services serving all of `store` to every caller.
 pub fn grpc_services(store: Store) -> CastoreServices {
+    grpc_services_scoped(store, Scoping::none())
+}
+
+/// The castore gRPC services serving each caller its view of `store`.
+pub fn grpc_services_scoped(store: Store, scoping: Scoping) -> CastoreServices {
     use snix_castore::blob_service_server::BlobServiceServer as SnixBlobs;
     use snix_castore::directory_service_server::DirectoryServiceServer as SnixDirectories;
     use tvix_castore::blob_service_server::BlobServiceServer as TvixBlobs;
@@ -91,8 +100,9 @@ pub fn grpc_services(store: Store) -> CastoreServices {
 
     let blobs = BlobServiceWrapper {
         store: store.clone(),
+        scoping: scoping.clone(),
     };
-    let directories = DirectoryServiceWrapper { store };
+    let directories = DirectoryServiceWrapper { store, scoping };
     CastoreServices {
         tvix_blobs: TvixBlobs::new(blobs.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -113,12 +123,19 @@ pub fn grpc_services(store: Store) -> CastoreServices {
 #[derive(Clone)]
 pub struct BlobServiceWrapper {
     store: Store,
+    scoping: Scoping,
 }
 
 /// Serves `DirectoryService` (both packages) from a store.
 #[derive(Clone)]
 pub struct DirectoryServiceWrapper {
     store: Store,
+    scoping: Scoping,
+}
+
+/// The store as the caller of `request` may see it.
+fn view<T>(store: &Store, scoping: &Scoping, request: &Request<T>) -> Store {
+    scoping.store_for(store, &Identity::of(request.extensions()))
 }
 
 fn invalid(error: ValidationError) -> Status {
@@ -261,7 +278,8 @@ macro_rules! package_services {
                 request: Request<$pkg::StatBlobRequest>,
             ) -> Result<Response<$pkg::StatBlobResponse>, Status> {
                 // No chunking and no bao: an empty answer means "present".
-                stat_blob(&self.store, &request.into_inner().digest).await?;
+                let store = view(&self.store, &self.scoping, &request);
+                stat_blob(&store, &request.into_inner().digest).await?;
                 Ok(Response::new($pkg::StatBlobResponse::default()))
             }
 
@@ -271,7 +289,8 @@ macro_rules! package_services {
                 &self,
                 request: Request<$pkg::ReadBlobRequest>,
             ) -> Result<Response<Self::ReadStream>, Status> {
-                let chunks = read_blob(&self.store, &request.into_inner().digest).await?;
+                let store = view(&self.store, &self.scoping, &request);
+                let chunks = read_blob(&store, &request.into_inner().digest).await?;
                 Ok(Response::new(Box::pin(
                     chunks.map_ok(|data| $pkg::BlobChunk { data }),
                 )))
@@ -281,8 +300,9 @@ macro_rules! package_services {
                 &self,
                 request: Request<Streaming<$pkg::BlobChunk>>,
             ) -> Result<Response<$pkg::PutBlobResponse>, Status> {
+                let store = view(&self.store, &self.scoping, &request);
                 let chunks = request.into_inner().map_ok(|chunk| chunk.data);
-                let digest = put_blob(&self.store, chunks).await?;
+                let digest = put_blob(&store, chunks).await?;
                 Ok(Response::new($pkg::PutBlobResponse {
                     digest: digest.to_bytes(),
                 }))
@@ -297,12 +317,13 @@ macro_rules! package_services {
                 &self,
                 request: Request<$pkg::GetDirectoryRequest>,
             ) -> Result<Response<Self::GetStream>, Status> {
+                let store = view(&self.store, &self.scoping, &request);
                 let request = request.into_inner();
                 let digest = request.by_what.map(|by_what| match by_what {
                     $pkg::get_directory_request::ByWhat::Digest(digest) => digest,
                 });
                 let directories =
-                    get_directories(&self.store, digest.as_ref(), request.recursive).await?;
+                    get_directories(&store, digest.as_ref(), request.recursive).await?;
                 Ok(Response::new(Box::pin(
                     directories.map_ok(|directory| $pkg::Directory::from(&directory)),
                 )))
@@ -312,13 +333,14 @@ macro_rules! package_services {
                 &self,
                 request: Request<Streaming<$pkg::Directory>>,
             ) -> Result<Response<$pkg::PutDirectoryResponse>, Status> {
+                let store = view(&self.store, &self.scoping, &request);
                 let directories = request.into_inner().map_ok(|wire| {
                     (
                         prost::Message::encoded_len(&wire),
                         Directory::try_from(wire),
                     )
                 });
-                let root = put_directories(&self.store, directories).await?;
+                let root = put_directories(&store, directories).await?;
                 Ok(Response::new($pkg::PutDirectoryResponse {
                     root_digest: root.to_bytes(),
                 }))

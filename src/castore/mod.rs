@@ -12,7 +12,9 @@
 //!   [`blob::BlobService`] (embedded files, gRPC) and
 //!   [`directory_service::DirectoryService`] (embedded redb, gRPC), bundled
 //!   in a [`Store`] and chosen by address in [`mod@from_addr`].
-//! - [`grpc_server`]: any [`Store`] as the four castore gRPC services.
+//! - [`grpc_server`]: any [`Store`] as the four castore gRPC services, each
+//!   call served from the caller's view ([`scoped`]: a tenant sees what it
+//!   put or its builds produced, and what is reachable from that).
 //! - [`mod@ingest`] (host path to nodes) and [`mod@materialise`] (nodes to host path).
 
 pub mod blob;
@@ -25,6 +27,7 @@ pub mod grpc_server;
 pub mod ingest;
 pub mod materialise;
 pub mod node;
+pub mod scoped;
 pub mod wire;
 
 pub use digest::B3Digest;
@@ -45,6 +48,6 @@ pub struct Store {
 }
 
 pub use from_addr::from_addr;
-pub use grpc_server::{grpc_services, CastoreServices};
+pub use grpc_server::{grpc_services, grpc_services_scoped, CastoreServices};
 pub use ingest::{ingest, IngestMode};
 pub use materialise::materialise;

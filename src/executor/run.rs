@@ -26,6 +26,7 @@ use kiln_guest::contract::{self, Outcome, Report};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
+use crate::castore::scoped::Scoping;
 use crate::castore::{Node, Store};
 use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
@@ -99,6 +100,9 @@ pub struct Executor {
     /// `config.limits.ro_path_allowlist` as it is now (replaced on reload).
     ro_path_allowlist: std::sync::RwLock<Vec<std::path::PathBuf>>,
     observer: Option<ObserverFactory>,
+    /// Which part of the store each build's tenant sees (its inputs must
+    /// be there; its outputs are granted to it).
+    scoping: Scoping,
 }
 
 /// Where a build runs: a VM it boots, or a warm one from the pool.
@@ -138,6 +142,7 @@ impl Executor {
             pool,
             draining: AtomicBool::new(false),
             observer: None,
+            scoping: Scoping::none(),
             ro_path_allowlist: std::sync::RwLock::new(config_allowlist),
         }
     }
@@ -206,6 +211,17 @@ impl Executor {
     /// makes (the server's metrics).
     pub fn set_observer(&mut self, factory: ObserverFactory) {
         self.observer = Some(factory);
+    }
+
+    /// Scopes every build from now on to its tenant's view of the store
+    /// (the server's, when callers authenticate).
+    pub fn set_scoping(&mut self, scoping: Scoping) {
+        self.scoping = scoping;
+    }
+
+    /// How the store is scoped to callers.
+    pub fn scoping(&self) -> &Scoping {
+        &self.scoping
     }
 
     /// Starts keeping the warm pool full (nothing without `warm_vms`). The
@@ -305,13 +321,16 @@ impl Executor {
             self.registry
                 .create_observed(id.clone(), tenant.clone(), cancel.clone(), observer);
         let limits = client.within(&self.config);
+        let store = self.scoping.store_for(&self.store, who);
         let this = self.clone();
         let (task_log, task_cancel) = (log.clone(), cancel.clone());
         let span = info_span!("build", id = %id, tenant = %tenant);
         let task = tokio::spawn(
             async move {
                 let started = Instant::now();
-                let result = this.run(&req, &task_log, &task_cancel, limits).await;
+                let result = this
+                    .run(&req, &store, &task_log, &task_cancel, limits)
+                    .await;
                 finish(&task_log, result, started.elapsed())
             }
             .instrument(span),
@@ -319,10 +338,12 @@ impl Executor {
         Started { log, cancel, task }
     }
 
-    /// Steps 1 to 6; the build directory is removed on every path.
+    /// Steps 1 to 6, reading inputs from and storing outputs into `store`
+    /// (the tenant's view); the build directory is removed on every path.
     async fn run(
         &self,
         req: &BuildRequest,
+        store: &Store,
         log: &BuildLog,
         cancel: &CancellationToken,
         limits: ClientLimits,
@@ -333,7 +354,7 @@ impl Executor {
         let timeout = limits.timeout.unwrap_or(self.config.timeout);
         let deadline = Instant::now() + timeout;
         let plan = plan::plan(req, &self.plan_limits())?;
-        let trees = inputs::check(&self.store, req, &self.config.inputs).await?;
+        let trees = inputs::check(store, req, &self.config.inputs).await?;
         log.phase(Phase::Queued);
         let placed = tokio::select! {
             p = self.place(&plan).instrument(info_span!("admit")) => p?,
@@ -372,6 +393,7 @@ impl Executor {
         );
         let steps = Steps {
             req,
+            store,
             plan: &plan,
             ws: &ws,
             log,
@@ -441,7 +463,7 @@ impl Executor {
         let log = steps.log;
         log.phase(Phase::Materialise);
         let materialised = inputs::materialise(
-            &self.store,
+            steps.store,
             steps,
             trees,
             self.config.scratch.min_free_bytes,
@@ -487,7 +509,7 @@ impl Executor {
 
         log.phase(Phase::Ingest);
         let outputs = collect::collect_outputs(
-            &self.store,
+            steps.store,
             steps,
             &self.config.scratch,
             self.config.inputs.max_entries,
@@ -597,6 +619,8 @@ impl Drop for Executor {
 /// What one build's steps share.
 pub(crate) struct Steps<'a> {
     pub(crate) req: &'a BuildRequest,
+    /// The build's tenant's view of the store.
+    pub(crate) store: &'a Store,
     pub(crate) plan: &'a VmPlan,
     pub(crate) ws: &'a Workspace,
     pub(crate) log: &'a BuildLog,

@@ -144,6 +144,9 @@ pub enum BlobError {
     /// A remote Put call failed.
     #[error("remote blob put")]
     RemotePut(#[source] Box<tonic::Status>),
+    /// The grants table of tenants' views could not be read or written.
+    #[error("the castore's grants table")]
+    Grants(#[source] Box<crate::castore::scoped::GrantsError>),
     /// The remote answered a malformed digest.
     #[error("remote answered an invalid digest")]
     RemoteDigest(#[source] ValidationError),

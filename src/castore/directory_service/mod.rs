@@ -82,6 +82,9 @@ pub enum DirectoryError {
     /// The remote sent a directory breaking a castore rule.
     #[error("remote sent an invalid directory")]
     RemoteInvalid(#[source] ValidationError),
+    /// The grants table of tenants' views could not be read or written.
+    #[error("the castore's grants table")]
+    Grants(#[source] Box<crate::castore::scoped::GrantsError>),
     /// The remote sent a directory that was not asked for.
     #[error("remote sent directory {0}, which was not asked for")]
     RemoteUnexpected(B3Digest),
