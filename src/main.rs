@@ -206,6 +206,23 @@ struct ServeArgs {
     /// Builds allowed to wait for a VM before further ones are refused.
     #[arg(long, default_value_t = defaults::MAX_QUEUE)]
     max_queue: usize,
+    /// VMs one tenant's builds may run at once (default: --max-vms).
+    #[arg(long, value_name = "N")]
+    tenant_max_vms: Option<usize>,
+    /// Builds of one tenant that may wait for a VM before its further ones
+    /// are refused (default: --max-queue).
+    #[arg(long, value_name = "N")]
+    tenant_max_queue: Option<usize>,
+    /// Guest memory one tenant's running VMs may hold together, MiB
+    /// (default: --memory-budget-mib).
+    #[arg(long, value_name = "MIB")]
+    tenant_memory_mib: Option<u64>,
+    /// One tenant's own limits over the --tenant-* defaults, and its weight
+    /// (its share of the VMs that free up while builds wait, 1 to 1000,
+    /// default 1): `TENANT:max-vms=N,max-queue=N,memory-mib=N,weight=N`,
+    /// any of the keys. Repeatable.
+    #[arg(long, value_name = "TENANT:LIMITS")]
+    tenant_limit: Vec<kiln::executor::admission::TenantOverride>,
     /// VMs kept booted and waiting for builds that fit them (the smallest
     /// VM size, no /dev/kvm, no network, no extra read-only paths); they
     /// count against --max-vms and --memory-budget-mib. 0: every build
@@ -727,6 +744,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_vms: args.max_vms,
         memory_budget_mib: args.memory_budget_mib,
         max_queue: args.max_queue,
+        tenants: kiln::executor::admission::TenantPolicy {
+            defaults: kiln::executor::admission::TenantLimits {
+                max_vms: args.tenant_max_vms,
+                max_queue: args.tenant_max_queue,
+                memory_mib: args.tenant_memory_mib,
+                weight: None,
+            },
+            overrides: Default::default(),
+        }
+        .with_overrides(&args.tenant_limit),
         warm_vms: args.warm_vms,
         request_budget_bytes: args.max_request_memory_mib << 20,
         network: network_config,

@@ -129,6 +129,14 @@ fn known_sample(key: &str) -> Option<Sample> {
             "big-parallel".into(),
             "benchmark".into(),
         ])),
+        "tenant-from-cert" => one("san-dns:.tenants.example.org"),
+        "nix-daemon-tenant" => one("nix-users"),
+        "tenant-max-vms" | "tenant-max-queue" => Some(Sample::One("3".into(), false)),
+        "tenant-memory-mib" => Some(Sample::One("8192".into(), false)),
+        "tenant-limit" => Some(Sample::Many(vec![
+            "team-a:max-vms=2,weight=3".into(),
+            "team-b:memory-mib=4096".into(),
+        ])),
         "allow-ro-path" => Some(Sample::Many(vec!["/dev/kvm".into(), "/srv/mirror".into()])),
         _ => None,
     }

@@ -112,6 +112,9 @@ pub struct ExecutorConfig {
     pub memory_budget_mib: u64,
     /// Builds allowed to wait for a VM.
     pub max_queue: usize,
+    /// Each tenant's own VM, queue and memory limits and its weight
+    /// ([`crate::executor::admission`]).
+    pub tenants: crate::executor::admission::TenantPolicy,
     /// VMs kept booted ahead of their builds ([`crate::executor::pool`]);
     /// 0: none, every build boots its own.
     pub warm_vms: usize,
@@ -151,6 +154,7 @@ impl ExecutorConfig {
             max_vms: defaults::MAX_VMS,
             memory_budget_mib: defaults::MEMORY_BUDGET_MIB,
             max_queue: defaults::MAX_QUEUE,
+            tenants: crate::executor::admission::TenantPolicy::default(),
             warm_vms: 0,
             request_budget_bytes: defaults::REQUEST_BUDGET_BYTES,
             kept_builds: defaults::KEPT_BUILDS,

@@ -121,6 +121,10 @@ pub enum BuildError {
     /// The queue of waiting builds is full.
     #[error("{0}")]
     QueueFull(String),
+    /// The build's tenant is at one of its limits (`--tenant-limit`): it
+    /// may not run or wait now, or never fits them.
+    #[error("{0}")]
+    TenantLimit(String),
     /// The builder exited with a non-zero status.
     #[error("builder exited with status {code}")]
     BuilderExited {
@@ -285,6 +289,7 @@ impl BuildError {
             Self::Precondition(_) => "precondition",
             Self::MissingInput { .. } => "missing_input",
             Self::QueueFull(_) => "queue_full",
+            Self::TenantLimit(_) => "tenant_limit",
             Self::BuilderExited { .. } | Self::BuilderSignaled { .. } => "builder_failed",
             Self::MissingOutput { .. } => "missing_output",
             Self::InvalidOutput { .. } => "invalid_output",

@@ -98,7 +98,7 @@ pub struct WarmVm {
 
 impl WarmVm {
     /// Stops it without a build (eviction, a claim given up).
-    async fn discard(self) {
+    pub async fn discard(self) {
         self.session.end().await;
         self.workspace.remove().await;
     }

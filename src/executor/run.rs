@@ -41,7 +41,7 @@ use crate::executor::pool::{self, Pool, PoolConfig, WarmVm};
 use crate::executor::request::{BuildRequest, Layout};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
-use crate::tenant::Identity;
+use crate::tenant::{Identity, Tenant};
 use crate::vmm::session::{
     Guest, GuestBoot, SessionError, SessionNetwork, SessionSpec, Share, VmSession,
 };
@@ -133,7 +133,12 @@ impl Executor {
         });
         let config_allowlist = config.limits.ro_path_allowlist.clone();
         Self {
-            admission: Admission::new(config.max_vms, config.memory_budget_mib, config.max_queue),
+            admission: Admission::new(
+                config.max_vms,
+                config.memory_budget_mib,
+                config.max_queue,
+                config.tenants.clone(),
+            ),
             registry: Registry::new(config.kept_builds, config.kept_log_bytes),
             guest: GuestBoot::new(config.artifacts.clone(), config.cache_dir.clone()),
             config,
@@ -329,7 +334,7 @@ impl Executor {
             async move {
                 let started = Instant::now();
                 let result = this
-                    .run(&req, &store, &task_log, &task_cancel, limits)
+                    .run(&req, &tenant, &store, &task_log, &task_cancel, limits)
                     .await;
                 finish(&task_log, result, started.elapsed())
             }
@@ -343,6 +348,7 @@ impl Executor {
     async fn run(
         &self,
         req: &BuildRequest,
+        tenant: &Tenant,
         store: &Store,
         log: &BuildLog,
         cancel: &CancellationToken,
@@ -357,7 +363,7 @@ impl Executor {
         let trees = inputs::check(store, req, &self.config.inputs).await?;
         log.phase(Phase::Queued);
         let placed = tokio::select! {
-            p = self.place(&plan).instrument(info_span!("admit")) => p?,
+            p = self.place(&plan, tenant).instrument(info_span!("admit")) => p?,
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
         let (ticket, ws, warm) = match placed {
@@ -414,28 +420,39 @@ impl Executor {
     /// and memory for a cold boot. A build never queues behind capacity
     /// the pool holds: it evicts idle pool VMs it cannot use, and waits for
     /// booting ones (which it then claims or evicts) before it queues.
-    async fn place(&self, plan: &VmPlan) -> Result<Placement, BuildError> {
+    async fn place(&self, plan: &VmPlan, tenant: &Tenant) -> Result<Placement, BuildError> {
+        let admission = &self.admission;
         let Some(pool) = self.pool.as_deref() else {
             return Ok(Placement::Cold(
-                self.admission.admit(plan.memory_mib).await?,
+                admission.admit(tenant, plan.memory_mib).await?,
             ));
         };
-        if !self.admission.can_ever_fit(plan.memory_mib) {
+        if !admission.can_ever_fit(plan.memory_mib) {
             // admit() refuses it, naming the budget.
             return Ok(Placement::Cold(
-                self.admission.admit(plan.memory_mib).await?,
+                admission.admit(tenant, plan.memory_mib).await?,
             ));
         }
         let fits = pool.fits(plan);
         let _demand = pool.demand();
         loop {
-            if fits {
-                if let Some(vm) = pool.claim().await {
-                    return Ok(Placement::Warm(Box::new(vm)));
+            if fits && admission.tenant_has_room(tenant, plan.memory_mib) {
+                if let Some(mut vm) = pool.claim().await {
+                    if admission.charge(&mut vm.ticket, tenant) {
+                        return Ok(Placement::Warm(Box::new(vm)));
+                    }
+                    // The tenant's own builds took its room meanwhile: this
+                    // VM is ended (never handed on) and the build queues.
+                    vm.discard().await;
+                    break;
                 }
             }
-            if let Some(ticket) = self.admission.try_admit(plan.memory_mib) {
+            if let Some(ticket) = admission.try_admit_for(tenant, plan.memory_mib) {
                 return Ok(Placement::Cold(ticket));
+            }
+            if !admission.tenant_has_room(tenant, plan.memory_mib) {
+                // Held by its own limits: it waits in its tenant's queue.
+                break;
             }
             match pool.counts() {
                 (waiting, _) if waiting > 0 => {
@@ -448,7 +465,7 @@ impl Executor {
             }
         }
         Ok(Placement::Cold(
-            self.admission.admit(plan.memory_mib).await?,
+            admission.admit(tenant, plan.memory_mib).await?,
         ))
     }
 

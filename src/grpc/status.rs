@@ -36,7 +36,7 @@ pub fn code(e: &BuildError) -> Code {
     match e {
         BuildError::Invalid(_) => Code::InvalidArgument,
         BuildError::Precondition(_) | BuildError::MissingInput { .. } => Code::FailedPrecondition,
-        BuildError::QueueFull(_) => Code::ResourceExhausted,
+        BuildError::QueueFull(_) | BuildError::TenantLimit(_) => Code::ResourceExhausted,
         BuildError::BuilderExited { .. }
         | BuildError::BuilderSignaled { .. }
         | BuildError::MissingOutput { .. }

@@ -116,6 +116,7 @@ pub fn outcome(result: Result<(), &BuildError>) -> (&'static str, &'static str) 
         | BuildError::Precondition(_)
         | BuildError::MissingInput { .. }
         | BuildError::QueueFull(_)
+        | BuildError::TenantLimit(_)
         | BuildError::ShuttingDown => "refused",
         _ => "failed",
     };

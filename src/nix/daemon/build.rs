@@ -692,7 +692,7 @@ fn failure(drv_path: &StorePath, error: &FollowError, log_lines: u64) -> BuildRe
         "log_limit" => BuildStatus::LogLimitExceeded,
         "missing_output" | "invalid_output" => BuildStatus::OutputRejected,
         "precondition" | "invalid_request" | "missing_input" => BuildStatus::InputRejected,
-        "queue_full" | "vm_crashed" | "infrastructure" | "agent_failed" => {
+        "queue_full" | "tenant_limit" | "vm_crashed" | "infrastructure" | "agent_failed" => {
             BuildStatus::TransientFailure
         }
         _ => BuildStatus::MiscFailure,
