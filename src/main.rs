@@ -229,6 +229,11 @@ struct ServeArgs {
     /// boots its own VM.
     #[arg(long, env = "KILN_WARM_VMS", default_value_t = defaults::WARM_VMS)]
     warm_vms: usize,
+    /// Build every request, even one that already succeeded for its
+    /// tenant with its outputs still stored (the result cache,
+    /// `<data dir>/results.redb`, is then neither read nor written).
+    #[arg(long)]
+    no_result_cache: bool,
     /// Memory all requests held (queued or running) may take together, MiB;
     /// beyond it new builds get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = defaults::REQUEST_BUDGET_BYTES >> 20)]
@@ -437,6 +442,10 @@ struct BuildArgs {
     /// Print the completed event as JSON.
     #[arg(long)]
     json: bool,
+    /// Build even when the server's result cache holds this request's
+    /// result (the request header `x-kiln-result-cache: bypass`).
+    #[arg(long, conflicts_with = "drv")]
+    rebuild: bool,
     /// Build a Nix derivation instead of a request file: its input closure
     /// is imported from the local /nix/store (missing inputs are built
     /// first), and every output is printed with its NAR hash.
@@ -585,8 +594,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     kiln::cli::drv::run(&options).await?;
                 }
                 (None, Some(request)) => {
-                    kiln::cli::build::run(&args.addr, &security, &request, args.layout, args.json)
-                        .await?;
+                    kiln::cli::build::run(
+                        &args.addr,
+                        &security,
+                        &request,
+                        args.layout,
+                        args.json,
+                        args.rebuild,
+                    )
+                    .await?;
                 }
                 (None, None) => anyhow::bail!("give a request file or --drv"),
             }
@@ -768,6 +784,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let grants = kiln::castore::scoped::Grants::open(&path)
             .with_context(|| format!("opening the tenants' store grants {}", path.display()))?;
         executor.set_scoping(kiln::castore::scoped::Scoping::by_tenant(grants));
+    }
+    if !args.no_result_cache {
+        let path = args.data_dir.join("results.redb");
+        let cache = kiln::executor::result_cache::ResultCache::open(&path)
+            .with_context(|| format!("opening the result cache {}", path.display()))?;
+        executor.set_result_cache(cache);
     }
     let metrics = match args.metrics_listen {
         Some(addr) => Some((

@@ -211,6 +211,11 @@ fn print_event(event: &BuildEvent) {
             if s.warm { ", warm VM" } else { "" }
         ),
         Some(Event::Output(o)) => writeln!(stderr, "kiln: output /{}", o.path),
+        Some(Event::CacheHit(hit)) => writeln!(
+            stderr,
+            "kiln: answered from the result cache (built by {})",
+            hit.build_id
+        ),
         Some(Event::Completed(c)) => writeln!(
             stderr,
             "kiln: build {} succeeded in {} ms",

@@ -14,9 +14,11 @@ use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::Code;
 
 use crate::cli::ClientError;
-use crate::client::{connect, submit_and_follow, ClientSecurity, EventSink, FollowError};
+use crate::client::{
+    bypassing_result_cache, connect, submit_and_follow, ClientSecurity, EventSink, FollowError,
+};
 use crate::proto::kiln_v1::{
-    log_chunk::Stream, submit_request, LogChunk, Output, Phase, Started, SubmitRequest,
+    log_chunk::Stream, submit_request, CacheHit, LogChunk, Output, Phase, Started, SubmitRequest,
 };
 use crate::proto::{self, snix_build, tvix_build};
 
@@ -125,8 +127,13 @@ pub async fn run(
     path: &Path,
     layout: JsonLayout,
     json_out: bool,
+    rebuild: bool,
 ) -> Result<(), BuildCliError> {
     let request = parse_request(path, layout)?;
+    let request = match rebuild {
+        true => bypassing_result_cache(request),
+        false => tonic::Request::new(request),
+    };
     let channel = connect(addr, security).await?;
     let done = submit_and_follow(channel, request, &mut Progress)
         .await
@@ -184,6 +191,14 @@ impl EventSink for Progress {
 
     fn output(&mut self, _build_id: &str, o: &Output) {
         let _ = writeln!(std::io::stderr(), "kiln: output /{}", o.path);
+    }
+
+    fn cache_hit(&mut self, build_id: &str, hit: &CacheHit) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "kiln: build {build_id} answered from the result cache (built by {}; --rebuild builds again)",
+            hit.build_id
+        );
     }
 }
 

@@ -14,7 +14,8 @@ use crate::grpc::status::failed_detail;
 use crate::proto::kiln_v1::build_event::Event;
 use crate::proto::kiln_v1::build_events_client::BuildEventsClient;
 use crate::proto::kiln_v1::{
-    BuildEvent, Completed, Failed, LogChunk, Output, Phase, Started, SubmitRequest, WatchRequest,
+    BuildEvent, CacheHit, Completed, Failed, LogChunk, Output, Phase, Started, SubmitRequest,
+    WatchRequest,
 };
 use crate::server::MAX_MESSAGE_BYTES;
 
@@ -29,6 +30,8 @@ pub trait EventSink {
     fn log(&mut self, _build_id: &str, _chunk: &LogChunk) {}
     /// An output was ingested.
     fn output(&mut self, _build_id: &str, _output: &Output) {}
+    /// The build is answered from the result cache (no VM runs).
+    fn cache_hit(&mut self, _build_id: &str, _hit: &CacheHit) {}
 }
 
 impl EventSink for () {}
@@ -135,7 +138,7 @@ impl Follow {
     /// Submits `request` (`kiln.v1.BuildEvents/Submit`).
     pub async fn submit(
         channel: impl Into<KilnChannel>,
-        request: SubmitRequest,
+        request: impl tonic::IntoRequest<SubmitRequest>,
     ) -> Result<Self, FollowError> {
         let events = client(channel)
             .submit(request)
@@ -208,10 +211,21 @@ impl Follow {
 /// Submits `request` and follows it to its end.
 pub async fn submit_and_follow<S: EventSink + ?Sized>(
     channel: impl Into<KilnChannel>,
-    request: SubmitRequest,
+    request: impl tonic::IntoRequest<SubmitRequest>,
     sink: &mut S,
 ) -> Result<Completion, FollowError> {
     Follow::submit(channel, request).await?.to_end(sink).await
+}
+
+/// `request` asking to be built even when the server's result cache would
+/// answer it (`x-kiln-result-cache: bypass`).
+pub fn bypassing_result_cache(request: SubmitRequest) -> tonic::Request<SubmitRequest> {
+    let mut request = tonic::Request::new(request);
+    request.metadata_mut().insert(
+        crate::executor::result_cache::BYPASS_HEADER,
+        tonic::metadata::MetadataValue::from_static(crate::executor::result_cache::BYPASS),
+    );
+    request
 }
 
 /// A client taking messages as large as the server sends (a `Completed`
@@ -237,6 +251,7 @@ fn step<S: EventSink + ?Sized>(
         Some(Event::Phase(p)) => sink.phase(id, &p),
         Some(Event::Log(chunk)) => sink.log(id, &chunk),
         Some(Event::Output(o)) => sink.output(id, &o),
+        Some(Event::CacheHit(hit)) => sink.cache_hit(id, &hit),
         Some(Event::Completed(completed)) => {
             return Ok(Some(Completion {
                 build_id: id.to_owned(),

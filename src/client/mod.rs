@@ -22,7 +22,9 @@ use crate::tls::{self, TlsError};
 
 pub mod follow;
 
-pub use follow::{submit_and_follow, Completion, EventSink, Follow, FollowError};
+pub use follow::{
+    bypassing_result_cache, submit_and_follow, Completion, EventSink, Follow, FollowError,
+};
 
 /// Connecting failed, or the client's settings are unusable.
 #[derive(Debug, thiserror::Error)]

@@ -83,6 +83,15 @@ pub struct VmStarted {
     pub warm: bool,
 }
 
+/// Where a cached result came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheHit {
+    /// The build whose recorded result answers.
+    pub build_id: String,
+    /// When it finished, seconds since the Unix epoch.
+    pub built_at_unix: u64,
+}
+
 /// Something that happened to a build.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -97,6 +106,8 @@ pub enum Event {
         /// The bytes, as written.
         data: Bytes,
     },
+    /// The build is answered from its tenant's result cache; no VM runs.
+    CacheHit(CacheHit),
     /// One output was stored.
     Output(BuiltOutput),
     /// The build succeeded; the last event.

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod pool;
 pub mod refscan;
 pub mod request;
+pub mod result_cache;
 pub mod run;
 pub mod scratch;
 pub mod supervise;
@@ -34,4 +35,4 @@ pub use run::{BuildOutcome, BuildResult, BuiltOutput, ClientLimits, Executor, Ex
 #[cfg(test)]
 mod pool_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -32,13 +32,15 @@ use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
 use crate::executor::error::BuildError;
 use crate::executor::events::{
-    BuildLog, BuildSummary, Event, ObserverFactory, Phase, Registry, StopReason, VmStarted,
+    BuildLog, BuildSummary, CacheHit, Event, ObserverFactory, Phase, Registry, StopReason,
+    VmStarted,
 };
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
 use crate::executor::plan::{self, VmPlan};
 use crate::executor::pool::{self, Pool, PoolConfig, WarmVm};
 use crate::executor::request::{BuildRequest, Layout};
+use crate::executor::result_cache::{self, Recorded, ResultCache};
 use crate::executor::supervise::{self, supervise};
 use crate::executor::workspace::Workspace;
 use crate::tenant::{Identity, Tenant};
@@ -71,6 +73,9 @@ pub struct BuildOutcome {
     pub layout: Layout,
     /// The request's [`BuildRequest::wire_echo`], for answers that repeat it.
     pub wire_echo: Option<Bytes>,
+    /// Set when the result came from the tenant's result cache (no VM ran;
+    /// `report` is the recorded build's).
+    pub cache_hit: Option<CacheHit>,
 }
 
 /// What a build task yields; the same values end its event log.
@@ -103,6 +108,8 @@ pub struct Executor {
     /// Which part of the store each build's tenant sees (its inputs must
     /// be there; its outputs are granted to it).
     scoping: Scoping,
+    /// Recorded successes, per tenant; `None`: every build runs.
+    result_cache: Option<ResultCache>,
 }
 
 /// Where a build runs: a VM it boots, or a warm one from the pool.
@@ -148,6 +155,7 @@ impl Executor {
             draining: AtomicBool::new(false),
             observer: None,
             scoping: Scoping::none(),
+            result_cache: None,
             ro_path_allowlist: std::sync::RwLock::new(config_allowlist),
         }
     }
@@ -222,6 +230,12 @@ impl Executor {
     /// (the server's, when callers authenticate).
     pub fn set_scoping(&mut self, scoping: Scoping) {
         self.scoping = scoping;
+    }
+
+    /// Answers a request that already succeeded for its tenant from
+    /// `cache` from now on ([`crate::executor::result_cache`]).
+    pub fn set_result_cache(&mut self, cache: ResultCache) {
+        self.result_cache = Some(cache);
     }
 
     /// How the store is scoped to callers.
@@ -361,6 +375,17 @@ impl Executor {
         let deadline = Instant::now() + timeout;
         let plan = plan::plan(req, &self.plan_limits())?;
         let trees = inputs::check(store, req, &self.config.inputs).await?;
+        let cached = self
+            .result_cache
+            .as_ref()
+            .map(|cache| (cache, result_cache::key(tenant, req)));
+        if let Some((cache, key)) = cached.filter(|_| !limits.bypass_result_cache) {
+            match cache.lookup(key, store).await {
+                Ok(Some(recorded)) => return Ok(answer_from_cache(req, log, recorded)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e.report(), "result cache unreadable; building"),
+            }
+        }
         log.phase(Phase::Queued);
         let placed = tokio::select! {
             p = self.place(&plan, tenant).instrument(info_span!("admit")) => p?,
@@ -413,6 +438,17 @@ impl Executor {
         // Removing the build directory is timed on its own (it grows with
         // the inputs); it runs off the async workers, on every path.
         ws.remove().instrument(info_span!("cleanup")).await;
+        if let (Some((cache, key)), Ok(outcome)) = (cached, &result) {
+            let recorded = Recorded {
+                build_id: log.id().to_owned(),
+                built_at_unix: unix_now(),
+                outputs: outcome.outputs.clone(),
+                report: outcome.report.clone(),
+            };
+            if let Err(e) = cache.record(key, &recorded).await {
+                tracing::warn!(error = %e.report(), "the result was not recorded in the result cache");
+            }
+        }
         result
     }
 
@@ -538,6 +574,7 @@ impl Executor {
             report,
             layout: steps.req.layout,
             wire_echo: steps.req.wire_echo.clone(),
+            cache_hit: None,
         })
     }
 
@@ -661,6 +698,9 @@ pub struct ClientLimits {
     pub max_silent: Option<Duration>,
     /// Builder output allowed, bytes.
     pub max_log_bytes: Option<u64>,
+    /// Build even when the tenant's result cache would answer
+    /// (`x-kiln-result-cache: bypass`, `kiln build --rebuild`).
+    pub bypass_result_cache: bool,
 }
 
 impl ClientLimits {
@@ -686,6 +726,7 @@ impl ClientLimits {
                 self.max_log_bytes
                     .map_or(config.max_log_bytes, |b| b.min(config.max_log_bytes)),
             ),
+            bypass_result_cache: self.bypass_result_cache,
         }
     }
 }
@@ -695,6 +736,31 @@ impl Steps<'_> {
     pub(crate) fn timeout_secs(&self) -> u64 {
         self.timeout.as_secs()
     }
+}
+
+/// A request answered from its tenant's result cache: no VM, the recorded
+/// outputs (each still whole in the tenant's view), the answer in this
+/// request's layout.
+fn answer_from_cache(req: &BuildRequest, log: &BuildLog, recorded: Recorded) -> BuildOutcome {
+    let hit = CacheHit {
+        build_id: recorded.build_id,
+        built_at_unix: recorded.built_at_unix,
+    };
+    info!(built_by = %hit.build_id, "answered from the result cache");
+    log.emit(Event::CacheHit(hit.clone()));
+    BuildOutcome {
+        outputs: recorded.outputs,
+        report: recorded.report,
+        layout: req.layout,
+        wire_echo: req.wire_echo.clone(),
+        cache_hit: Some(hit),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The builder's own outcome, as the agent reported it.

@@ -437,3 +437,78 @@ async fn do_build_answers_and_a_watch_on_its_id_ends_completed() {
     };
     assert_eq!(done.snix.as_ref().expect("snix answer").outputs.len(), 1);
 }
+
+#[tokio::test]
+async fn a_repeated_request_is_answered_from_the_result_cache_without_a_vm() {
+    if vm_tests_skip("result cache fake-VM test") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data_dir = tmp.path().join("data");
+    let store = crate::castore::from_addr("", &data_dir)
+        .await
+        .expect("store");
+    let config = ExecutorConfig {
+        data_dir,
+        cache_dir: tmp.path().join("cache"),
+        artifacts: fake_artifacts(tmp.path()),
+        timeout: Duration::from_secs(60),
+        ..ExecutorConfig::default()
+    };
+    let runner = Arc::new(FakeRunner::new(|g| {
+        std::fs::write(g.scratch.join(OUT), b"built once\n").expect("write");
+        exited(0, b"")
+    }));
+    let mut executor = Executor::new(config, store, runner.clone());
+    executor
+        .set_result_cache(crate::executor::result_cache::ResultCache::in_memory().expect("cache"));
+    let rig = Rig {
+        executor: Arc::new(executor),
+        _tmp: tmp,
+    };
+    let a = crate::tenant::Identity::client(crate::tenant::Tenant::parse("a").expect("a"));
+    let b = crate::tenant::Identity::client(crate::tenant::Tenant::parse("b").expect("b"));
+    let run = |who: &crate::tenant::Identity, bypass: bool| {
+        let req = grpc::request::from_snix(&request(vec![])).expect("valid request");
+        let limits = ClientLimits {
+            bypass_result_cache: bypass,
+            ..ClientLimits::default()
+        };
+        rig.executor.start(req, limits, who)
+    };
+
+    let first = run(&a, false).task.await.expect("task").expect("built");
+    assert!(first.cache_hit.is_none());
+    assert_eq!(runner.started(), 1);
+
+    let again = run(&a, false);
+    let hit = again.task.await.expect("task").expect("answered");
+    assert_eq!(runner.started(), 1, "no VM for a hit");
+    assert_eq!(hit.outputs, first.outputs);
+    let (history, _) = again.log.subscribe();
+    assert!(
+        history.iter().any(|e| matches!(e, Event::CacheHit(_))),
+        "the events say it was a hit"
+    );
+    assert!(
+        !history.iter().any(|e| matches!(e, Event::Started(_))),
+        "and no VM started"
+    );
+
+    run(&a, true)
+        .task
+        .await
+        .expect("task")
+        .expect("built again");
+    assert_eq!(runner.started(), 2, "the bypass builds");
+    run(&b, false)
+        .task
+        .await
+        .expect("task")
+        .expect("built for b");
+    assert_eq!(
+        runner.started(),
+        3,
+        "another tenant's identical request is not a hit"
+    );
+}

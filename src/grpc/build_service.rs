@@ -22,7 +22,8 @@ use tonic::{Request, Response, Status};
 use crate::executor::admission::{RequestBudget, RequestPermit};
 use crate::executor::error::{BuildError, InvalidRequest};
 use crate::executor::request::BuildRequest;
-use crate::executor::run::{BuildOutcome, Executor};
+use crate::executor::result_cache;
+use crate::executor::run::{BuildOutcome, ClientLimits, Executor};
 use crate::grpc::{answer, request, status};
 use crate::proto::{snix_build, tvix_build};
 use crate::tenant::Identity;
@@ -79,16 +80,14 @@ impl BuildService {
         &self,
         face: &'static str,
         validated: Result<BuildRequest, InvalidRequest>,
-        deadline: Option<Duration>,
+        limits: ClientLimits,
         who: Identity,
     ) -> (Option<String>, Result<Arc<BuildOutcome>, Status>) {
         let (_permit, req) = match self.admit_request(face, validated) {
             Ok(admitted) => admitted,
             Err(status) => return (None, Err(status)),
         };
-        let started =
-            self.executor
-                .start(req, crate::executor::ClientLimits::deadline(deadline), &who);
+        let started = self.executor.start(req, limits, &who);
         let _cancel_on_drop = started.cancel.drop_guard();
         let result = match started.task.await {
             Ok(r) => r.map_err(|e| status::status(&e)),
@@ -96,6 +95,25 @@ impl BuildService {
         };
         (Some(started.log.id().to_owned()), result)
     }
+}
+
+/// What a plain `DoBuild` client can ask for in its headers: a deadline
+/// (`grpc-timeout`) and a bypass of the result cache
+/// (`x-kiln-result-cache: bypass`).
+pub fn header_limits(metadata: &MetadataMap) -> ClientLimits {
+    ClientLimits {
+        bypass_result_cache: bypasses_result_cache(metadata),
+        ..ClientLimits::deadline(grpc_timeout(metadata))
+    }
+}
+
+/// Whether the request asks to build even when the result cache would
+/// answer.
+pub fn bypasses_result_cache(metadata: &MetadataMap) -> bool {
+    metadata
+        .get(result_cache::BYPASS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(result_cache::BYPASS))
 }
 
 /// The client's deadline from the `grpc-timeout` header, if any.
@@ -134,12 +152,29 @@ pub(crate) fn with_id<T>(id: &str, result: Result<T, Status>) -> Result<Response
     }
 }
 
-/// A `DoBuild` answer: with the build id when a build was started.
-fn respond<T>(id: Option<String>, result: Result<T, Status>) -> Result<Response<T>, Status> {
-    match id {
+/// A `DoBuild` answer: with the build id when a build was started, and
+/// `x-kiln-result-cache: hit` when the result cache answered it.
+fn respond<T>(
+    id: Option<String>,
+    hit: bool,
+    result: Result<T, Status>,
+) -> Result<Response<T>, Status> {
+    let mut answer = match id {
         Some(id) => with_id(&id, result),
         None => result.map(Response::new),
+    };
+    if let (true, Ok(response)) = (hit, &mut answer) {
+        response.metadata_mut().insert(
+            result_cache::BYPASS_HEADER,
+            MetadataValue::from_static(result_cache::HIT),
+        );
     }
+    answer
+}
+
+/// Whether a build's result came from the result cache.
+fn cache_hit(result: &Result<Arc<BuildOutcome>, Status>) -> bool {
+    result.as_ref().is_ok_and(|o| o.cache_hit.is_some())
 }
 
 #[tonic::async_trait]
@@ -148,11 +183,12 @@ impl tvix_build::build_service_server::BuildService for BuildService {
         &self,
         request: Request<tvix_build::BuildRequest>,
     ) -> Result<Response<tvix_build::Build>, Status> {
-        let deadline = grpc_timeout(request.metadata());
+        let limits = header_limits(request.metadata());
         let who = Identity::of(request.extensions());
         let validated = request::from_tvix(&request.into_inner());
-        let (id, result) = self.run("tvix DoBuild", validated, deadline, who).await;
-        respond(id, result.and_then(|o| answer::tvix(&o)))
+        let (id, result) = self.run("tvix DoBuild", validated, limits, who).await;
+        let hit = cache_hit(&result);
+        respond(id, hit, result.and_then(|o| answer::tvix(&o)))
     }
 }
 
@@ -162,11 +198,12 @@ impl snix_build::build_service_server::BuildService for BuildService {
         &self,
         request: Request<snix_build::BuildRequest>,
     ) -> Result<Response<snix_build::BuildResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
+        let limits = header_limits(request.metadata());
         let who = Identity::of(request.extensions());
         let validated = request::from_snix(&request.into_inner());
-        let (id, result) = self.run("snix DoBuild", validated, deadline, who).await;
-        respond(id, result.map(|o| answer::snix(&o)))
+        let (id, result) = self.run("snix DoBuild", validated, limits, who).await;
+        let hit = cache_hit(&result);
+        respond(id, hit, result.map(|o| answer::snix(&o)))
     }
 }
 

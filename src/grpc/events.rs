@@ -13,7 +13,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::executor::events::{self, BuildLog, Event};
-use crate::grpc::build_service::{grpc_timeout, with_id, BuildService};
+use crate::executor::ClientLimits;
+use crate::grpc::build_service::{bypasses_result_cache, grpc_timeout, with_id, BuildService};
 use crate::grpc::{answer, request, status};
 use crate::proto::kiln_v1::build_event::Event as WireEvent;
 use crate::proto::kiln_v1::build_events_server::BuildEvents;
@@ -39,6 +40,10 @@ pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
                 events::Stream::Stderr => kiln_v1::log_chunk::Stream::Stderr,
             } as i32,
             data: data.clone(),
+        }),
+        Event::CacheHit(hit) => WireEvent::CacheHit(kiln_v1::CacheHit {
+            build_id: hit.build_id.clone(),
+            built_at_unix: hit.built_at_unix,
         }),
         Event::Output(o) => WireEvent::Output(kiln_v1::Output {
             path: o.path.to_string(),
@@ -110,9 +115,13 @@ impl BuildEvents for BuildService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let bypass = bypasses_result_cache(request.metadata());
         let who = Identity::of(request.extensions());
         let submitted = request.into_inner();
-        let limits = request::client_limits(&submitted, deadline);
+        let limits = ClientLimits {
+            bypass_result_cache: bypass,
+            ..request::client_limits(&submitted, deadline)
+        };
         let req = request::from_submit(&submitted);
         let (permit, req) = self.admit_request("Submit", req)?;
         let started = self.executor().start(req, limits, &who);

@@ -59,6 +59,7 @@ pub fn client_limits(req: &SubmitRequest, deadline: Option<Duration>) -> ClientL
         },
         max_silent: nonzero(asked.max_silent_secs).map(Duration::from_secs),
         max_log_bytes: nonzero(asked.max_log_bytes),
+        bypass_result_cache: false,
     }
 }
 

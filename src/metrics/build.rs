@@ -140,7 +140,7 @@ impl BuildObserver for BuildTimer {
             Event::Phase(Phase::Ingest) => self.ingest = Some(at),
             Event::Completed(_) => self.finish(Ok(()), at),
             Event::Failed(e) => self.finish(Err(e), at),
-            Event::Log { .. } | Event::Output(_) => {}
+            Event::Log { .. } | Event::Output(_) | Event::CacheHit(_) => {}
         }
     }
 

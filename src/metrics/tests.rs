@@ -69,6 +69,7 @@ fn succeeded(warm: bool) -> Vec<(f64, Event)> {
         report: report(500, 2000),
         layout: Layout::Snix,
         wire_echo: None,
+        cache_hit: None,
     };
     vec![
         (0.5, Event::Phase(Phase::Queued)),

@@ -129,6 +129,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         max_vms: opts.max_vms,
         memory_budget_mib: opts.memory_budget_mib,
         max_queue: opts.max_queue,
+        tenants: Default::default(),
         request_budget_bytes: opts.request_budget_bytes,
         warm_vms: opts.warm_vms,
         kept_builds: 64,

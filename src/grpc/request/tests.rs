@@ -505,6 +505,7 @@ fn client_limits_never_exceed_the_servers() {
         timeout: Some(config.timeout * 2),
         max_silent: None,
         max_log_bytes: Some(config.max_log_bytes + 1),
+        bypass_result_cache: false,
     };
     let applied = asked.within(&config);
     assert_eq!(applied.timeout, Some(config.timeout));
@@ -514,8 +515,10 @@ fn client_limits_never_exceed_the_servers() {
         timeout: Some(Duration::from_secs(1)),
         max_silent: Some(Duration::from_secs(2)),
         max_log_bytes: Some(3),
+        bypass_result_cache: true,
     }
     .within(&config);
+    assert!(lower.bypass_result_cache, "the client's choice is kept");
     assert_eq!(lower.timeout, Some(Duration::from_secs(1)));
     assert_eq!(lower.max_silent, Some(Duration::from_secs(2)));
     assert_eq!(lower.max_log_bytes, Some(3));
