@@ -2,216 +2,22 @@
 //! real VMs: SIGTERM lets running builds finish (or cancels them once the
 //! grace is over) and exits 0 leaving nothing behind; SIGHUP re-reads the
 //! token files without touching a running build; the operator commands
-//! (`kiln builds`, `kiln cancel`, `kiln logs`) see and stop builds, and
-//! are refused without an operator token; `--log-format json` logs JSON.
+//! (`kiln builds`, `kiln cancel`, `kiln logs`) see and stop every
+//! tenant's builds with an operator token, a client's token only its own
+//! tenant's, and nothing without a token; `--log-format json` logs JSON.
 
 #![allow(clippy::unwrap_used)]
 
 mod harness;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln::castore::Node;
-use kiln::client::{ClientSecurity, ClientSecurityOptions, KilnChannel};
-use kiln::proto::snix_build;
 use tonic::Code;
 
-use harness::BUSYBOX;
+use kiln::proto::snix_build;
 
-const OUT: &str = "nix/store/1bcdfghijklmnpqrsvwxyz0123456789-out";
-/// How long anything here may take before the test calls it hung.
-const LIMIT: Duration = Duration::from_secs(120);
-
-/// A `kiln serve` child on a loopback port with its own data and cache
-/// directories; killed on drop if a test failed before it exited.
-struct Serve {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: String,
-    busybox: Node,
-}
-
-impl Serve {
-    /// Starts `kiln serve` with `args` once the toolset is in its store.
-    async fn start(args: &[&str]) -> Serve {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let cache_dir = dir.path().join("cache");
-        std::fs::create_dir_all(&cache_dir).unwrap();
-        // The embedded store has one owner: the toolset goes in first.
-        let busybox = {
-            let store = kiln::castore::from_addr("", &data_dir).await.unwrap();
-            harness::server::ingest_busybox(&store, dir.path()).await
-        };
-        for d in ["kernel-kiln", "kernel-debian", "agent"] {
-            std::os::unix::fs::symlink(Path::new("/var/cache/kiln").join(d), cache_dir.join(d))
-                .unwrap();
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--cache-dir")
-            .arg(&cache_dir)
-            .args(["--warm-vms", "0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let serve = Serve {
-            child,
-            dir,
-            addr: format!("http://127.0.0.1:{port}"),
-            busybox,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "kiln serve did not listen:\n{}",
-                serve.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        serve
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn runs(&self) -> PathBuf {
-        self.path("data").join("runs")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("server.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).unwrap();
-    }
-
-    /// Waits (bounded) for the process to exit.
-    async fn exited(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kiln serve did not exit:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// A channel sending the token in `token_file`, if any.
-    async fn channel(&self, token_file: Option<&Path>) -> KilnChannel {
-        let security = ClientSecurity::load(&ClientSecurityOptions {
-            token_file: token_file.map(Path::to_owned),
-            ..Default::default()
-        })
-        .unwrap();
-        kiln::client::connect(&self.addr, &security).await.unwrap()
-    }
-
-    fn request(&self, script: &str) -> snix_build::BuildRequest {
-        harness::nix_request(
-            self.busybox.to_snix_entry(BUSYBOX.as_bytes()),
-            script,
-            &[OUT],
-        )
-    }
-
-    /// Runs `kiln ARGS --addr <this server>` to its end (bounded).
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .args(["--addr", &self.addr])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + LIMIT;
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("kiln {args:?} hung");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
-    }
-
-    /// Waits (bounded) until nothing of any build is left: no build
-    /// directory, no process (VMM, virtiofsd) working in one.
-    async fn nothing_left(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = harness::leftovers(&self.runs());
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "left behind: {left:?}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes `text` to a new 0600 file `name` in the server's directory.
-fn secret_file(serve_dir: &Path, name: &str, text: &str) -> PathBuf {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = serve_dir.join(name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-    path
-}
-
-/// Starts `req` over `Submit` and returns its stream once its log says
-/// `marker` (so the builder runs).
-async fn running(
-    channel: KilnChannel,
-    req: snix_build::BuildRequest,
-    marker: &[u8],
-) -> kiln::client::Follow {
-    tokio::time::timeout(LIMIT, harness::submit_until_log(channel, req, marker))
-        .await
-        .expect("the build did not start")
-}
+use harness::serve::{running, secret_file, Serve, LIMIT};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_the_running_build_finish_refuses_new_ones_and_exits_0() {
@@ -303,6 +109,7 @@ async fn sighup_reloads_the_token_file_and_leaves_the_running_build_alone() {
     let new = secret_file(keys.path(), "new", "arriving-token-2\n");
     let tokens_arg = tokens.to_str().unwrap().to_owned();
     let serve = Serve::start(&["--auth-tokens", &tokens_arg]).await;
+    serve.upload_toolset(&old).await;
     let build = running(
         serve.channel(Some(&old)).await,
         serve.request("echo running; sleep 5; echo survived > $out"),
@@ -357,14 +164,19 @@ async fn sighup_reloads_the_token_file_and_leaves_the_running_build_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn operator_commands_list_cancel_and_show_logs_and_need_an_operator_token() {
+async fn operator_commands_see_every_tenant_and_a_client_only_its_own() {
     if !harness::vm_tests_can_run() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let tokens = secret_file(keys.path(), "tokens", "client-token\n");
-    let operators = secret_file(keys.path(), "operators", "operator-token\n");
+    let tokens = secret_file(
+        keys.path(),
+        "tokens",
+        "team-a client-token\nteam-b other-token\n",
+    );
+    let operators = secret_file(keys.path(), "operators", "ops operator-token\n");
     let client = secret_file(keys.path(), "client", "client-token\n");
+    let other = secret_file(keys.path(), "other", "other-token\n");
     let operator = secret_file(keys.path(), "operator", "operator-token\n");
     let serve = Serve::start(&[
         "--auth-tokens",
@@ -373,6 +185,7 @@ async fn operator_commands_list_cancel_and_show_logs_and_need_an_operator_token(
         operators.to_str().unwrap(),
     ])
     .await;
+    serve.upload_toolset(&client).await;
     let build = running(
         serve.channel(Some(&client)).await,
         serve.request("echo running; echo to-stderr >&2; sleep 600"),
@@ -397,7 +210,7 @@ async fn operator_commands_list_cancel_and_show_logs_and_need_an_operator_token(
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["build_id"], id.as_str());
     assert_eq!(rows[0]["phase"], "build");
-    assert_eq!(rows[0]["tenant"], "default");
+    assert_eq!(rows[0]["tenant"], "team-a");
     assert!(
         rows[0]["guest_memory_bytes"].as_u64().unwrap() > 0,
         "{rows:?}"
@@ -405,18 +218,38 @@ async fn operator_commands_list_cancel_and_show_logs_and_need_an_operator_token(
     let table = serve.cli(&["builds", "--token-file", op]);
     assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
 
-    // Refused without the operator token: a client's, and none at all.
-    for who in [vec!["--token-file", client.to_str().unwrap()], vec![]] {
-        for command in [vec!["builds"], vec!["cancel", &id], vec!["logs", &id]] {
-            let args: Vec<&str> = command.iter().copied().chain(who.iter().copied()).collect();
-            let out = serve.cli(&args);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "kiln {args:?} was let through");
-            assert!(
-                stderr.contains("PermissionDenied") || stderr.contains("Unauthenticated"),
-                "kiln {args:?}: {stderr}"
-            );
-        }
+    // The build's own tenant sees it too.
+    let own = serve.cli(&["builds", "--json", "--token-file", client.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&own.stdout).contains(&id),
+        "{own:?}"
+    );
+
+    // Another tenant sees nothing of it: not listed, and its id is
+    // NOT_FOUND exactly like an unknown one.
+    let theirs = serve.cli(&["builds", "--json", "--token-file", other.to_str().unwrap()]);
+    assert!(theirs.status.success(), "{theirs:?}");
+    assert!(theirs.stdout.is_empty(), "{theirs:?}");
+    for command in [vec!["cancel", &id], vec!["logs", &id]] {
+        let args: Vec<&str> = command
+            .iter()
+            .copied()
+            .chain(["--token-file", other.to_str().unwrap()])
+            .collect();
+        let out = serve.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "kiln {args:?} was let through");
+        assert!(stderr.contains("NotFound"), "kiln {args:?}: {stderr}");
+    }
+    // Nothing at all without a token.
+    for command in [vec!["builds"], vec!["cancel", &id], vec!["logs", &id]] {
+        let out = serve.cli(&command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "kiln {command:?} was let through");
+        assert!(
+            stderr.contains("Unauthenticated"),
+            "kiln {command:?}: {stderr}"
+        );
     }
 
     // kiln logs: what the build wrote so far, stdout and stderr apart.

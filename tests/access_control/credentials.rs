@@ -50,11 +50,20 @@ impl Pki {
 
     /// A leaf certificate and its key, as PEM.
     fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+        self.leaf_named("kiln test", names, usage)
+    }
+
+    fn leaf_named(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params
             .distinguished_name
-            .push(DnType::CommonName, "kiln test");
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
@@ -70,6 +79,15 @@ impl Pki {
 
     pub fn client_leaf(&self) -> (String, String) {
         self.leaf(&["builder.example"], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    /// A client certificate whose subject CN is `common_name`.
+    pub fn client_leaf_named(&self, common_name: &str) -> (String, String) {
+        self.leaf_named(
+            common_name,
+            &["builder.example"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
     }
 }
 

@@ -16,6 +16,7 @@ mod calls;
 mod cli;
 mod credentials;
 mod server;
+mod tenants;
 
 use std::path::Path;
 

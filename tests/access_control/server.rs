@@ -54,7 +54,28 @@ impl Server {
         Self::start_on(bound, socket.display().to_string(), security).await
     }
 
+    /// A server whose castore is scoped by tenant, as `kiln serve` scopes
+    /// it when callers authenticate.
+    pub async fn start_scoped(security: Security) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let scoping = kiln::castore::scoped::Scoping::by_tenant(
+            kiln::castore::scoped::Grants::in_memory().unwrap(),
+        );
+        Self::start_with(Bound::Tcp(listener), addr, security, scoping).await
+    }
+
     async fn start_on(bound: Bound, addr: String, security: Security) -> Self {
+        let scoping = kiln::castore::scoped::Scoping::none();
+        Self::start_with(bound, addr, security, scoping).await
+    }
+
+    async fn start_with(
+        bound: Bound,
+        addr: String,
+        security: Security,
+        scoping: kiln::castore::scoped::Scoping,
+    ) -> Self {
         let data = tempfile::tempdir().unwrap();
         let store = kiln::castore::from_addr("", &data.path().join("data"))
             .await
@@ -64,7 +85,9 @@ impl Server {
             cache_dir: data.path().join("cache"),
             ..Default::default()
         };
-        let executor = Arc::new(Executor::open(config, store.clone(), Arc::new(NoVms)).unwrap());
+        let mut executor = Executor::open(config, store.clone(), Arc::new(NoVms)).unwrap();
+        executor.set_scoping(scoping);
+        let executor = Arc::new(executor);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let serve_store = store.clone();
         let task = tokio::spawn(async move {

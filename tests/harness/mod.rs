@@ -4,6 +4,7 @@
 //! - [`gate`]: whether a test can run here; `SKIPPED: <test>: <why>` where
 //!   `cargo test` shows it, or a failure under `KILN_REQUIRE_VM_TESTS`.
 //! - [`server`]: a kiln server in this process booting real VMs.
+//! - [`serve`]: the `kiln serve` binary as a child process.
 //! - [`guest`]: one VM booted without the executor, for the guest's view.
 //! - [`fixtures`]: the busybox toolset and the Nix-shaped test request.
 //! - [`events`]: following a build's events.
@@ -19,6 +20,7 @@ pub mod gate;
 pub mod guest;
 pub mod netns;
 pub mod procs;
+pub mod serve;
 pub mod server;
 pub mod sshd;
 
