@@ -442,9 +442,10 @@ struct BuildArgs {
     /// Print the completed event as JSON.
     #[arg(long)]
     json: bool,
-    /// Build even when the server's result cache holds this request's
-    /// result (the request header `x-kiln-result-cache: bypass`).
-    #[arg(long, conflicts_with = "drv")]
+    /// Build even when the server's result cache holds the result (the
+    /// request header `x-kiln-result-cache: bypass`); with --drv, for every
+    /// derivation it builds.
+    #[arg(long)]
     rebuild: bool,
     /// Build a Nix derivation instead of a request file: its input closure
     /// is imported from the local /nix/store (missing inputs are built
@@ -590,6 +591,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         drv,
                         out: args.out,
                         build_cores: args.cores,
+                        rebuild: args.rebuild,
                     };
                     kiln::cli::drv::run(&options).await?;
                 }

@@ -221,11 +221,16 @@ pub async fn submit_and_follow<S: EventSink + ?Sized>(
 /// answer it (`x-kiln-result-cache: bypass`).
 pub fn bypassing_result_cache(request: SubmitRequest) -> tonic::Request<SubmitRequest> {
     let mut request = tonic::Request::new(request);
+    bypass_result_cache(&mut request);
+    request
+}
+
+/// Sets `x-kiln-result-cache: bypass` on any build call (`DoBuild` too).
+pub fn bypass_result_cache<T>(request: &mut tonic::Request<T>) {
     request.metadata_mut().insert(
         crate::executor::result_cache::BYPASS_HEADER,
         tonic::metadata::MetadataValue::from_static(crate::executor::result_cache::BYPASS),
     );
-    request
 }
 
 /// A client taking messages as large as the server sends (a `Completed`

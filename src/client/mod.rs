@@ -23,7 +23,8 @@ use crate::tls::{self, TlsError};
 pub mod follow;
 
 pub use follow::{
-    bypassing_result_cache, submit_and_follow, Completion, EventSink, Follow, FollowError,
+    bypass_result_cache, bypassing_result_cache, submit_and_follow, Completion, EventSink, Follow,
+    FollowError,
 };
 
 /// Connecting failed, or the client's settings are unusable.

@@ -140,7 +140,15 @@ impl BuildObserver for BuildTimer {
             Event::Phase(Phase::Ingest) => self.ingest = Some(at),
             Event::Completed(_) => self.finish(Ok(()), at),
             Event::Failed(e) => self.finish(Err(e), at),
-            Event::Log { .. } | Event::Output(_) | Event::CacheHit(_) => {}
+            Event::CacheHit(_) => {
+                self.metrics
+                    .result_cache_hits
+                    .get_or_create(&TenantLabels {
+                        tenant: self.scope.tenant.clone(),
+                    })
+                    .inc();
+            }
+            Event::Log { .. } | Event::Output(_) => {}
         }
     }
 

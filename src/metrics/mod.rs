@@ -80,6 +80,8 @@ pub struct Metrics {
     pub builder_run: Durations<TenantLabels>,
     /// Outputs into the castore.
     pub ingest: Durations<TenantLabels>,
+    /// Builds answered from their tenant's result cache.
+    pub result_cache_hits: Family<TenantLabels, Counter>,
     /// VMs holding a slot.
     pub vms_running: Gauges,
     /// `--max-vms`.
@@ -115,6 +117,7 @@ impl Metrics {
             agent_setup: durations(),
             builder_run: durations(),
             ingest: durations(),
+            result_cache_hits: Family::default(),
             vms_running: Gauges::default(),
             vms_max: Gauges::default(),
             warm_vms_waiting: Gauges::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "Time scanning and storing builds' outputs",
             s,
             self.ingest.clone(),
+        );
+        r.register(
+            "kiln_result_cache_hits",
+            "Builds answered from their tenant's result cache, without a VM (also counted in kiln_builds)",
+            self.result_cache_hits.clone(),
         );
         r.register(
             "kiln_vms_running",

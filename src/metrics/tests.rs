@@ -336,3 +336,46 @@ async fn the_listener_serves_get_metrics_and_nothing_else() {
         "the socket is closed"
     );
 }
+
+#[test]
+fn a_cache_hit_is_counted_as_a_hit_and_a_succeeded_build_without_phases() {
+    let metrics = Arc::new(Metrics::new());
+    let hit = crate::executor::events::CacheHit {
+        build_id: "earlier".into(),
+        built_at_unix: 0,
+    };
+    let outcome = BuildOutcome {
+        outputs: vec![],
+        report: report(500, 2000),
+        layout: Layout::Snix,
+        wire_echo: None,
+        cache_hit: Some(hit.clone()),
+    };
+    run(
+        &metrics,
+        "snix",
+        Instant::now(),
+        &[
+            (0.0, Event::CacheHit(hit)),
+            (0.01, Event::Completed(Arc::new(outcome))),
+        ],
+        None,
+    );
+    let text = metrics.encode().expect("encode");
+    assert!(
+        text.contains("# TYPE kiln_result_cache_hits_total counter"),
+        "{text}"
+    );
+    assert_eq!(value(&text, "kiln_result_cache_hits_total"), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            r#"kiln_builds_total{layout="snix",outcome="succeeded",kind="none"}"#
+        ),
+        1.0
+    );
+    assert!(
+        !text.contains("kiln_vm_boot_seconds_count"),
+        "no VM, no boot observed:\n{text}"
+    );
+}

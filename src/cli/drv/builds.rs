@@ -30,6 +30,8 @@ pub(super) struct Run<'a> {
     pub(super) channel: KilnChannel,
     pub(super) outputs_of: &'a OutputsOf,
     pub(super) request_options: RequestOptions,
+    /// Ask the server to build even what its result cache would answer.
+    pub(super) rebuild: bool,
     /// Local store paths already imported into the castore.
     pub(super) imported: BTreeMap<StorePath, Node>,
     /// Outputs built by kiln in this run.
@@ -53,21 +55,22 @@ impl Run<'_> {
             },
         )?;
         eprintln!("kiln: building {drv_path}");
-        let (request, response) = match submit(&self.channel, drv_path, drv, request.clone()).await
-        {
-            Err(e) if drv.is_fixed_output() && refuses_network(&e) => {
-                // Nix gives fixed-output builds the network; a kiln server
-                // has none. The declared hash is checked below either way.
-                eprintln!("kiln: the server offers no network; building {drv_path} offline");
-                let mut offline = request;
-                if let Some(c) = offline.constraints.as_mut() {
-                    c.network_access = false;
+        let (request, response) =
+            match submit(&self.channel, drv_path, drv, request.clone(), self.rebuild).await {
+                Err(e) if drv.is_fixed_output() && refuses_network(&e) => {
+                    // Nix gives fixed-output builds the network; a kiln server
+                    // has none. The declared hash is checked below either way.
+                    eprintln!("kiln: the server offers no network; building {drv_path} offline");
+                    let mut offline = request;
+                    if let Some(c) = offline.constraints.as_mut() {
+                        c.network_access = false;
+                    }
+                    let response =
+                        submit(&self.channel, drv_path, drv, offline.clone(), self.rebuild).await?;
+                    (offline, response)
                 }
-                let response = submit(&self.channel, drv_path, drv, offline.clone()).await?;
-                (offline, response)
-            }
-            result => (request, result?),
-        };
+                result => (request, result?),
+            };
         self.record_outputs(drv_path, drv, &inputs, &request, response)?;
         if drv.is_fixed_output() {
             self.verify_fixed_output(drv_path, drv).await?;

@@ -57,6 +57,8 @@ pub struct DrvOptions {
     /// `NIX_BUILD_CORES` for the builds; default: this machine's cores,
     /// which is what Nix's default `cores = 0` means.
     pub build_cores: Option<u32>,
+    /// Build even what the server's result cache would answer.
+    pub rebuild: bool,
 }
 
 /// One output of the requested derivation, built by kiln.
@@ -101,6 +103,7 @@ pub async fn build_drv(options: &DrvOptions) -> Result<Vec<BuiltOutput>, DrvErro
         channel,
         outputs_of: &outputs_of,
         request_options,
+        rebuild: options.rebuild,
         imported: BTreeMap::new(),
         built: BTreeMap::new(),
     };

@@ -12,7 +12,9 @@ use std::io::Write;
 
 use tonic::Code;
 
-use crate::client::{submit_and_follow, EventSink, FollowError, KilnChannel};
+use crate::client::{
+    bypassing_result_cache, submit_and_follow, EventSink, FollowError, KilnChannel,
+};
 use crate::grpc::status::failed_detail;
 use crate::nix::build_request::submit_request;
 use crate::nix::{Derivation, StorePath};
@@ -41,9 +43,14 @@ pub(super) async fn submit(
     drv: &StorePath,
     derivation: &Derivation,
     request: snix_build::BuildRequest,
+    rebuild: bool,
 ) -> Result<snix_build::BuildResponse, DrvError> {
     let submit = submit_request(derivation, request.clone());
     let argv0 = submit.argv0.clone();
+    let submit = match rebuild {
+        true => bypassing_result_cache(submit),
+        false => tonic::Request::new(submit),
+    };
     let error = match submit_and_follow(channel.clone(), submit, &mut LogToStderr).await {
         Ok(done) => {
             return done
@@ -65,7 +72,7 @@ pub(super) async fn submit(
                      where the builder's argv[0] is its full path, not {argv0:?} as under Nix"
                 );
             }
-            do_build(channel, drv, request).await
+            do_build(channel, drv, request, rebuild).await
         }
         FollowError::Refused { code, message, .. } | FollowError::Stream { code, message, .. } => {
             Err(DrvError::Submit {
@@ -93,10 +100,15 @@ async fn do_build(
     channel: &KilnChannel,
     drv: &StorePath,
     request: snix_build::BuildRequest,
+    rebuild: bool,
 ) -> Result<snix_build::BuildResponse, DrvError> {
     let mut client = BuildServiceClient::new(channel.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut request = tonic::Request::new(request);
+    if rebuild {
+        crate::client::bypass_result_cache(&mut request);
+    }
     client
         .do_build(request)
         .await
