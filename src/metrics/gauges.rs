@@ -61,6 +61,31 @@ fn refresh_executor(metrics: &Metrics, executor: Option<&Executor>) {
     let admission = executor.map(Executor::admission);
     let vms = admission.map(|a| a.vms());
     let memory = admission.map(|a| a.memory_mib());
+    // Each named tenant's share beside the server's total (a series with a
+    // tenant label); tenants that neither run nor wait drop out.
+    for family in [
+        &metrics.vms_running,
+        &metrics.builds_queued,
+        &metrics.guest_memory_in_use,
+    ] {
+        family.clear();
+    }
+    for usage in admission.map(|a| a.tenants()).unwrap_or_default() {
+        if usage.tenant.as_str() == crate::tenant::DEFAULT_TENANT {
+            continue;
+        }
+        let labels = TenantLabels {
+            tenant: crate::metrics::labels::Tenant(Some(usage.tenant.to_string())),
+        };
+        let gauge = |family: &Gauges, value: u64| {
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        gauge(&metrics.vms_running, usage.vms as u64);
+        gauge(&metrics.builds_queued, usage.queued as u64);
+        gauge(&metrics.guest_memory_in_use, usage.memory_mib << 20);
+    }
     set(&metrics.vms_running, vms.map(|(held, _)| held as u64));
     set(&metrics.vms_max, vms.map(|(_, max)| max as u64));
     set(&metrics.builds_queued, admission.map(|a| a.queued() as u64));

@@ -109,6 +109,19 @@ impl Drop for Ticket {
     }
 }
 
+/// What one tenant holds and waits for ([`Admission::tenants`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Whose.
+    pub tenant: Tenant,
+    /// VMs its builds run.
+    pub vms: usize,
+    /// Their guest memory, MiB.
+    pub memory_mib: u64,
+    /// Its builds waiting for a VM.
+    pub queued: usize,
+}
+
 /// Why a tenant's next build cannot start now, by its own limits.
 enum Held {
     Vms(usize),
@@ -253,6 +266,24 @@ impl Admission {
     /// refuses a request that never can).
     pub fn can_ever_fit(&self, memory_mib: u64) -> bool {
         memory_mib <= self.inner.memory_budget_mib
+    }
+
+    /// Each tenant that runs or waits right now: its VMs, their guest
+    /// memory (MiB) and its waiting builds.
+    pub fn tenants(&self) -> Vec<TenantUsage> {
+        let state = self.inner.lock();
+        let mut usage: Vec<TenantUsage> = state
+            .tenants
+            .iter()
+            .map(|(tenant, t)| TenantUsage {
+                tenant: tenant.clone(),
+                vms: t.vms,
+                memory_mib: t.memory_mib,
+                queued: t.queue.len(),
+            })
+            .collect();
+        usage.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        usage
     }
 
     /// Builds waiting right now.

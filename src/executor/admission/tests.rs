@@ -170,6 +170,16 @@ async fn a_tenants_vm_limit_refuses_only_that_tenant() {
         .await
         .expect("b is not held by a's limit");
     assert_eq!(adm.vms(), (3, 4));
+    let usage: Vec<(String, usize, u64, usize)> = adm
+        .tenants()
+        .into_iter()
+        .map(|u| (u.tenant.to_string(), u.vms, u.memory_mib, u.queued))
+        .collect();
+    assert_eq!(
+        usage,
+        [("a".into(), 1, 100, 0), ("b".into(), 2, 200, 0)],
+        "each tenant's share"
+    );
 }
 
 #[tokio::test]
