@@ -416,6 +416,20 @@ async fn a_repeated_request_is_a_cache_hit_without_a_vm_for_its_tenant_only() {
     assert_eq!(boots(&boot_file), 1, "no VM for a hit");
     assert_eq!(output_digest(&answered), output_digest(&built));
 
+    // A plain DoBuild hit says so in its response header.
+    let plain = snix_build::build_service_client::BuildServiceClient::new(alpha().await)
+        .do_build(req.clone())
+        .await
+        .unwrap_or_else(|e| panic!("DoBuild: {e}\n{}", serve.log()));
+    assert_eq!(
+        plain
+            .metadata()
+            .get("x-kiln-result-cache")
+            .and_then(|v| v.to_str().ok()),
+        Some("hit")
+    );
+    assert_eq!(boots(&boot_file), 1, "no VM for a DoBuild hit either");
+
     let mut bypassed = Hit::default();
     build(
         alpha().await,
