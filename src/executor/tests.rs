@@ -26,6 +26,12 @@ struct Rig {
 /// An executor on a fresh store whose VMs run `guest`; `None` (said with
 /// `SKIPPED:`) where virtiofsd cannot run.
 async fn rig(guest: impl Fn(&FakeGuest) -> Ending + Send + Sync + 'static) -> Option<Rig> {
+    rig_with(Arc::new(FakeRunner::new(guest)), |_| {}).await
+}
+
+/// Like [`rig`], booting with `runner`, the executor set up by `setup`
+/// before it is shared.
+async fn rig_with(runner: Arc<FakeRunner>, setup: impl FnOnce(&mut Executor)) -> Option<Rig> {
     if vm_tests_skip("executor fake-VM test") {
         return None;
     }
@@ -41,7 +47,8 @@ async fn rig(guest: impl Fn(&FakeGuest) -> Ending + Send + Sync + 'static) -> Op
         timeout: Duration::from_secs(60),
         ..ExecutorConfig::default()
     };
-    let executor = Executor::new(config, store, Arc::new(FakeRunner::new(guest)));
+    let mut executor = Executor::new(config, store, runner);
+    setup(&mut executor);
     Some(Rig {
         executor: Arc::new(executor),
         _tmp: tmp,
@@ -440,31 +447,18 @@ async fn do_build_answers_and_a_watch_on_its_id_ends_completed() {
 
 #[tokio::test]
 async fn a_repeated_request_is_answered_from_the_result_cache_without_a_vm() {
-    if vm_tests_skip("result cache fake-VM test") {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tmp");
-    let data_dir = tmp.path().join("data");
-    let store = crate::castore::from_addr("", &data_dir)
-        .await
-        .expect("store");
-    let config = ExecutorConfig {
-        data_dir,
-        cache_dir: tmp.path().join("cache"),
-        artifacts: fake_artifacts(tmp.path()),
-        timeout: Duration::from_secs(60),
-        ..ExecutorConfig::default()
-    };
     let runner = Arc::new(FakeRunner::new(|g| {
         std::fs::write(g.scratch.join(OUT), b"built once\n").expect("write");
         exited(0, b"")
     }));
-    let mut executor = Executor::new(config, store, runner.clone());
-    executor
-        .set_result_cache(crate::executor::result_cache::ResultCache::in_memory().expect("cache"));
-    let rig = Rig {
-        executor: Arc::new(executor),
-        _tmp: tmp,
+    let Some(rig) = rig_with(runner.clone(), |executor| {
+        executor.set_result_cache(
+            crate::executor::result_cache::ResultCache::in_memory().expect("cache"),
+        )
+    })
+    .await
+    else {
+        return;
     };
     let a = crate::tenant::Identity::client(crate::tenant::Tenant::parse("a").expect("a"));
     let b = crate::tenant::Identity::client(crate::tenant::Tenant::parse("b").expect("b"));

@@ -124,6 +124,13 @@ struct ScopedBlobs {
 }
 
 impl ScopedBlobs {
+    async fn sees(&self, digest: &B3Digest) -> Result<bool, BlobError> {
+        self.scope
+            .sees_async(Kind::Blob, digest)
+            .await
+            .map_err(blob_grants)
+    }
+
     async fn granted(&self, stored: StoredBlob) -> Result<StoredBlob, BlobError> {
         self.scope
             .grant(Kind::Blob, vec![stored.digest])
@@ -136,24 +143,14 @@ impl ScopedBlobs {
 #[async_trait::async_trait]
 impl BlobService for ScopedBlobs {
     async fn has(&self, digest: &B3Digest) -> Result<bool, BlobError> {
-        if !self
-            .scope
-            .sees_async(Kind::Blob, digest)
-            .await
-            .map_err(blob_grants)?
-        {
+        if !self.sees(digest).await? {
             return Ok(false);
         }
         self.inner.has(digest).await
     }
 
     async fn open_read(&self, digest: &B3Digest) -> Result<Option<BlobReader>, BlobError> {
-        if !self
-            .scope
-            .sees_async(Kind::Blob, digest)
-            .await
-            .map_err(blob_grants)?
-        {
+        if !self.sees(digest).await? {
             return Ok(None);
         }
         self.inner.open_read(digest).await
@@ -177,12 +174,7 @@ impl BlobService for ScopedBlobs {
     }
 
     async fn local_executable_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
-        if !self
-            .scope
-            .sees_async(Kind::Blob, digest)
-            .await
-            .map_err(blob_grants)?
-        {
+        if !self.sees(digest).await? {
             return Ok(None);
         }
         self.inner.local_executable_path(digest).await
