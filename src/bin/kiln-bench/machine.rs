@@ -137,6 +137,98 @@ pub fn rss(pid: u32) -> Option<Rss> {
     })
 }
 
+/// File-backed pages a process maps, KiB, each counted in full (not split
+/// among the processes sharing it, unlike PSS), so the figure does not
+/// depend on what else runs on the host. Pages copied on write (a
+/// library's relocations) are anonymous memory and not counted here, nor
+/// shared memory (`/memfd:…`, `/dev/…`, SysV): a VMM's guest RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilePages {
+    /// Every file-backed page it maps.
+    pub all: u64,
+    /// Those of files under its own directory (for a VM: its initramfs),
+    /// which no other VM maps; the rest (the VMM's binary, its libraries,
+    /// the guest kernel) are the same files for every VM of the host.
+    pub own: u64,
+}
+
+impl FilePages {
+    /// Each figure raised to `now`'s where that is higher.
+    pub fn raise(&mut self, now: FilePages) {
+        self.all = self.all.max(now.all);
+        self.own = self.own.max(now.own);
+    }
+}
+
+/// Reads the file-backed pages of `pid` from `/proc/<pid>/smaps`; `own_dir`
+/// is the path prefix of the files counted as its own.
+pub fn file_pages(pid: u32, own_dir: &str) -> Option<FilePages> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(parse_file_pages(&smaps, own_dir))
+}
+
+/// [`file_pages`] of an `smaps` text: per mapping of a file, its resident
+/// pages less the anonymous (copied-on-write) ones.
+fn parse_file_pages(smaps: &str, own_dir: &str) -> FilePages {
+    let mut pages = FilePages::default();
+    let mut current: Option<Mapping> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.ends_with(':') {
+            let kib = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            match (current.as_mut(), first) {
+                (Some(m), "Rss:") => m.rss = kib,
+                (Some(m), "Anonymous:") => m.anon = kib,
+                _ => {}
+            }
+            continue;
+        }
+        // A mapping's header: address perms offset dev inode [path].
+        let path = line
+            .splitn(6, char::is_whitespace)
+            .nth(5)
+            .unwrap_or_default()
+            .trim();
+        if let Some(m) = current.take() {
+            m.add_to(&mut pages);
+        }
+        current = Some(Mapping {
+            file: path.starts_with('/')
+                && !path.starts_with("/memfd:")
+                && !path.starts_with("/dev/")
+                && !path.starts_with("/SYSV"),
+            own: path.starts_with(own_dir),
+            rss: 0,
+            anon: 0,
+        });
+    }
+    if let Some(m) = current {
+        m.add_to(&mut pages);
+    }
+    pages
+}
+
+/// One mapping of an `smaps` text, KiB.
+struct Mapping {
+    file: bool,
+    own: bool,
+    rss: u64,
+    anon: u64,
+}
+
+impl Mapping {
+    fn add_to(&self, pages: &mut FilePages) {
+        if self.file {
+            let file = self.rss.saturating_sub(self.anon);
+            pages.all += file;
+            if self.own {
+                pages.own += file;
+            }
+        }
+    }
+}
+
 /// Resident memory of `pid` (`VmRSS`), KiB.
 pub fn vm_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -251,6 +343,37 @@ mod tests {
         let mut found: Vec<u32> = descendants(10, &procs).into_iter().collect();
         found.sort();
         assert_eq!(found, [11, 12]);
+    }
+
+    #[test]
+    fn file_pages_are_a_files_resident_pages_less_its_copied_ones_and_own_is_the_vms_dir() {
+        let smaps = "\
+55d0a0000000-55d0a1000000 r-xp 00000000 08:01 123   /usr/bin/qemu-system-x86_64
+Rss:                1000 kB
+Anonymous:           200 kB
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
+Rss:                5000 kB
+Anonymous:          5000 kB
+7f0000200000-7f0000300000 rw-s 00000000 00:01 77    /memfd:memory-backend-memfd (deleted)
+Rss:                9000 kB
+Anonymous:             0 kB
+7f0000400000-7f0000500000 rw-p 00000000 08:01 9     /var/lib/kiln/runs/b1/initramfs.cpio
+Rss:                  30 kB
+Anonymous:             0 kB
+7f0000600000-7f0000700000 r--p 00000000 08:01 10    /var/cache/kiln/kernel-kiln/vmlinux
+Rss:                 400 kB
+Anonymous:             0 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0     [stack]
+Rss:                  24 kB
+Anonymous:            24 kB
+";
+        assert_eq!(
+            parse_file_pages(smaps, "/var/lib/kiln/runs/"),
+            FilePages {
+                all: 800 + 30 + 400,
+                own: 30,
+            }
+        );
     }
 
     #[test]
