@@ -300,8 +300,17 @@ pub async fn serve_services(
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving");
             }
-            let incoming = TcpListenerStream::new(listener)
-                .map(move |conn| conn.map(|c| Cut::new(c, cut.clone())));
+            // Without TCP_NODELAY a small frame (a phase event, a log line)
+            // that follows another unacknowledged one waits for the peer's
+            // delayed ACK: up to 40 ms on Linux, on every streamed event.
+            let incoming = TcpListenerStream::new(listener).map(move |conn| {
+                conn.map(|c| {
+                    if let Err(e) = c.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+                    }
+                    Cut::new(c, cut.clone())
+                })
+            });
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

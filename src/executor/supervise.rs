@@ -1,7 +1,8 @@
 //! Supervising a running VM: reads the agent's frames off the guest channel
 //! into the build log, and ends the VM on timeout, cancellation, log
-//! overflow or a dead virtiofsd. Returns the agent's report, or why there is
-//! none.
+//! overflow or a dead virtiofsd — and as soon as the agent has reported,
+//! instead of waiting for the guest to power off. Returns the agent's
+//! report, or why there is none.
 
 use std::time::Duration;
 
@@ -15,8 +16,6 @@ use crate::executor::events::{BuildLog, Phase, Stream};
 use crate::vmm::session::Parts;
 use crate::vmm::{GuestChannel, VmExit};
 
-/// How long the guest may take to power off after its report.
-const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 /// How long the VM may outlive a dead virtiofsd before it counts as a crash.
 const DAEMON_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the channel's last bytes after the VMM exited.
@@ -80,18 +79,10 @@ pub async fn supervise(
     let mut daemon_dead: Option<String> = None;
 
     let failure = loop {
-        let reported = report.is_some();
         let daemon_grace = daemon_dead.is_some();
         let daemon_grace_over = async move {
             if daemon_grace {
                 tokio::time::sleep(DAEMON_GRACE).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        let poweroff = async move {
-            if reported {
-                tokio::time::sleep(POWEROFF_GRACE).await
             } else {
                 std::future::pending().await
             }
@@ -117,8 +108,16 @@ pub async fn supervise(
                     FrameKind::AgentLog => {
                         tracing::debug!(build = log.id(), line = %String::from_utf8_lossy(&payload), "agent");
                     }
+                    // The agent's last frame: everything it streamed came
+                    // before it, and everything the build wrote is on the
+                    // host already (see the agent's `power_off`), so the VM
+                    // has nothing left to give and is killed below rather
+                    // than waited for while it powers off.
                     FrameKind::Report => match serde_json::from_slice::<Report>(&payload) {
-                        Ok(r) => report = Some(r),
+                        Ok(r) => {
+                            report = Some(r);
+                            break None;
+                        }
                         Err(e) => break Some(BuildError::VmCrashed {
                             reason: format!("the agent's report does not decode: {e}"),
                             log_tail: log.tail(),
@@ -136,7 +135,7 @@ pub async fn supervise(
                 Err(e) => break Some(BuildError::infra("wait for the VMM", e)),
             },
             _ = &mut deadline => break Some(BuildError::Timeout { secs: limits.timeout.as_secs(), log_tail: log.tail() }),
-            _ = &mut silence, if silence_armed && !reported => break Some(BuildError::Silent {
+            _ = &mut silence, if silence_armed => break Some(BuildError::Silent {
                 secs: limits.max_silent.map_or(0, |d| d.as_secs()),
                 log_tail: log.tail(),
             }),
@@ -146,10 +145,6 @@ pub async fn supervise(
                 reason: daemon_dead.take().unwrap_or_default(),
                 log_tail: log.tail(),
             }),
-            _ = poweroff => break Some(BuildError::VmCrashed {
-                reason: format!("the guest reported but did not power off within {POWEROFF_GRACE:?}"),
-                log_tail: log.tail(),
-            }),
         }
     };
 
@@ -157,6 +152,11 @@ pub async fn supervise(
         vm.kill().await;
         reader.abort();
         return Err(err);
+    }
+    if let Some(report) = report {
+        vm.kill().await;
+        reader.abort();
+        return Ok(report);
     }
 
     // The VMM exited: take whatever the channel still holds.

@@ -39,16 +39,17 @@ pub use super::host::Accel;
 /// TCG's translated-code cache per VM, MiB (`-accel tcg,tb-size=`).
 /// QEMU's default is 1 GiB, allocated lazily, so a VM's host memory
 /// outside guest RAM grows with the code it has run (83–135 MiB seen per
-/// VM). However small the cap, the cache is full after one boot: booting
-/// kiln's kernel to the agent translates about 25 MiB of host code, most
-/// of it kernel start-up code that runs once, so a smaller cache mostly
-/// flushes code that would not run again (measured with `info jit`:
-/// 16 MiB flushes once during boot, 8 MiB four times). A build then runs
-/// little code over and over — the agent, the builder's tools. 8 MiB
-/// keeps boot and the bench's heavy build as fast as 16 MiB within the
-/// noise, for 8 MiB less per VM; at 4 MiB boot took about 1.5× as long.
-/// `make bench` measures the memory saved against the build time lost.
-pub const TCG_TB_SIZE_MIB: u32 = 8;
+/// VM). A cap trades that memory against latency: booting kiln's kernel to
+/// the agent translates about 25 MiB of host code, and a cache that fills
+/// during boot is flushed whole, taking with it the kernel paths a build's
+/// start runs again (exec, page faults, FUSE, mounts). With 32 MiB a boot
+/// fits, and a warm VM's request reaches its builder in 47–53 ms against
+/// 107–138 ms with 8, 16 or 24 MiB (the same runs: `kiln-bench --only
+/// warm`; a bare boot ≈ 700 ms); the cold path gains too. The heavy build
+/// of `make bench` runs as fast as with QEMU's default. The price is about
+/// 17 MiB more per VM than a cap of 8 (47 against 29 MiB per waiting VM);
+/// `make bench` reports both.
+pub const TCG_TB_SIZE_MIB: u32 = 32;
 
 /// Boots build VMs with QEMU's microvm machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,7 +430,7 @@ mod tests {
             ["memory-backend-memfd,id=mem,size=1536M,share=on"]
         );
         // TCG's code cache capped at 8 MiB (see TCG_TB_SIZE_MIB).
-        assert_eq!(values(&a, "-accel"), ["tcg,tb-size=8"]);
+        assert_eq!(values(&a, "-accel"), ["tcg,tb-size=32"]);
         assert_eq!(values(&a, "-smp"), ["2"]);
         assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&a, "-initrd"), ["/r/initramfs"]);

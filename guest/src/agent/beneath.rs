@@ -24,7 +24,9 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::{open, openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fchmod, fchmodat, makedev, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
+use nix::sys::stat::{
+    fchmod, fchmodat, fstat, makedev, mkdirat, mknodat, FchmodatFlags, Mode, SFlag,
+};
 use nix::unistd::{fchown, symlinkat, Gid, Uid};
 
 /// Owner and mode given to something the agent creates. Set explicitly
@@ -282,13 +284,24 @@ impl Dir {
     }
 }
 
+/// Gives `fd` exactly `meta`'s owner and mode, changing only what differs:
+/// on a virtiofs share each change is a round trip to the host, while the
+/// `fstat` is answered from the attributes the guest already holds. The
+/// mode is compared after any owner change, which may clear bits.
 fn set_meta(fd: &impl AsFd, meta: Meta) -> Result<(), Errno> {
-    fchown(
-        fd.as_fd(),
-        Some(Uid::from_raw(meta.uid)),
-        Some(Gid::from_raw(meta.gid)),
-    )?;
-    fchmod(fd.as_fd(), Mode::from_bits_truncate(meta.mode))
+    let st = fstat(fd.as_fd())?;
+    if st.st_uid != meta.uid || st.st_gid != meta.gid {
+        fchown(
+            fd.as_fd(),
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )?;
+    }
+    let mode = fstat(fd.as_fd())?.st_mode & 0o7777;
+    if mode != meta.mode & 0o7777 {
+        fchmod(fd.as_fd(), Mode::from_bits_truncate(meta.mode))?;
+    }
+    Ok(())
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {

@@ -1,7 +1,10 @@
 //! Runs the builder inside the sandbox and forwards its output.
 //!
-//! The agent compiles the builder's syscall filter
-//! ([`syscall_filter`](super::syscall_filter)) and forks; the child chroots
+//! Given the builder's syscall filter, compiled beforehand
+//! ([`syscall_filter`](super::syscall_filter); a warm VM compiles it while
+//! it waits for its job), the agent starts the builder's process
+//! ([`spawn`](super::spawn): it shares the agent's memory until its exec,
+//! so nothing is copied); the child chroots
 //! into the sandbox, enters the working dir, starts a new session, drops to
 //! the build user with no supplementary groups (so no capabilities remain),
 //! points stdin at `/dev/null`, turns off address-space randomisation and
@@ -29,14 +32,14 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, signal, SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{
-    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, setgid, setgroups,
-    setsid, setuid, ForkResult, Gid, Pid, Uid,
+    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, execve, pipe2, setsid, Pid,
 };
 
 use super::channel;
 use super::error::{exec, supervise, AgentError, Step};
 use super::job;
 use super::sandbox::ROOT;
+use super::spawn;
 use super::syscall_filter::SyscallFilter;
 
 /// How long to wait for the pipes to close after the build user's processes
@@ -71,11 +74,10 @@ const STAGES: &[&str] = &[
 const FILTER_STAGE: u8 = 7;
 
 /// Runs the builder to completion.
-pub fn run(job: &Job) -> Result<Finished, AgentError> {
+pub fn run(job: &Job, filter: &SyscallFilter) -> Result<Finished, AgentError> {
     let path = CString::new(job.command_args[0].as_bytes())
         .map_err(|_| AgentError::Job("the builder path contains NUL".into()))?;
     let argv = job::argv(job)?;
-    let filter = SyscallFilter::compile()?;
     let env = job::environment(job)?;
     let workdir = format!("/{}", job.working_dir);
     let (out_r, out_w) =
@@ -85,21 +87,15 @@ pub fn run(job: &Job) -> Result<Finished, AgentError> {
     let (status_r, status_w) =
         pipe2(OFlag::O_CLOEXEC).step(exec, || "creating the exec status pipe".into())?;
 
-    // SAFETY: the agent is single-threaded, so the child inherits no lock held
-    // by another thread; it only makes syscalls and then execs or _exits.
-    let child = match unsafe { fork() }.step(exec, || "forking the builder".into())? {
-        ForkResult::Child => {
-            let exec = Exec {
-                path: &path,
-                argv: &argv,
-                env: &env,
-                workdir: &workdir,
-                filter: &filter,
-            };
-            child_exec(exec, out_w, err_w, status_w)
-        }
-        ForkResult::Parent { child } => child,
+    let prepared = Exec {
+        path: &path,
+        argv: &argv,
+        env: &env,
+        workdir: &workdir,
+        filter,
     };
+    let child = spawn::spawn(|| -> isize { child_exec(&prepared, &out_w, &err_w, &status_w) })
+        .step(exec, || "starting the builder process".into())?;
     drop((out_w, err_w, status_w));
     if let Some((stage, msg)) = exec_failure(status_r) {
         let _ = waitpid(child, None);
@@ -128,7 +124,7 @@ pub fn run(job: &Job) -> Result<Finished, AgentError> {
     Ok(Finished { outcome, build_ms })
 }
 
-/// What the forked child execs, prepared before the fork.
+/// What the builder's process execs, prepared before it starts.
 struct Exec<'a> {
     /// The builder's path (`command_args[0]`).
     path: &'a CString,
@@ -142,10 +138,11 @@ struct Exec<'a> {
     filter: &'a SyscallFilter,
 }
 
-/// In the forked child: enter the sandbox, become the build user, install
-/// the syscall filter, exec. On failure, reports `[stage, errno]` on the
-/// status pipe and exits.
-fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! {
+/// In the builder's process ([`spawn`], which shares the agent's memory
+/// until the exec): enter the sandbox, become the build user, install the
+/// syscall filter, exec. On failure, reports `[stage, errno]` on the status
+/// pipe and exits.
+fn child_exec(exec: &Exec<'_>, out: &OwnedFd, err: &OwnedFd, status: &OwnedFd) -> ! {
     let mut stage = 0u8;
     let result = (|| -> Result<std::convert::Infallible, Errno> {
         chroot(ROOT)?;
@@ -155,8 +152,8 @@ fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! 
         let null = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, nix::sys::stat::Mode::empty())?;
         stage = 3;
         dup2_stdin(&null)?;
-        dup2_stdout(&out)?;
-        dup2_stderr(&err)?;
+        dup2_stdout(out)?;
+        dup2_stderr(err)?;
         stage = 4;
         setsid()?;
         stage = 5;
@@ -166,9 +163,7 @@ fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! 
         personality::set(persona | Persona::ADDR_NO_RANDOMIZE)?;
         setrlimit(Resource::RLIMIT_CORE, 0, libc::RLIM_INFINITY)?;
         stage = 6;
-        setgroups(&[])?;
-        setgid(Gid::from_raw(BUILD_GID))?;
-        setuid(Uid::from_raw(BUILD_UID))?;
+        spawn::become_user(BUILD_UID, BUILD_GID)?;
         // Rust ignores SIGPIPE in its runtime and ignored signals survive
         // exec: give the builder the default, as any shell would expect.
         // SAFETY: installing SIG_DFL runs no handler code.
@@ -184,9 +179,9 @@ fn child_exec(exec: Exec<'_>, out: OwnedFd, err: OwnedFd, status: OwnedFd) -> ! 
     };
     let mut msg = vec![stage];
     msg.extend_from_slice(&errno.to_le_bytes());
-    let _ = nix::unistd::write(&status, &msg);
-    // SAFETY: _exit ends the forked child without running the parent's
-    // atexit handlers or flushing its duplicated stdio buffers.
+    let _ = nix::unistd::write(status, &msg);
+    // SAFETY: _exit ends the child without running the agent's atexit
+    // handlers or flushing its stdio buffers, which it shares.
     unsafe { libc::_exit(127) }
 }
 
@@ -293,29 +288,24 @@ fn supervise_child(child: Pid, mut out: File, mut err: File) -> Result<WaitStatu
 /// Kills every process of the build user, from a helper that becomes the
 /// build user itself: `kill(-1)` then reaches exactly that user's processes.
 fn kill_build_user() -> Result<(), AgentError> {
-    // SAFETY: single-threaded agent; the child only makes syscalls and _exits.
-    match unsafe { fork() }.step(supervise, || "forking the cleanup helper".into())? {
-        ForkResult::Child => {
-            let ok = setgid(Gid::from_raw(BUILD_GID)).is_ok()
-                && setuid(Uid::from_raw(BUILD_UID)).is_ok();
-            if ok {
-                let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-            }
-            // SAFETY: see child_exec.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+    let child = spawn::spawn(|| -> isize {
+        let ok = spawn::become_user(BUILD_UID, BUILD_GID).is_ok();
+        if ok {
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         }
-        ForkResult::Parent { child } => {
-            let status =
-                waitpid(child, None).step(supervise, || "waiting for the cleanup helper".into())?;
-            if status != WaitStatus::Exited(child, 0) {
-                return Err(supervise(
-                    "killing the build user's processes".into(),
-                    std::io::Error::other(format!("helper ended with {status:?}")),
-                ));
-            }
-            Ok(())
-        }
+        // SAFETY: see child_exec.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+    })
+    .step(supervise, || "starting the cleanup helper".into())?;
+    let status =
+        waitpid(child, None).step(supervise, || "waiting for the cleanup helper".into())?;
+    if status != WaitStatus::Exited(child, 0) {
+        return Err(supervise(
+            "killing the build user's processes".into(),
+            std::io::Error::other(format!("helper ended with {status:?}")),
+        ));
     }
+    Ok(())
 }
 
 /// Waits until every process but the agent is gone (or [`REAP_LIMIT`]

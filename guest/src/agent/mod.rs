@@ -8,6 +8,7 @@ pub mod error;
 pub mod job;
 pub mod net;
 pub mod sandbox;
+pub mod spawn;
 pub mod syscall_filter;
 
 use std::time::Instant;
@@ -16,6 +17,7 @@ use kiln_guest::contract::{Outcome, Report};
 use nix::sys::stat::{umask, Mode};
 
 use error::{sandbox as sandbox_err, AgentError, Step};
+use syscall_filter::SyscallFilter;
 
 /// Times gathered along the way, for the report.
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,6 +65,15 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
             channel::CHANNEL_DEVICE
         )
     })?;
+    // A warm VM does everything that does not depend on its job before it
+    // says Ready, so the request only waits for what does. Its shares are
+    // empty until the host materialises the job's inputs, but mounting
+    // looks nothing up: virtiofs reads the root's attributes and entries on
+    // first access, which comes after the job.
+    let early = match &start_with {
+        job::Start::Warm(_) => Some(prepare_machine()?),
+        job::Start::Cold(_) => None,
+    };
     let (job, start) = match start_with {
         job::Start::Cold(job) => (*job, start),
         job::Start::Warm(_) => {
@@ -81,10 +92,11 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
         None
     };
     let kvm_ms = start.elapsed().as_millis();
-    boot::mount_shares()?;
-    let shares_ms = start.elapsed().as_millis();
-    nix::unistd::sethostname("localhost").step(sandbox_err, || "setting the hostname".into())?;
-    net::loopback_up().step(sandbox_err, || "bringing up lo".into())?;
+    let filter = match early {
+        Some(filter) => filter,
+        None => prepare_machine()?,
+    };
+    let machine_ms = start.elapsed().as_millis();
     if let Some(network) = &job.network {
         net::configure(network).map_err(|source| AgentError::Network {
             what: format!(
@@ -100,12 +112,21 @@ pub fn run(start: Instant, timings: &mut Timings) -> Result<Outcome, AgentError>
     sandbox::build(&job, kvm)?;
     timings.setup_ms = start.elapsed().as_millis() as u64;
     channel::log(&format!(
-        "set-up timeline (ms since the agent started): modules {modules_ms}, kvm {kvm_ms}, shares {shares_ms}, network {network_ms}, sandbox {}",
+        "set-up timeline (ms since the agent started, or since the job came for a warm VM): modules {modules_ms}, kvm {kvm_ms}, machine (shares, lo, filter) {machine_ms}, network {network_ms}, sandbox {}",
         timings.setup_ms
     ));
-    let finished = builder::run(&job)?;
+    let finished = builder::run(&job, &filter)?;
     timings.build_ms = finished.build_ms;
     Ok(finished.outcome)
+}
+
+/// What a build needs of the machine whatever its job: the shares mounted,
+/// the hostname, `lo` up, and the builder's syscall filter compiled.
+fn prepare_machine() -> Result<SyscallFilter, AgentError> {
+    boot::mount_shares()?;
+    nix::unistd::sethostname("localhost").step(sandbox_err, || "setting the hostname".into())?;
+    net::loopback_up().step(sandbox_err, || "bringing up lo".into())?;
+    SyscallFilter::compile()
 }
 
 /// After a failure before the channel was open: loads the console modules
