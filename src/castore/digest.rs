@@ -36,7 +36,9 @@ impl B3Digest {
 
     /// 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        self.to_string()
+        // Not through `Display`, which formats byte by byte: the embedded
+        // store spells one of these for every blob it names.
+        hex::encode(self.0)
     }
 }
 

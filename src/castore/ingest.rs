@@ -22,17 +22,15 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
 
 use crate::hostfs::walk::{walk, Event, Options};
-use crate::hostfs::{open_parent, Dir, Kind};
+use crate::hostfs::{open_parent, Dir, Kind, RegularFile};
 
 use super::blob::{BatchPut, BlobBatch, BlobError, StoredBlob};
 use super::directory::Directory;
@@ -273,10 +271,12 @@ impl Walker<'_> {
         match kind {
             Kind::File => {
                 if self.open.is_empty() {
-                    let (file, mode) =
-                        open_file(dir, name).map_err(|source| self.inspect(name, source))?;
-                    let stored = self.store_one(dir, name, file)?;
-                    self.root = Some(file_node(stored, mode));
+                    let opened = dir
+                        .open_regular(name)
+                        .map_err(|source| self.inspect(name, source))?;
+                    let executable = is_executable(&opened);
+                    let stored = self.store_one(dir, name, opened)?;
+                    self.root = Some(file_node(stored, executable));
                     return Ok(());
                 }
                 let at = self.open[self.open.len() - 1];
@@ -326,22 +326,22 @@ impl Walker<'_> {
         // Opened several at once: on a tree of small files, opening is a
         // good part of the work.
         let dir = &batch.dir;
-        let opened: Vec<io::Result<(fs::File, u32)>> = batch
+        let opened: Vec<io::Result<RegularFile>> = batch
             .names
             .par_iter()
-            .map(|name| open_file(dir, name))
+            .map(|name| dir.open_regular(name))
             .collect();
         let mut names = Vec::with_capacity(batch.names.len());
         let mut files = Vec::with_capacity(batch.names.len());
         for (name, opened) in batch.names.into_iter().zip(opened) {
-            let (file, mode) = opened.map_err(|source| {
+            let opened = opened.map_err(|source| {
                 carry(IngestError::Inspect {
                     path: self.path_in(batch.at, &name),
                     source,
                 })
             })?;
-            names.push((name.clone(), mode & 0o100 != 0));
-            files.push((name, file));
+            names.push((name.clone(), is_executable(&opened)));
+            files.push((name, opened));
         }
         let stored = self.put(&batch.dir, files);
         let stored = stored.map_err(|source| {
@@ -357,14 +357,14 @@ impl Walker<'_> {
                     source,
                 })
             })?;
-            let node = file_node(stored, if *executable { 0o755 } else { 0o644 });
+            let node = file_node(stored, *executable);
             self.add(batch.at, name, node)?;
         }
         Ok(())
     }
 
     /// Hands files of `dir` to the blob batch, as the mode says.
-    fn put(&mut self, dir: &Dir, files: Vec<(OsString, fs::File)>) -> BatchPut {
+    fn put(&mut self, dir: &Dir, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let blobs = &mut self.blobs;
         self.runtime.block_on(async {
             match self.mode {
@@ -375,14 +375,21 @@ impl Walker<'_> {
     }
 
     /// Stores a root that is a single file.
-    fn store_one(&mut self, dir: &Dir, name: &OsStr, file: fs::File) -> io::Result<StoredBlob> {
+    fn store_one(
+        &mut self,
+        dir: &Dir,
+        name: &OsStr,
+        opened: RegularFile,
+    ) -> io::Result<StoredBlob> {
         let err = |source| {
             carry(IngestError::StoreFile {
                 path: self.origin.to_owned(),
                 source,
             })
         };
-        let stored = self.put(dir, vec![(name.to_owned(), file)]).map_err(err)?;
+        let stored = self
+            .put(dir, vec![(name.to_owned(), opened)])
+            .map_err(err)?;
         stored
             .into_iter()
             .next()
@@ -513,17 +520,15 @@ impl Walker<'_> {
     }
 }
 
-/// Opens the regular file `name` of `dir`; answers it with its mode.
-fn open_file(dir: &Dir, name: &OsStr) -> io::Result<(fs::File, u32)> {
-    let file = dir.open_file(name)?;
-    let mode = file.metadata()?.permissions().mode();
-    Ok((file, mode))
+/// Whether the owner may execute the file: what castore's executable bit keeps.
+fn is_executable(opened: &RegularFile) -> bool {
+    opened.stat.st_mode & 0o100 != 0
 }
 
-fn file_node(stored: StoredBlob, mode: u32) -> Node {
+fn file_node(stored: StoredBlob, executable: bool) -> Node {
     Node::File {
         digest: stored.digest,
         size: stored.size,
-        executable: mode & 0o100 != 0,
+        executable,
     }
 }

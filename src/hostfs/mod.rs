@@ -22,8 +22,10 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, CWD};
+use rustix::process::Uid;
 
 pub mod remove;
 pub mod walk;
@@ -166,6 +168,12 @@ impl Dir {
     /// there is refused without being opened for I/O (`O_PATH` first, so a
     /// fifo cannot block and a device is never opened).
     pub fn open_file(&self, name: &OsStr) -> io::Result<File> {
+        Ok(self.open_regular(name)?.file)
+    }
+
+    /// [`Dir::open_file`], answering the file's `stat` too (taken through
+    /// the `O_PATH` handle, of the very inode opened).
+    pub fn open_regular(&self, name: &OsStr) -> io::Result<RegularFile> {
         let name = component(name)?;
         let path_fd = rustix::fs::openat(
             &self.fd,
@@ -173,21 +181,15 @@ impl Dir {
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        let st = rustix::fs::fstat(&path_fd)?;
-        if Kind::of_stat(&st) != Kind::File {
+        let stat = rustix::fs::fstat(&path_fd)?;
+        if Kind::of_stat(&stat) != Kind::File {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{name:?} is not a regular file"),
             ));
         }
-        // Reopen the very inode the O_PATH handle names, for reading.
-        let fd = rustix::fs::openat(
-            CWD,
-            format!("/proc/self/fd/{}", fd_number(&path_fd)),
-            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )?;
-        Ok(File::from(fd))
+        let file = File::from(reopen_for_reading(&path_fd, &stat)?);
+        Ok(RegularFile { file, stat })
     }
 
     /// Creates the directory `name` with `mode` (the umask applies).
@@ -346,6 +348,49 @@ impl AsFd for Dir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// A regular file opened for reading beneath a [`Dir`].
+#[derive(Debug)]
+pub struct RegularFile {
+    /// The file, opened read-only.
+    pub file: File,
+    /// Its `stat` when it was opened: its size bounds what is read of it.
+    pub stat: Stat,
+}
+
+/// Reopens the inode an `O_PATH` handle names, for reading, through its
+/// magic link in `/proc/self/fd` (the only way to upgrade such a handle).
+/// That directory is opened once per process (it names this process's
+/// descriptors, which all its threads share): resolving `/proc/self/fd/N`
+/// from the root costs more than the open itself, on every file of a tree.
+/// Without the access time (nothing reads it, and updating it dirties the
+/// inode) when the kernel allows.
+fn reopen_for_reading(path_fd: &OwnedFd, stat: &Stat) -> io::Result<OwnedFd> {
+    /// `/proc/self/fd`, and the effective user the process had then.
+    static PROC_FDS: OnceLock<(OwnedFd, Uid)> = OnceLock::new();
+    let (fds, euid) = match PROC_FDS.get() {
+        Some(opened) => opened,
+        None => {
+            let fds = rustix::fs::open("/proc/self/fd", dir_flags(), Mode::empty())?;
+            PROC_FDS.get_or_init(|| (fds, rustix::process::geteuid()))
+        }
+    };
+    let name = fd_number(path_fd).to_string();
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY;
+    // O_NOATIME needs the file's owner or CAP_FOWNER (root, as kiln runs).
+    if euid.is_root() || stat.st_uid == euid.as_raw() {
+        match rustix::fs::openat(fds, name.as_str(), flags | OFlags::NOATIME, Mode::empty()) {
+            Err(rustix::io::Errno::PERM) => {}
+            opened => return Ok(opened?),
+        }
+    }
+    Ok(rustix::fs::openat(
+        fds,
+        name.as_str(),
+        flags,
+        Mode::empty(),
+    )?)
 }
 
 fn fd_number(fd: &OwnedFd) -> i32 {

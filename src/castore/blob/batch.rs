@@ -18,13 +18,12 @@
 //! ([`super::embedded`]).
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::Path;
 
 use futures::StreamExt;
 
 use super::{BlobError, BlobService, StoredBlob};
-use crate::hostfs::Dir;
+use crate::hostfs::{Dir, RegularFile};
 
 /// How many files [`OneByOne`] stores at once.
 const PARALLEL_FILES: usize = 8;
@@ -39,11 +38,11 @@ pub type BatchPut = Result<Vec<Result<StoredBlob, BlobError>>, BlobError>;
 pub trait BlobBatch: Send {
     /// Stores the opened files, leaving them where they are (each named by
     /// its name in messages).
-    async fn put_opened(&mut self, files: Vec<(OsString, File)>) -> BatchPut;
+    async fn put_opened(&mut self, files: Vec<(OsString, RegularFile)>) -> BatchPut;
 
     /// Stores the regular files `files` of `parent` (each opened beneath it)
     /// and takes them out of the tree, like [`BlobService::put_taken`].
-    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, File)>) -> BatchPut;
+    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, RegularFile)>) -> BatchPut;
 
     /// Makes every blob put through the batch durable; only then `Ok`.
     async fn commit(&mut self) -> Result<(), BlobError>;
@@ -54,21 +53,25 @@ pub struct OneByOne<'a, S: ?Sized>(pub &'a S);
 
 #[async_trait::async_trait]
 impl<S: BlobService + ?Sized> BlobBatch for OneByOne<'_, S> {
-    async fn put_opened(&mut self, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_opened(&mut self, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let service = self.0;
-        Ok(futures::stream::iter(files)
-            .map(|(name, file)| async move { service.put_opened(file, Path::new(&name)).await })
-            .buffered(PARALLEL_FILES)
-            .collect()
-            .await)
+        Ok(
+            futures::stream::iter(files)
+                .map(|(name, opened)| async move {
+                    service.put_opened(opened.file, Path::new(&name)).await
+                })
+                .buffered(PARALLEL_FILES)
+                .collect()
+                .await,
+        )
     }
 
-    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let service = self.0;
         Ok(futures::stream::iter(files)
-            .map(|(name, file)| async move {
+            .map(|(name, opened)| async move {
                 service
-                    .put_taken(parent, &name, file, Path::new(&name))
+                    .put_taken(parent, &name, opened.file, Path::new(&name))
                     .await
             })
             .buffered(PARALLEL_FILES)

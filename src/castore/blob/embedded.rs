@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use super::counts::BlobCounts;
 use super::{BlobBatch, BlobError, BlobReader, BlobService, BlobStats, StoredBlob, CHUNK_SIZE};
 use crate::castore::digest::B3Digest;
-use crate::hostfs::Dir;
+use crate::hostfs::{Dir, RegularFile};
 
 mod batch;
 pub(crate) mod durable;
@@ -237,8 +237,13 @@ impl EmbeddedBlobService {
         file: fs::File,
         origin: &Path,
     ) -> Result<StoredBlob, BlobError> {
+        let stat = rustix::fs::fstat(&file).map_err(|e| BlobError::HashFile {
+            path: origin.to_owned(),
+            source: e.into(),
+        })?;
+        let opened = RegularFile { file, stat };
         let mut pending = Pending::new();
-        let stored = pending.put_one(self, parent, name.to_owned(), file, origin)?;
+        let stored = pending.put_one(self, parent, name.to_owned(), opened, origin)?;
         pending.commit(self)?;
         Ok(stored)
     }

@@ -36,7 +36,7 @@ use tokio::io::AsyncRead;
 use super::blob::{BatchPut, BlobBatch, BlobError, BlobReader, BlobService, StoredBlob};
 use super::directory_service::{DirectoryError, DirectoryService};
 use super::{B3Digest, Directory, Store};
-use crate::hostfs::Dir;
+use crate::hostfs::{Dir, RegularFile};
 use crate::tenant::{Identity, Tenant};
 
 pub mod grants;
@@ -229,12 +229,12 @@ impl ScopedBatch<'_> {
 
 #[async_trait::async_trait]
 impl BlobBatch for ScopedBatch<'_> {
-    async fn put_opened(&mut self, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_opened(&mut self, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let put = self.inner.put_opened(files).await;
         self.note(put)
     }
 
-    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let put = self.inner.put_taken(parent, files).await;
         self.note(put)
     }

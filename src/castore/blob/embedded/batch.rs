@@ -38,7 +38,7 @@ use crate::castore::blob::{
     hash_opened_blocking, hash_opened_sized, BatchPut, BlobBatch, BlobError, StoredBlob,
 };
 use crate::castore::digest::B3Digest;
-use crate::hostfs::Dir;
+use crate::hostfs::{Dir, RegularFile};
 
 /// Bytes staged at most before a flush: bounds the dirty data one flush
 /// writes (a larger single file is flushed alone).
@@ -101,12 +101,12 @@ impl EmbeddedBatch {
 
 #[async_trait::async_trait]
 impl BlobBatch for EmbeddedBatch {
-    async fn put_opened(&mut self, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_opened(&mut self, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         self.run(move |pending, store| pending.put(store, None, files))
             .await
     }
 
-    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, File)>) -> BatchPut {
+    async fn put_taken(&mut self, parent: &Dir, files: Vec<(OsString, RegularFile)>) -> BatchPut {
         let parent = Arc::new(parent.try_clone().map_err(BlobError::Write)?);
         self.run(move |pending, store| pending.put(store, Some(parent), files))
             .await
@@ -177,13 +177,13 @@ impl Pending {
         &mut self,
         store: &EmbeddedBlobService,
         parent: Option<Arc<Dir>>,
-        files: Vec<(OsString, File)>,
+        files: Vec<(OsString, RegularFile)>,
     ) -> BatchPut {
         let outcomes: Vec<_> = files
             .into_par_iter()
-            .map(|(name, file)| {
+            .map(|(name, opened)| {
                 let origin = Path::new(&name).to_owned();
-                store.stage(parent.as_ref(), name, file, &origin)
+                store.stage(parent.as_ref(), name, opened, &origin)
             })
             .collect();
         let answers = outcomes
@@ -202,10 +202,10 @@ impl Pending {
         store: &EmbeddedBlobService,
         parent: Option<Arc<Dir>>,
         name: OsString,
-        file: File,
+        opened: RegularFile,
         origin: &Path,
     ) -> Result<StoredBlob, BlobError> {
-        let outcome = store.stage(parent.as_ref(), name, file, origin)?;
+        let outcome = store.stage(parent.as_ref(), name, opened, origin)?;
         self.keep(outcome)
     }
 
@@ -334,13 +334,10 @@ impl EmbeddedBlobService {
         &self,
         parent: Option<&Arc<Dir>>,
         name: OsString,
-        file: File,
+        opened: RegularFile,
         origin: &Path,
     ) -> Result<(StoredBlob, Outcome), BlobError> {
-        let st = rustix::fs::fstat(&file).map_err(|e| BlobError::HashFile {
-            path: origin.to_owned(),
-            source: e.into(),
-        })?;
+        let RegularFile { file, stat: st } = opened;
         let len = u64::try_from(st.st_size).unwrap_or(0);
         let hashed = hash_opened_sized(&file, len, origin)?;
         let digest = hashed.digest;

@@ -17,7 +17,7 @@ use super::durable::FSYNC_EACH_MAX;
 use super::EmbeddedBlobService;
 use crate::castore::blob::{BlobError, BlobService};
 use crate::castore::digest::B3Digest;
-use crate::hostfs::Dir;
+use crate::hostfs::{Dir, RegularFile};
 
 /// A store under `dir/store` whose flushes `recorder` sees (opened once
 /// without it first, so the shard directories exist and opening flushes
@@ -43,12 +43,12 @@ fn tree(dir: &Path, count: usize) -> (PathBuf, Vec<Vec<u8>>) {
     (root, contents)
 }
 
-fn opened(root: &Path, count: usize) -> (Arc<Dir>, Vec<(OsString, fs::File)>) {
+fn opened(root: &Path, count: usize) -> (Arc<Dir>, Vec<(OsString, RegularFile)>) {
     let dir = Dir::open(root).unwrap();
     let files = (0..count)
         .map(|i| {
             let name = OsString::from(format!("f{i:03}"));
-            let file = dir.open_file(&name).unwrap();
+            let file = dir.open_regular(&name).unwrap();
             (name, file)
         })
         .collect();
@@ -295,10 +295,10 @@ async fn put_opened_and_put_taken_flush_before_answering() {
     let (_, copied) = files.pop().unwrap();
     let origin = Path::new("origin");
 
-    let stored = store.put_opened(copied, origin).await.unwrap();
+    let stored = store.put_opened(copied.file, origin).await.unwrap();
     assert_eq!(stored.digest, B3Digest::of(&contents[0]));
     let stored = store
-        .put_taken(&parent, &taken_name, taken, origin)
+        .put_taken(&parent, &taken_name, taken.file, origin)
         .await
         .unwrap();
     assert_eq!(stored.digest, B3Digest::of(&contents[1]));
@@ -360,13 +360,13 @@ async fn counts_each_distinct_blob_once_by_put_and_by_batch() {
     // A batch of host files: new ones counted, known ones not.
     let files = tmp.path().join("files");
     fs::create_dir(&files).expect("mkdir");
+    let dir = Dir::open(&files).expect("open the directory");
     let mut opened = Vec::new();
     for (name, bytes) in [("a", &b"before"[..]), ("b", b"fresh!!"), ("c", b"fresh!!")] {
         fs::write(files.join(name), bytes).expect("write");
-        opened.push((
-            OsString::from(name),
-            fs::File::open(files.join(name)).expect("open"),
-        ));
+        let name = OsString::from(name);
+        let file = dir.open_regular(&name).expect("open");
+        opened.push((name, file));
     }
     let mut batch = store.batch();
     batch.put_opened(opened).await.expect("batch");
