@@ -320,6 +320,31 @@ async fn a_precondition_is_typed_on_the_wire() {
 }
 
 #[tokio::test]
+async fn the_report_ends_the_vm_without_waiting_for_its_power_off() {
+    // The guest reports and then never powers off: the build is over at
+    // the report (its last frame), so the VM is killed and the build
+    // succeeds instead of waiting on the guest.
+    let Some(rig) = rig(|g| {
+        std::fs::write(g.scratch.join(OUT), b"done\n").expect("write");
+        Ending::ReportAndStay {
+            stdout: b"reported\n".to_vec(),
+            outcome: Outcome::Exited { code: 0 },
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let outcome = build(&rig, request(vec![])).await.expect("build succeeds");
+    assert_eq!(outcome.report.outcome, Outcome::Exited { code: 0 });
+    assert_eq!(outcome.outputs.len(), 1);
+    let left: Vec<_> = std::fs::read_dir(rig.executor.runs_dir())
+        .expect("runs dir")
+        .collect();
+    assert!(left.is_empty(), "build directory left behind: {left:?}");
+}
+
+#[tokio::test]
 async fn a_silent_builder_is_stopped_after_the_clients_silence_limit() {
     let Some(rig) = rig(|_| Ending::Hang {
         stdout: b"going quiet\n".to_vec(),

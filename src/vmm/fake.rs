@@ -46,6 +46,14 @@ pub enum Ending {
         /// Builder output before the crash.
         stdout: Vec<u8>,
     },
+    /// Writes `stdout`, reports `outcome`, then never powers off: runs
+    /// until it is killed.
+    ReportAndStay {
+        /// Builder output.
+        stdout: Vec<u8>,
+        /// The agent's outcome.
+        outcome: Outcome,
+    },
     /// Writes `stdout`, then runs until it is killed.
     Hang {
         /// Builder output.
@@ -182,9 +190,10 @@ impl VmRunner for FakeRunner {
                 },
             };
             contract::encode_frame(FrameKind::BuilderStarted, b"", &mut out);
-            let (stdout, report) = match ending {
-                Ending::Report { stdout, outcome } => (stdout, Some(outcome)),
-                Ending::Crash { stdout } => (stdout, None),
+            let (stdout, report, stay) = match ending {
+                Ending::Report { stdout, outcome } => (stdout, Some(outcome), false),
+                Ending::ReportAndStay { stdout, outcome } => (stdout, Some(outcome), true),
+                Ending::Crash { stdout } => (stdout, None, false),
                 Ending::Hang { stdout } => {
                     contract::encode_chunks(FrameKind::Stdout, &stdout, &mut out);
                     let _ = vm_side.write_all(&out).await;
@@ -209,6 +218,9 @@ impl VmRunner for FakeRunner {
                 // The agent powers off once its report is acknowledged.
                 let mut ack = [0u8; 1];
                 let _ = vm_side.read_exact(&mut ack).await;
+            }
+            if stay {
+                return std::future::pending().await;
             }
             let exit = if crashed {
                 VmExit::Exited {
