@@ -166,9 +166,7 @@ pub async fn supervise(
                 match kind {
                     FrameKind::Stdout => log.log(Stream::Stdout, &payload),
                     FrameKind::Stderr => log.log(Stream::Stderr, &payload),
-                    FrameKind::Report => {
-                        report = serde_json::from_slice(&payload).ok().or(report.take())
-                    }
+                    FrameKind::Report => report = serde_json::from_slice(&payload).ok(),
                     _ => {}
                 }
             }

@@ -177,8 +177,9 @@ fn child_exec(exec: &Exec<'_>, out: &OwnedFd, err: &OwnedFd, status: &OwnedFd) -
         Err(e) => e as i32,
         Ok(never) => match never {},
     };
-    let mut msg = vec![stage];
-    msg.extend_from_slice(&errno.to_le_bytes());
+    // On the stack: the child allocates nothing in the memory it shares.
+    let mut msg = [stage, 0, 0, 0, 0];
+    msg[1..].copy_from_slice(&errno.to_le_bytes());
     let _ = nix::unistd::write(status, &msg);
     // SAFETY: _exit ends the child without running the agent's atexit
     // handlers or flushing its stdio buffers, which it shares.
