@@ -14,15 +14,22 @@ DEBIAN_PACKAGES := qemu-system-x86 protobuf-compiler libseccomp-dev libcap-ng-de
 # systemd-analyze, for the suite's check of contrib/kiln.service (a fresh
 # Debian container has no systemd).
 DEBIAN_PACKAGES += systemd
+# Several hosts (README "Running several hosts"; tests/multihost.rs):
+# PostgreSQL for the shared metadata, HAProxy in front of the hosts.
+DEBIAN_PACKAGES += postgresql-15 haproxy
 VIRTIOFSD_VERSION := 1.14.0
+# Garage, the distributed S3 store the multi-host tests run on: built once
+# from the crate registry into the cache (no Debian package exists).
+GARAGE_VERSION := 2.5.0
+GARAGE := $(CACHE_DIR)/tools/garage-$(GARAGE_VERSION)/bin/garage
 
-.PHONY: run test deps apt python build kernel agent virtiofsd bench clean-cache
+.PHONY: run test deps apt python build kernel agent virtiofsd garage bench clean-cache
 
 run: deps build
 	./target/release/kiln serve --listen 127.0.0.1:8000 --data-dir $${KILN_DATA_DIR:-/var/lib/kiln}
 
-test: deps build
-	KILN_REQUIRE_VM_TESTS=1 $(CARGO) test --release --workspace -- --test-threads=2
+test: deps garage build
+	KILN_GARAGE=$(GARAGE) KILN_REQUIRE_VM_TESTS=1 $(CARGO) test --release --workspace -- --test-threads=2
 
 deps: apt python virtiofsd kernel
 
@@ -44,6 +51,15 @@ python:
 virtiofsd:
 	@if ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x $$HOME/.cargo/bin/virtiofsd ]; then \
 	  $(CARGO) install virtiofsd --version $(VIRTIOFSD_VERSION) --locked; \
+	fi
+
+# Only the LMDB metadata engine, with its C libraries built from source: no
+# -dev packages needed.
+garage:
+	@if [ ! -x $(GARAGE) ]; then \
+	  $(CARGO) install garage --version $(GARAGE_VERSION) --locked --no-default-features --features bundled-libs,lmdb \
+	    --root $(CACHE_DIR)/tools/garage-$(GARAGE_VERSION) --target-dir $(CACHE_DIR)/tools/garage-build \
+	  && rm -rf $(CACHE_DIR)/tools/garage-build; \
 	fi
 
 kernel:

@@ -18,6 +18,8 @@
 //! - [`nix`]: Nix derivations, NAR hashing (`kiln build --drv`).
 //! - [`metrics`]: Prometheus metrics of builds, VMs and the castore
 //!   (`kiln serve --metrics-listen`).
+//! - [`db`]: PostgreSQL, when several hosts share one store
+//!   (`--database`).
 //! - [`tenant`]: who a build, a log or stored data belongs to.
 //! - [`cli`]: the `kiln` subcommands other than `serve`.
 //! - [`auth`], [`tls`], [`client`]: who may call the server (TLS, client
@@ -39,6 +41,7 @@ pub mod auth;
 pub mod castore;
 pub mod cli;
 pub mod client;
+pub mod db;
 pub mod executor;
 pub mod grpc;
 pub mod guest_image;

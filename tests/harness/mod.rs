@@ -10,6 +10,7 @@
 //! - [`events`]: following a build's events.
 //! - [`procs`]: what a server left behind (directories, processes).
 //! - [`sshd`]: a real OpenSSH server on loopback for `ssh-ng://` tests.
+//! - [`postgres`]: a real PostgreSQL server on loopback (`--database`).
 
 // Each test file uses part of the harness.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
@@ -19,6 +20,7 @@ pub mod fixtures;
 pub mod gate;
 pub mod guest;
 pub mod netns;
+pub mod postgres;
 pub mod procs;
 pub mod serve;
 pub mod server;
