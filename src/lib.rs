@@ -20,6 +20,8 @@
 //!   (`kiln serve --metrics-listen`).
 //! - [`db`]: PostgreSQL, when several hosts share one store
 //!   (`--database`).
+//! - [`records`]: build records and hosts shared through the database, so
+//!   any host answers for a build another runs.
 //! - [`tenant`]: who a build, a log or stored data belongs to.
 //! - [`cli`]: the `kiln` subcommands other than `serve`.
 //! - [`auth`], [`tls`], [`client`]: who may call the server (TLS, client
@@ -49,6 +51,7 @@ pub mod hostfs;
 pub mod metrics;
 pub mod nix;
 pub mod proto;
+pub mod records;
 pub mod server;
 pub mod tenant;
 pub mod tls;

@@ -192,6 +192,17 @@ struct ServeArgs {
     /// grpc+unix:/PATH for another kiln's.
     #[arg(long, default_value = "")]
     path_info: String,
+    /// PostgreSQL shared by several kiln hosts
+    /// (postgres://USER[:PASSWORD]@HOST:PORT/DB; README "Running several
+    /// hosts"): build records and logs, so any host answers Watch and Logs
+    /// for a build another runs, and the hosts' heartbeats. Empty: this
+    /// host's records stay in its memory.
+    #[arg(long, env = "KILN_DATABASE", default_value = "")]
+    database: String,
+    /// This host's name among those sharing --database; empty: its
+    /// hostname and --listen address.
+    #[arg(long, env = "KILN_HOST_ID", default_value = "")]
+    host_id: String,
     #[command(flatten)]
     vm: VmArgs,
     /// Concurrent VMs.
@@ -506,6 +517,9 @@ const CALLS_GRACE: Duration = Duration::from_secs(3);
 const BUILD_CLEANUP_GRACE: Duration = Duration::from_secs(20);
 /// How long exiting waits for blocking work (hashing, copying) to return.
 const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
+/// How long `kiln serve` waits for --database to accept a connection at
+/// start (a database starting alongside kiln), before it gives up.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = match kiln::cli::serve_config::parse::<Cli>(std::env::args_os()) {
@@ -793,6 +807,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening the result cache {}", path.display()))?;
         executor.set_result_cache(cache);
     }
+    let listen = match &args.listen {
+        Listen::Tcp(addr) => addr.to_string(),
+        Listen::Unix(path) => path.display().to_string(),
+    };
+    let host_id = match args.host_id.as_str() {
+        "" => format!(
+            "{}/{listen}",
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        ),
+        id => id.to_owned(),
+    };
+    let health = kiln::server::health::HostHealth::named(&host_id);
+    let records = match args.database.as_str() {
+        "" => None,
+        address => {
+            let db = kiln::db::Database::connect(address, DATABASE_WAIT)
+                .await
+                .with_context(|| format!("opening the database {}", kiln::db::redact(address)))?;
+            let records = kiln::records::Records::start(db, &host_id, &listen)
+                .await
+                .context("registering this host in the shared build records")?;
+            tracing::info!(host = %host_id, database = %records.database().name(), "sharing build records");
+            executor.set_records(records.clone());
+            let (records, mut state) = (records.clone(), health.subscribe());
+            tokio::spawn(async move {
+                loop {
+                    records.set_state(*state.borrow_and_update());
+                    if state.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+            executor.records().cloned()
+        }
+    };
     let metrics = match args.metrics_listen {
         Some(addr) => Some((
             kiln::metrics::http::bind(addr).await?,
@@ -806,8 +858,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     let cut = tokio_util::sync::CancellationToken::new();
     let executor = std::sync::Arc::new(executor);
+    tokio::spawn(health.clone().follow(std::sync::Arc::downgrade(&executor)));
     tokio::spawn(shut_down_on_signal(
         signals,
+        health.clone(),
         executor.clone(),
         Duration::from_secs(args.shutdown_grace_secs),
         stop.clone(),
@@ -826,6 +880,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let sources = kiln::metrics::gauges::Sources {
             executor: std::sync::Arc::downgrade(&executor),
             store: store.clone(),
+            health: Some(health.clone()),
         };
         // Metrics stay up while running builds drain at shutdown.
         tokio::spawn(kiln::metrics::http::serve(
@@ -844,6 +899,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         executor,
         path_info: Some(path_info),
+        health: Some(health.clone()),
     };
     if let Some(socket) = &args.nix_daemon_socket {
         // The Nix front is a client of kiln's own services, reached on a
@@ -893,6 +949,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     pool_owner.stop_pool();
     drop(pool_owner);
     builds_cleaned_up(&runs_dir).await;
+    health.stopped();
+    if let Some(records) = records {
+        records.stopped().await;
+    }
     Ok(())
 }
 
@@ -903,6 +963,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// before the connections are closed.
 async fn shut_down_on_signal(
     mut signals: StopSignals,
+    health: kiln::server::health::HostHealth,
     executor: std::sync::Arc<kiln::executor::Executor>,
     grace: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -916,6 +977,7 @@ async fn shut_down_on_signal(
         grace_secs = grace.as_secs(),
         "shutting down: no new builds; running builds may finish within the grace"
     );
+    health.drain();
     executor.drain();
     stop.cancel();
     let deadline = tokio::time::Instant::now() + grace;

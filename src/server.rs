@@ -26,6 +26,7 @@ use crate::nix::path_info::PathInfoService;
 use crate::proto::{self, kiln_v1, snix_build, tvix_build};
 
 mod cut;
+pub mod health;
 mod hpack;
 mod unix_authority;
 
@@ -206,6 +207,7 @@ pub async fn serve_until(
         store,
         executor,
         path_info: None,
+        health: None,
     };
     serve_services(listener, services, security, shutdown, cut).await
 }
@@ -220,6 +222,9 @@ pub struct Services {
     /// The path-info store, served as `snix.store.v1.PathInfoService` when
     /// given.
     pub path_info: Option<Arc<dyn PathInfoService>>,
+    /// What the host says about itself: the build services are
+    /// NOT_SERVING in `grpc.health.v1` while it is full or draining.
+    pub health: Option<health::HostHealth>,
 }
 
 /// Like [`serve_until`], with every service in `services`.
@@ -234,6 +239,7 @@ pub async fn serve_services(
         store,
         executor,
         path_info,
+        health: host_health,
     } = services;
     // The castore and the path infos are scoped like the builds: a caller
     // sees what its tenant's builds may use.
@@ -257,6 +263,17 @@ pub async fn serve_services(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    for service in BUILD_SERVICES {
+        health_reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let host_id = host_health
+        .as_ref()
+        .and_then(|h| h.host_id().map(str::to_owned));
+    if let Some(host_health) = host_health {
+        tokio::spawn(report_build_health(host_health, health_reporter.clone()));
+    }
 
     let mut server = Server::builder();
     let plaintext = security.tls().is_none();
@@ -264,8 +281,21 @@ pub async fn serve_services(
         server = server.tls_config(tls.clone()).map_err(ServeError::Tls)?;
     }
     tracing::info!(security = %security.describe(), "access control");
+    let host_header = host_id
+        .as_deref()
+        .and_then(|id| hyper::header::HeaderValue::from_str(id).ok());
     let router = server
         .layer(security.layer())
+        .layer(tower::util::MapResponseLayer::new(
+            move |mut response: hyper::Response<_>| {
+                if let Some(v) = &host_header {
+                    response
+                        .headers_mut()
+                        .insert(health::HOST_HEADER, v.clone());
+                }
+                response
+            },
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(castore.tvix_blobs)
@@ -327,6 +357,35 @@ pub async fn serve_services(
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
                 .map_err(ServeError::Transport)
+        }
+    }
+}
+
+/// The services that start builds, by their `grpc.health.v1` names.
+pub const BUILD_SERVICES: [&str; 3] = [
+    "tvix.build.v1.BuildService",
+    "snix.build.v1.BuildService",
+    "kiln.v1.BuildEvents",
+];
+
+/// Keeps the build services' health at the host's state: NOT_SERVING while
+/// it is full or draining.
+async fn report_build_health(
+    host: health::HostHealth,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    let mut state = host.subscribe();
+    loop {
+        let status = if state.borrow_and_update().takes_builds() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for service in BUILD_SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
+        if state.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -132,9 +132,27 @@ pub trait BuildObserver: Send {
     fn report(&mut self, report: &Report, at: Instant);
 }
 
-/// Makes the [`BuildObserver`] of each new build from its request.
+/// Makes the [`BuildObserver`] of each new build from its id, request and
+/// tenant.
 pub type ObserverFactory =
-    Arc<dyn Fn(&BuildRequest, &Tenant) -> Box<dyn BuildObserver> + Send + Sync>;
+    Arc<dyn Fn(&str, &BuildRequest, &Tenant) -> Box<dyn BuildObserver> + Send + Sync>;
+
+/// Several observers following one build, each seeing every event in order.
+pub struct Observers(pub Vec<Box<dyn BuildObserver>>);
+
+impl BuildObserver for Observers {
+    fn event(&mut self, event: &Event, at: Instant) {
+        for o in &mut self.0 {
+            o.event(event, at);
+        }
+    }
+
+    fn report(&mut self, report: &Report, at: Instant) {
+        for o in &mut self.0 {
+            o.report(report, at);
+        }
+    }
+}
 
 struct State {
     /// The phase the build is in (none before it is queued).

@@ -32,8 +32,8 @@ use crate::executor::admission::{Admission, Ticket};
 use crate::executor::collect;
 use crate::executor::error::BuildError;
 use crate::executor::events::{
-    BuildLog, BuildSummary, CacheHit, Event, ObserverFactory, Phase, Registry, StopReason,
-    VmStarted,
+    BuildLog, BuildObserver, BuildSummary, CacheHit, Event, ObserverFactory, Observers, Phase,
+    Registry, StopReason, VmStarted,
 };
 use crate::executor::inputs::{self, InputTree};
 use crate::executor::paths::RelPath;
@@ -104,7 +104,8 @@ pub struct Executor {
     draining: AtomicBool,
     /// `config.limits.ro_path_allowlist` as it is now (replaced on reload).
     ro_path_allowlist: std::sync::RwLock<Vec<std::path::PathBuf>>,
-    observer: Option<ObserverFactory>,
+    observers: Vec<ObserverFactory>,
+    records: Option<Arc<crate::records::Records>>,
     /// Which part of the store each build's tenant sees (its inputs must
     /// be there; its outputs are granted to it).
     scoping: Scoping,
@@ -153,7 +154,8 @@ impl Executor {
             runner,
             pool,
             draining: AtomicBool::new(false),
-            observer: None,
+            observers: Vec::new(),
+            records: None,
             scoping: Scoping::none(),
             result_cache: None,
             ro_path_allowlist: std::sync::RwLock::new(config_allowlist),
@@ -220,10 +222,22 @@ impl Executor {
             .count()
     }
 
-    /// Has every build from now on followed by the observer `factory`
-    /// makes (the server's metrics).
-    pub fn set_observer(&mut self, factory: ObserverFactory) {
-        self.observer = Some(factory);
+    /// Has every build from now on followed also by the observer
+    /// `factory` makes (the server's metrics, the shared build records).
+    pub fn add_observer(&mut self, factory: ObserverFactory) {
+        self.observers.push(factory);
+    }
+
+    /// Records every build from now on in the records several hosts
+    /// share, and answers for builds of other hosts from them.
+    pub fn set_records(&mut self, records: Arc<crate::records::Records>) {
+        self.add_observer(records.observer());
+        self.records = Some(records);
+    }
+
+    /// The shared build records, when the server has them (`--database`).
+    pub fn records(&self) -> Option<&Arc<crate::records::Records>> {
+        self.records.as_ref()
     }
 
     /// Scopes every build from now on to its tenant's view of the store
@@ -335,7 +349,16 @@ impl Executor {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let cancel = CancellationToken::new();
         let tenant = who.tenant.clone();
-        let observer = self.observer.as_ref().map(|make| make(&req, &tenant));
+        let mut observers: Vec<_> = self
+            .observers
+            .iter()
+            .map(|make| make(&id, &req, &tenant))
+            .collect();
+        let observer = match observers.len() {
+            0 => None,
+            1 => observers.pop(),
+            _ => Some(Box::new(Observers(observers)) as Box<dyn BuildObserver>),
+        };
         let log =
             self.registry
                 .create_observed(id.clone(), tenant.clone(), cancel.clone(), observer);

@@ -94,11 +94,12 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::LogsStream>, Status> {
         let who = Identity::of(request.extensions());
         let LogsRequest { build_id, follow } = request.into_inner();
-        let log = self
-            .executor
-            .registry()
-            .get_for(&build_id, &who)
-            .ok_or_else(|| unknown(&build_id))?;
-        Ok(Response::new(stream_log(log, (), follow)))
+        if let Some(log) = self.executor.registry().get_for(&build_id, &who) {
+            return Ok(Response::new(stream_log(log, (), follow)));
+        }
+        match crate::grpc::events::recorded(&self.executor, &build_id, &who).await? {
+            Some((records, build)) => Ok(Response::new(records.follow(build, follow))),
+            None => Err(unknown(&build_id)),
+        }
     }
 }

@@ -19,6 +19,8 @@ use crate::grpc::{answer, request, status};
 use crate::proto::kiln_v1::build_event::Event as WireEvent;
 use crate::proto::kiln_v1::build_events_server::BuildEvents;
 use crate::proto::kiln_v1::{self, BuildEvent, SubmitRequest, WatchRequest};
+use crate::records::follow::RecordedBuild;
+use crate::records::Records;
 use crate::tenant::Identity;
 
 /// A build event as `kiln.v1.BuildEvent`.
@@ -59,7 +61,8 @@ pub fn wire(build_id: &str, event: &Event) -> BuildEvent {
     }
 }
 
-pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<BuildEvent, Status>> + Send>>;
+/// A stream of build events, as `Watch`, `Submit` and `Logs` answer.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<BuildEvent, Status>> + Send>>;
 
 /// Streams a build's history, then its live events, until its final event.
 /// `guard` lives as long as the stream (a `Submit` cancels its build when
@@ -143,13 +146,32 @@ impl BuildEvents for BuildService {
         let who = Identity::of(request.extensions());
         let id = request.into_inner().build_id;
         // Another tenant's build answers exactly like an unknown id.
-        let log = self
-            .executor()
-            .registry()
-            .get_for(&id, &who)
-            .ok_or_else(|| {
-                Status::not_found(format!("build_id: no build {id:?} is known to this server"))
-            })?;
-        Ok(Response::new(follow(log, ())))
+        if let Some(log) = self.executor().registry().get_for(&id, &who) {
+            return Ok(Response::new(follow(log, ())));
+        }
+        match recorded(self.executor(), &id, &who).await? {
+            Some((records, build)) => Ok(Response::new(records.follow(build, true))),
+            None => Err(Status::not_found(format!(
+                "build_id: no build {id:?} is known to this server"
+            ))),
+        }
+    }
+}
+
+/// The shared record of a build this host does not have, when the server
+/// shares records with other hosts (`--database`) and `who` may see it.
+pub(crate) async fn recorded(
+    executor: &crate::executor::Executor,
+    id: &str,
+    who: &Identity,
+) -> Result<Option<(Arc<Records>, RecordedBuild)>, Status> {
+    let Some(records) = executor.records() else {
+        return Ok(None);
+    };
+    match records.find(id, who).await {
+        Ok(found) => Ok(found.map(|b| (records.clone(), b))),
+        Err(e) => Err(Status::unavailable(format!(
+            "build_id {id:?}: looking it up in the shared build records: {e}"
+        ))),
     }
 }

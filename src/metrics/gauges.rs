@@ -24,6 +24,8 @@ pub struct Sources {
     pub executor: Weak<Executor>,
     /// The castore.
     pub store: Store,
+    /// What the host says about itself, answered at `/healthz`.
+    pub health: Option<crate::server::health::HostHealth>,
 }
 
 /// Sets `gauge` (no tenant) to `value`, or leaves it out when unknown.

@@ -1,7 +1,9 @@
 //! The metrics listener: its own TCP socket (so it can stay on loopback
 //! while builds are served elsewhere), plain HTTP/1.1, `GET /metrics` (and
 //! `HEAD`) answered with the Prometheus text; another method on `/metrics`
-//! is 405, any other path 404.
+//! is 405; `GET /healthz` is the host's state for load balancers
+//! ([`crate::server::health`]: 200 `serving`, 503 otherwise); any other
+//! path 404.
 //!
 //! Bounded like any listener facing the network: at most
 //! [`MAX_CONNECTIONS`] at once (more are closed at once), request headers
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::gauges::{self, Sources};
 use crate::metrics::{Metrics, MetricsError, CONTENT_TYPE};
+use crate::server::health::HostState;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -97,6 +100,9 @@ async fn answer(
     metrics: &Metrics,
     sources: &Sources,
 ) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/healthz" {
+        return healthz(sources);
+    }
     if req.uri().path() != "/metrics" {
         return plain(
             StatusCode::NOT_FOUND,
@@ -128,6 +134,28 @@ async fn answer(
             )
         }
     }
+}
+
+/// The host's state for load balancers: 200 `serving`; 503 `full`,
+/// `draining` or `stopped`, so a balancer checking over HTTP sends new
+/// builds elsewhere.
+fn healthz(sources: &Sources) -> Response<Full<Bytes>> {
+    let Some(health) = &sources.health else {
+        return plain(StatusCode::NOT_FOUND, "this server reports no health\n");
+    };
+    let state = health.state();
+    let status = if state.takes_builds() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let text = match state {
+        HostState::Serving => "serving\n",
+        HostState::Full => "full\n",
+        HostState::Draining => "draining\n",
+        HostState::Stopped => "stopped\n",
+    };
+    plain(status, text)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {

@@ -242,10 +242,10 @@ impl Metrics {
         );
     }
 
-    /// Follows every build of an executor (`Executor::set_observer`).
+    /// Follows every build of an executor (`Executor::add_observer`).
     pub fn observer(self: &Arc<Self>) -> ObserverFactory {
         let metrics = self.clone();
-        Arc::new(move |req, tenant| {
+        Arc::new(move |_id, req, tenant| {
             Box::new(build::BuildTimer::new(
                 metrics.clone(),
                 BuildScope::of(req, tenant),
@@ -267,7 +267,7 @@ impl Metrics {
 /// [`http::serve`].
 pub fn follow(executor: &mut crate::executor::Executor) -> Arc<Metrics> {
     let metrics = Arc::new(Metrics::new());
-    executor.set_observer(metrics.observer());
+    executor.add_observer(metrics.observer());
     metrics
 }
 

@@ -239,6 +239,7 @@ async fn gauges_come_from_their_sources_and_unknown_ones_are_left_out() {
     let sources = Sources {
         executor: Weak::new(),
         store,
+        health: None,
     };
     let mut text = String::new();
     for _ in 0..200 {
@@ -287,6 +288,7 @@ async fn the_listener_serves_get_metrics_and_nothing_else() {
     let sources = Sources {
         executor: Weak::new(),
         store,
+        health: None,
     };
     let server = tokio::spawn(super::http::serve(
         listener,

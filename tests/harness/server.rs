@@ -152,6 +152,7 @@ async fn serve(opts: Options, runner: Arc<dyn VmRunner>, nested_virt: bool) -> T
         let sources = kiln::metrics::gauges::Sources {
             executor: weak.clone(),
             store: store.clone(),
+            health: None,
         };
         tokio::spawn(kiln::metrics::http::serve(
             listener,

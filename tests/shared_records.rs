@@ -1,0 +1,179 @@
+//! Build records shared through PostgreSQL (`kiln serve --database`): two
+//! real `kiln serve` hosts on one real PostgreSQL, real VMs. A build
+//! running on host A is watched through host B, live and to its end; host
+//! A killed mid-build ends its build, as seen through B, with UNAVAILABLE
+//! `host_lost`; `/healthz` and the response header name each host.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::postgres::{self, Postgres};
+use harness::serve::{running, Serve, LIMIT};
+use harness::LogBytes;
+use kiln::client::Follow;
+use kiln::records::hosts::{HEARTBEAT, HOST_LOST, LEASE};
+use tonic::Code;
+
+/// PostgreSQL and VMs both, or the reason this host cannot run them.
+fn can_run() -> bool {
+    harness::vm_tests_can_run() && harness::can_run(postgres::unavailable())
+}
+
+async fn host(pg: &Postgres, name: &str, metrics_port: u16) -> Serve {
+    Serve::start(&[
+        "--database",
+        &pg.url(),
+        "--host-id",
+        name,
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics_port}"),
+    ])
+    .await
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `GET /healthz` on a metrics port: status code and body.
+fn healthz(port: u16) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_on_one_host_is_watched_live_through_the_other() {
+    if !can_run() {
+        return;
+    }
+    let pg = Postgres::start().expect("PostgreSQL");
+    let (ma, mb) = (free_port(), free_port());
+    let a = host(&pg, "host-a", ma).await;
+    let b = host(&pg, "host-b", mb).await;
+    assert_eq!(healthz(ma), (200, "serving\n".to_owned()));
+
+    let build = running(
+        a.channel(None).await,
+        a.request("echo first; sleep 3; echo second; echo out > $out"),
+        b"first",
+    )
+    .await;
+    let id = build.build_id().to_owned();
+    // Watched through B while it runs on A: the whole log, then the end.
+    let watched = Follow::watch(b.channel(None).await, &id)
+        .await
+        .unwrap_or_else(|e| panic!("Watch through host B: {e}\n{}", b.log()));
+    let mut log = LogBytes::default();
+    let done = tokio::time::timeout(LIMIT, watched.to_end(&mut log))
+        .await
+        .expect("the watch ended")
+        .unwrap_or_else(|e| panic!("watching through B: {e}\nA:\n{}\nB:\n{}", a.log(), b.log()));
+    assert!(done.completed.snix.is_some(), "{done:?}");
+    let text = String::from_utf8_lossy(&log.0);
+    assert!(
+        text.contains("first") && text.contains("second"),
+        "the log through B: {text:?}"
+    );
+    // The build's own stream on A ends the same way.
+    let own = tokio::time::timeout(LIMIT, harness::events::to_end(build, &mut ()))
+        .await
+        .expect("A's stream ended")
+        .expect("A's build succeeded");
+    assert_eq!(own.build_id, id);
+
+    // Every answer names the host that gave it.
+    let answer = kiln::proto::snix_build::build_service_client::BuildServiceClient::new(
+        b.channel(None).await,
+    )
+    .do_build(b.request("echo b > $out"))
+    .await
+    .unwrap_or_else(|e| panic!("a build on B: {e}\n{}", b.log()));
+    assert_eq!(
+        answer
+            .metadata()
+            .get(kiln::server::health::HOST_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        Some("host-b")
+    );
+
+    // An unknown id is unknown on every host.
+    let unknown = Follow::watch(b.channel(None).await, "no-such-build")
+        .await
+        .err()
+        .map(|e| e.code());
+    assert_eq!(unknown, Some(Code::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_host_s_build_ends_as_host_lost_through_the_other() {
+    if !can_run() {
+        return;
+    }
+    let pg = Postgres::start().expect("PostgreSQL");
+    let (ma, mb) = (free_port(), free_port());
+    let a = host(&pg, "host-a", ma).await;
+    let b = host(&pg, "host-b", mb).await;
+    let build = running(
+        a.channel(None).await,
+        a.request("echo started; sleep 600"),
+        b"started",
+    )
+    .await;
+    let id = build.build_id().to_owned();
+    let watched = Follow::watch(b.channel(None).await, &id)
+        .await
+        .expect("Watch through host B");
+    a.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    let end = tokio::time::timeout(LIMIT, watched.to_end(&mut ()))
+        .await
+        .expect("the watch ended");
+    let e = end.expect_err("the build of a killed host cannot succeed");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    let failed = e.failed().expect("a Failed event").clone();
+    assert_eq!(failed.kind, HOST_LOST, "{failed:?}");
+    assert!(failed.message.contains("host-a"), "{failed:?}");
+    // Ended by B's reaper once A's lease ran out, not long after.
+    let took = killed.elapsed();
+    assert!(
+        took < LEASE + HEARTBEAT * 3 + Duration::from_secs(5),
+        "ended {took:?} after the kill"
+    );
+    // B goes on serving builds.
+    let done = tokio::time::timeout(
+        LIMIT,
+        kiln::client::submit_and_follow(
+            b.channel(None).await,
+            kiln::proto::kiln_v1::SubmitRequest {
+                request: Some(kiln::proto::kiln_v1::submit_request::Request::Snix(
+                    b.request("echo fine > $out"),
+                )),
+                ..Default::default()
+            },
+            &mut (),
+        ),
+    )
+    .await
+    .expect("B's build ended")
+    .unwrap_or_else(|e| panic!("host B after A died: {e}\n{}", b.log()));
+    assert!(done.completed.snix.is_some());
+    drop(a);
+}
