@@ -11,6 +11,7 @@
 //! - [`procs`]: what a server left behind (directories, processes).
 //! - [`sshd`]: a real OpenSSH server on loopback for `ssh-ng://` tests.
 //! - [`postgres`]: a real PostgreSQL server on loopback (`--database`).
+//! - [`haproxy`]: a real HAProxy balancing gRPC over kiln hosts.
 
 // Each test file uses part of the harness.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
@@ -19,6 +20,7 @@ pub mod events;
 pub mod fixtures;
 pub mod gate;
 pub mod guest;
+pub mod haproxy;
 pub mod netns;
 pub mod postgres;
 pub mod procs;
