@@ -30,6 +30,7 @@ use super::directory_service::DirectoryError;
 use super::errors::ValidationError;
 use super::scoped::Scoping;
 use super::Store;
+use crate::db::DbError;
 use crate::proto::{snix_castore, tvix_castore};
 use crate::tenant::Identity;
 
@@ -159,8 +160,11 @@ fn chain(error: &dyn Error) -> String {
 }
 
 fn blob_status(error: BlobError) -> Status {
-    match error {
+    match &error {
         BlobError::ReadSource(_) => Status::cancelled(chain(&error)),
+        BlobError::Grants(g) if g.database().is_some_and(DbError::is_unavailable) => {
+            Status::unavailable(chain(&error))
+        }
         _ => Status::internal(chain(&error)),
     }
 }
@@ -170,6 +174,10 @@ fn directory_status(error: DirectoryError) -> Status {
         DirectoryError::NotFound(_) => Status::not_found(error.to_string()),
         DirectoryError::UnknownChild { .. } | DirectoryError::EmptyBatch => {
             Status::invalid_argument(error.to_string())
+        }
+        // The chain names the database (its address without a password).
+        _ if error.database().is_some_and(DbError::is_unavailable) => {
+            Status::unavailable(chain(&error))
         }
         _ => Status::internal(chain(&error)),
     }

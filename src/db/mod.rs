@@ -89,12 +89,22 @@ impl DbError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable { .. } => true,
-            Self::Query { source, .. } | Self::Migration { source, .. } => {
-                source.is_closed() || source.code().is_none()
-            }
+            Self::Query { source, .. } | Self::Migration { source, .. } => lost(source),
             _ => false,
         }
     }
+}
+
+/// Whether `e` says the connection or the server went away, rather than
+/// that a statement was refused: the connection closed, no SQLSTATE (an
+/// I/O failure), class 08 (connection exception) or 57P (the server
+/// shutting down, crashed, or still starting).
+fn lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_none_or(|code| {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P")
+        })
 }
 
 /// A pool of connections to one PostgreSQL database. Cheap to clone.
@@ -128,11 +138,15 @@ impl Database {
         let mut config = config;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("kiln");
+        // Verified: a connection is checked with an empty query before it
+        // is handed out again, so one the server dropped while it sat idle
+        // (a restart) is replaced instead of failing the next call; the
+        // connection's own task may not have seen the server go yet.
         let manager = Manager::from_config(
             config,
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
@@ -190,7 +204,7 @@ impl Database {
         context: &'static str,
     ) -> impl Fn(tokio_postgres::Error) -> DbError + '_ {
         move |source| {
-            if source.is_closed() {
+            if lost(&source) {
                 DbError::Unavailable {
                     name: self.name.clone(),
                     message: format!("{context}: connection lost: {source}"),

@@ -10,21 +10,25 @@
 //! answers in), the client's limits (a build that succeeded within them
 //! did not need more), and the server's guest kernel and VMM (builds are
 //! meant to be reproducible; an operator who changes the guest and doubts
-//! it runs `kiln serve --no-result-cache` or removes `results.redb`).
+//! it runs `kiln serve --no-result-cache` or removes `results.redb`, or
+//! the `results` table's rows when the records are in the shared database).
 //!
 //! Only successes are recorded. A client asks to build anyway with the
 //! request header `x-kiln-result-cache: bypass` (`kiln build --rebuild`);
 //! a bypassed build that succeeds records its result over the old one.
 
+mod store;
+
 use std::path::Path;
-use std::sync::Arc;
 
 use futures::TryStreamExt;
 use kiln_guest::contract::Report;
-use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use self::store::Records;
+
 use crate::castore::{B3Digest, Node, Store, SymlinkTarget};
+use crate::db::{Database, DbError};
 use crate::executor::paths::RelPath;
 use crate::executor::request::BuildRequest;
 use crate::executor::BuiltOutput;
@@ -40,40 +44,50 @@ pub const BYPASS: &str = "bypass";
 /// Its value on a `DoBuild` answer the cache gave (the response header).
 pub const HIT: &str = "hit";
 
-/// Key (the request's BLAKE3) → the recorded result (JSON).
-const RESULTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("results");
-
 /// The cache could not be read or written.
 #[derive(Debug, thiserror::Error)]
-#[error("the result cache {what}")]
-pub struct CacheError {
-    what: &'static str,
-    #[source]
-    source: Box<dyn std::error::Error + Send + Sync>,
+pub enum CacheError {
+    /// The embedded database failed.
+    #[error("the result cache {what}")]
+    Embedded {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// The shared PostgreSQL database failed.
+    #[error("the result cache's table")]
+    Postgres(#[source] DbError),
 }
 
 impl CacheError {
-    /// The error and its cause, on one line.
+    /// The error and its causes, on one line.
     pub fn report(&self) -> String {
-        format!("{self}: {}", self.source)
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
     }
 }
 
-fn cache_error(
-    what: &'static str,
-) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> CacheError {
-    move |source| CacheError { what, source }
-}
-
-/// The recorded results of one server (`<data dir>/results.redb`).
+/// The recorded results of one server (`<data dir>/results.redb`) or of
+/// several sharing a database. Cheap to clone.
 #[derive(Clone)]
 pub struct ResultCache {
-    db: Arc<Database>,
+    records: Records,
 }
 
 impl std::fmt::Debug for ResultCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ResultCache")
+        match &self.records {
+            Records::Redb(_) => f.write_str("ResultCache(redb)"),
+            Records::Postgres(db) => write!(f, "ResultCache({db:?})"),
+        }
     }
 }
 
@@ -97,16 +111,20 @@ pub struct CacheKey([u8; 32]);
 impl ResultCache {
     /// Opens (or creates) the cache at `path`.
     pub fn open(path: &Path) -> Result<Self, CacheError> {
-        let db = Database::create(path).map_err(|e| cache_error("cannot be opened")(e.into()))?;
-        Ok(Self { db: Arc::new(db) })
+        Records::open(path).map(|records| Self { records })
     }
 
     /// A cache in memory (tests).
     pub fn in_memory() -> Result<Self, CacheError> {
-        let db = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(|e| cache_error("cannot be created")(e.into()))?;
-        Ok(Self { db: Arc::new(db) })
+        Records::in_memory().map(|records| Self { records })
+    }
+
+    /// The cache in the shared database `db` (migrated by
+    /// [`Database::connect`]).
+    pub fn postgres(db: Database) -> Self {
+        Self {
+            records: Records::Postgres(db),
+        }
     }
 
     /// The recorded result for `key`, if there is one and every output is
@@ -116,23 +134,7 @@ impl ResultCache {
         key: CacheKey,
         store: &Store,
     ) -> Result<Option<Recorded>, CacheError> {
-        let db = self.db.clone();
-        let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, CacheError> {
-            let read = db
-                .begin_read()
-                .map_err(|e| cache_error("cannot be read")(e.into()))?;
-            let table = match read.open_table(RESULTS) {
-                Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(cache_error("cannot be read")(e.into())),
-            };
-            let value = table
-                .get(&key.0)
-                .map_err(|e| cache_error("cannot be read")(e.into()))?;
-            Ok(value.map(|v| v.value().to_vec()))
-        })
-        .await
-        .map_err(|e| cache_error("lookup failed")(e.into()))??;
+        let bytes = self.records.read(key).await?;
         let Some(bytes) = bytes else {
             return Ok(None);
         };
@@ -151,26 +153,7 @@ impl ResultCache {
 
     /// Records `result` for `key`, over any earlier one.
     pub async fn record(&self, key: CacheKey, result: &Recorded) -> Result<(), CacheError> {
-        let bytes = encode(result);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
-            let write = db
-                .begin_write()
-                .map_err(|e| cache_error("cannot be written")(e.into()))?;
-            {
-                let mut table = write
-                    .open_table(RESULTS)
-                    .map_err(|e| cache_error("cannot be written")(e.into()))?;
-                table
-                    .insert(&key.0, bytes.as_slice())
-                    .map_err(|e| cache_error("cannot be written")(e.into()))?;
-            }
-            write
-                .commit()
-                .map_err(|e| cache_error("cannot be written")(e.into()))
-        })
-        .await
-        .map_err(|e| cache_error("record failed")(e.into()))?
+        self.records.write(key, encode(result)).await
     }
 }
 

@@ -176,3 +176,17 @@ impl Drop for Postgres {
             .status();
     }
 }
+
+/// A new server and a migrated pool of its `kiln` database, for a test
+/// that needs one; `None` (the skip said, see [`super::can_run`]) when
+/// this host cannot run PostgreSQL.
+pub async fn database() -> Option<(Postgres, kiln::db::Database)> {
+    if !super::can_run(unavailable()) {
+        return None;
+    }
+    let pg = Postgres::start().expect("starting PostgreSQL");
+    let db = kiln::db::Database::connect(&pg.url(), std::time::Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", pg.url(), pg.log()));
+    Some((pg, db))
+}

@@ -1,6 +1,8 @@
 //! Directory storage: the [`DirectoryService`] trait and its backends.
 //!
 //! - [`redb`]: an embedded `redb` database under the data dir, the default.
+//! - [`postgres`]: PostgreSQL shared by several kiln hosts
+//!   (`kiln serve --database`).
 //! - [`grpc`]: another kiln (or any tvix/snix castore) over gRPC.
 //!
 //! The store is closed under references: a directory is only accepted when
@@ -12,12 +14,16 @@
 use std::path::PathBuf;
 
 use futures::stream::BoxStream;
+use prost::Message;
 
 use super::digest::B3Digest;
 use super::directory::Directory;
 use super::errors::ValidationError;
+use crate::db::DbError;
+use crate::proto::tvix_castore;
 
 pub mod grpc;
+pub mod postgres;
 pub mod redb;
 
 /// A failed directory operation.
@@ -70,6 +76,9 @@ pub enum DirectoryError {
     /// A put with no directories.
     #[error("no directories to put")]
     EmptyBatch,
+    /// The shared PostgreSQL database failed.
+    #[error("the directory table")]
+    Postgres(#[source] DbError),
     /// A background database task died.
     #[error("directory database task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -88,6 +97,38 @@ pub enum DirectoryError {
     /// The remote sent a directory that was not asked for.
     #[error("remote sent directory {0}, which was not asked for")]
     RemoteUnexpected(B3Digest),
+}
+
+impl DirectoryError {
+    /// The database failure behind this error, if one is (the directory
+    /// table or the grants table), for callers telling an unreachable
+    /// database (UNAVAILABLE) from a refused statement.
+    pub fn database(&self) -> Option<&DbError> {
+        match self {
+            Self::Postgres(e) => Some(e),
+            Self::Grants(e) => e.database(),
+            _ => None,
+        }
+    }
+}
+
+/// A stored directory from its canonical encoding, checked again: both
+/// embedded and shared backends store exactly what [`Directory::encode`]
+/// wrote, but what comes back from storage is still only bytes.
+pub(crate) fn decode_stored(
+    digest: &B3Digest,
+    encoded: &[u8],
+) -> Result<Directory, DirectoryError> {
+    let wire = tvix_castore::Directory::decode(encoded).map_err(|source| {
+        DirectoryError::CorruptEncoding {
+            digest: *digest,
+            source,
+        }
+    })?;
+    Directory::try_from(wire).map_err(|source| DirectoryError::CorruptDirectory {
+        digest: *digest,
+        source,
+    })
 }
 
 /// Where directories live.

@@ -11,14 +11,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
-use prost::Message;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{DirectoryError, DirectoryService};
 use crate::castore::digest::B3Digest;
 use crate::castore::directory::Directory;
-use crate::proto::tvix_castore;
 
 /// redb's page cache (nine tenths for reads, one tenth buffering writes):
 /// directories are small and read once per build, so a modest cache holds
@@ -160,18 +158,7 @@ fn read_directory(
     else {
         return Ok(None);
     };
-    let wire = tvix_castore::Directory::decode(guard.value()).map_err(|source| {
-        DirectoryError::CorruptEncoding {
-            digest: *digest,
-            source,
-        }
-    })?;
-    let directory =
-        Directory::try_from(wire).map_err(|source| DirectoryError::CorruptDirectory {
-            digest: *digest,
-            source,
-        })?;
-    Ok(Some(directory))
+    super::decode_stored(digest, guard.value()).map(Some)
 }
 
 #[async_trait::async_trait]

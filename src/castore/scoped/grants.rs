@@ -1,28 +1,26 @@
 //! The grants table: which tenant may see which blob or directory.
 //!
-//! One `redb` file (`grants.redb` in the data dir) holds a key per
-//! (tenant, kind, digest) a tenant has proved it may see: it put the bytes
-//! or the directory, or a build of its produced them. Content stays stored
-//! once, whoever put it; only visibility is per tenant. Grants are never
-//! taken back (nothing in kiln deletes content). Every write is one durable
-//! transaction, made after the content itself is stored, so a crash can lose
-//! a grant (the tenant then uploads again) but never grants what is not
-//! stored.
+//! A grant is a (tenant, kind, digest) a tenant has proved it may see: it
+//! put the bytes or the directory, or a build of its produced them. Content
+//! stays stored once, whoever put it; only visibility is per tenant. Grants
+//! are never taken back (nothing in kiln deletes content). Every write is
+//! durable when it answers and is made after the content itself is stored,
+//! so a crash can lose a grant (the tenant then uploads again) but never
+//! grants what is not stored.
+//!
+//! Two backends: [`redb`] (`grants.redb` in the data dir, one host) and
+//! [`postgres`] (shared by several hosts, `kiln serve --database`).
+
+pub mod postgres;
+pub mod redb;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use redb::{Database, TableDefinition};
-
+use self::postgres::PostgresGrants;
+use self::redb::RedbGrants;
 use crate::castore::B3Digest;
+use crate::db::{Database, DbError};
 use crate::tenant::Tenant;
-
-/// (tenant, kind, digest) → nothing.
-const GRANTS: TableDefinition<(&str, u8, &[u8; 32]), ()> = TableDefinition::new("grants");
-
-/// redb's page cache for the grants: small keys, read once per file of a
-/// build's inputs.
-const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// What a grant is for (a blob and a directory may share a digest only if
 /// the blob's bytes are the directory's encoding, but they stay apart).
@@ -44,176 +42,139 @@ pub enum GrantsError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: Box<redb::Error>,
+        source: Box<::redb::Error>,
     },
     /// A read failed.
     #[error("reading the grants database")]
-    Read(#[source] Box<redb::Error>),
+    Read(#[source] Box<::redb::Error>),
     /// A write failed.
     #[error("writing the grants database")]
-    Write(#[source] Box<redb::Error>),
+    Write(#[source] Box<::redb::Error>),
+    /// The shared PostgreSQL database failed.
+    #[error("the grants table")]
+    Postgres(#[source] DbError),
+}
+
+impl GrantsError {
+    /// The database failure behind this error, if it is one of the shared
+    /// database.
+    pub fn database(&self) -> Option<&DbError> {
+        match self {
+            Self::Postgres(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Who may see what. Cheap to clone.
 #[derive(Clone)]
-pub struct Grants {
-    db: Arc<Database>,
+pub enum Grants {
+    /// In a redb file, for one host.
+    Redb(RedbGrants),
+    /// In the shared database.
+    Postgres(PostgresGrants),
 }
 
 impl std::fmt::Debug for Grants {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Grants")
+        match self {
+            Self::Redb(_) => f.write_str("Grants(redb)"),
+            Self::Postgres(p) => write!(f, "Grants({p:?})"),
+        }
     }
 }
 
 impl Grants {
     /// Opens (creating if needed) the grants database at `path`.
     pub fn open(path: &Path) -> Result<Self, GrantsError> {
-        let open_err = |source: redb::Error| GrantsError::Open {
-            path: path.to_owned(),
-            source: Box::new(source),
-        };
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| open_err(e.into()))?;
-        Self::init(db).map_err(|e| match e {
-            GrantsError::Write(source) => GrantsError::Open {
-                path: path.to_owned(),
-                source,
-            },
-            e => e,
-        })
+        RedbGrants::open(path).map(Self::Redb)
     }
 
     /// A grants table in memory (tests).
     pub fn in_memory() -> Result<Self, GrantsError> {
-        let db = redb::Builder::new()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(|e| GrantsError::Write(Box::new(e.into())))?;
-        Self::init(db)
+        RedbGrants::in_memory().map(Self::Redb)
     }
 
-    fn init(db: Database) -> Result<Self, GrantsError> {
-        let write = |e: redb::Error| GrantsError::Write(Box::new(e));
-        let txn = db.begin_write().map_err(|e| write(e.into()))?;
-        txn.open_table(GRANTS).map_err(|e| write(e.into()))?;
-        txn.commit().map_err(|e| write(e.into()))?;
-        Ok(Self { db: Arc::new(db) })
+    /// The grants table of the shared database `db` (migrated by
+    /// [`Database::connect`]).
+    pub fn postgres(db: Database) -> Self {
+        Self::Postgres(PostgresGrants::new(db))
     }
 
-    /// Whether `tenant` may see the `kind` named `digest` (a blocking read
-    /// of one key: microseconds).
-    pub fn granted(
+    /// Whether `tenant` may see the `kind` named `digest`.
+    pub async fn granted(
         &self,
         tenant: &Tenant,
         kind: Kind,
         digest: &B3Digest,
     ) -> Result<bool, GrantsError> {
-        let read = |e: redb::Error| GrantsError::Read(Box::new(e));
-        let txn = self.db.begin_read().map_err(|e| read(e.into()))?;
-        let table = txn.open_table(GRANTS).map_err(|e| read(e.into()))?;
-        let key = (tenant.as_str(), kind as u8, digest.as_bytes());
-        Ok(table.get(key).map_err(|e| read(e.into()))?.is_some())
+        let unseen = self.first_unseen(tenant, kind, vec![*digest]).await?;
+        Ok(unseen.is_none())
+    }
+
+    /// Whether `tenant` may see the `kind` named `digest`, if that can be
+    /// told without waiting: a read of the redb file (microseconds, as any
+    /// blocking read of a local file); `None` for the shared database,
+    /// which a synchronous caller must not wait for.
+    pub fn granted_now(&self, tenant: &Tenant, kind: Kind, digest: &B3Digest) -> Option<bool> {
+        match self {
+            Self::Redb(redb) => redb
+                .first_unseen(tenant, kind, std::slice::from_ref(digest))
+                .ok()
+                .map(|unseen| unseen.is_none()),
+            Self::Postgres(_) => None,
+        }
     }
 
     /// The index of the first of `digests` that `tenant` may not see as a
-    /// `kind`, if any (one read transaction for all).
-    pub fn first_unseen(
-        &self,
-        tenant: &Tenant,
-        kind: Kind,
-        digests: &[B3Digest],
-    ) -> Result<Option<usize>, GrantsError> {
-        if digests.is_empty() {
-            return Ok(None);
-        }
-        let read = |e: redb::Error| GrantsError::Read(Box::new(e));
-        let txn = self.db.begin_read().map_err(|e| read(e.into()))?;
-        let table = txn.open_table(GRANTS).map_err(|e| read(e.into()))?;
-        for (index, digest) in digests.iter().enumerate() {
-            let key = (tenant.as_str(), kind as u8, digest.as_bytes());
-            if table.get(key).map_err(|e| read(e.into()))?.is_none() {
-                return Ok(Some(index));
-            }
-        }
-        Ok(None)
-    }
-
-    /// [`Grants::first_unseen`] off the async workers.
-    pub async fn first_unseen_async(
+    /// `kind`, if any (one read for all).
+    pub async fn first_unseen(
         &self,
         tenant: &Tenant,
         kind: Kind,
         digests: Vec<B3Digest>,
     ) -> Result<Option<usize>, GrantsError> {
-        let (this, tenant) = (self.clone(), tenant.clone());
-        tokio::task::spawn_blocking(move || this.first_unseen(&tenant, kind, &digests))
-            .await
-            .unwrap_or_else(|e| Err(GrantsError::Read(task_died(e))))
+        match self {
+            Self::Redb(redb) => {
+                let (redb, tenant) = (redb.clone(), tenant.clone());
+                tokio::task::spawn_blocking(move || redb.first_unseen(&tenant, kind, &digests))
+                    .await
+                    .unwrap_or_else(|e| Err(GrantsError::Read(task_died(e))))
+            }
+            Self::Postgres(pg) => pg.first_unseen(tenant, kind, &digests).await,
+        }
     }
 
     /// Lets `tenant` see every `kind` in `digests`, in one durable write.
-    pub fn grant(
-        &self,
-        tenant: &Tenant,
-        kind: Kind,
-        digests: &[B3Digest],
-    ) -> Result<(), GrantsError> {
-        if digests.is_empty() {
-            return Ok(());
-        }
-        let write = |e: redb::Error| GrantsError::Write(Box::new(e));
-        let txn = self.db.begin_write().map_err(|e| write(e.into()))?;
-        {
-            let mut table = txn.open_table(GRANTS).map_err(|e| write(e.into()))?;
-            for digest in digests {
-                table
-                    .insert((tenant.as_str(), kind as u8, digest.as_bytes()), ())
-                    .map_err(|e| write(e.into()))?;
-            }
-        }
-        txn.commit().map_err(|e| write(e.into()))
-    }
-
-    /// [`Grants::granted`] off the async workers.
-    pub async fn granted_async(
-        &self,
-        tenant: &Tenant,
-        kind: Kind,
-        digest: &B3Digest,
-    ) -> Result<bool, GrantsError> {
-        let (this, tenant, digest) = (self.clone(), tenant.clone(), *digest);
-        tokio::task::spawn_blocking(move || this.granted(&tenant, kind, &digest))
-            .await
-            .unwrap_or_else(|e| Err(GrantsError::Read(task_died(e))))
-    }
-
-    /// [`Grants::grant`] off the async workers.
-    pub async fn grant_async(
+    pub async fn grant(
         &self,
         tenant: &Tenant,
         kind: Kind,
         digests: Vec<B3Digest>,
     ) -> Result<(), GrantsError> {
-        let (this, tenant) = (self.clone(), tenant.clone());
-        tokio::task::spawn_blocking(move || this.grant(&tenant, kind, &digests))
-            .await
-            .unwrap_or_else(|e| Err(GrantsError::Write(task_died(e))))
+        match self {
+            Self::Redb(redb) => {
+                let (redb, tenant) = (redb.clone(), tenant.clone());
+                tokio::task::spawn_blocking(move || redb.grant(&tenant, kind, &digests))
+                    .await
+                    .unwrap_or_else(|e| Err(GrantsError::Write(task_died(e))))
+            }
+            Self::Postgres(pg) => pg.grant(tenant, kind, &digests).await,
+        }
     }
 }
 
 /// A blocking task that died, as the database error it stands for.
-fn task_died(e: tokio::task::JoinError) -> Box<redb::Error> {
-    Box::new(redb::Error::Io(std::io::Error::other(e)))
+fn task_died(e: tokio::task::JoinError) -> Box<::redb::Error> {
+    Box::new(::redb::Error::Io(std::io::Error::other(e)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn grants_are_per_tenant_and_kind_and_survive_reopening() {
+    #[tokio::test]
+    async fn grants_are_per_tenant_and_kind_and_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("grants.redb");
         let a = Tenant::parse("a").expect("a");
@@ -222,25 +183,38 @@ mod tests {
         let d2 = B3Digest::from([2u8; 32]);
         {
             let grants = Grants::open(&path).expect("open");
-            grants.grant(&a, Kind::Blob, &[d1, d2]).expect("grant");
-            grants.grant(&b, Kind::Directory, &[d1]).expect("grant");
-            grants.grant(&b, Kind::Blob, &[]).expect("nothing");
+            grants
+                .grant(&a, Kind::Blob, vec![d1, d2])
+                .await
+                .expect("grant");
+            grants
+                .grant(&b, Kind::Directory, vec![d1])
+                .await
+                .expect("grant");
+            grants.grant(&b, Kind::Blob, vec![]).await.expect("nothing");
         }
         let grants = Grants::open(&path).expect("reopen");
-        let seen = |t, k, d| grants.granted(t, k, d).expect("read");
-        assert!(seen(&a, Kind::Blob, &d1) && seen(&a, Kind::Blob, &d2));
-        assert!(!seen(&a, Kind::Directory, &d1));
-        assert!(seen(&b, Kind::Directory, &d1));
-        assert!(!seen(&b, Kind::Blob, &d1));
+        let seen = |t: &Tenant, k, d: B3Digest| grants.granted_now(t, k, &d).expect("redb answers");
+        assert!(seen(&a, Kind::Blob, d1) && seen(&a, Kind::Blob, d2));
+        assert!(!seen(&a, Kind::Directory, d1));
+        assert!(seen(&b, Kind::Directory, d1));
+        assert!(!seen(&b, Kind::Blob, d1));
+        assert!(grants.granted(&a, Kind::Blob, &d1).await.expect("read"));
+        assert!(!grants
+            .granted(&a, Kind::Directory, &d1)
+            .await
+            .expect("read"));
         assert_eq!(
             grants
-                .first_unseen(&a, Kind::Blob, &[d2, d1])
+                .first_unseen(&a, Kind::Blob, vec![d2, d1])
+                .await
                 .expect("read"),
             None
         );
         assert_eq!(
             grants
-                .first_unseen(&b, Kind::Directory, &[d1, d2])
+                .first_unseen(&b, Kind::Directory, vec![d1, d2])
+                .await
                 .expect("read"),
             Some(1)
         );

@@ -94,16 +94,18 @@ struct Scope {
 }
 
 impl Scope {
-    fn sees(&self, kind: Kind, digest: &B3Digest) -> Result<bool, GrantsError> {
-        self.grants.granted(&self.tenant, kind, digest)
+    /// [`Grants::granted_now`]: `None` when the grants cannot answer
+    /// without waiting.
+    fn sees_now(&self, kind: Kind, digest: &B3Digest) -> Option<bool> {
+        self.grants.granted_now(&self.tenant, kind, digest)
     }
 
     async fn sees_async(&self, kind: Kind, digest: &B3Digest) -> Result<bool, GrantsError> {
-        self.grants.granted_async(&self.tenant, kind, digest).await
+        self.grants.granted(&self.tenant, kind, digest).await
     }
 
     async fn grant(&self, kind: Kind, digests: Vec<B3Digest>) -> Result<(), GrantsError> {
-        self.grants.grant_async(&self.tenant, kind, digests).await
+        self.grants.grant(&self.tenant, kind, digests).await
     }
 }
 
@@ -165,10 +167,11 @@ impl BlobService for ScopedBlobs {
     }
 
     fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
-        // An unreadable grants table hides the blob; the caller then reads
-        // it through open_read, which reports the error.
-        match self.scope.sees(Kind::Blob, digest) {
-            Ok(true) => self.inner.local_path(digest),
+        // An unreadable grants table, or one that cannot answer without
+        // waiting (the shared database), hides the blob; the caller then
+        // reads it through open_read, which checks and reports errors.
+        match self.scope.sees_now(Kind::Blob, digest) {
+            Some(true) => self.inner.local_path(digest),
             _ => None,
         }
     }
@@ -310,7 +313,7 @@ impl DirectoryService for ScopedDirectories {
         let unseen = self
             .scope
             .grants
-            .first_unseen_async(&self.scope.tenant, Kind::Directory, children)
+            .first_unseen(&self.scope.tenant, Kind::Directory, children)
             .await
             .map_err(directory_grants)?;
         if let Some(index) = unseen {

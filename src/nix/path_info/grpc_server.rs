@@ -14,7 +14,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{PathInfo, PathInfoService};
+use super::{PathInfo, PathInfoError, PathInfoService};
 use crate::castore::scoped::Scoping;
 use crate::castore::wire::WireNode;
 use crate::castore::{Node, Store};
@@ -37,6 +37,19 @@ pub fn path_info_server(
     })
     .max_decoding_message_size(crate::castore::grpc_server::MAX_MESSAGE_SIZE)
     .max_encoding_message_size(crate::castore::grpc_server::MAX_MESSAGE_SIZE)
+}
+
+/// A failed path-info store as a status: UNAVAILABLE when the store could
+/// not be reached, INTERNAL when the shared database refused a statement.
+fn store_status(e: &PathInfoError) -> Status {
+    match e {
+        PathInfoError::Postgres(db) if !db.is_unavailable() => {
+            let chain = crate::nix::daemon::error_chain(e);
+            tracing::warn!(error = %chain, "path-info store");
+            Status::internal(chain)
+        }
+        _ => internal(e),
+    }
 }
 
 /// The handlers.
@@ -90,7 +103,12 @@ impl snix_store::path_info_service_server::PathInfoService for PathInfoServiceWr
         let digest: [u8; 20] = digest.as_ref().try_into().map_err(|_| {
             Status::invalid_argument(format!("by_output_hash is {} bytes, want 20", digest.len()))
         })?;
-        match self.service.get(&digest).await.map_err(|e| internal(&e))? {
+        match self
+            .service
+            .get(&digest)
+            .await
+            .map_err(|e| store_status(&e))?
+        {
             // A path whose tree the caller cannot see is not there for it.
             Some(info) if root_present(&castore, &info.node).await? => {
                 Ok(Response::new(info.to_wire()))
@@ -115,7 +133,7 @@ impl snix_store::path_info_service_server::PathInfoService for PathInfoServiceWr
                 info.store_path, info.node
             )));
         }
-        let stored = self.service.put(info).await.map_err(|e| internal(&e))?;
+        let stored = self.service.put(info).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(stored.to_wire()))
     }
 
@@ -154,7 +172,7 @@ impl snix_store::path_info_service_server::PathInfoService for PathInfoServiceWr
                         Ok(false) => None,
                         Err(status) => Some(Err(status)),
                     },
-                    Err(e) => Some(Err(internal(&e))),
+                    Err(e) => Some(Err(store_status(&e))),
                 }
             }
         });

@@ -8,13 +8,15 @@
 //!   message `snix.store.v1.PathInfo` here ([`PathInfo::try_from_wire`],
 //!   [`PathInfo::to_wire`]).
 //! - [`PathInfoService`]: the storage trait; backends [`redb`] (embedded,
-//!   `pathinfo.redb` in the data dir) and [`grpc`] (another kiln), chosen
+//!   `pathinfo.redb` in the data dir), [`postgres`] (shared by several
+//!   hosts, `kiln serve --database`) and [`grpc`] (another kiln), chosen
 //!   by address in [`from_addr`]; [`grpc_server`] serves any of them.
 //!
 //! Keyed by the store path's 20-byte digest, as snix keys it.
 
 pub mod grpc;
 pub mod grpc_server;
+pub mod postgres;
 pub mod redb;
 
 use std::collections::BTreeSet;
@@ -76,6 +78,9 @@ pub enum PathInfoError {
     /// The embedded database failed.
     #[error("the path-info database")]
     Database(#[source] Box<::redb::Error>),
+    /// The shared PostgreSQL database failed.
+    #[error("the path-info table")]
+    Postgres(#[source] crate::db::DbError),
     /// A stored record no longer decodes.
     #[error("stored path info of {0} is corrupt")]
     Corrupt(String, #[source] Box<PathInfoError>),
@@ -92,6 +97,17 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PathInfoErro
         field: field.into(),
         problem: problem.into(),
     }
+}
+
+/// A stored record (an encoded `snix.store.v1.PathInfo`, as every backend
+/// stores it) of the path with `digest`, checked as a wire message is.
+pub(crate) fn decode_stored(digest: &[u8; 20], bytes: &[u8]) -> Result<PathInfo, PathInfoError> {
+    use prost::Message;
+    let key = crate::nix::nixbase32::encode(digest);
+    let wire = snix_store::PathInfo::decode(bytes).map_err(|e| {
+        PathInfoError::Corrupt(key.clone(), Box::new(invalid("encoding", e.to_string())))
+    })?;
+    PathInfo::try_from_wire(wire).map_err(|e| PathInfoError::Corrupt(key, Box::new(e)))
 }
 
 /// Storage of path infos.

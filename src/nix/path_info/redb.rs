@@ -10,7 +10,6 @@ use prost::Message;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{PathInfo, PathInfoError, PathInfoService};
-use crate::proto::snix_store;
 
 /// redb's page cache: path infos are small.
 pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -46,7 +45,7 @@ impl RedbPathInfoService {
         let Some(value) = table.get(digest.as_slice()).map_err(db_err)? else {
             return Ok(None);
         };
-        decode(digest, value.value()).map(Some)
+        super::decode_stored(digest, value.value()).map(Some)
     }
 
     fn put_blocking(&self, info: &PathInfo) -> Result<(), PathInfoError> {
@@ -68,7 +67,10 @@ impl RedbPathInfoService {
             for item in table.iter().map_err(db_err)? {
                 let (key, value) = item.map_err(db_err)?;
                 let digest: [u8; 20] = key.value().try_into().unwrap_or([0; 20]);
-                if out.blocking_send(decode(&digest, value.value())).is_err() {
+                if out
+                    .blocking_send(super::decode_stored(&digest, value.value()))
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -78,17 +80,6 @@ impl RedbPathInfoService {
             let _ = out.blocking_send(Err(e));
         }
     }
-}
-
-fn decode(digest: &[u8; 20], bytes: &[u8]) -> Result<PathInfo, PathInfoError> {
-    let key = crate::nix::nixbase32::encode(digest);
-    let wire = snix_store::PathInfo::decode(bytes).map_err(|e| {
-        PathInfoError::Corrupt(
-            key.clone(),
-            Box::new(super::invalid("encoding", e.to_string())),
-        )
-    })?;
-    PathInfo::try_from_wire(wire).map_err(|e| PathInfoError::Corrupt(key, Box::new(e)))
 }
 
 #[async_trait::async_trait]
