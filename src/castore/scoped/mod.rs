@@ -94,10 +94,6 @@ struct Scope {
 }
 
 impl Scope {
-    fn sees(&self, kind: Kind, digest: &B3Digest) -> Result<bool, GrantsError> {
-        self.grants.granted(&self.tenant, kind, digest)
-    }
-
     async fn sees_async(&self, kind: Kind, digest: &B3Digest) -> Result<bool, GrantsError> {
         self.grants.granted_async(&self.tenant, kind, digest).await
     }
@@ -164,13 +160,11 @@ impl BlobService for ScopedBlobs {
         self.granted(stored).await
     }
 
-    fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
-        // An unreadable grants table hides the blob; the caller then reads
-        // it through open_read, which reports the error.
-        match self.scope.sees(Kind::Blob, digest) {
-            Ok(true) => self.inner.local_path(digest),
-            _ => None,
+    async fn local_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
+        if !self.sees(digest).await? {
+            return Ok(None);
         }
+        self.inner.local_path(digest).await
     }
 
     async fn local_executable_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
