@@ -161,6 +161,11 @@ fn chain(error: &dyn Error) -> String {
 fn blob_status(error: BlobError) -> Status {
     match error {
         BlobError::ReadSource(_) => Status::cancelled(chain(&error)),
+        // The shared object store is down or refused: another try, or
+        // another host, may do better.
+        BlobError::Unavailable { .. } | BlobError::Fetch { .. } => {
+            Status::unavailable(chain(&error))
+        }
         _ => Status::internal(chain(&error)),
     }
 }

@@ -180,7 +180,9 @@ impl CachedBlobService {
             .fetches
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if fetches.get(digest).is_some_and(|l| Arc::ptr_eq(l, &lock)) && Arc::strong_count(&lock) == 2 {
+        if fetches.get(digest).is_some_and(|l| Arc::ptr_eq(l, &lock))
+            && Arc::strong_count(&lock) == 2
+        {
             fetches.remove(digest);
         }
         result
@@ -315,7 +317,10 @@ impl Lru {
     /// Marks `digest` used now, adding `bytes` to what it holds.
     fn record(&mut self, digest: B3Digest, bytes: u64) {
         self.clock += 1;
-        let entry = self.entries.entry(digest).or_insert(Entry { bytes: 0, used: 0 });
+        let entry = self
+            .entries
+            .entry(digest)
+            .or_insert(Entry { bytes: 0, used: 0 });
         self.order.remove(&entry.used);
         entry.bytes += bytes;
         entry.used = self.clock;
@@ -385,7 +390,11 @@ struct CachedBatch {
 }
 
 impl CachedBatch {
-    async fn stage(&mut self, parent: Option<&Dir>, files: Vec<(OsString, RegularFile)>) -> BatchPut {
+    async fn stage(
+        &mut self,
+        parent: Option<&Dir>,
+        files: Vec<(OsString, RegularFile)>,
+    ) -> BatchPut {
         let mut staged = self.staged.take().ok_or(BlobError::BatchFailed)?;
         let parent = parent
             .map(Dir::try_clone)

@@ -242,14 +242,16 @@ impl EmbeddedBlobService {
             source,
         };
         if take && stat.st_dev == self.inner.device {
-            self.take_over(file, stat).map_err(|source| BlobError::Take {
-                path: origin.to_owned(),
-                source,
-            })?;
+            self.take_over(file, stat)
+                .map_err(|source| BlobError::Take {
+                    path: origin.to_owned(),
+                    source,
+                })?;
             let name = format!("take-{}", uuid::Uuid::new_v4().simple());
             durable::link_handle(file, &self.inner.tmp_dir, OsStr::new(&name))
                 .map_err(BlobError::Write)?;
-            let tmp = TempPath::try_from_path(self.inner.tmp.join(name)).map_err(BlobError::Write)?;
+            let tmp =
+                TempPath::try_from_path(self.inner.tmp.join(name)).map_err(BlobError::Write)?;
             let stored = super::hash_opened_blocking(file, origin)?;
             return Ok((tmp, stored));
         }

@@ -19,12 +19,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures::TryStreamExt;
 use ::object_store::aws::AmazonS3Builder;
 use ::object_store::buffered::BufWriter;
 use ::object_store::path::Path as Key;
 use ::object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use bytes::BytesMut;
+use futures::TryStreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::{BlobError, BlobReader, VerifyingReader};
@@ -108,7 +108,11 @@ impl S3Address {
             match pair.split_once('=') {
                 Some(("endpoint", value)) => endpoint = Some(value.to_owned()),
                 Some(("region", value)) => region = Some(value.to_owned()),
-                _ => return Err(bad(&format!("unknown parameter {pair:?} (want endpoint, region)"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown parameter {pair:?} (want endpoint, region)"
+                    )))
+                }
             }
         }
         let endpoint = endpoint.ok_or_else(|| bad("no endpoint=URL parameter"))?;
@@ -135,10 +139,7 @@ impl S3Address {
 
 /// Reads an access key from `path` (`KEY_ID:SECRET`, surrounding
 /// whitespace ignored), else from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
-fn credentials(
-    path: Option<&Path>,
-    store: &str,
-) -> Result<(String, String), ObjectStoreAddrError> {
+fn credentials(path: Option<&Path>, store: &str) -> Result<(String, String), ObjectStoreAddrError> {
     if let Some(path) = path {
         let bad = |problem: String| ObjectStoreAddrError::Credentials {
             path: path.to_owned(),

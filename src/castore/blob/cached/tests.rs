@@ -18,7 +18,8 @@ struct Rig {
 fn rig(budget: u64) -> Rig {
     let remote = ObjectStoreBlobs::new(Arc::new(InMemory::new()), "p", "memory".into());
     let dir = tempfile::tempdir().unwrap();
-    let service = CachedBlobService::open(remote.clone(), &dir.path().join("cache"), budget).unwrap();
+    let service =
+        CachedBlobService::open(remote.clone(), &dir.path().join("cache"), budget).unwrap();
     Rig {
         service,
         remote,
@@ -52,10 +53,18 @@ async fn a_put_is_remote_then_cached_and_another_host_fetches_it() {
     assert!(!other.inner.cache.has(&stored.digest).await.unwrap());
     let path = other.local_path(&stored.digest).await.unwrap().unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"shared bytes");
-    let exe = other.local_executable_path(&stored.digest).await.unwrap().unwrap();
+    let exe = other
+        .local_executable_path(&stored.digest)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(fs::read(exe).unwrap(), b"shared bytes");
     assert_eq!(other.cached_bytes(), 2 * 12);
-    assert!(other.local_path(&B3Digest::of(b"absent")).await.unwrap().is_none());
+    assert!(other
+        .local_path(&B3Digest::of(b"absent"))
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -67,7 +76,10 @@ async fn concurrent_fetches_share_one_download() {
     let fetches = (0..8).map(|_| other.local_path(&stored.digest));
     let paths = futures::future::join_all(fetches).await;
     for path in paths {
-        assert_eq!(path.unwrap().unwrap(), other.inner.cache.blob_path(&stored.digest));
+        assert_eq!(
+            path.unwrap().unwrap(),
+            other.inner.cache.blob_path(&stored.digest)
+        );
     }
     assert_eq!(other.cached_bytes(), 3 << 20);
     assert!(other.inner.fetches.lock().unwrap().is_empty());
@@ -79,7 +91,10 @@ async fn a_corrupt_object_is_refused_and_not_cached() {
     let digest = B3Digest::of(b"what should be there");
     rig.remote
         .store()
-        .put(&rig.remote.key(&digest), PutPayload::from_static(b"garbage"))
+        .put(
+            &rig.remote.key(&digest),
+            PutPayload::from_static(b"garbage"),
+        )
         .await
         .unwrap();
     let err = rig.service.local_path(&digest).await.unwrap_err();
