@@ -335,7 +335,7 @@ impl ObjectStoreBlobs {
                     }
                 }
                 if chunk.is_empty() {
-                    break;
+                    return Ok(());
                 }
                 let last = chunk.len() < READ_SIZE;
                 writer
@@ -343,24 +343,26 @@ impl ObjectStoreBlobs {
                     .await
                     .map_err(|e| self.unavailable(action(), &e))?;
                 if last {
-                    break;
+                    return Ok(());
                 }
             }
-            tokio::io::AsyncWriteExt::shutdown(&mut writer)
-                .await
-                .map_err(|e| BlobError::Unavailable {
-                    store: self.name.to_string(),
-                    action: action(),
-                    message: e.to_string(),
-                })
         }
         .await;
-        if sent.is_err() {
+        if let Err(e) = sent {
             // Best effort: an unfinished multipart upload is no object,
             // and the store's lifecycle rules clean up its parts.
             let _ = writer.abort().await;
+            return Err(e);
         }
-        sent
+        // Completes the upload (a single put below a part's size); the
+        // writer cannot be aborted after this, whatever it answers.
+        tokio::io::AsyncWriteExt::shutdown(&mut writer)
+            .await
+            .map_err(|e| BlobError::Unavailable {
+                store: self.name.to_string(),
+                action: action(),
+                message: e.to_string(),
+            })
     }
 }
 
