@@ -194,11 +194,25 @@ struct ServeArgs {
     path_info: String,
     /// PostgreSQL shared by several kiln hosts
     /// (postgres://USER[:PASSWORD]@HOST:PORT/DB; README "Running several
-    /// hosts"): build records and logs, so any host answers Watch and Logs
-    /// for a build another runs, and the hosts' heartbeats. Empty: this
-    /// host's records stay in its memory.
+    /// hosts"): the castore's directories, path infos, tenants' grants, the
+    /// result cache, and build records and logs (any host answers Watch and
+    /// Logs for a build another runs). Empty: all of it stays on this host.
     #[arg(long, env = "KILN_DATABASE", default_value = "")]
     database: String,
+    /// Blobs in S3-compatible object storage shared by several hosts:
+    /// s3://BUCKET[/PREFIX]?endpoint=URL[&region=R], behind a local cache
+    /// (<data dir>/blob-cache) that inputs are hardlinked from. Empty: the
+    /// castore's blobs.
+    #[arg(long, env = "KILN_BLOB_STORE", default_value = "")]
+    blob_store: String,
+    /// File holding the object store's KEY_ID:SECRET; without it,
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long)]
+    blob_store_credentials: Option<PathBuf>,
+    /// Bound of the local blob cache in front of --blob-store, MiB; least
+    /// recently used blobs go first.
+    #[arg(long, default_value_t = 10240)]
+    blob_cache_mib: u64,
     /// This host's name among those sharing --database; empty: its
     /// hostname and --listen address.
     #[arg(long, env = "KILN_HOST_ID", default_value = "")]
@@ -522,6 +536,9 @@ const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(10);
 const DATABASE_WAIT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    // One process-wide TLS crypto provider (ring) before any TLS client is
+    // made: the object store's HTTP client needs it.
+    kiln::castore::blob::object_store::install_crypto_provider();
     let cli = match kiln::cli::serve_config::parse::<Cli>(std::env::args_os()) {
         Ok(kiln::cli::serve_config::Parsed::Run(cli)) => cli,
         Ok(kiln::cli::serve_config::Parsed::Check(settings)) => {
@@ -725,10 +742,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             })
             .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
     }
-    let store =
-        kiln::castore::from_addr::from_addr_with(&args.castore, &args.data_dir, &castore_security)
-            .await
-            .with_context(|| format!("opening the castore {:?}", args.castore))?;
+    let db = match args.database.as_str() {
+        "" => None,
+        address => Some(
+            kiln::db::Database::connect(address, DATABASE_WAIT)
+                .await
+                .with_context(|| format!("opening the database {}", kiln::db::redact(address)))?,
+        ),
+    };
+    let store = open_store(&args, db.as_ref(), &castore_security).await?;
     let vm = kiln::vmm::choose::choose(args.vm.vmm, args.vm.accel, args.vm.pvm_kernel)
         .await
         .context("choosing the VMM")?;
@@ -796,15 +818,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut executor = kiln::executor::Executor::open(config, store.clone(), vm.runner)
         .context("starting the executor")?;
     if security.requires_authentication() {
-        let path = args.data_dir.join("grants.redb");
-        let grants = kiln::castore::scoped::Grants::open(&path)
-            .with_context(|| format!("opening the tenants' store grants {}", path.display()))?;
+        let grants = match &db {
+            Some(db) => kiln::castore::scoped::Grants::postgres(db.clone()),
+            None => {
+                let path = args.data_dir.join("grants.redb");
+                kiln::castore::scoped::Grants::open(&path).with_context(|| {
+                    format!("opening the tenants' store grants {}", path.display())
+                })?
+            }
+        };
         executor.set_scoping(kiln::castore::scoped::Scoping::by_tenant(grants));
     }
     if !args.no_result_cache {
-        let path = args.data_dir.join("results.redb");
-        let cache = kiln::executor::result_cache::ResultCache::open(&path)
-            .with_context(|| format!("opening the result cache {}", path.display()))?;
+        let cache = match &db {
+            Some(db) => kiln::executor::result_cache::ResultCache::postgres(db.clone()),
+            None => {
+                let path = args.data_dir.join("results.redb");
+                kiln::executor::result_cache::ResultCache::open(&path)
+                    .with_context(|| format!("opening the result cache {}", path.display()))?
+            }
+        };
         executor.set_result_cache(cache);
     }
     let listen = match &args.listen {
@@ -822,13 +855,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         id => id.to_owned(),
     };
     let health = kiln::server::health::HostHealth::named(&host_id);
-    let records = match args.database.as_str() {
-        "" => None,
-        address => {
-            let db = kiln::db::Database::connect(address, DATABASE_WAIT)
-                .await
-                .with_context(|| format!("opening the database {}", kiln::db::redact(address)))?;
-            let records = kiln::records::Records::start(db, &host_id, &listen)
+    let records = match &db {
+        None => None,
+        Some(db) => {
+            let records = kiln::records::Records::start(db.clone(), &host_id, &listen)
                 .await
                 .context("registering this host in the shared build records")?;
             tracing::info!(host = %host_id, database = %records.database().name(), "sharing build records");
@@ -891,10 +921,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     let pool_owner = executor.clone();
-    let path_info =
-        kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)
+    let path_info: std::sync::Arc<dyn kiln::nix::path_info::PathInfoService> = match &db {
+        Some(db) if args.path_info.is_empty() => std::sync::Arc::new(
+            kiln::nix::path_info::postgres::PostgresPathInfoService::new(db.clone()),
+        ),
+        _ => kiln::nix::path_info::from_addr(&args.path_info, &args.data_dir, &castore_security)
             .await
-            .with_context(|| format!("opening the path-info store {:?}", args.path_info))?;
+            .with_context(|| format!("opening the path-info store {:?}", args.path_info))?,
+    };
     let services = kiln::server::Services {
         store,
         executor,
@@ -954,6 +988,61 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         records.stopped().await;
     }
     Ok(())
+}
+
+/// The castore `kiln serve` uses: `--castore` as a whole, or its blobs from
+/// `--blob-store` and its directories from `--database` (each part not
+/// given from the embedded store).
+async fn open_store(
+    args: &ServeArgs,
+    db: Option<&kiln::db::Database>,
+    castore_security: &kiln::client::ClientSecurity,
+) -> anyhow::Result<kiln::castore::Store> {
+    if args.blob_store.is_empty() && db.is_none() {
+        return kiln::castore::from_addr::from_addr_with(
+            &args.castore,
+            &args.data_dir,
+            castore_security,
+        )
+        .await
+        .with_context(|| format!("opening the castore {:?}", args.castore));
+    }
+    if !args.castore.is_empty() {
+        anyhow::bail!(
+            "--castore {:?} names a whole castore: with --blob-store or --database leave it empty",
+            args.castore
+        );
+    }
+    let embedded = if args.blob_store.is_empty() || db.is_none() {
+        Some(
+            kiln::castore::from_addr::embedded(&args.data_dir)
+                .context("opening the embedded castore")?,
+        )
+    } else {
+        None
+    };
+    let blobs = match (&embedded, args.blob_store.as_str()) {
+        (Some(store), "") => store.blobs.clone(),
+        (_, address) => kiln::castore::from_addr::open_blob_store(
+            address,
+            &args.data_dir,
+            args.blob_cache_mib << 20,
+            args.blob_store_credentials.as_deref(),
+        )
+        .await
+        .with_context(|| format!("opening the blob store {address:?}"))?,
+    };
+    let directories: std::sync::Arc<dyn kiln::castore::directory_service::DirectoryService> =
+        match (db, &embedded) {
+            (Some(db), _) => std::sync::Arc::new(
+                kiln::castore::directory_service::postgres::PostgresDirectoryService::new(
+                    db.clone(),
+                ),
+            ),
+            (None, Some(store)) => store.directories.clone(),
+            (None, None) => anyhow::bail!("no directory store"),
+        };
+    Ok(kiln::castore::Store { blobs, directories })
 }
 
 /// Shutting down on SIGTERM/SIGINT: no new builds or connections (the

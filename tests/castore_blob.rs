@@ -40,7 +40,7 @@ async fn put_stores_a_read_only_file_named_by_its_digest() {
 
     let hex = digest.to_hex();
     let path = dir.path().join("blobs").join(&hex[..2]).join(&hex);
-    assert_eq!(blobs.local_path(&digest), Some(path.clone()));
+    assert_eq!(blobs.local_path(&digest).await.unwrap(), Some(path.clone()));
     assert_eq!(fs::read(&path).unwrap(), b"some bytes");
     assert_eq!(
         fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -57,7 +57,11 @@ async fn put_stores_a_read_only_file_named_by_its_digest() {
     // Putting the same bytes again is a no-op that answers the same.
     assert_eq!(blobs.put(&mut &b"some bytes"[..]).await.unwrap(), stored);
     assert_eq!(files_under(&dir.path().join("blobs")).len(), 1);
-    assert!(blobs.local_path(&B3Digest::of(b"absent")).is_none());
+    assert!(blobs
+        .local_path(&B3Digest::of(b"absent"))
+        .await
+        .unwrap()
+        .is_none());
     assert!(blobs
         .open_read(&B3Digest::of(b"absent"))
         .await
@@ -148,7 +152,7 @@ async fn executable_variant_is_made_once() {
     assert_eq!(metadata.permissions().mode() & 0o777, 0o555);
     assert_ne!(
         metadata.ino(),
-        fs::metadata(blobs.local_path(&stored.digest).unwrap())
+        fs::metadata(blobs.local_path(&stored.digest).await.unwrap().unwrap())
             .unwrap()
             .ino(),
         "a separate inode, so the 0444 blob keeps its mode"
@@ -186,7 +190,7 @@ async fn put_opened_copies_and_put_taken_renames_the_hashed_inode() {
     let file = handle.open_file(name).unwrap();
     let moved = blobs.put_taken(&handle, name, file, &output).await.unwrap();
     assert!(!output.exists(), "taking removes the file from the tree");
-    let stored = blobs.local_path(&moved.digest).unwrap();
+    let stored = blobs.local_path(&moved.digest).await.unwrap().unwrap();
     let meta = fs::metadata(&stored).unwrap();
     assert_eq!(meta.ino(), inode, "renamed, not copied");
     assert_eq!(meta.permissions().mode() & 0o777, 0o444);

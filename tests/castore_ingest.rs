@@ -119,7 +119,12 @@ async fn copy_round_trip_keeps_everything_and_leaves_the_source() {
         copy.ino(),
         "equal contents share one blob file"
     );
-    let blob = store.blobs.local_path(&B3Digest::of(b"read me\n")).unwrap();
+    let blob = store
+        .blobs
+        .local_path(&B3Digest::of(b"read me\n"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(fs::metadata(blob).unwrap().ino(), readme.ino());
 }
 
@@ -153,6 +158,8 @@ async fn move_mode_takes_the_files_and_gives_the_same_node() {
         .local_path(&B3Digest::of(
             &fs::read(reference.join("share/big.bin")).unwrap(),
         ))
+        .await
+        .unwrap()
         .unwrap();
     assert_eq!(fs::metadata(big).unwrap().mode() & 0o777, 0o444);
     let leftovers = fs::read_dir(work.path().join("store2/blobs-tmp"))

@@ -207,7 +207,13 @@ async fn links_inside_outputs_are_stored_as_links_and_a_deep_tree_is_removed() {
     let Some(Node::File { digest, .. }) = get("own") else {
         unreachable!()
     };
-    let blob = server.store.blobs.local_path(&digest).unwrap();
+    let blob = server
+        .store
+        .blobs
+        .local_path(&digest)
+        .await
+        .unwrap()
+        .unwrap();
     let meta = std::fs::metadata(&blob).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "blob owned by a guest id");
     assert_eq!(meta.permissions().mode() & 0o7777, 0o444);

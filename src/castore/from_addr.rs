@@ -13,13 +13,19 @@
 //!
 //! The embedded store keeps blobs as files (see [`super::blob::embedded`])
 //! and directories in `directories.redb`, both under the data dir.
+//!
+//! Blobs alone can live in an S3-compatible object store shared by several
+//! hosts, behind a local cache ([`open_blob_store`]):
+//! `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]`.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use super::blob::cached::CachedBlobService;
 use super::blob::embedded::EmbeddedBlobService;
 use super::blob::grpc::GrpcBlobService;
-use super::blob::BlobError;
+use super::blob::object_store::{ObjectStoreAddrError, ObjectStoreBlobs};
+use super::blob::{BlobError, BlobService};
 use super::directory_service::grpc::GrpcDirectoryService;
 use super::directory_service::redb::RedbDirectoryService;
 use super::directory_service::DirectoryError;
@@ -49,6 +55,66 @@ pub enum FromAddrError {
     /// Opening the embedded directory database failed.
     #[error("opening the embedded directory store")]
     OpenDirectories(#[source] DirectoryError),
+    /// The object-store address or its credentials are unusable.
+    #[error(transparent)]
+    ObjectStore(#[from] ObjectStoreAddrError),
+    /// Opening the local cache of the object store failed.
+    #[error("opening the blob cache {path}")]
+    OpenCache {
+        /// The cache directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: BlobError,
+    },
+    /// The object store did not answer the probe at start.
+    #[error("blob store {address:?} is not usable")]
+    Probe {
+        /// The address.
+        address: String,
+        /// Why (names the store and what it answered).
+        #[source]
+        source: BlobError,
+    },
+}
+
+/// Opens the blob store `address` names, for `--blob-store`: an
+/// `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]` object store with
+/// credentials from `credentials` (a `KEY_ID:SECRET` file) or from
+/// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, behind a cache of at most
+/// `cache_bytes` in `<data_dir>/blob-cache`. Asks the store once (a head
+/// of a probe key), so that a wrong endpoint, bucket or key fails now.
+/// Installs the process's rustls provider if none is.
+pub async fn open_blob_store(
+    address: &str,
+    data_dir: &Path,
+    cache_bytes: u64,
+    credentials: Option<&Path>,
+) -> Result<Arc<dyn BlobService>, FromAddrError> {
+    if !address.starts_with("s3://") {
+        return Err(FromAddrError::Malformed {
+            address: address.to_owned(),
+            problem: "a blob store address is s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]"
+                .to_owned(),
+        });
+    }
+    let remote = ObjectStoreBlobs::from_address(address, credentials)?;
+    remote
+        .probe()
+        .await
+        .map_err(|source| FromAddrError::Probe {
+            address: address.to_owned(),
+            source,
+        })?;
+    let path = data_dir.join("blob-cache");
+    let dir = path.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || CachedBlobService::open(remote, &dir, cache_bytes))
+            .await
+            .map_err(BlobError::Task)
+            .and_then(|opened| opened);
+    let cache = opened.map_err(|source| FromAddrError::OpenCache { path, source })?;
+    Ok(Arc::new(cache))
 }
 
 /// Opens the store `address` names; `data_dir` is where an embedded store

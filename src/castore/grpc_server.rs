@@ -165,6 +165,11 @@ fn blob_status(error: BlobError) -> Status {
         BlobError::Grants(g) if g.database().is_some_and(DbError::is_unavailable) => {
             Status::unavailable(chain(&error))
         }
+        // The shared object store is down or refused: another try, or
+        // another host, may do better.
+        BlobError::Unavailable { .. } | BlobError::Fetch { .. } => {
+            Status::unavailable(chain(&error))
+        }
         _ => Status::internal(chain(&error)),
     }
 }

@@ -12,12 +12,14 @@
 //! - [`sshd`]: a real OpenSSH server on loopback for `ssh-ng://` tests.
 //! - [`postgres`]: a real PostgreSQL server on loopback (`--database`).
 //! - [`haproxy`]: a real HAProxy balancing gRPC over kiln hosts.
+//! - [`garage`]: a real Garage (S3) cluster on loopback (`--blob-store`).
 
 // Each test file uses part of the harness.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 pub mod events;
 pub mod fixtures;
+pub mod garage;
 pub mod gate;
 pub mod guest;
 pub mod haproxy;

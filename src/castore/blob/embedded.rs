@@ -152,10 +152,6 @@ impl EmbeddedBlobService {
         shard_path(&self.inner.blobs, digest)
     }
 
-    fn executable_path(&self, digest: &B3Digest) -> PathBuf {
-        shard_path(&self.inner.executables, digest)
-    }
-
     /// The shard directory of `blobs/` holding blobs whose digest starts
     /// with `byte`.
     fn shard(&self, byte: u8) -> io::Result<&Dir> {
@@ -167,12 +163,106 @@ impl EmbeddedBlobService {
         Ok(slot.get_or_init(move || dir))
     }
 
-    fn new_temp_file(&self) -> Result<(fs::File, TempPath), BlobError> {
+    pub(super) fn new_temp_file(&self) -> Result<(fs::File, TempPath), BlobError> {
         let file = tempfile::Builder::new()
             .prefix("put-")
             .tempfile_in(&self.inner.tmp)
             .map_err(BlobError::Write)?;
         Ok(file.into_parts())
+    }
+
+    /// Writes `reader` to a new temporary file, hashing while writing;
+    /// names nothing and flushes nothing ([`EmbeddedBlobService::adopt`]
+    /// does). The caller may use the file first (upload it).
+    pub(super) async fn spool(
+        &self,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<(fs::File, TempPath, StoredBlob), BlobError> {
+        let (file, tmp) = self.new_temp_file()?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(BlobError::ReadSource)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).await.map_err(BlobError::Write)?;
+        }
+        file.flush().await.map_err(BlobError::Write)?;
+        let stored = StoredBlob {
+            digest: hasher.finalize().into(),
+            size: hasher.count(),
+        };
+        Ok((file.into_std().await, tmp, stored))
+    }
+
+    /// Makes the spooled file `tmp` (open as `file`) durable and names it
+    /// `stored`'s digest, durably. Two steps, each awaited: a put cancelled
+    /// meanwhile (a client that reset its upload) stops before its blob is
+    /// named.
+    pub(super) async fn adopt(
+        &self,
+        file: fs::File,
+        tmp: TempPath,
+        stored: StoredBlob,
+    ) -> Result<(), BlobError> {
+        let syncer = self.inner.syncer.clone();
+        tokio::task::spawn_blocking(move || syncer.fsync(file.as_fd()))
+            .await
+            .map_err(BlobError::Task)?
+            .map_err(BlobError::Write)?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.persist_blob(tmp, &stored))
+            .await
+            .map_err(BlobError::Task)?
+    }
+
+    /// Where the executable variant of the blob lives (whether or not it
+    /// was made).
+    pub(super) fn executable_path(&self, digest: &B3Digest) -> PathBuf {
+        shard_path(&self.inner.executables, digest)
+    }
+
+    /// Readies the opened file `file` (`stat` its metadata) as a new blob
+    /// in the temporary directory, unnamed by digest: the inode itself,
+    /// linked and made kiln's and read-only, when it is on the store's
+    /// filesystem and `take` allows; a copy otherwise. Answers the
+    /// temporary name and the digest of what it names. Blocking.
+    pub(super) fn stage_in_tmp(
+        &self,
+        file: &fs::File,
+        stat: &rustix::fs::Stat,
+        take: bool,
+        origin: &Path,
+    ) -> Result<(TempPath, StoredBlob), BlobError> {
+        let hash_err = |source| BlobError::HashFile {
+            path: origin.to_owned(),
+            source,
+        };
+        if take && stat.st_dev == self.inner.device {
+            self.take_over(file, stat)
+                .map_err(|source| BlobError::Take {
+                    path: origin.to_owned(),
+                    source,
+                })?;
+            let name = format!("take-{}", uuid::Uuid::new_v4().simple());
+            durable::link_handle(file, &self.inner.tmp_dir, OsStr::new(&name))
+                .map_err(BlobError::Write)?;
+            let tmp =
+                TempPath::try_from_path(self.inner.tmp.join(name)).map_err(BlobError::Write)?;
+            let stored = super::hash_opened_blocking(file, origin)?;
+            return Ok((tmp, stored));
+        }
+        let (mut copy, tmp) = self.new_temp_file()?;
+        let mut reader = file;
+        io::Seek::seek(&mut reader, io::SeekFrom::Start(0))
+            .and_then(|_| io::copy(&mut reader, &mut copy))
+            .map_err(hash_err)?;
+        // The private copy's bytes are the blob, whatever the original did.
+        let stored = super::hash_opened_blocking(&copy, origin)?;
+        Ok((tmp, stored))
     }
 
     /// Names the fsynced temporary file `tmp` by its digest and makes the
@@ -281,36 +371,8 @@ impl BlobService for EmbeddedBlobService {
         &self,
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<StoredBlob, BlobError> {
-        let (file, tmp) = self.new_temp_file()?;
-        let mut file = tokio::fs::File::from_std(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        loop {
-            let n = reader.read(&mut buf).await.map_err(BlobError::ReadSource)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await.map_err(BlobError::Write)?;
-        }
-        file.flush().await.map_err(BlobError::Write)?;
-        let file = file.into_std().await;
-        let stored = StoredBlob {
-            digest: hasher.finalize().into(),
-            size: hasher.count(),
-        };
-        // Durable before answering: the client may forget the bytes now.
-        // Two steps, each awaited: a put cancelled meanwhile (a client
-        // that reset its upload) stops before its blob is named.
-        let syncer = self.inner.syncer.clone();
-        tokio::task::spawn_blocking(move || syncer.fsync(file.as_fd()))
-            .await
-            .map_err(BlobError::Task)?
-            .map_err(BlobError::Write)?;
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.persist_blob(tmp, &stored))
-            .await
-            .map_err(BlobError::Task)??;
+        let (file, tmp, stored) = self.spool(reader).await?;
+        self.adopt(file, tmp, stored).await?;
         Ok(stored)
     }
 
@@ -318,9 +380,15 @@ impl BlobService for EmbeddedBlobService {
         self.inner.counts.get()
     }
 
-    fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
+    async fn local_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
         let path = self.blob_path(digest);
-        path.exists().then_some(path)
+        match tokio::fs::try_exists(&path).await {
+            Ok(exists) => Ok(exists.then_some(path)),
+            Err(source) => Err(BlobError::Open {
+                digest: *digest,
+                source,
+            }),
+        }
     }
 
     async fn local_executable_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {

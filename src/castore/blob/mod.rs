@@ -2,6 +2,8 @@
 //!
 //! - [`embedded`]: files under the data dir, the default.
 //! - [`grpc`]: another kiln (or any tvix/snix castore) over gRPC.
+//! - [`cached`]: an S3-compatible object store ([`object_store`]) shared
+//!   by several hosts, behind a bounded local cache on each.
 //!
 //! A blob is addressed by the BLAKE3 digest of its bytes. Backends never
 //! hold a whole blob in memory: puts stream, reads stream. A single put is
@@ -22,9 +24,11 @@ use super::digest::B3Digest;
 use super::errors::ValidationError;
 
 pub mod batch;
+pub mod cached;
 pub mod counts;
 pub mod embedded;
 pub mod grpc;
+pub mod object_store;
 mod verify;
 
 pub use batch::{BatchPut, BlobBatch};
@@ -150,6 +154,30 @@ pub enum BlobError {
     /// The remote answered a malformed digest.
     #[error("remote answered an invalid digest")]
     RemoteDigest(#[source] ValidationError),
+    /// The object store could not be reached or refused a request (gRPC
+    /// UNAVAILABLE). The client's message is kept as text: its errors
+    /// repeat their causes in their own messages.
+    #[error("object store {store}: {action}: {message}")]
+    Unavailable {
+        /// The store: bucket, prefix and endpoint (never credentials).
+        store: String,
+        /// What kiln was doing (`uploading blob <digest>`).
+        action: String,
+        /// The client's error.
+        message: String,
+    },
+    /// A blob fetched from the object store could not be read whole or did
+    /// not hash to its digest; nothing of it was kept.
+    #[error("fetching blob {digest} from object store {store}")]
+    Fetch {
+        /// The store.
+        store: String,
+        /// The blob.
+        digest: B3Digest,
+        /// Why (`InvalidData` for bytes that are not the blob's).
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Where blobs live.
@@ -169,9 +197,10 @@ pub trait BlobService: Send + Sync {
 
     /// The path of the stored blob on this host (read-only, mode 0444), so
     /// callers can hardlink it instead of copying; `None` for remote stores
-    /// or when the blob is not stored.
-    fn local_path(&self, _digest: &B3Digest) -> Option<PathBuf> {
-        None
+    /// or when the blob is not stored. A store with a local cache fetches
+    /// the blob into it first.
+    async fn local_path(&self, _digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
+        Ok(None)
     }
 
     /// Like [`BlobService::local_path`], for an executable copy (mode 0555),

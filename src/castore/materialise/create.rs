@@ -152,7 +152,7 @@ impl<'a> Creator<'a> {
                 .await
                 .map_err(read_err)?
         } else {
-            blobs.local_path(&job.digest)
+            blobs.local_path(&job.digest).await.map_err(read_err)?
         };
         if let Some(local) = local {
             if dir.hard_link_from(&local, job.name).is_ok() {

@@ -94,12 +94,6 @@ struct Scope {
 }
 
 impl Scope {
-    /// [`Grants::granted_now`]: `None` when the grants cannot answer
-    /// without waiting.
-    fn sees_now(&self, kind: Kind, digest: &B3Digest) -> Option<bool> {
-        self.grants.granted_now(&self.tenant, kind, digest)
-    }
-
     async fn sees_async(&self, kind: Kind, digest: &B3Digest) -> Result<bool, GrantsError> {
         self.grants.granted(&self.tenant, kind, digest).await
     }
@@ -166,14 +160,11 @@ impl BlobService for ScopedBlobs {
         self.granted(stored).await
     }
 
-    fn local_path(&self, digest: &B3Digest) -> Option<PathBuf> {
-        // An unreadable grants table, or one that cannot answer without
-        // waiting (the shared database), hides the blob; the caller then
-        // reads it through open_read, which checks and reports errors.
-        match self.scope.sees_now(Kind::Blob, digest) {
-            Some(true) => self.inner.local_path(digest),
-            _ => None,
+    async fn local_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {
+        if !self.sees(digest).await? {
+            return Ok(None);
         }
+        self.inner.local_path(digest).await
     }
 
     async fn local_executable_path(&self, digest: &B3Digest) -> Result<Option<PathBuf>, BlobError> {

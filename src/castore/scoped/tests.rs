@@ -80,11 +80,11 @@ async fn another_tenants_blob_is_not_there() {
     let digest = put_blob(&rig.a, b"a's secret").await;
     assert!(rig.a.blobs.has(&digest).await.unwrap());
     assert_eq!(read_blob(&rig.a, &digest).await.unwrap(), b"a's secret");
-    assert!(rig.a.blobs.local_path(&digest).is_some());
+    assert!(rig.a.blobs.local_path(&digest).await.unwrap().is_some());
 
     assert!(!rig.b.blobs.has(&digest).await.unwrap());
     assert!(read_blob(&rig.b, &digest).await.is_none());
-    assert!(rig.b.blobs.local_path(&digest).is_none());
+    assert!(rig.b.blobs.local_path(&digest).await.unwrap().is_none());
     assert!(rig
         .b
         .blobs

@@ -481,7 +481,7 @@ impl EmbeddedBlobService {
     /// Makes a build's file kiln's and read-only, through its handle: the
     /// build's uid and group-writable bits must not survive into a blob
     /// later builds share. Skips calls that would change nothing.
-    fn take_over(&self, file: &File, st: &rustix::fs::Stat) -> io::Result<()> {
+    pub(super) fn take_over(&self, file: &File, st: &rustix::fs::Stat) -> io::Result<()> {
         let (uid, gid) = self.inner.owner;
         if st.st_uid != uid.as_raw() || st.st_gid != gid.as_raw() {
             rustix::fs::fchown(file, Some(uid), Some(gid))?;
