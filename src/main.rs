@@ -217,6 +217,11 @@ struct ServeArgs {
     /// hostname and --listen address.
     #[arg(long, env = "KILN_HOST_ID", default_value = "")]
     host_id: String,
+    /// Answer HAProxy's agent check on this HOST:PORT: the weight a
+    /// balancer should give this host (100% with room, 0% when full,
+    /// `drain` while stopping); README "Running several hosts".
+    #[arg(long)]
+    lb_agent_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     vm: VmArgs,
     /// Concurrent VMs.
@@ -889,6 +894,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cut = tokio_util::sync::CancellationToken::new();
     let executor = std::sync::Arc::new(executor);
     tokio::spawn(health.clone().follow(std::sync::Arc::downgrade(&executor)));
+    if let Some(addr) = args.lb_agent_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --lb-agent-listen {addr}"))?;
+        tokio::spawn(kiln::server::health::serve_lb_agent(
+            listener,
+            health.clone(),
+            cut.clone(),
+        ));
+    }
     tokio::spawn(shut_down_on_signal(
         signals,
         health.clone(),

@@ -20,10 +20,9 @@ use harness::haproxy::{self, Backend, Haproxy};
 use harness::postgres::{self, Postgres};
 use harness::serve::{running, Serve, LIMIT};
 use harness::LogBytes;
-use kiln::castore::B3Digest;
+use kiln::castore::{B3Digest, Node, WireNode};
 use kiln::client::Follow;
 use kiln::proto::snix_build::build_service_client::BuildServiceClient;
-use kiln::proto::snix_castore;
 use kiln::records::hosts::HOST_LOST;
 use kiln::server::health::HOST_HEADER;
 use tokio::io::AsyncReadExt;
@@ -63,6 +62,7 @@ impl Cluster {
         let mut backends = Vec::new();
         for (i, name) in ["host-a", "host-b"].into_iter().enumerate() {
             let health = free_port();
+            let agent = free_port();
             let blobs = format!(
                 "s3://{}/kiln?endpoint={}&region={}",
                 garage::BUCKET,
@@ -83,6 +83,8 @@ impl Cluster {
                 name,
                 "--metrics-listen",
                 format!("127.0.0.1:{health}").leak(),
+                "--lb-agent-listen",
+                format!("127.0.0.1:{agent}").leak(),
             ];
             args.extend_from_slice(extra);
             let serve = Serve::start(&args).await;
@@ -91,6 +93,7 @@ impl Cluster {
                 name: name.to_owned(),
                 port,
                 health_port: health,
+                agent_port: agent,
             });
             hosts.push(Some(serve));
             health_ports.push(health);
@@ -119,6 +122,10 @@ impl Cluster {
 
     fn host(&self, i: usize) -> &Serve {
         self.hosts[i].as_ref().expect("a running host")
+    }
+
+    fn any_host(&self) -> &Serve {
+        self.hosts.iter().flatten().next().expect("a running host")
     }
 
     fn logs(&self) -> String {
@@ -160,7 +167,7 @@ impl Cluster {
         // A new connection per build, as separate clients would have: HAProxy
         // balances streams, and each connection's first stream picks anew.
         let answer = BuildServiceClient::new(self.lb_channel().await)
-            .do_build(self.host(0).request(script))
+            .do_build(self.any_host().request(script))
             .await?;
         let host = answer
             .metadata()
@@ -169,9 +176,8 @@ impl Cluster {
             .unwrap_or("?")
             .to_owned();
         let out = answer.into_inner().outputs.into_iter().next().unwrap();
-        let node = out.node.unwrap().node.unwrap();
-        let digest = match node {
-            snix_castore::node::Node::File(f) => B3Digest::try_from(&f.digest[..]).unwrap(),
+        let digest = match out.output.unwrap().try_into_anonymous().unwrap() {
+            Node::File { digest, .. } => digest,
             other => panic!("the output is not a file: {other:?}"),
         };
         Ok((host, digest))
@@ -194,7 +200,10 @@ fn healthz(port: u16) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    (
+        code,
+        answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
+    )
 }
 
 /// The bytes of blob `digest` read through the server at `addr`.
@@ -296,13 +305,19 @@ async fn a_full_host_gets_no_new_builds_from_the_balancer() {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while healthz(cluster.health_ports[0]) != (503, "full\n".to_owned()) {
+    while healthz(cluster.health_ports[0]) != (200, "full\n".to_owned()) {
         assert!(Instant::now() < deadline, "host A never said it was full");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // HAProxy's next checks see it.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     for i in 0..3 {
+        // B (one slot too) has room again once its last build ended, and
+        // HAProxy's next agent checks (every 300 ms) see both weights.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while healthz(cluster.health_ports[1]).1 != "serving\n" {
+            assert!(Instant::now() < deadline, "host B stayed full");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let (host, _) = cluster
             .build_through_lb(&format!("echo elsewhere {i} > $out"))
             .await

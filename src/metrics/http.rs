@@ -136,15 +136,15 @@ async fn answer(
     }
 }
 
-/// The host's state for load balancers: 200 `serving`; 503 `full`,
-/// `draining` or `stopped`, so a balancer checking over HTTP sends new
-/// builds elsewhere.
+/// The host's state for load balancers: 200 `serving` or `full` (a full
+/// host still queues builds; the body says which), 503 `draining` or
+/// `stopped`.
 fn healthz(sources: &Sources) -> Response<Full<Bytes>> {
     let Some(health) = &sources.health else {
         return plain(StatusCode::NOT_FOUND, "this server reports no health\n");
     };
     let state = health.state();
-    let status = if state.takes_builds() {
+    let status = if state.is_up() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -1,8 +1,11 @@
 //! A real HAProxy in front of kiln hosts, configured as README's "Running
 //! several hosts" says: gRPC (HTTP/2 cleartext) on a loopback port,
 //! least-connections balancing, each host checked over HTTP at its
-//! `/healthz` (a full or draining host answers 503 and gets no new
-//! builds), a refused connection retried on another host. Killed on drop.
+//! `/healthz` (up or not: a draining host answers 503) and weighted by its
+//! agent (`--lb-agent-listen`: a full host gets 0%, so new builds go to
+//! hosts with room; each host is listed again as a backup for when none
+//! has room), a refused connection retried on another host.
+//! Killed on drop.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -26,6 +29,8 @@ pub struct Backend {
     pub port: u16,
     /// Its metrics port on 127.0.0.1 (`/healthz`).
     pub health_port: u16,
+    /// Its `--lb-agent-listen` port on 127.0.0.1.
+    pub agent_port: u16,
 }
 
 /// The running balancer.
@@ -41,7 +46,15 @@ pub fn config(port: u16, backends: &[Backend]) -> String {
     let mut servers = String::new();
     for b in backends {
         servers.push_str(&format!(
-            "    server {} 127.0.0.1:{} proto h2 check port {} inter 300ms fall 1 rise 1\n",
+            "    server {} 127.0.0.1:{} proto h2 weight 100 check port {} check-proto h1 inter 300ms fall 1 rise 1 agent-check agent-port {} agent-inter 300ms\n",
+            b.name, b.port, b.health_port, b.agent_port
+        ));
+    }
+    // The same hosts again, used only when no host has room (every agent
+    // said 0%): then builds queue on them, least busy first.
+    for b in backends {
+        servers.push_str(&format!(
+            "    server {}-spare 127.0.0.1:{} proto h2 backup check port {} check-proto h1 inter 300ms fall 1 rise 1\n",
             b.name, b.port, b.health_port
         ));
     }
@@ -65,6 +78,7 @@ frontend grpc
 
 backend kiln
     balance leastconn
+    option allbackups
     option httpchk GET /healthz
     http-check expect status 200
 {servers}"
@@ -94,7 +108,8 @@ impl Haproxy {
                 String::from_utf8_lossy(&check.stderr)
             ));
         }
-        let log = std::fs::File::create(dir.path().join("haproxy.log")).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("haproxy.log")).map_err(|e| e.to_string())?;
         let child = Command::new(BINARY)
             .arg("-db")
             .arg("-f")
