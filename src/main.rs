@@ -894,6 +894,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cut = tokio_util::sync::CancellationToken::new();
     let executor = std::sync::Arc::new(executor);
     tokio::spawn(health.clone().follow(std::sync::Arc::downgrade(&executor)));
+    if let Some(records) = &records {
+        let executor = std::sync::Arc::downgrade(&executor);
+        records.on_cancel(move |id| {
+            if let Some(log) = executor.upgrade().and_then(|e| e.registry().get(id)) {
+                if log.stop(StopReason::Operator) {
+                    tracing::info!(build = %id, "build cancelled through another host");
+                }
+            }
+        });
+    }
     if let Some(addr) = args.lb_agent_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -123,6 +123,10 @@ fn known_sample(key: &str) -> Option<Sample> {
         "kernel" => one("debian-cloud"),
         "network-dns" => one("192.0.2.53"),
         "metrics-listen" => one("127.0.0.1:9464"),
+        "lb-agent-listen" => one("127.0.0.1:9465"),
+        "database" => one("postgres://kiln@192.0.2.9:5432/kiln"),
+        "blob-store" => one("s3://kiln/blobs?endpoint=http://192.0.2.10:3900&region=garage"),
+        "host-id" => one("h1"),
         "log-format" => one("json"),
         "network-allow" => Some(Sample::Many(vec!["10.1.0.0/16".into(), "192.0.2.7".into()])),
         "nix-system-feature" => Some(Sample::Many(vec![

@@ -22,8 +22,11 @@ fn can_run() -> bool {
     harness::vm_tests_can_run() && harness::can_run(postgres::unavailable())
 }
 
+/// A host on `pg`. Its directories are in PostgreSQL and its blobs its
+/// own (no shared blob store here: tests/multihost.rs has one), so the
+/// toolset is stored through it, which puts both where it reads them.
 async fn host(pg: &Postgres, name: &str, metrics_port: u16) -> Serve {
-    Serve::start(&[
+    let serve = Serve::start(&[
         "--database",
         &pg.url(),
         "--host-id",
@@ -31,7 +34,15 @@ async fn host(pg: &Postgres, name: &str, metrics_port: u16) -> Serve {
         "--metrics-listen",
         &format!("127.0.0.1:{metrics_port}"),
     ])
-    .await
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let through =
+        kiln::castore::from_addr(&serve.addr.replace("http://", "grpc+http://"), tmp.path())
+            .await
+            .unwrap();
+    let node = harness::server::ingest_busybox(&through, tmp.path()).await;
+    assert_eq!(node, serve.busybox);
+    serve
 }
 
 fn free_port() -> u16 {
@@ -176,4 +187,38 @@ async fn a_killed_host_s_build_ends_as_host_lost_through_the_other() {
     .unwrap_or_else(|e| panic!("host B after A died: {e}\n{}", b.log()));
     assert!(done.completed.snix.is_some());
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_cancelled_through_the_other_host() {
+    if !can_run() {
+        return;
+    }
+    let pg = Postgres::start().expect("PostgreSQL");
+    let (ma, mb) = (free_port(), free_port());
+    let a = host(&pg, "host-a", ma).await;
+    let b = host(&pg, "host-b", mb).await;
+    let build = running(
+        a.channel(None).await,
+        a.request("echo started; sleep 600"),
+        b"started",
+    )
+    .await;
+    let id = build.build_id().to_owned();
+    let out = b.cli(&["cancel", &id]);
+    assert!(
+        out.status.success(),
+        "kiln cancel through B: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = tokio::time::timeout(LIMIT, harness::events::to_end(build, &mut ()))
+        .await
+        .expect("the build ended")
+        .expect_err("a cancelled build does not succeed");
+    assert_eq!(e.code(), Code::Cancelled, "{e}");
+    assert_eq!(
+        e.failed().map(|f| f.kind.as_str()),
+        Some("cancelled_by_operator")
+    );
+    a.nothing_left().await;
 }

@@ -80,9 +80,19 @@ impl Admin for AdminService {
         let who = Identity::of(request.extensions());
         let id = request.into_inner().build_id;
         if !self.executor.stop_build(&id, &who, StopReason::Operator) {
-            return Err(Status::not_found(format!(
-                "build_id: no build {id:?} is running on this server"
-            )));
+            // Running on another host sharing the records: it stops the
+            // build at its next heartbeat.
+            let elsewhere = match self.executor.records() {
+                Some(records) => records.request_cancel(&id, &who).await.map_err(|e| {
+                    Status::unavailable(format!("build_id {id:?}: the shared build records: {e}"))
+                })?,
+                None => false,
+            };
+            if !elsewhere {
+                return Err(Status::not_found(format!(
+                    "build_id: no build {id:?} is running on this server"
+                )));
+            }
         }
         tracing::info!(build = %id, by = %who.tenant, "build cancelled through kiln.v1.Admin");
         Ok(Response::new(CancelBuildResponse {}))

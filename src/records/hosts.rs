@@ -8,7 +8,9 @@
 //! a build only matches a build still running, so of several hosts reaping
 //! at once exactly one writes its final event. A host starting under an id
 //! that has running builds (it was killed and restarted) ends them the same
-//! way at once: nothing of that earlier run goes on.
+//! way at once: nothing of that earlier run goes on. The heartbeat also
+//! stops this host's builds that an operator cancelled through another host
+//! (`cancel_requested`), within one [`HEARTBEAT`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,9 +36,18 @@ pub(super) struct HostHandle {
     host_id: String,
     state: Arc<Mutex<HostState>>,
     heartbeat: Arc<tokio::task::JoinHandle<()>>,
+    on_cancel: CancelHandler,
 }
 
+/// What stops a build of this host that an operator cancelled through
+/// another host; set once the executor exists.
+pub(super) type CancelHandler = Arc<std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>>;
+
 impl HostHandle {
+    pub(super) fn on_cancel(&self, stop: Box<dyn Fn(&str) + Send + Sync>) {
+        let _ = self.on_cancel.set(stop);
+    }
+
     pub(super) fn set_state(&self, state: HostState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
@@ -82,15 +93,27 @@ pub(super) async fn register(
         );
     }
     let state = Arc::new(Mutex::new(HostState::Serving));
-    let heartbeat = tokio::spawn(heartbeat(db.clone(), host_id.to_owned(), state.clone()));
+    let on_cancel = CancelHandler::default();
+    let heartbeat = tokio::spawn(heartbeat(
+        db.clone(),
+        host_id.to_owned(),
+        state.clone(),
+        on_cancel.clone(),
+    ));
     Ok(HostHandle {
         host_id: host_id.to_owned(),
         state,
         heartbeat: Arc::new(heartbeat),
+        on_cancel,
     })
 }
 
-async fn heartbeat(db: Database, host_id: String, state: Arc<Mutex<HostState>>) {
+async fn heartbeat(
+    db: Database,
+    host_id: String,
+    state: Arc<Mutex<HostState>>,
+    on_cancel: CancelHandler,
+) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -103,7 +126,28 @@ async fn heartbeat(db: Database, host_id: String, state: Arc<Mutex<HostState>>) 
         if let Err(e) = reap(&db, &host_id).await {
             tracing::warn!(error = %e, "reaping the builds of dead hosts failed");
         }
+        if let Some(stop) = on_cancel.get() {
+            match cancelled(&db, &host_id).await {
+                Ok(ids) => ids.iter().for_each(|id| stop(id)),
+                Err(e) => tracing::warn!(error = %e, "reading cancelled builds failed"),
+            }
+        }
     }
+}
+
+/// This host's running builds that an operator cancelled through another
+/// host.
+async fn cancelled(db: &Database, host_id: &str) -> Result<Vec<String>, DbError> {
+    let client = db.client().await?;
+    let rows = client
+        .query(
+            "SELECT build_id FROM builds \
+             WHERE host_id = $1 AND state = 'running' AND cancel_requested",
+            &[&host_id],
+        )
+        .await
+        .map_err(db.query_error("reading cancelled builds"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 async fn beat(db: &Database, host_id: &str, state: HostState) -> Result<(), DbError> {

@@ -139,6 +139,35 @@ impl Records {
         self.hosts.stop(&self.db).await;
     }
 
+    /// Has `stop` called with the id of each of this host's running builds
+    /// that an operator cancelled through another host.
+    pub fn on_cancel(&self, stop: impl Fn(&str) + Send + Sync + 'static) {
+        self.hosts.on_cancel(Box::new(stop));
+    }
+
+    /// Asks the host running build `id` to stop it (within a heartbeat);
+    /// false if there is no such running build `who` may see.
+    pub async fn request_cancel(
+        &self,
+        id: &str,
+        who: &crate::tenant::Identity,
+    ) -> Result<bool, DbError> {
+        match self.find(id, who).await? {
+            Some(build) if build.state == state::RUNNING => {}
+            _ => return Ok(false),
+        }
+        let client = self.db.client().await?;
+        let n = client
+            .execute(
+                "UPDATE builds SET cancel_requested = true \
+                 WHERE build_id = $1 AND state = 'running'",
+                &[&id],
+            )
+            .await
+            .map_err(self.db.query_error("recording a cancellation"))?;
+        Ok(n == 1)
+    }
+
     /// Has every build recorded: the factory to give
     /// [`crate::executor::Executor::add_observer`].
     pub fn observer(self: &Arc<Self>) -> ObserverFactory {
