@@ -303,3 +303,29 @@ async fn two_hosts_share_the_database_and_survive_its_restart() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_directory_swapped_in_the_shared_database_is_refused() {
+    let Some((_pg, db)) = postgres::database().await else {
+        return;
+    };
+    let store = PostgresDirectoryService::new(db.clone());
+    let (honest, other) = (with_file("honest"), with_file("other"));
+    store.put(honest.clone()).await.unwrap();
+    // Someone with access to the database (not kiln) puts other bytes under
+    // the honest key.
+    let client = db.client().await.unwrap();
+    client
+        .execute(
+            "UPDATE directories SET encoded = $2 WHERE digest = $1",
+            &[&honest.digest().as_bytes().as_slice(), &other.encode()],
+        )
+        .await
+        .unwrap();
+    let err = store.get(&honest.digest()).await.unwrap_err();
+    assert!(
+        matches!(err, DirectoryError::WrongDigest { digest, actual }
+            if digest == honest.digest() && actual == other.digest()),
+        "{err:?}"
+    );
+}

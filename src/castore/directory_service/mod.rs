@@ -62,6 +62,15 @@ pub enum DirectoryError {
         #[source]
         source: ValidationError,
     },
+    /// A stored directory is not the one its key names (the shared
+    /// database holds something kiln did not write under that key).
+    #[error("stored directory {digest} hashes to {actual}")]
+    WrongDigest {
+        /// Its key.
+        digest: B3Digest,
+        /// What its bytes hash to.
+        actual: B3Digest,
+    },
     /// The directory is not stored.
     #[error("directory {0} not found")]
     NotFound(B3Digest),
@@ -112,7 +121,8 @@ impl DirectoryError {
     }
 }
 
-/// A stored directory from its canonical encoding, checked again: both
+/// A stored directory from its canonical encoding, checked again (it must
+/// decode, keep castore's rules and hash to its key): both
 /// embedded and shared backends store exactly what [`Directory::encode`]
 /// wrote, but what comes back from storage is still only bytes.
 pub(crate) fn decode_stored(
@@ -125,10 +135,20 @@ pub(crate) fn decode_stored(
             source,
         }
     })?;
-    Directory::try_from(wire).map_err(|source| DirectoryError::CorruptDirectory {
-        digest: *digest,
-        source,
-    })
+    let directory =
+        Directory::try_from(wire).map_err(|source| DirectoryError::CorruptDirectory {
+            digest: *digest,
+            source,
+        })?;
+    // Storage is trusted for nothing: the bytes must be what the key names.
+    let actual = directory.digest();
+    if actual != *digest {
+        return Err(DirectoryError::WrongDigest {
+            digest: *digest,
+            actual,
+        });
+    }
+    Ok(directory)
 }
 
 /// Where directories live.

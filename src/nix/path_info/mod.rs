@@ -100,14 +100,28 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PathInfoErro
 }
 
 /// A stored record (an encoded `snix.store.v1.PathInfo`, as every backend
-/// stores it) of the path with `digest`, checked as a wire message is.
+/// stores it) of the path with `digest`, checked as a wire message is and
+/// for being of that path.
 pub(crate) fn decode_stored(digest: &[u8; 20], bytes: &[u8]) -> Result<PathInfo, PathInfoError> {
     use prost::Message;
     let key = crate::nix::nixbase32::encode(digest);
     let wire = snix_store::PathInfo::decode(bytes).map_err(|e| {
         PathInfoError::Corrupt(key.clone(), Box::new(invalid("encoding", e.to_string())))
     })?;
-    PathInfo::try_from_wire(wire).map_err(|e| PathInfoError::Corrupt(key, Box::new(e)))
+    let info = PathInfo::try_from_wire(wire)
+        .map_err(|e| PathInfoError::Corrupt(key.clone(), Box::new(e)))?;
+    // Storage is trusted for nothing: the record must be of the path its
+    // key names.
+    if info.store_path.hash() != digest {
+        return Err(PathInfoError::Corrupt(
+            key,
+            Box::new(invalid(
+                "store_path",
+                format!("the record is of {}", info.store_path.hash_part()),
+            )),
+        ));
+    }
+    Ok(info)
 }
 
 /// Storage of path infos.

@@ -476,3 +476,17 @@ async fn a_record_that_no_longer_decodes_is_corrupt() {
         .iter()
         .all(|r| matches!(r, Err(PathInfoError::Corrupt(..)))));
 }
+
+#[test]
+fn a_record_stored_under_another_path_is_corrupt() {
+    use prost::Message;
+    let info = bare_info(OTHER);
+    let bytes = info.to_wire().encode_to_vec();
+    assert_eq!(
+        super::decode_stored(info.store_path.hash(), &bytes).expect("its own key"),
+        info
+    );
+    let elsewhere = path(HELLO);
+    let err = super::decode_stored(elsewhere.hash(), &bytes).expect_err("another key");
+    assert!(err.to_string().contains(&elsewhere.hash_part()), "{err}");
+}
