@@ -222,3 +222,39 @@ async fn a_build_is_cancelled_through_the_other_host() {
     );
     a.nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_longer_than_the_lease_ends_no_live_build() {
+    if !can_run() {
+        return;
+    }
+    let pg = Postgres::start().expect("PostgreSQL");
+    let (ma, mb) = (free_port(), free_port());
+    let a = host(&pg, "host-a", ma).await;
+    let b = host(&pg, "host-b", mb).await;
+    let build = running(
+        a.channel(None).await,
+        a.request("echo started; sleep 30; echo done > $out"),
+        b"started",
+    )
+    .await;
+    let id = build.build_id().to_owned();
+    // Away for longer than a lease: every host's heartbeat ages past it.
+    pg.stop().unwrap();
+    tokio::time::sleep(LEASE + HEARTBEAT * 2).await;
+    pg.start_again().unwrap();
+    let own = tokio::time::timeout(LIMIT, harness::events::to_end(build, &mut ()))
+        .await
+        .expect("the build ended")
+        .unwrap_or_else(|e| panic!("the build did not survive the outage: {e}\n{}", a.log()));
+    assert!(own.completed.snix.is_some());
+    // Its record ends the same way, seen through B: not host_lost.
+    let watched = Follow::watch(b.channel(None).await, &id)
+        .await
+        .expect("Watch through B");
+    let seen = tokio::time::timeout(LIMIT, watched.to_end(&mut ()))
+        .await
+        .expect("the watch ended")
+        .unwrap_or_else(|e| panic!("through B: {e}\n{}", b.log()));
+    assert_eq!(seen.build_id, id);
+}

@@ -1,9 +1,10 @@
 //! The hosts sharing one database: each one's heartbeat and state, and the
 //! reaping of builds whose host stopped heartbeating.
 //!
-//! A host writes its row every [`HEARTBEAT`]. Every host, on the same
-//! tick, ends the running builds of any other host whose heartbeat is older
-//! than [`LEASE`]: the build's record gets a final `failed` event
+//! A host writes its row every [`HEARTBEAT`]. Every host that has itself
+//! been heartbeating for a whole lease (so a database outage, which ages
+//! every heartbeat, reaps nothing), on the same tick, ends the running
+//! builds of any other host whose heartbeat is older than [`LEASE`]: the build's record gets a final `failed` event
 //! (UNAVAILABLE, kind `host_lost`) naming the host. The update that ends
 //! a build only matches a build still running, so of several hosts reaping
 //! at once exactly one writes its final event. A host starting under an id
@@ -116,15 +117,25 @@ async fn heartbeat(
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when this host's heartbeats have been recorded without a gap.
+    // After the database was away, every host's heartbeat is old: a host
+    // reaps only once it has itself beaten for a whole lease again, by
+    // which time every live host has too.
+    let mut beating_since: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let now = *state.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = beat(&db, &host_id, now).await {
-            tracing::warn!(error = %e, "heartbeat not recorded");
+            if beating_since.take().is_some() {
+                tracing::warn!(error = %e, "heartbeat not recorded; retrying every {HEARTBEAT:?}");
+            }
             continue;
         }
-        if let Err(e) = reap(&db, &host_id).await {
-            tracing::warn!(error = %e, "reaping the builds of dead hosts failed");
+        let since = *beating_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= LEASE + HEARTBEAT {
+            if let Err(e) = reap(&db, &host_id).await {
+                tracing::warn!(error = %e, "reaping the builds of dead hosts failed");
+            }
         }
         if let Some(stop) = on_cancel.get() {
             match cancelled(&db, &host_id).await {
