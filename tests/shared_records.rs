@@ -88,6 +88,15 @@ async fn a_build_on_one_host_is_watched_live_through_the_other() {
     )
     .await;
     let id = build.build_id().to_owned();
+    // Listed through B, with the host running it.
+    let listed = b.cli(&["builds"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&id) && l.ends_with("host-a")),
+        "kiln builds through B:\n{listed}"
+    );
     // Watched through B while it runs on A: the whole log, then the end.
     let watched = Follow::watch(b.channel(None).await, &id)
         .await

@@ -94,8 +94,8 @@ pub async fn builds(
 
 fn table_header() -> String {
     format!(
-        "{:<32}  {:<10}  {:<11}  {:>7}  {:>9}  {:>5}  {}",
-        "ID", "TENANT", "PHASE", "AGE", "MEMORY", "VCPUS", "VM"
+        "{:<32}  {:<10}  {:<11}  {:>7}  {:>9}  {:>5}  {:<4}  {}",
+        "ID", "TENANT", "PHASE", "AGE", "MEMORY", "VCPUS", "VM", "HOST"
     )
 }
 
@@ -109,16 +109,22 @@ fn table_row(build: &BuildSummary) -> String {
             if build.warm { "warm" } else { "cold" },
         )
     };
-    format!(
-        "{:<32}  {:<10}  {:<11}  {:>7}  {:>9}  {:>5}  {}",
+    let row = format!(
+        "{:<32}  {:<10}  {:<11}  {:>7}  {:>9}  {:>5}  {:<4}  {}",
         build.build_id,
         build.tenant,
         build.phase,
         age(build.age_secs),
         memory,
         vcpus,
-        vm
-    )
+        vm,
+        if build.host.is_empty() {
+            "-"
+        } else {
+            &build.host
+        }
+    );
+    row.trim_end().to_owned()
 }
 
 /// `95s`, `12m05s`, `3h20m`.
@@ -140,6 +146,7 @@ fn json_line(build: &BuildSummary) -> serde_json::Value {
         "guest_memory_bytes": build.guest_memory_bytes,
         "vcpus": build.vcpus,
         "warm": build.warm,
+        "host": build.host,
     })
 }
 
@@ -251,7 +258,7 @@ mod tests {
             ..Default::default()
         };
         let row = table_row(&build);
-        assert!(row.contains("queued") && row.ends_with('-'), "{row}");
+        assert!(row.contains("queued") && row.ends_with("-     -"), "{row}");
         let admitted = BuildSummary {
             guest_memory_bytes: 512 << 20,
             vcpus: 2,
@@ -259,6 +266,11 @@ mod tests {
             ..build
         };
         assert!(table_row(&admitted).contains("512 MiB"));
-        assert!(table_row(&admitted).ends_with("warm"));
+        assert!(table_row(&admitted).contains("warm"));
+        let elsewhere = BuildSummary {
+            host: "h2".into(),
+            ..admitted
+        };
+        assert!(table_row(&elsewhere).ends_with("warm  h2"));
     }
 }

@@ -47,6 +47,7 @@ fn wire_summary(build: &BuildSummary) -> kiln_v1::BuildSummary {
         guest_memory_bytes: vm.map_or(0, |vm| vm.guest_memory_bytes),
         vcpus: vm.map_or(0, |vm| vm.vcpus),
         warm: vm.is_some_and(|vm| vm.warm),
+        host: String::new(),
     }
 }
 
@@ -63,13 +64,44 @@ impl Admin for AdminService {
         request: Request<ListBuildsRequest>,
     ) -> Result<Response<ListBuildsResponse>, Status> {
         let who = Identity::of(request.extensions());
-        let builds = self
+        let records = self.executor.records();
+        let here = records.map_or("", |r| r.host_id());
+        let mut builds: Vec<_> = self
             .executor
             .running()
             .iter()
             .filter(|build| who.may_see(&build.tenant))
-            .map(wire_summary)
+            .map(|build| kiln_v1::BuildSummary {
+                host: here.to_owned(),
+                ..wire_summary(build)
+            })
             .collect();
+        // With shared records, the other hosts' running builds too.
+        if let Some(records) = records {
+            let elsewhere = records.running(&who).await.map_err(|e| {
+                Status::unavailable(format!("listing the shared build records: {e}"))
+            })?;
+            let known: std::collections::HashSet<String> =
+                builds.iter().map(|b| b.build_id.clone()).collect();
+            builds.extend(
+                elsewhere
+                    .into_iter()
+                    .filter(|b| b.host_id != here && !known.contains(&b.id))
+                    .map(|b| kiln_v1::BuildSummary {
+                        build_id: b.id,
+                        tenant: b.tenant,
+                        phase: if b.phase.is_empty() {
+                            "checking".to_owned()
+                        } else {
+                            b.phase
+                        },
+                        age_secs: b.age_secs,
+                        submitted_unix_secs: b.submitted_unix_secs,
+                        host: b.host_id,
+                        ..Default::default()
+                    }),
+            );
+        }
         Ok(Response::new(ListBuildsResponse { builds }))
     }
 

@@ -28,7 +28,62 @@ pub struct RecordedBuild {
     pub state: String,
 }
 
+/// A running build as its record shows it, for listings.
+#[derive(Debug, Clone)]
+pub struct RunningBuild {
+    /// The build's id.
+    pub id: String,
+    /// Who asked for it.
+    pub tenant: String,
+    /// The host running it.
+    pub host_id: String,
+    /// The phase it is in (empty before its first).
+    pub phase: String,
+    /// When it was recorded, seconds since the Unix epoch.
+    pub submitted_unix_secs: u64,
+    /// Seconds since then, by the database's clock.
+    pub age_secs: u64,
+}
+
+/// Running builds listed at most.
+const MAX_LISTED: i64 = 1000;
+
 impl Records {
+    /// The builds running on any host that `who` may see, oldest first (at
+    /// most [`MAX_LISTED`]).
+    pub async fn running(&self, who: &Identity) -> Result<Vec<RunningBuild>, DbError> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                "SELECT build_id, tenant, host_id, phase, \
+                   extract(epoch FROM submitted_at)::float8, \
+                   extract(epoch FROM now() - submitted_at)::float8 \
+                 FROM builds WHERE state = 'running' ORDER BY submitted_at LIMIT $1",
+                &[&MAX_LISTED],
+            )
+            .await
+            .map_err(self.db.query_error("listing running builds"))?;
+        let secs = |v: f64| {
+            if v.is_finite() && v > 0.0 {
+                v as u64
+            } else {
+                0
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|row| RunningBuild {
+                id: row.get(0),
+                tenant: row.get(1),
+                host_id: row.get(2),
+                phase: row.get(3),
+                submitted_unix_secs: secs(row.get(4)),
+                age_secs: secs(row.get(5)),
+            })
+            .filter(|b| Tenant::parse(&b.tenant).is_ok_and(|owner| who.may_see(&owner)))
+            .collect())
+    }
+
     /// The record of build `id`, if there is one `who` may see (another
     /// tenant's build is `None`, like an unknown id).
     pub async fn find(&self, id: &str, who: &Identity) -> Result<Option<RecordedBuild>, DbError> {
