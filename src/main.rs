@@ -859,7 +859,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         id => id.to_owned(),
     };
-    let health = kiln::server::health::HostHealth::named(&host_id);
+    // A host among several names itself on every answer; a lone host
+    // (no --database, no --host-id) tells clients nothing of its name.
+    let health = if args.database.is_empty() && args.host_id.is_empty() {
+        kiln::server::health::HostHealth::new()
+    } else {
+        kiln::server::health::HostHealth::named(&host_id)
+    };
     let records = match &db {
         None => None,
         Some(db) => {
