@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use harness::garage::{self, Garage};
 use harness::haproxy::{self, Backend, Haproxy};
 use harness::postgres::{self, Postgres};
-use harness::serve::{running, Serve, LIMIT};
+use harness::serve::{free_port, healthz, running, Serve, LIMIT};
 use harness::LogBytes;
 use kiln::castore::{B3Digest, Node, WireNode};
 use kiln::client::Follow;
@@ -33,13 +33,6 @@ fn can_run() -> bool {
         && harness::can_run(postgres::unavailable())
         && harness::can_run(garage::unavailable())
         && harness::can_run(haproxy::unavailable())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
 }
 
 /// Everything of one multi-host setup.
@@ -182,28 +175,6 @@ impl Cluster {
         };
         Ok((host, digest))
     }
-}
-
-/// `GET /healthz` on a metrics port: status code and body.
-fn healthz(port: u16) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    )
 }
 
 /// The bytes of blob `digest` read through the server at `addr`.

@@ -11,7 +11,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::postgres::{self, Postgres};
-use harness::serve::{running, Serve, LIMIT};
+use harness::serve::{free_port, healthz, running, Serve, LIMIT};
 use harness::LogBytes;
 use kiln::client::Follow;
 use kiln::records::hosts::{HEARTBEAT, HOST_LOST, LEASE};
@@ -45,29 +45,14 @@ async fn host(pg: &Postgres, name: &str, metrics_port: u16) -> Serve {
     serve
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// `GET /healthz` on a metrics port: status code and body.
-fn healthz(port: u16) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
+/// PostgreSQL and two hosts on it, `host-a` and `host-b`, with their
+/// metrics ports.
+async fn two_hosts() -> (Postgres, Serve, Serve, u16, u16) {
+    let pg = Postgres::start().expect("PostgreSQL");
+    let (ma, mb) = (free_port(), free_port());
+    let a = host(&pg, "host-a", ma).await;
+    let b = host(&pg, "host-b", mb).await;
+    (pg, a, b, ma, mb)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,10 +60,7 @@ async fn a_build_on_one_host_is_watched_live_through_the_other() {
     if !can_run() {
         return;
     }
-    let pg = Postgres::start().expect("PostgreSQL");
-    let (ma, mb) = (free_port(), free_port());
-    let a = host(&pg, "host-a", ma).await;
-    let b = host(&pg, "host-b", mb).await;
+    let (_pg, a, b, ma, _) = two_hosts().await;
     assert_eq!(healthz(ma), (200, "serving\n".to_owned()));
 
     let build = running(
@@ -147,10 +129,7 @@ async fn a_killed_host_s_build_ends_as_host_lost_through_the_other() {
     if !can_run() {
         return;
     }
-    let pg = Postgres::start().expect("PostgreSQL");
-    let (ma, mb) = (free_port(), free_port());
-    let a = host(&pg, "host-a", ma).await;
-    let b = host(&pg, "host-b", mb).await;
+    let (_pg, a, b, _, _) = two_hosts().await;
     let build = running(
         a.channel(None).await,
         a.request("echo started; sleep 600"),
@@ -203,10 +182,7 @@ async fn a_build_is_cancelled_through_the_other_host() {
     if !can_run() {
         return;
     }
-    let pg = Postgres::start().expect("PostgreSQL");
-    let (ma, mb) = (free_port(), free_port());
-    let a = host(&pg, "host-a", ma).await;
-    let b = host(&pg, "host-b", mb).await;
+    let (_pg, a, b, _, _) = two_hosts().await;
     let build = running(
         a.channel(None).await,
         a.request("echo started; sleep 600"),
@@ -237,10 +213,7 @@ async fn a_database_outage_longer_than_the_lease_ends_no_live_build() {
     if !can_run() {
         return;
     }
-    let pg = Postgres::start().expect("PostgreSQL");
-    let (ma, mb) = (free_port(), free_port());
-    let a = host(&pg, "host-a", ma).await;
-    let b = host(&pg, "host-b", mb).await;
+    let (pg, a, b, _, _) = two_hosts().await;
     let build = running(
         a.channel(None).await,
         a.request("echo started; sleep 30; echo done > $out"),
